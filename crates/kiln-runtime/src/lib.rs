@@ -1,0 +1,146 @@
+//! Isolation runtimes for Kiln sandboxes.
+//!
+//! A [`Runtime`] turns a [`SandboxConfig`] (a template root filesystem, limits and a
+//! network mode) into a running sandbox whose envd answers on a Unix socket that only
+//! the host can open. Backends: [`jail`] (namespaces, cgroups, seccomp, overlayfs).
+//! `gvisor` and warm pools come later behind the same trait.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+pub mod jail;
+
+/// First host uid (and gid) of the range that sandbox ids 0.. map to. Template root
+/// filesystems are stored already shifted into this range (see `docs/jail.md`).
+pub const ID_MAP_BASE: u32 = 100_000;
+/// Number of ids mapped into every sandbox (sandbox ids 0..65535).
+pub const ID_MAP_LEN: u32 = 65_536;
+/// Where the guest binaries (`kiln-init`, `kiln-envd`) appear inside a sandbox.
+pub const GUEST_BIN_DIR: &str = "/opt/kiln/bin";
+/// Where envd's Unix socket appears inside a sandbox.
+pub const GUEST_ENVD_SOCKET: &str = "/run/kiln/envd.sock";
+
+/// Which backend runs a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Jail,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Jail => "jail",
+        }
+    }
+}
+
+/// Resource limits applied to the whole sandbox (its cgroup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Memory limit in MiB (RAM; swap is not granted on top).
+    pub memory_mb: u64,
+    /// CPU quota, in whole CPUs.
+    pub cpu_count: u32,
+    /// Maximum number of tasks (processes and threads).
+    pub pids_max: u32,
+}
+
+/// What the sandbox's network namespace can reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// Loopback only.
+    Loopback,
+    /// A veth pair with NAT to the outside world and working DNS; the host's own
+    /// addresses and other sandboxes stay unreachable.
+    Internet,
+}
+
+/// Everything a runtime needs to start one sandbox.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SandboxConfig {
+    /// Sandbox id: `[a-z0-9]+`, also the hostname.
+    pub id: String,
+    /// Template root filesystem (read-only lower layer), already owned by the mapped
+    /// uid range (see `docs/jail.md`).
+    pub rootfs: PathBuf,
+    pub limits: Limits,
+    pub network: NetworkMode,
+}
+
+/// A running sandbox as the runtime reports it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SandboxInstance {
+    pub id: String,
+    /// Host pid of the sandbox's PID 1.
+    pub pid: u32,
+    /// Host path of the Unix socket on which envd serves HTTP (envd's whole API,
+    /// plus the port tunnel). Only root on the host can open it.
+    pub envd_socket: PathBuf,
+}
+
+/// Resource usage read from the sandbox's cgroup and writable layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxStats {
+    /// Total CPU time consumed, in nanoseconds (monotonic; callers derive a percentage).
+    pub cpu_usage_ns: u64,
+    pub cpu_count: u32,
+    pub mem_used_bytes: u64,
+    pub mem_cache_bytes: u64,
+    pub mem_total_bytes: u64,
+    /// Bytes written to the sandbox's writable layer.
+    pub disk_used_bytes: u64,
+    /// Size of the filesystem that holds the writable layer.
+    pub disk_total_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("sandbox {id} not found")]
+    NotFound { id: String },
+    #[error("invalid sandbox configuration: {0}")]
+    InvalidConfig(String),
+    #[error("host is not able to run this runtime: {0}")]
+    Unsupported(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox {id} failed to start: {reason}")]
+    Start { id: String, reason: String },
+}
+
+impl RuntimeError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        RuntimeError::Io { context: context.into(), source }
+    }
+}
+
+/// An isolation backend. Implementations are shared (`Arc<dyn Runtime>`) and must be
+/// safe to call concurrently for different sandbox ids.
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    fn kind(&self) -> RuntimeKind;
+
+    /// Start a sandbox. Returns once envd accepts connections on its socket.
+    async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError>;
+
+    /// Kill a sandbox and remove everything it created on the host: processes,
+    /// mounts, cgroups, network devices and rules, directories. Idempotent: killing an
+    /// unknown or already-removed sandbox succeeds.
+    async fn kill(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Resource usage of a running sandbox.
+    async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError>;
+
+    /// Sandboxes this runtime finds on the host (left by an earlier server process,
+    /// alive or not), for re-adoption or cleanup after a restart.
+    async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+
+    /// The running instance of `id`, if its PID 1 is still alive.
+    async fn adopt(&self, id: &str) -> Result<Option<SandboxInstance>, RuntimeError>;
+}

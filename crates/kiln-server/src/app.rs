@@ -1,0 +1,242 @@
+//! Assembly of `kiln serve`: the store, the runtime, templates, the manager, and one
+//! listener that serves the REST API and sandbox traffic.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use kiln_api::API_KEY_HEADER;
+use kiln_runtime::Runtime;
+
+use crate::api::{self, Caller};
+use crate::config::ServerConfig;
+use crate::error::{chain, json_error, AppError};
+use crate::keys;
+use crate::manager::SandboxManager;
+use crate::proxy::{self, Target};
+use crate::store::{SqliteStore, Store};
+use crate::templates::{TemplateDefaults, TemplateInfo, Templates};
+
+pub struct AppState {
+    pub manager: Arc<SandboxManager>,
+    pub store: Arc<dyn Store>,
+    pub templates: Arc<Templates>,
+    pub ready: AtomicBool,
+    pub domain: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot prepare the data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error("cannot set up the {runtime} runtime")]
+    Runtime {
+        runtime: &'static str,
+        #[source]
+        source: kiln_runtime::RuntimeError,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("recovering sandboxes from the previous run failed: {0}")]
+    Recover(String),
+    #[error("building the base template failed")]
+    Template(#[source] kiln_template::TemplateError),
+    #[error("the server stopped with an error")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Build the HTTP application. Sandbox traffic is diverted before routing, so envd
+/// paths never collide with API paths.
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = api::routes()
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(api)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), divert_sandbox_traffic))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response()
+    } else {
+        json_error(StatusCode::SERVICE_UNAVAILABLE, "kiln is starting (building templates)")
+    }
+}
+
+async fn not_found(req: Request) -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn divert_sandbox_traffic(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match proxy::target(req.headers(), state.domain.as_deref()) {
+        None => next.run(req).await,
+        Some(Target::Invalid(message)) => json_error(StatusCode::BAD_REQUEST, message),
+        Some(Target::Sandbox { id, port }) => {
+            proxy::forward(state.manager.clone(), id, port, req).await
+        }
+    }
+}
+
+async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    let key = req
+        .headers()
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| AppError::Unauthorized("missing X-API-KEY header".into()))?;
+    let record = state
+        .store
+        .find_key(&keys::hash(key))?
+        .ok_or_else(|| AppError::Unauthorized("invalid API key".into()))?;
+    req.extensions_mut().insert(Caller { key_id: record.id });
+    Ok(next.run(req).await)
+}
+
+/// What the start banner says about the API key.
+enum KeyNotice {
+    /// Given by the operator (`KILN_API_KEY`) or generated now: print it.
+    Plain(String),
+    /// Generated on an earlier start: point at the file.
+    InFile(PathBuf),
+}
+
+fn prepare_keys(store: &dyn Store, config: &ServerConfig) -> Result<KeyNotice, ServeError> {
+    if let Some(key) = &config.api_key {
+        keys::register(store, "KILN_API_KEY", key, true)?;
+        return Ok(KeyNotice::Plain(key.clone()));
+    }
+    let path = config.data_dir.join("api-key");
+    if !store.list_keys()?.is_empty() {
+        return Ok(KeyNotice::InFile(path));
+    }
+    let key = keys::generate();
+    keys::register(store, "generated at first start", &key, true)?;
+    write_secret(&path, &key).map_err(|source| ServeError::DataDir { path: path.clone(), source })?;
+    Ok(KeyNotice::Plain(key))
+}
+
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{secret}")
+}
+
+fn template_info(t: &kiln_template::Template) -> TemplateInfo {
+    TemplateInfo {
+        name: t.name.clone(),
+        rootfs: t.rootfs.clone(),
+        meta: TemplateDefaults {
+            default_user: Some(t.meta.default_user.clone()),
+            default_workdir: Some(t.meta.default_workdir.clone()),
+            cpu_count: None,
+            memory_mb: None,
+        },
+    }
+}
+
+/// Run `kiln serve` until the process is stopped.
+pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<(), ServeError> {
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data)
+        .map_err(|source| ServeError::DataDir { path: data.clone(), source })?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("kiln.db"))?);
+    let key_notice = prepare_keys(store.as_ref(), &config)?;
+
+    let templates = Arc::new(Templates::default());
+    let manager = SandboxManager::new(runtime.clone(), store.clone(), templates.clone(), config.limits);
+    let (adopted, cleaned) = manager.recover().await.map_err(|e| ServeError::Recover(chain(&e)))?;
+    if adopted + cleaned > 0 {
+        tracing::info!(adopted, cleaned, "recovered sandboxes from the previous run");
+    }
+
+    let state = Arc::new(AppState {
+        manager: manager.clone(),
+        store,
+        templates: templates.clone(),
+        ready: AtomicBool::new(false),
+        domain: config.domain.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(ServeError::Serve)?;
+    let app = router(state.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let template_store = kiln_template::TemplateStore::open(data).map_err(ServeError::Template)?;
+    templates.set_building(Some("base".into()));
+    let base = template_store
+        .ensure_base(&config.bin_dir, crate::progress::print_build_event)
+        .await
+        .map_err(ServeError::Template)?;
+    templates.insert(template_info(&base));
+    templates.set_building(None);
+
+    print_banner(addr, runtime.kind().as_str(), &key_notice);
+    // Ready only after the banner, so scripts that wait on /healthz can read it.
+    state.ready.store(true, Ordering::Release);
+    match server.await {
+        Ok(r) => r.map_err(ServeError::Serve),
+        Err(e) => Err(ServeError::Serve(std::io::Error::other(e))),
+    }
+}
+
+fn print_banner(addr: std::net::SocketAddr, runtime: &str, key: &KeyNotice) {
+    let host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let url = format!("http://{host}");
+    let key_line = match key {
+        KeyNotice::Plain(k) => format!("export E2B_API_KEY={k}"),
+        KeyNotice::InFile(p) => format!("export E2B_API_KEY=$(cat {})", p.display()),
+    };
+    println!(
+        "\nKiln is ready on {url} (runtime: {runtime}). To use it with the E2B SDKs:\n\n  \
+         export E2B_API_URL={url}\n  export E2B_SANDBOX_URL={url}\n  {key_line}\n"
+    );
+    if runtime == "jail" {
+        eprintln!(
+            "warning: the jail runtime is a container boundary (namespaces, cgroups, seccomp); \
+             run only code you would run in a container"
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! Server configuration: where it listens, where it keeps state, and the limits it
+//! enforces. Limits default from the `E2B_*` environment variables E2B's own
+//! self-hosting uses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Limits applied to every create request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Maximum number of sandboxes running at once (`E2B_MAX_SANDBOXES`).
+    pub max_sandboxes: usize,
+    /// Maximum sandbox lifetime in seconds (`E2B_SANDBOX_TIMEOUT_SEC`).
+    pub max_timeout_secs: i64,
+    /// Memory per sandbox in MiB unless the template says otherwise (`E2B_SANDBOX_MEMORY_MB`).
+    pub memory_mb: u64,
+    /// CPUs per sandbox unless the template says otherwise (`E2B_SANDBOX_CPU_LIMIT`).
+    pub cpu_count: u32,
+    /// Maximum tasks per sandbox.
+    pub pids_max: u32,
+    /// Disk size reported for a sandbox, in MiB.
+    pub disk_size_mb: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sandboxes: 20,
+            max_timeout_secs: 3600,
+            memory_mb: 512,
+            cpu_count: 2,
+            pids_max: 1024,
+            disk_size_mb: 10 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("environment variable {name}={value:?} is not valid: expected {expected}")]
+pub struct EnvError {
+    pub name: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+fn env_num<T: std::str::FromStr + PartialOrd + Default>(
+    name: &'static str,
+    default: T,
+) -> Result<T, EnvError> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(value) => match value.trim().parse::<T>() {
+            Ok(v) if v > T::default() => Ok(v),
+            _ => Err(EnvError { name, value, expected: "a positive whole number" }),
+        },
+    }
+}
+
+impl LimitsConfig {
+    /// Defaults overridden by the `E2B_*` environment variables.
+    pub fn from_env() -> Result<Self, EnvError> {
+        let d = LimitsConfig::default();
+        Ok(LimitsConfig {
+            max_sandboxes: env_num("E2B_MAX_SANDBOXES", d.max_sandboxes)?,
+            max_timeout_secs: env_num("E2B_SANDBOX_TIMEOUT_SEC", d.max_timeout_secs)?,
+            memory_mb: env_num("E2B_SANDBOX_MEMORY_MB", d.memory_mb)?,
+            cpu_count: env_num("E2B_SANDBOX_CPU_LIMIT", d.cpu_count)?,
+            pids_max: env_num("KILN_SANDBOX_PIDS_MAX", d.pids_max)?,
+            disk_size_mb: d.disk_size_mb,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Directory holding the guest binaries and the jail helper (`kiln-envd`,
+    /// `kiln-init`, `kiln-jail`); by default the directory of the running `kiln`.
+    pub bin_dir: PathBuf,
+    pub limits: LimitsConfig,
+    /// Base domain for `{port}-{id}.{domain}` host routing; `None` routes by header
+    /// (and by any host of that shape).
+    pub domain: Option<String>,
+    /// An API key to register as admin at start (`KILN_API_KEY`).
+    pub api_key: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_and_rejects_garbage() {
+        // Names unique to this test so parallel tests do not race on them.
+        std::env::set_var("KILN_TEST_NUM_OK", "7");
+        std::env::set_var("KILN_TEST_NUM_BAD", "seven");
+        std::env::set_var("KILN_TEST_NUM_ZERO", "0");
+        assert_eq!(env_num("KILN_TEST_NUM_OK", 1u32).unwrap(), 7);
+        assert_eq!(env_num("KILN_TEST_NUM_MISSING", 3u32).unwrap(), 3);
+        let err = env_num("KILN_TEST_NUM_BAD", 1u32).unwrap_err();
+        assert!(err.to_string().contains("KILN_TEST_NUM_BAD"), "{err}");
+        assert!(env_num("KILN_TEST_NUM_ZERO", 1u32).is_err());
+    }
+}

@@ -1,0 +1,82 @@
+//! HTTP to a sandbox's envd over the Unix socket the runtime hands out. The socket is
+//! the only way into a sandbox: envd has no TCP listener the rest of the host could
+//! reach.
+
+use std::path::Path;
+
+use axum::body::Body;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvdError {
+    #[error("cannot connect to envd at {path}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP exchange with envd failed")]
+    Http(#[source] hyper::Error),
+    #[error("envd answered {status} to {what}: {body}")]
+    Status { what: &'static str, status: StatusCode, body: String },
+    #[error("port {port} tunnel refused: {status} {body}")]
+    Tunnel { port: u16, status: StatusCode, body: String },
+}
+
+/// Open one HTTP/1.1 connection to envd and send `req` on it. The connection task
+/// keeps running (with upgrades) until the response body and any upgrade are done.
+pub async fn send(socket: &Path, req: Request<Body>) -> Result<Response<Incoming>, EnvdError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| EnvdError::Connect { path: socket.display().to_string(), source })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(EnvdError::Http)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "envd connection ended with an error");
+        }
+    });
+    sender.send_request(req).await.map_err(EnvdError::Http)
+}
+
+async fn read_body(resp: Response<Incoming>) -> String {
+    use http_body_util::BodyExt;
+    match resp.into_body().collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(e) => format!("<body unreadable: {e}>"),
+    }
+}
+
+/// `POST /init`: hand envd its environment, access token and default user.
+pub async fn init(socket: &Path, body: &serde_json::Value) -> Result<(), EnvdError> {
+    let req = Request::post("/init")
+        .header(http::header::HOST, "envd")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("static request parts are valid");
+    let resp = send(socket, req).await?;
+    if resp.status().is_success() {
+        return Ok(());
+    }
+    let status = resp.status();
+    Err(EnvdError::Status { what: "POST /init", status, body: read_body(resp).await })
+}
+
+/// Open a raw byte stream to `port` inside the sandbox through envd's tunnel.
+pub async fn tunnel(socket: &Path, port: u16) -> Result<hyper::upgrade::Upgraded, EnvdError> {
+    let req = Request::get(format!("{}{port}", kiln_proto::tunnel::PATH_PREFIX))
+        .header(http::header::HOST, "envd")
+        .header(http::header::CONNECTION, "Upgrade")
+        .header(http::header::UPGRADE, kiln_proto::tunnel::UPGRADE)
+        .body(Body::empty())
+        .expect("static request parts are valid");
+    let resp = send(socket, req).await?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status();
+        return Err(EnvdError::Tunnel { port, status, body: read_body(resp).await });
+    }
+    hyper::upgrade::on(resp).await.map_err(EnvdError::Http)
+}

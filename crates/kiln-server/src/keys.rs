@@ -1,0 +1,82 @@
+//! API keys: `e2b_` followed by 40 lowercase hex digits (the format the E2B SDK
+//! validates client-side), stored only as their SHA-256.
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::store::{Store, StoreError};
+
+pub const KEY_PREFIX: &str = "e2b_";
+const KEY_HEX_LEN: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("invalid API key format: expected 'e2b_' followed by 40 lowercase hex digits")]
+    Format,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A fresh random key.
+pub fn generate() -> String {
+    let mut bytes = [0u8; KEY_HEX_LEN / 2];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{KEY_PREFIX}{}", hex::encode(bytes))
+}
+
+pub fn is_well_formed(key: &str) -> bool {
+    key.strip_prefix(KEY_PREFIX).is_some_and(|hex| {
+        hex.len() == KEY_HEX_LEN && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+pub fn hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// What `kiln keys list` shows of a key: enough to tell keys apart, nothing to use.
+pub fn display_prefix(key: &str) -> String {
+    key.chars().take(KEY_PREFIX.len() + 8).collect()
+}
+
+/// Register `key` (idempotently) and return its id.
+pub fn register(store: &dyn Store, name: &str, key: &str, admin: bool) -> Result<i64, KeyError> {
+    if !is_well_formed(key) {
+        return Err(KeyError::Format);
+    }
+    Ok(store.insert_key(name, &hash(key), &display_prefix(key), admin)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    #[test]
+    fn generated_keys_are_well_formed_and_distinct() {
+        let a = generate();
+        let b = generate();
+        assert!(is_well_formed(&a), "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn format_is_checked() {
+        assert!(!is_well_formed("e2b_123"));
+        assert!(!is_well_formed(&format!("e2b_{}", "A".repeat(40))));
+        assert!(!is_well_formed(&format!("xyz_{}", "a".repeat(40))));
+        assert!(is_well_formed(&format!("e2b_{}", "0a".repeat(20))));
+    }
+
+    #[test]
+    fn register_is_idempotent_and_stores_only_the_hash() {
+        let store = SqliteStore::in_memory().unwrap();
+        let key = generate();
+        let id = register(&store, "k", &key, true).unwrap();
+        assert_eq!(register(&store, "k", &key, true).unwrap(), id);
+        let rec = store.find_key(&hash(&key)).unwrap().unwrap();
+        assert!(rec.admin);
+        assert!(!rec.prefix.contains(&key[12..]));
+        assert!(matches!(register(&store, "bad", "e2b_nope", false), Err(KeyError::Format)));
+    }
+}

@@ -1,0 +1,453 @@
+//! The `SandboxManager`: creates sandboxes and gives each exactly one owner task.
+//!
+//! Handlers never orchestrate: they validate, then call the manager. Mutations of a
+//! running sandbox (deadline changes, kill) are typed [`Command`]s sent to its owner
+//! task, which alone talks to the runtime and the store for that sandbox. Reads use
+//! the shared snapshot the owner keeps current.
+
+mod list;
+mod owner;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use chrono::{DateTime, Duration, Utc};
+use kiln_api::{NewSandbox, Sandbox, SandboxDetail, SandboxMetric, SandboxState};
+use kiln_runtime::{Limits, NetworkMode, Runtime, SandboxConfig};
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+
+pub use list::{parse_metadata_filter, ListQuery, Page};
+
+use crate::config::LimitsConfig;
+use crate::error::{chain, AppError};
+use crate::store::{RecordState, SandboxRecord, Store};
+use crate::templates::Templates;
+
+const ID_LEN: usize = 20;
+const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// A typed request to a sandbox's owner task.
+enum Command {
+    /// Move the deadline. `extend_only` keeps a later deadline (connect, refresh).
+    SetDeadline {
+        end_at: DateTime<Utc>,
+        extend_only: bool,
+        reply: oneshot::Sender<Result<DateTime<Utc>, AppError>>,
+    },
+    Kill { reply: oneshot::Sender<Result<(), AppError>> },
+}
+
+/// One live sandbox as the rest of the server sees it.
+pub struct SandboxEntry {
+    record: RwLock<SandboxRecord>,
+    /// envd's Unix socket on the host.
+    pub envd_socket: PathBuf,
+    commands: mpsc::Sender<Command>,
+    /// Previous CPU sample, for the usage percentage of the metrics endpoint.
+    last_cpu: Mutex<Option<(Instant, u64)>>,
+}
+
+impl SandboxEntry {
+    pub fn record(&self) -> SandboxRecord {
+        self.record.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+pub struct SandboxManager {
+    runtime: Arc<dyn Runtime>,
+    store: Arc<dyn Store>,
+    templates: Arc<Templates>,
+    limits: LimitsConfig,
+    sandboxes: RwLock<HashMap<String, Arc<SandboxEntry>>>,
+    /// Creates in flight, counted against `max_sandboxes` with the running ones.
+    creating: Mutex<usize>,
+}
+
+/// Releases a create slot when a create finishes, however it finishes.
+struct SlotGuard<'a>(&'a Mutex<usize>);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+    }
+}
+
+fn new_id() -> String {
+    let mut rng = rand::rng();
+    (0..ID_LEN).map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char).collect()
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    hex::encode(bytes)
+}
+
+impl SandboxManager {
+    pub fn new(
+        runtime: Arc<dyn Runtime>,
+        store: Arc<dyn Store>,
+        templates: Arc<Templates>,
+        limits: LimitsConfig,
+    ) -> Arc<Self> {
+        Arc::new(SandboxManager {
+            runtime,
+            store,
+            templates,
+            limits,
+            sandboxes: RwLock::new(HashMap::new()),
+            creating: Mutex::new(0),
+        })
+    }
+
+    pub fn runtime_name(&self) -> &'static str {
+        self.runtime.kind().as_str()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<SandboxEntry>> {
+        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    fn require(&self, id: &str) -> Result<Arc<SandboxEntry>, AppError> {
+        self.get(id).ok_or_else(|| AppError::NotFound(format!("sandbox \"{id}\" not found")))
+    }
+
+    pub fn count(&self) -> usize {
+        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn validate_timeout(&self, timeout: i64) -> Result<Duration, AppError> {
+        if timeout <= 0 {
+            return Err(AppError::BadRequest(format!(
+                "timeout must be a positive number of seconds, got {timeout}"
+            )));
+        }
+        if timeout > self.limits.max_timeout_secs {
+            return Err(AppError::BadRequest(format!(
+                "timeout {timeout} s exceeds the maximum sandbox timeout of {} s \
+                 (E2B_SANDBOX_TIMEOUT_SEC)",
+                self.limits.max_timeout_secs
+            )));
+        }
+        Ok(Duration::seconds(timeout))
+    }
+
+    fn reserve_slot(&self) -> Result<SlotGuard<'_>, AppError> {
+        let running = self.count();
+        let mut creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        if running + *creating >= self.limits.max_sandboxes {
+            return Err(AppError::TooManyRequests(format!(
+                "maximum number of concurrent sandboxes ({}) reached (E2B_MAX_SANDBOXES); \
+                 kill a sandbox or raise the limit",
+                self.limits.max_sandboxes
+            )));
+        }
+        *creating += 1;
+        Ok(SlotGuard(&self.creating))
+    }
+
+    /// `POST /sandboxes`.
+    pub async fn create(
+        self: &Arc<Self>,
+        req: NewSandbox,
+        owner_key_id: i64,
+    ) -> Result<Sandbox, AppError> {
+        let ttl = self.validate_timeout(req.timeout.unwrap_or(300))?;
+        for key in req.env_vars.iter().flat_map(|m| m.keys()) {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(AppError::BadRequest(format!(
+                    "invalid environment variable name {key:?}: names must be non-empty and \
+                     contain neither '=' nor NUL"
+                )));
+            }
+        }
+        let template = self.templates.resolve(&req.template_id)?;
+        let _slot = self.reserve_slot()?;
+
+        let id = new_id();
+        let allow_internet = req.allow_internet_access.unwrap_or(true);
+        let secure = req.secure.unwrap_or(false);
+        let cpu_count = template.meta.cpu_count.unwrap_or(self.limits.cpu_count);
+        let memory_mb = template.meta.memory_mb.unwrap_or(self.limits.memory_mb);
+        let config = SandboxConfig {
+            id: id.clone(),
+            rootfs: template.rootfs.clone(),
+            limits: Limits { memory_mb, cpu_count, pids_max: self.limits.pids_max },
+            network: if allow_internet { NetworkMode::Internet } else { NetworkMode::Loopback },
+        };
+        let instance = self.runtime.start(&config).await.map_err(|e| {
+            AppError::internal(format!("failed to start sandbox: {}", chain(&e)), e)
+        })?;
+
+        let access_token = secure.then(new_token);
+        let mut env: BTreeMap<String, String> = BTreeMap::from([
+            ("E2B_SANDBOX".to_string(), "true".to_string()),
+            ("E2B_SANDBOX_ID".to_string(), id.clone()),
+            ("E2B_TEMPLATE_ID".to_string(), template.name.clone()),
+        ]);
+        env.extend(req.env_vars.clone().unwrap_or_default());
+        let init = serde_json::json!({
+            "envVars": env,
+            "accessToken": access_token,
+            "defaultUser": template.meta.default_user,
+            "defaultWorkdir": template.meta.default_workdir,
+            "timestamp": Utc::now().to_rfc3339(),
+        });
+        if let Err(e) = crate::envd::init(&instance.envd_socket, &init).await {
+            let message = format!("sandbox {id} started but envd did not initialise: {}", chain(&e));
+            if let Err(kill) = self.runtime.kill(&id).await {
+                tracing::error!(%id, error = %chain(&kill), "cleanup after a failed init failed");
+            }
+            return Err(AppError::internal(message, e));
+        }
+
+        let now = Utc::now();
+        let record = SandboxRecord {
+            id: id.clone(),
+            template_id: template.name.clone(),
+            state: RecordState::Running,
+            runtime: self.runtime.kind().as_str().to_string(),
+            started_at: now,
+            end_at: now + ttl,
+            cpu_count,
+            memory_mb,
+            disk_size_mb: self.limits.disk_size_mb,
+            allow_internet_access: allow_internet,
+            access_token: access_token.clone(),
+            metadata: req.metadata.unwrap_or_default(),
+            owner_key_id,
+        };
+        if let Err(e) = self.store.upsert_sandbox(&record) {
+            let _ = self.runtime.kill(&id).await;
+            return Err(e.into());
+        }
+        self.spawn_owner(record, instance.envd_socket);
+        tracing::info!(%id, template = %template.name, "sandbox created");
+        Ok(Sandbox {
+            template_id: template.name,
+            sandbox_id: id,
+            client_id: kiln_api::CLIENT_ID.to_string(),
+            envd_version: kiln_api::ENVD_VERSION.to_string(),
+            alias: None,
+            envd_access_token: access_token,
+            traffic_access_token: None,
+            domain: None,
+        })
+    }
+
+    fn spawn_owner(self: &Arc<Self>, record: SandboxRecord, envd_socket: PathBuf) {
+        let (tx, rx) = mpsc::channel(16);
+        let id = record.id.clone();
+        let entry = Arc::new(SandboxEntry {
+            record: RwLock::new(record),
+            envd_socket,
+            commands: tx,
+            last_cpu: Mutex::new(None),
+        });
+        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(id, entry.clone());
+        tokio::spawn(owner::run(self.clone(), entry, rx));
+    }
+
+    async fn send(&self, id: &str, make: impl FnOnce(Arc<SandboxEntry>) -> Command) -> Result<(), AppError> {
+        let entry = self.require(id)?;
+        entry
+            .commands
+            .send(make(entry.clone()))
+            .await
+            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))
+    }
+
+    async fn set_deadline(&self, id: &str, ttl: Duration, extend_only: bool) -> Result<(), AppError> {
+        let (reply, rx) = oneshot::channel();
+        let end_at = Utc::now() + ttl;
+        self.send(id, |_| Command::SetDeadline { end_at, extend_only, reply }).await?;
+        rx.await.map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))??;
+        Ok(())
+    }
+
+    /// `POST /sandboxes/{id}/timeout`: the sandbox now ends `timeout` seconds from now.
+    pub async fn set_timeout(&self, id: &str, timeout: i64) -> Result<(), AppError> {
+        let ttl = self.validate_timeout(timeout)?;
+        self.set_deadline(id, ttl, false).await
+    }
+
+    /// `POST /sandboxes/{id}/refreshes`: keep alive for `duration` more seconds.
+    pub async fn refresh(&self, id: &str, duration: Option<i64>) -> Result<(), AppError> {
+        let duration = duration.unwrap_or(60);
+        if !(0..=3600).contains(&duration) {
+            return Err(AppError::BadRequest(format!(
+                "duration must be between 0 and 3600 seconds, got {duration}"
+            )));
+        }
+        self.set_deadline(id, Duration::seconds(duration), true).await
+    }
+
+    /// `POST /sandboxes/{id}/connect`: the sandbox's identity, its deadline extended to
+    /// at least `timeout` seconds from now.
+    pub async fn connect(&self, id: &str, timeout: Option<i64>) -> Result<Sandbox, AppError> {
+        let ttl = self.validate_timeout(timeout.unwrap_or(300))?;
+        self.set_deadline(id, ttl, true).await?;
+        let rec = self.require(id)?.record();
+        Ok(Sandbox {
+            template_id: rec.template_id,
+            sandbox_id: rec.id,
+            client_id: kiln_api::CLIENT_ID.to_string(),
+            envd_version: kiln_api::ENVD_VERSION.to_string(),
+            alias: None,
+            envd_access_token: rec.access_token,
+            traffic_access_token: None,
+            domain: None,
+        })
+    }
+
+    /// `DELETE /sandboxes/{id}`.
+    pub async fn kill(&self, id: &str) -> Result<(), AppError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(id, |_| Command::Kill { reply }).await?;
+        rx.await.map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))?
+    }
+
+    pub fn detail(&self, id: &str) -> Result<SandboxDetail, AppError> {
+        Ok(detail_of(&self.require(id)?.record()))
+    }
+
+    pub fn list(&self, query: &ListQuery) -> Result<Page, AppError> {
+        let all: Vec<SandboxRecord> = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| e.record())
+            .collect();
+        list::page(all, query)
+    }
+
+    /// `GET /sandboxes/{id}/metrics`: one sample now.
+    pub async fn metrics(&self, id: &str) -> Result<Vec<SandboxMetric>, AppError> {
+        let entry = self.require(id)?;
+        let stats = self.runtime.stats(id).await.map_err(|e| match e {
+            kiln_runtime::RuntimeError::NotFound { .. } => {
+                AppError::NotFound(format!("sandbox \"{id}\" not found"))
+            }
+            other => AppError::internal("reading sandbox metrics failed", other),
+        })?;
+        let rec = entry.record();
+        let now_i = Instant::now();
+        let cpu_pct = {
+            let mut last = entry.last_cpu.lock().unwrap_or_else(|e| e.into_inner());
+            let (since, base_ns) = last.unwrap_or_else(|| {
+                let age = (Utc::now() - rec.started_at).to_std().unwrap_or_default();
+                (now_i.checked_sub(age).unwrap_or(now_i), 0)
+            });
+            *last = Some((now_i, stats.cpu_usage_ns));
+            let wall_ns = now_i.duration_since(since).as_nanos().max(1) as f64;
+            let used = stats.cpu_usage_ns.saturating_sub(base_ns) as f64;
+            (100.0 * used / wall_ns / f64::from(stats.cpu_count.max(1))).clamp(0.0, 100.0)
+        };
+        let now = Utc::now();
+        Ok(vec![SandboxMetric {
+            timestamp: now,
+            timestamp_unix: now.timestamp(),
+            cpu_count: stats.cpu_count,
+            cpu_used_pct: (cpu_pct * 100.0).round() / 100.0,
+            mem_used: stats.mem_used_bytes,
+            mem_total: stats.mem_total_bytes,
+            mem_cache: stats.mem_cache_bytes,
+            disk_used: stats.disk_used_bytes,
+            disk_total: stats.disk_total_bytes,
+        }])
+    }
+
+    /// After a restart: re-adopt the sandboxes the store remembers whose PID 1 still
+    /// runs and whose deadline has not passed; kill every other trace.
+    pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), AppError> {
+        let mut adopted = 0;
+        let mut cleaned = 0;
+        let records = self.store.list_sandboxes()?;
+        let known: std::collections::HashSet<String> =
+            records.iter().map(|r| r.id.clone()).collect();
+        for rec in records {
+            let alive = if rec.end_at > Utc::now() {
+                self.runtime.adopt(&rec.id).await.ok().flatten()
+            } else {
+                None
+            };
+            match alive {
+                Some(instance) => {
+                    tracing::info!(id = %rec.id, "re-adopted sandbox after restart");
+                    self.spawn_owner(rec, instance.envd_socket);
+                    adopted += 1;
+                }
+                None => {
+                    if let Err(e) = self.runtime.kill(&rec.id).await {
+                        tracing::error!(id = %rec.id, error = %chain(&e), "cleanup failed");
+                    }
+                    self.store.delete_sandbox(&rec.id)?;
+                    cleaned += 1;
+                }
+            }
+        }
+        let on_host = self
+            .runtime
+            .list()
+            .await
+            .map_err(|e| AppError::internal("listing the runtime's sandboxes failed", e))?;
+        for id in on_host.into_iter().filter(|id| !known.contains(id)) {
+            tracing::info!(%id, "removing a sandbox the store does not know");
+            if let Err(e) = self.runtime.kill(&id).await {
+                tracing::error!(%id, error = %chain(&e), "cleanup failed");
+            }
+            cleaned += 1;
+        }
+        Ok((adopted, cleaned))
+    }
+
+    /// Kill every sandbox (used by tests and an orderly shutdown that asks for it).
+    pub async fn kill_all(&self) {
+        let ids: Vec<String> =
+            self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for id in ids {
+            let _ = self.kill(&id).await;
+        }
+    }
+}
+
+pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
+    SandboxDetail {
+        template_id: rec.template_id.clone(),
+        sandbox_id: rec.id.clone(),
+        client_id: kiln_api::CLIENT_ID.to_string(),
+        envd_version: kiln_api::ENVD_VERSION.to_string(),
+        started_at: rec.started_at,
+        end_at: rec.end_at,
+        cpu_count: rec.cpu_count,
+        memory_mb: rec.memory_mb,
+        disk_size_mb: rec.disk_size_mb,
+        state: match rec.state {
+            RecordState::Running => SandboxState::Running,
+        },
+        alias: None,
+        envd_access_token: rec.access_token.clone(),
+        allow_internet_access: Some(rec.allow_internet_access),
+        domain: None,
+        metadata: rec.metadata.clone(),
+        runtime: Some(rec.runtime.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_match_the_e2b_shape() {
+        let id = new_id();
+        assert_eq!(id.len(), ID_LEN);
+        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert_ne!(new_id(), id);
+    }
+}

@@ -1,0 +1,244 @@
+//! Sandbox traffic on the API listener: a request that names a sandbox (by the
+//! `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers, or a Host of `{port}-{id}.{domain}`)
+//! goes to that sandbox: port 49983 to envd, any other port through envd's tunnel,
+//! WebSocket and other upgrades included.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::header::{self, HeaderMap, HeaderName};
+use http::StatusCode;
+use hyper_util::rt::TokioIo;
+use kiln_api::{SandboxGoneBody, ENVD_PORT, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
+
+use crate::error::{chain, json_error};
+use crate::manager::SandboxManager;
+
+/// Where a request is headed, when it is sandbox traffic.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Target {
+    Sandbox { id: String, port: u16 },
+    /// Named a sandbox, but not in a form we accept.
+    Invalid(String),
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Pick the target from the routing headers or, failing that, the Host.
+pub fn target(headers: &HeaderMap, domain: Option<&str>) -> Option<Target> {
+    let id = headers.get(SANDBOX_ID_HEADER);
+    let port = headers.get(SANDBOX_PORT_HEADER);
+    if id.is_some() || port.is_some() {
+        let (Some(id), Some(port)) = (id, port) else {
+            return Some(Target::Invalid(format!(
+                "both {SANDBOX_ID_HEADER} and {SANDBOX_PORT_HEADER} headers are required"
+            )));
+        };
+        let id = id.to_str().unwrap_or_default().to_string();
+        let Ok(port) = port.to_str().unwrap_or_default().parse::<u16>() else {
+            return Some(Target::Invalid(format!("{SANDBOX_PORT_HEADER} must be a port number")));
+        };
+        if !valid_id(&id) {
+            return Some(Target::Invalid(format!("invalid sandbox id {id:?}")));
+        }
+        return Some(Target::Sandbox { id, port });
+    }
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let (label, rest) = host.split_once('.')?;
+    if let Some(domain) = domain {
+        if rest != domain {
+            return None;
+        }
+    }
+    let (port, id) = label.split_once('-')?;
+    let port = port.parse::<u16>().ok()?;
+    valid_id(id).then(|| Target::Sandbox { id: id.to_string(), port })
+}
+
+pub fn gone(id: &str) -> Response {
+    let body = SandboxGoneBody {
+        sandbox_id: id.to_string(),
+        message: "The sandbox was not found".to_string(),
+        code: 502,
+    };
+    (StatusCode::BAD_GATEWAY, Json(body)).into_response()
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    for name in HOP_BY_HOP {
+        if keep_upgrade && (name == "connection" || name == "upgrade") {
+            continue;
+        }
+        headers.remove(HeaderName::from_static(name));
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+}
+
+/// Forward one request to sandbox `id`, port `port`.
+pub async fn forward(manager: Arc<SandboxManager>, id: String, port: u16, mut req: Request) -> Response {
+    let Some(entry) = manager.get(&id) else {
+        return gone(&id);
+    };
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+
+    let result = if port == ENVD_PORT {
+        crate::envd::send(&entry.envd_socket, req).await.map_err(|e| chain(&e))
+    } else {
+        via_tunnel(&entry.envd_socket, port, req).await
+    };
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(message) => {
+            // A sandbox killed between lookup and send is gone, not broken.
+            if manager.get(&id).is_none() {
+                return gone(&id);
+            }
+            tracing::debug!(%id, port, error = %message, "proxying to sandbox failed");
+            return json_error(StatusCode::BAD_GATEWAY, message);
+        }
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match (client_upgrade.await, upstream.await) {
+                    (Ok(client), Ok(upstream)) => {
+                        let mut client = TokioIo::new(client);
+                        let mut upstream = TokioIo::new(upstream);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                    (c, u) => tracing::debug!(
+                        client_ok = c.is_ok(),
+                        upstream_ok = u.is_ok(),
+                        "upgrade through the proxy failed"
+                    ),
+                }
+            });
+        }
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, Body::empty());
+    }
+    strip_hop_by_hop(resp.headers_mut(), false);
+    resp.map(Body::new)
+}
+
+async fn via_tunnel(
+    socket: &std::path::Path,
+    port: u16,
+    req: Request,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    let stream = match crate::envd::tunnel(socket, port).await {
+        Ok(s) => s,
+        Err(crate::envd::EnvdError::Tunnel { body, .. }) => {
+            // envd's own message names the closed port; pass it on.
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            return Err(message);
+        }
+        Err(e) => return Err(chain(&e)),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(stream)
+        .await
+        .map_err(|e| format!("HTTP handshake through the tunnel to port {port} failed: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request to port {port} in the sandbox failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn routes_by_headers_first() {
+        let h = headers(&[
+            ("host", "127.0.0.1:3000"),
+            ("e2b-sandbox-id", "abc123"),
+            ("e2b-sandbox-port", "49983"),
+        ]);
+        assert_eq!(target(&h, None), Some(Target::Sandbox { id: "abc123".into(), port: 49983 }));
+    }
+
+    #[test]
+    fn one_routing_header_alone_is_an_error() {
+        let h = headers(&[("e2b-sandbox-id", "abc")]);
+        assert!(matches!(target(&h, None), Some(Target::Invalid(_))));
+        let h = headers(&[("e2b-sandbox-id", "ABC"), ("e2b-sandbox-port", "1")]);
+        assert!(matches!(target(&h, None), Some(Target::Invalid(_))));
+    }
+
+    #[test]
+    fn routes_by_host_label() {
+        let h = headers(&[("host", "8080-abc123.kiln.local:3000")]);
+        assert_eq!(target(&h, None), Some(Target::Sandbox { id: "abc123".into(), port: 8080 }));
+        assert_eq!(
+            target(&h, Some("kiln.local")),
+            Some(Target::Sandbox { id: "abc123".into(), port: 8080 })
+        );
+        assert_eq!(target(&h, Some("other.domain")), None);
+    }
+
+    #[test]
+    fn api_hosts_are_not_sandbox_traffic() {
+        for host in ["127.0.0.1:3000", "localhost:3000", "api.example.com", "[::1]:3000"] {
+            assert_eq!(target(&headers(&[("host", host)]), None), None, "{host}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_unless_upgrading() {
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("te", "x")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key("upgrade") && !h.contains_key("te"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
+    }
+}

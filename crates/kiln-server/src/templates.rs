@@ -1,0 +1,97 @@
+//! The templates this server can start sandboxes from, by name. Filled at start
+//! (the built-in `base` is built on first start, which can take minutes) and read on
+//! every create.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
+
+use crate::error::AppError;
+
+/// What a create needs to know about a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub rootfs: PathBuf,
+    pub meta: TemplateDefaults,
+}
+
+/// Per-template defaults; `None` falls back to the server's limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TemplateDefaults {
+    pub default_user: Option<String>,
+    pub default_workdir: Option<String>,
+    pub cpu_count: Option<u32>,
+    pub memory_mb: Option<u64>,
+}
+
+#[derive(Default)]
+pub struct Templates {
+    by_name: RwLock<BTreeMap<String, TemplateInfo>>,
+    /// Set while a template the server is expected to serve is still being built.
+    building: RwLock<Option<String>>,
+}
+
+impl Templates {
+    pub fn insert(&self, t: TemplateInfo) {
+        self.by_name.write().unwrap_or_else(|e| e.into_inner()).insert(t.name.clone(), t);
+    }
+
+    pub fn set_building(&self, name: Option<String>) {
+        *self.building.write().unwrap_or_else(|e| e.into_inner()) = name;
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.by_name.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    /// Resolve a `templateID` as the SDK sends it: a name, optionally with a `:tag`
+    /// (only the default tag exists) or a `kiln/` namespace.
+    pub fn resolve(&self, template_id: &str) -> Result<TemplateInfo, AppError> {
+        let name = template_id.strip_prefix("kiln/").unwrap_or(template_id);
+        let name = name.strip_suffix(":default").unwrap_or(name);
+        if let Some(t) = self.by_name.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(t.clone());
+        }
+        if let Some(building) = self.building.read().unwrap_or_else(|e| e.into_inner()).as_deref() {
+            if building == name {
+                return Err(AppError::Unavailable(format!(
+                    "template \"{name}\" is still being built; try again when GET /healthz answers 200"
+                )));
+            }
+        }
+        let names = self.names();
+        Err(AppError::NotFound(format!(
+            "template \"{template_id}\" not found; available templates: {}",
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> TemplateInfo {
+        TemplateInfo { name: "base".into(), rootfs: "/r".into(), meta: TemplateDefaults::default() }
+    }
+
+    #[test]
+    fn resolves_names_tags_and_namespaces() {
+        let t = Templates::default();
+        t.insert(base());
+        for id in ["base", "kiln/base", "base:default"] {
+            assert_eq!(t.resolve(id).unwrap().name, "base", "{id}");
+        }
+        let err = t.resolve("nope").unwrap_err();
+        assert!(matches!(err, AppError::NotFound(_)));
+        assert!(err.to_string().contains("available templates: base"), "{err}");
+    }
+
+    #[test]
+    fn a_template_being_built_is_unavailable_not_missing() {
+        let t = Templates::default();
+        t.set_building(Some("base".into()));
+        assert!(matches!(t.resolve("base"), Err(AppError::Unavailable(_))));
+    }
+}

@@ -1,0 +1,312 @@
+//! `kiln`: the command line. Thin: it parses, calls a library, renders.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_client::{Client, ExecEvent};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Self-hosted sandboxes for AI agents, served over the E2B API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: the E2B REST API and sandbox traffic on one listener.
+    Serve(ServeArgs),
+    /// Work with sandboxes on a running server.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Manage API keys in a data directory.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RuntimeChoice {
+    Jail,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000", env = "KILN_LISTEN")]
+    listen: SocketAddr,
+    /// Where Kiln keeps its database, templates and sandboxes.
+    #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Isolation runtime.
+    #[arg(long, value_enum, default_value = "jail")]
+    runtime: RuntimeChoice,
+    /// Base domain for `{port}-{id}.{domain}` routing of sandbox traffic.
+    #[arg(long, env = "KILN_DOMAIN")]
+    domain: Option<String>,
+    /// Directory holding kiln-envd, kiln-init and kiln-jail (default: next to kiln).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct Remote {
+    /// The server's API URL.
+    #[arg(long, env = "E2B_API_URL", default_value = "http://127.0.0.1:3000")]
+    url: String,
+    /// An API key.
+    #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
+    api_key: String,
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// List running sandboxes.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        /// Only sandboxes with this metadata (key=value; repeatable).
+        #[arg(long = "metadata", value_parser = parse_kv)]
+        metadata: Vec<(String, String)>,
+    },
+    /// Create a sandbox and print its id.
+    Create {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, default_value = "base")]
+        template: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: i64,
+        #[arg(long = "env", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        #[arg(long = "metadata", value_parser = parse_kv)]
+        metadata: Vec<(String, String)>,
+        /// Loopback-only network.
+        #[arg(long)]
+        no_internet: bool,
+    },
+    /// Run a command in a sandbox, streaming its output; exits with its exit code.
+    Exec {
+        #[command(flatten)]
+        remote: Remote,
+        id: String,
+        #[arg(long)]
+        user: Option<String>,
+        /// The command line, run with `bash -l -c`.
+        #[arg(required = true, trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Kill sandboxes.
+    Kill {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it (it is shown only this once).
+    Create {
+        #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// List keys (prefixes only).
+    List {
+        #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Revoke a key by id or prefix.
+    Revoke {
+        #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
+        data_dir: PathBuf,
+        key: String,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Sandbox(cmd) => sandbox(cmd).await,
+            Command::Keys(cmd) => keys(cmd),
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let bin_dir = match args.bin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()
+            .context("locating the kiln binary")?
+            .parent()
+            .context("the kiln binary has no parent directory")?
+            .to_path_buf(),
+    };
+    let limits = kiln_server::LimitsConfig::from_env()?;
+    let api_key = std::env::var("KILN_API_KEY").ok().filter(|k| !k.is_empty());
+    let runtime: Arc<dyn kiln_runtime::Runtime> = match args.runtime {
+        RuntimeChoice::Jail => Arc::new(
+            kiln_runtime::jail::JailRuntime::new(kiln_runtime::jail::JailOptions {
+                state_dir: args.data_dir.join("sandboxes"),
+                guest_bin_dir: bin_dir.clone(),
+                helper_exe: bin_dir.join("kiln-jail"),
+            })
+            .await
+            .context("setting up the jail runtime")?,
+        ),
+    };
+    let config = kiln_server::ServerConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        bin_dir,
+        limits,
+        domain: args.domain,
+        api_key,
+    };
+    kiln_server::serve(config, runtime).await.map_err(anyhow::Error::from)
+}
+
+async fn sandbox(cmd: SandboxCommand) -> Result<()> {
+    match cmd {
+        SandboxCommand::List { remote, metadata } => {
+            let client = Client::new(&remote.url, &remote.api_key);
+            let list = client.list(&metadata.into_iter().collect()).await?;
+            println!("{:<22} {:<12} {:<8} {:<26} METADATA", "ID", "TEMPLATE", "RUNTIME", "ENDS AT");
+            for s in list {
+                let md: Vec<String> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<22} {:<12} {:<8} {:<26} {}",
+                    s.sandbox_id,
+                    s.template_id,
+                    s.runtime.as_deref().unwrap_or("-"),
+                    s.end_at.to_rfc3339(),
+                    md.join(",")
+                );
+            }
+            Ok(())
+        }
+        SandboxCommand::Create { remote, template, timeout, env, metadata, no_internet } => {
+            let client = Client::new(&remote.url, &remote.api_key);
+            let req = kiln_api::NewSandbox {
+                template_id: template,
+                timeout: Some(timeout),
+                secure: Some(true),
+                allow_internet_access: Some(!no_internet),
+                metadata: Some(metadata.into_iter().collect::<BTreeMap<_, _>>()),
+                env_vars: Some(env.into_iter().collect::<BTreeMap<_, _>>()),
+                auto_pause: None,
+            };
+            let sbx = client.create(&req).await?;
+            println!("{}", sbx.sandbox_id);
+            Ok(())
+        }
+        SandboxCommand::Exec { remote, id, user, command } => {
+            let client = Client::new(&remote.url, &remote.api_key);
+            let out = client
+                .exec(&id, &command.join(" "), user.as_deref(), |event| match event {
+                    ExecEvent::Stdout(b) => {
+                        let mut o = std::io::stdout().lock();
+                        let _ = o.write_all(&b);
+                        let _ = o.flush();
+                    }
+                    ExecEvent::Stderr(b) => {
+                        let _ = std::io::stderr().write_all(&b);
+                    }
+                    ExecEvent::Started { .. } => {}
+                })
+                .await?;
+            if out.exit_code != 0 {
+                if out.exit_code < 0 {
+                    eprintln!("{}", out.status);
+                }
+                std::process::exit(out.exit_code.clamp(1, 255));
+            }
+            Ok(())
+        }
+        SandboxCommand::Kill { remote, ids } => {
+            let client = Client::new(&remote.url, &remote.api_key);
+            let mut failed = false;
+            for id in ids {
+                match client.kill(&id).await {
+                    Ok(()) => println!("killed {id}"),
+                    Err(e) => {
+                        eprintln!("{id}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                bail!("some sandboxes could not be killed");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn keys(cmd: KeysCommand) -> Result<()> {
+    use kiln_server::keys;
+    use kiln_server::store::{SqliteStore, Store};
+    let open = |dir: &PathBuf| -> Result<SqliteStore> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(SqliteStore::open(&dir.join("kiln.db"))?)
+    };
+    match cmd {
+        KeysCommand::Create { data_dir, name } => {
+            let store = open(&data_dir)?;
+            let key = keys::generate();
+            keys::register(&store, &name, &key, true)?;
+            println!("{key}");
+        }
+        KeysCommand::List { data_dir } => {
+            let store = open(&data_dir)?;
+            println!("{:<4} {:<16} {:<24} {:<26} STATUS", "ID", "PREFIX", "NAME", "CREATED");
+            for k in store.list_keys()? {
+                println!(
+                    "{:<4} {:<16} {:<24} {:<26} {}",
+                    k.id,
+                    format!("{}…", k.prefix),
+                    k.name,
+                    k.created_at.to_rfc3339(),
+                    if k.revoked_at.is_some() { "revoked" } else { "active" }
+                );
+            }
+        }
+        KeysCommand::Revoke { data_dir, key } => {
+            let store = open(&data_dir)?;
+            let prefix = if key.starts_with(keys::KEY_PREFIX) && key.len() > 12 {
+                keys::display_prefix(&key)
+            } else {
+                key.clone()
+            };
+            match store.revoke_key(&prefix)? {
+                0 => bail!("no active key matches {key:?} (give a key id from `kiln keys list` or the key itself)"),
+                n => println!("revoked {n} key(s)"),
+            }
+        }
+    }
+    Ok(())
+}
