@@ -1,0 +1,323 @@
+//! Control-plane tests: the real router, store and manager over real sockets, with a
+//! simulated runtime whose "sandbox" is a small HTTP server on a Unix socket standing
+//! in for envd. Tier: unprivileged.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::routing::{get, post};
+use kiln_api::NewSandbox;
+use kiln_client::{Client, ClientError};
+use kiln_runtime::{
+    Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
+};
+use kiln_server::store::SqliteStore;
+use kiln_server::templates::{TemplateDefaults, TemplateInfo, Templates};
+use kiln_server::{AppState, LimitsConfig};
+
+#[derive(Default)]
+struct FakeRuntime {
+    dir: PathBuf,
+    running: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
+    inits: Arc<Mutex<Vec<serde_json::Value>>>,
+    killed: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Runtime for FakeRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Jail
+    }
+
+    async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError> {
+        let socket = self.dir.join(format!("{}.sock", config.id));
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(|e| RuntimeError::io("bind fake envd", e))?;
+        let inits = self.inits.clone();
+        let app = axum::Router::new()
+            .route(
+                "/init",
+                post(move |axum::Json(v): axum::Json<serde_json::Value>| async move {
+                    inits.lock().unwrap().push(v);
+                    axum::http::StatusCode::NO_CONTENT
+                }),
+            )
+            .route("/health", get(|| async { axum::http::StatusCode::NO_CONTENT }))
+            .route("/echo", post(|body: String| async move { format!("echo:{body}") }));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        self.running.lock().unwrap().insert(config.id.clone(), task);
+        Ok(SandboxInstance { id: config.id.clone(), pid: 1, envd_socket: socket })
+    }
+
+    async fn kill(&self, id: &str) -> Result<(), RuntimeError> {
+        if let Some(task) = self.running.lock().unwrap().remove(id) {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(self.dir.join(format!("{id}.sock")));
+        self.killed.lock().unwrap().push(id.to_string());
+        Ok(())
+    }
+
+    async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError> {
+        if !self.running.lock().unwrap().contains_key(id) {
+            return Err(RuntimeError::NotFound { id: id.into() });
+        }
+        Ok(SandboxStats {
+            cpu_usage_ns: 1_000_000,
+            cpu_count: 2,
+            mem_used_bytes: 10 << 20,
+            mem_cache_bytes: 1 << 20,
+            mem_total_bytes: 512 << 20,
+            disk_used_bytes: 4096,
+            disk_total_bytes: 1 << 30,
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(self.running.lock().unwrap().keys().cloned().collect())
+    }
+
+    async fn adopt(&self, _id: &str) -> Result<Option<SandboxInstance>, RuntimeError> {
+        Ok(None)
+    }
+}
+
+struct Harness {
+    url: String,
+    key: String,
+    runtime: Arc<FakeRuntime>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(limits: LimitsConfig) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(FakeRuntime { dir: dir.path().to_path_buf(), ..Default::default() });
+    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
+    let key = kiln_server::keys::generate();
+    kiln_server::keys::register(store.as_ref(), "test", &key, true).unwrap();
+    let templates = Arc::new(Templates::default());
+    templates.insert(TemplateInfo {
+        name: "base".into(),
+        rootfs: dir.path().join("rootfs"),
+        meta: TemplateDefaults { default_user: Some("user".into()), ..Default::default() },
+    });
+    let manager = kiln_server::manager::SandboxManager::new(
+        runtime.clone(),
+        store.clone(),
+        templates.clone(),
+        limits,
+    );
+    let state = Arc::new(AppState {
+        manager,
+        store,
+        templates,
+        ready: AtomicBool::new(true),
+        domain: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, kiln_server::router(state)).await.unwrap();
+    });
+    Harness { url, key, runtime, _dir: dir }
+}
+
+fn new_sandbox(timeout: i64, metadata: &[(&str, &str)]) -> NewSandbox {
+    NewSandbox {
+        template_id: "base".into(),
+        timeout: Some(timeout),
+        secure: Some(true),
+        allow_internet_access: Some(true),
+        metadata: Some(metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        env_vars: Some(BTreeMap::from([("FOO".to_string(), "bar".to_string())])),
+        auto_pause: None,
+    }
+}
+
+fn status_of(err: ClientError) -> u16 {
+    match err {
+        ClientError::Api { status, .. } => status.as_u16(),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn every_route_requires_an_api_key() {
+    let h = start(LimitsConfig::default()).await;
+    let http = reqwest::Client::new();
+    for (method, path) in kiln_api::ROUTES {
+        let path = path.replace("{id}", "abc");
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        for key in [None, Some("e2b_0000000000000000000000000000000000000000")] {
+            let mut req = http.request(m.clone(), format!("{}{path}", h.url));
+            if let Some(k) = key {
+                req = req.header("x-api-key", k);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 401, "{method} {path} with key {key:?}");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["code"], 401, "{method} {path}");
+            assert!(body["message"].is_string());
+        }
+    }
+}
+
+#[tokio::test]
+async fn create_answers_201_and_inits_envd() {
+    let h = start(LimitsConfig::default()).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/sandboxes", h.url))
+        .header("x-api-key", &h.key)
+        .json(&serde_json::json!({"templateID":"base","timeout":300,"secure":true,
+            "allow_internet_access":true,"metadata":{},"envVars":{"FOO":"bar"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let id = body["sandboxID"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 20);
+    assert_eq!(body["envdVersion"], kiln_api::ENVD_VERSION);
+    let token = body["envdAccessToken"].as_str().unwrap();
+    let inits = h.runtime.inits.lock().unwrap().clone();
+    assert_eq!(inits.len(), 1);
+    assert_eq!(inits[0]["accessToken"], token);
+    assert_eq!(inits[0]["envVars"]["FOO"], "bar");
+    assert_eq!(inits[0]["envVars"]["E2B_SANDBOX_ID"], id.as_str());
+    assert_eq!(inits[0]["defaultUser"], "user");
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_json_errors() {
+    let h = start(LimitsConfig::default()).await;
+    let c = Client::new(&h.url, &h.key);
+    let err = c.create(&new_sandbox(7200, &[])).await.unwrap_err();
+    assert!(err.to_string().contains("E2B_SANDBOX_TIMEOUT_SEC"), "{err}");
+    assert_eq!(status_of(err), 400);
+    assert_eq!(status_of(c.create(&new_sandbox(0, &[])).await.unwrap_err()), 400);
+    let mut unknown = new_sandbox(60, &[]);
+    unknown.template_id = "nope".into();
+    let err = c.create(&unknown).await.unwrap_err();
+    assert!(err.to_string().contains("available templates: base"), "{err}");
+    assert_eq!(status_of(c.get("doesnotexist").await.unwrap_err()), 404);
+    assert_eq!(status_of(c.kill("doesnotexist").await.unwrap_err()), 404);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/sandboxes", h.url))
+        .header("x-api-key", &h.key)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("invalid request body"));
+}
+
+#[tokio::test]
+async fn the_sandbox_limit_answers_429_naming_the_limit() {
+    let limits = LimitsConfig { max_sandboxes: 2, ..LimitsConfig::default() };
+    let h = start(limits).await;
+    let c = Client::new(&h.url, &h.key);
+    let a = c.create(&new_sandbox(60, &[])).await.unwrap();
+    c.create(&new_sandbox(60, &[])).await.unwrap();
+    let err = c.create(&new_sandbox(60, &[])).await.unwrap_err();
+    assert!(err.to_string().contains("E2B_MAX_SANDBOXES"), "{err}");
+    assert_eq!(status_of(err), 429);
+    c.kill(&a.sandbox_id).await.unwrap();
+    c.create(&new_sandbox(60, &[])).await.unwrap();
+}
+
+#[tokio::test]
+async fn list_filters_by_metadata_and_paginates() {
+    let h = start(LimitsConfig::default()).await;
+    let c = Client::new(&h.url, &h.key);
+    let mut ids = HashSet::new();
+    for i in 0..5 {
+        let team = if i % 2 == 0 { "even" } else { "odd" };
+        ids.insert(c.create(&new_sandbox(60, &[("team", team)])).await.unwrap().sandbox_id);
+    }
+    let even = c.list(&BTreeMap::from([("team".into(), "even".into())])).await.unwrap();
+    assert_eq!(even.len(), 3);
+    assert!(even.iter().all(|s| s.metadata["team"] == "even"));
+    // Raw pagination with limit=2 visits every sandbox exactly once.
+    let http = reqwest::Client::new();
+    let mut seen = HashSet::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut url = format!("{}/v2/sandboxes?limit=2", h.url);
+        if let Some(t) = &token {
+            url.push_str(&format!("&nextToken={t}"));
+        }
+        let resp = http.get(url).header("x-api-key", &h.key).send().await.unwrap();
+        token = resp.headers().get("x-next-token").map(|v| v.to_str().unwrap().to_string());
+        let page: Vec<serde_json::Value> = resp.json().await.unwrap();
+        assert!(page.len() <= 2);
+        for s in page {
+            assert_eq!(s["state"], "running");
+            assert!(seen.insert(s["sandboxID"].as_str().unwrap().to_string()));
+        }
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, ids);
+}
+
+#[tokio::test]
+async fn timeouts_kill_at_the_deadline_and_can_be_moved() {
+    let h = start(LimitsConfig::default()).await;
+    let c = Client::new(&h.url, &h.key);
+    let short = c.create(&new_sandbox(1, &[])).await.unwrap().sandbox_id;
+    let moved = c.create(&new_sandbox(1, &[])).await.unwrap().sandbox_id;
+    c.set_timeout(&moved, 30).await.unwrap();
+    let detail = c.get(&moved).await.unwrap();
+    assert!(detail.end_at > chrono::Utc::now() + chrono::Duration::seconds(20));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(status_of(c.get(&short).await.unwrap_err()), 404);
+    assert!(h.runtime.killed.lock().unwrap().contains(&short));
+    assert!(c.get(&moved).await.is_ok());
+    // Connect never shortens the deadline.
+    c.connect(&moved, 5).await.unwrap();
+    assert!(c.get(&moved).await.unwrap().end_at > chrono::Utc::now() + chrono::Duration::seconds(20));
+}
+
+#[tokio::test]
+async fn envd_traffic_is_proxied_until_the_sandbox_is_killed() {
+    let h = start(LimitsConfig::default()).await;
+    let c = Client::new(&h.url, &h.key);
+    let id = c.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id;
+    let http = reqwest::Client::new();
+    let send = |path: &str| {
+        http.post(format!("{}{path}", h.url))
+            .header("e2b-sandbox-id", &id)
+            .header("e2b-sandbox-port", "49983")
+            .body("hello")
+            .send()
+    };
+    let resp = send("/echo").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "echo:hello");
+    let metrics: Vec<serde_json::Value> = http
+        .get(format!("{}/sandboxes/{id}/metrics", h.url))
+        .header("x-api-key", &h.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metrics[0]["memTotal"], 512u64 << 20);
+    c.kill(&id).await.unwrap();
+    let resp = send("/health").await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["sandboxId"], id.as_str());
+    assert_eq!(body["code"], 502);
+}
