@@ -39,31 +39,58 @@ impl Client {
         id: &str,
         command: &str,
         user: Option<&str>,
-        mut on_event: impl FnMut(ExecEvent),
+        on_event: impl FnMut(ExecEvent),
     ) -> Result<ExecOutput, ClientError> {
         let sandbox = self.connect(id, 300).await?;
+        self.exec_with_token(
+            id,
+            sandbox.envd_access_token.as_deref(),
+            command,
+            user,
+            on_event,
+        )
+        .await
+    }
+
+    /// [`exec`](Self::exec) for a caller that already holds the sandbox's envd access
+    /// token (from create or connect): one request, no REST call first.
+    pub async fn exec_with_token(
+        &self,
+        id: &str,
+        access_token: Option<&str>,
+        command: &str,
+        user: Option<&str>,
+        mut on_event: impl FnMut(ExecEvent),
+    ) -> Result<ExecOutput, ClientError> {
         let url = format!("{}/process.Process/Start", self.base);
         let body = serde_json::json!({
             "process": {"cmd": "/bin/bash", "args": ["-l", "-c", command]},
             "stdin": false,
         });
-        let envelope = connect::encode_message(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let envelope =
+            connect::encode_message(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let mut req = self
             .http
             .post(&url)
             .header(kiln_api::SANDBOX_ID_HEADER, id)
-            .header(kiln_api::SANDBOX_PORT_HEADER, kiln_api::ENVD_PORT.to_string())
+            .header(
+                kiln_api::SANDBOX_PORT_HEADER,
+                kiln_api::ENVD_PORT.to_string(),
+            )
             .header("content-type", connect::CONTENT_TYPE_STREAM)
             .header(connect::HEADER_PROTOCOL_VERSION, "1")
             .body(envelope);
-        if let Some(token) = &sandbox.envd_access_token {
+        if let Some(token) = access_token {
             req = req.header(kiln_proto::envd::HEADER_ACCESS_TOKEN, token);
         }
         if let Some(user) = user {
             let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
             req = req.header("authorization", format!("Basic {basic}"));
         }
-        let resp = req.send().await.map_err(|source| ClientError::Transport { url, source })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { url, source })?;
         if !resp.status().is_success() {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();
@@ -79,8 +106,9 @@ impl Client {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| ClientError::Protocol(format!("stream broke: {e}")))?;
             decoder.push(&chunk);
-            while let Some(env) =
-                decoder.next_envelope().map_err(|e| ClientError::Protocol(e.to_string()))?
+            while let Some(env) = decoder
+                .next_envelope()
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
             {
                 let v: serde_json::Value = serde_json::from_slice(&env.payload)
                     .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -96,7 +124,9 @@ impl Client {
                 }
                 let event = &v["event"];
                 if let Some(start) = event.get("start") {
-                    on_event(ExecEvent::Started { pid: start["pid"].as_u64().unwrap_or(0) as u32 });
+                    on_event(ExecEvent::Started {
+                        pid: start["pid"].as_u64().unwrap_or(0) as u32,
+                    });
                 } else if let Some(data) = event.get("data") {
                     if let Some(out) = data.get("stdout") {
                         on_event(ExecEvent::Stdout(b64(out)));

@@ -59,22 +59,32 @@ impl Client {
         body: Option<serde_json::Value>,
     ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url).header(API_KEY_HEADER, &self.api_key);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .header(API_KEY_HEADER, &self.api_key);
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = req.send().await.map_err(|source| ClientError::Transport { url, source })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { url, source })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.message).unwrap_or(text);
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.message)
+            .unwrap_or(text);
         Err(ClientError::Api { status, message })
     }
 
     async fn json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
-        resp.json().await.map_err(|e| ClientError::Protocol(e.to_string()))
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     pub async fn create(&self, req: &NewSandbox) -> Result<Sandbox, ClientError> {
@@ -103,7 +113,9 @@ impl Client {
                 .map(|(k, v)| format!("{k}={}", percent_encode(v)))
                 .collect::<Vec<_>>()
                 .join("&");
-            let resp = self.call(Method::GET, &format!("/v2/sandboxes?{qs}"), None).await?;
+            let resp = self
+                .call(Method::GET, &format!("/v2/sandboxes?{qs}"), None)
+                .await?;
             token = resp
                 .headers()
                 .get(NEXT_TOKEN_HEADER)
@@ -118,24 +130,43 @@ impl Client {
     }
 
     pub async fn get(&self, id: &str) -> Result<SandboxDetail, ClientError> {
-        Self::json(self.call(Method::GET, &format!("/sandboxes/{id}"), None).await?).await
+        Self::json(
+            self.call(Method::GET, &format!("/sandboxes/{id}"), None)
+                .await?,
+        )
+        .await
     }
 
     pub async fn kill(&self, id: &str) -> Result<(), ClientError> {
-        self.call(Method::DELETE, &format!("/sandboxes/{id}"), None).await.map(drop)
+        self.call(Method::DELETE, &format!("/sandboxes/{id}"), None)
+            .await
+            .map(drop)
     }
 
     pub async fn set_timeout(&self, id: &str, timeout: i64) -> Result<(), ClientError> {
         let body = serde_json::to_value(TimeoutRequest { timeout })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.call(Method::POST, &format!("/sandboxes/{id}/timeout"), Some(body)).await.map(drop)
+        self.call(
+            Method::POST,
+            &format!("/sandboxes/{id}/timeout"),
+            Some(body),
+        )
+        .await
+        .map(drop)
     }
 
     /// Connect to a sandbox: its identity, including the envd access token.
     pub async fn connect(&self, id: &str, timeout: i64) -> Result<Sandbox, ClientError> {
         let body = serde_json::json!({ "timeout": timeout });
-        Self::json(self.call(Method::POST, &format!("/sandboxes/{id}/connect"), Some(body)).await?)
-            .await
+        Self::json(
+            self.call(
+                Method::POST,
+                &format!("/sandboxes/{id}/connect"),
+                Some(body),
+            )
+            .await?,
+        )
+        .await
     }
 }
 

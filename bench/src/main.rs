@@ -1,0 +1,203 @@
+//! `kiln-bench`: latency of a running Kiln server, each figure beside the floor it
+//! cannot beat, measured in the same run on the same machine.
+//!
+//! - create → first output: `POST /sandboxes`, then `echo ready` until its first
+//!   stdout chunk arrives (the create a user waits for), N times; each sandbox is
+//!   killed after its sample (kill time not counted).
+//!   Floor: `unshare` of the same namespaces running `/bin/true`.
+//! - `commands.run("true")` round trip through the proxy and envd, M times on one
+//!   sandbox. Floor: fork+exec of `/bin/true`.
+//!
+//! Prints a Markdown table for `docs/BENCHMARKS.md`.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use kiln_client::{Client, ExecEvent};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, env = "E2B_API_URL", default_value = "http://127.0.0.1:3000")]
+    url: String,
+    #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Creates to sample.
+    #[arg(long, default_value_t = 100)]
+    creates: usize,
+    /// Round trips to sample.
+    #[arg(long, default_value_t = 200)]
+    round_trips: usize,
+    #[arg(long, default_value = "base")]
+    template: String,
+}
+
+struct Summary {
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+fn summarize(mut samples: Vec<Duration>) -> Summary {
+    samples.sort();
+    let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    let total: Duration = samples.iter().sum();
+    Summary {
+        p50: pick(0.5),
+        p99: pick(0.99),
+        mean: total / samples.len() as u32,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+fn time_command(n: usize, program: &str, args: &[&str]) -> Result<Vec<Duration>> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let status = Command::new(program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .with_context(|| format!("running {program}"))?;
+            if !status.success() {
+                bail!("{program} {args:?} failed: {status}");
+            }
+            Ok(t.elapsed())
+        })
+        .collect()
+}
+
+fn new_sandbox(template: &str) -> kiln_api::NewSandbox {
+    kiln_api::NewSandbox {
+        template_id: template.to_string(),
+        timeout: Some(120),
+        secure: Some(true),
+        allow_internet_access: Some(true),
+        metadata: Some(BTreeMap::from([(
+            "purpose".to_string(),
+            "bench".to_string(),
+        )])),
+        env_vars: None,
+        auto_pause: None,
+    }
+}
+
+async fn create_to_first_output(client: &Client, args: &Args) -> Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(args.creates);
+    for _ in 0..args.creates {
+        let t = Instant::now();
+        let sbx = client.create(&new_sandbox(&args.template)).await?;
+        let mut first: Option<Duration> = None;
+        client
+            .exec_with_token(
+                &sbx.sandbox_id,
+                sbx.envd_access_token.as_deref(),
+                "echo ready",
+                None,
+                |e| {
+                    if matches!(e, ExecEvent::Stdout(_)) && first.is_none() {
+                        first = Some(t.elapsed());
+                    }
+                },
+            )
+            .await?;
+        samples.push(first.context("no output from `echo ready`")?);
+        client.kill(&sbx.sandbox_id).await?;
+    }
+    Ok(samples)
+}
+
+async fn round_trips(client: &Client, args: &Args) -> Result<Vec<Duration>> {
+    let sbx = client.create(&new_sandbox(&args.template)).await?;
+    // Warm up the connection pool and envd.
+    client.exec(&sbx.sandbox_id, "true", None, |_| {}).await?;
+    let mut samples = Vec::with_capacity(args.round_trips);
+    for _ in 0..args.round_trips {
+        let t = Instant::now();
+        let out = client
+            .exec_with_token(
+                &sbx.sandbox_id,
+                sbx.envd_access_token.as_deref(),
+                "true",
+                None,
+                |_| {},
+            )
+            .await?;
+        if out.exit_code != 0 {
+            bail!("`true` exited {}", out.exit_code);
+        }
+        samples.push(t.elapsed());
+    }
+    client.kill(&sbx.sandbox_id).await?;
+    Ok(samples)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let client = Client::new(&args.url, &args.api_key);
+
+    let creates = summarize(create_to_first_output(&client, &args).await?);
+    let unshare = summarize(time_command(
+        args.creates,
+        "unshare",
+        &[
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--cgroup",
+            "/bin/true",
+        ],
+    )?);
+    let rtt = summarize(round_trips(&client, &args).await?);
+    let fork_exec = summarize(time_command(args.round_trips, "/bin/true", &[])?);
+
+    println!("| measurement | samples | p50 ms | p99 ms | mean ms |");
+    println!("|---|---|---|---|---|");
+    let row = |name: &str, n: usize, s: &Summary| {
+        println!(
+            "| {name} | {n} | {} | {} | {} |",
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.mean)
+        );
+    };
+    row(
+        "create → first output of `echo ready`",
+        args.creates,
+        &creates,
+    );
+    row(
+        "floor: `unshare` (user, mount, pid, uts, ipc, net, cgroup) of /bin/true",
+        args.creates,
+        &unshare,
+    );
+    row(
+        "`commands.run(\"true\")` round trip",
+        args.round_trips,
+        &rtt,
+    );
+    row(
+        "floor: fork+exec of /bin/true",
+        args.round_trips,
+        &fork_exec,
+    );
+    println!(
+        "\nround trip above the floor: p50 {} ms",
+        ms(rtt.p50.saturating_sub(fork_exec.p50))
+    );
+    Ok(())
+}
