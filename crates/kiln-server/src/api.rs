@@ -36,7 +36,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
             Err(JsonRejection::MissingJsonContentType(_)) => Err(AppError::BadRequest(
                 "request body must be JSON with Content-Type: application/json".into(),
             )),
-            Err(e) => Err(AppError::BadRequest(format!("invalid request body: {}", e.body_text()))),
+            Err(e) => Err(AppError::BadRequest(format!(
+                "invalid request body: {}",
+                e.body_text()
+            ))),
         }
     }
 }

@@ -66,21 +66,31 @@ pub enum ServeError {
 /// Build the HTTP application. Sandbox traffic is diverted before routing, so envd
 /// paths never collide with API paths.
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = api::routes()
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let api =
+        api::routes().route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), divert_sandbox_traffic))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            divert_sandbox_traffic,
+        ))
         .with_state(state)
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response()
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok"})),
+        )
+            .into_response()
     } else {
-        json_error(StatusCode::SERVICE_UNAVAILABLE, "kiln is starting (building templates)")
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kiln is starting (building templates)",
+        )
     }
 }
 
@@ -142,7 +152,10 @@ fn prepare_keys(store: &dyn Store, config: &ServerConfig) -> Result<KeyNotice, S
     }
     let key = keys::generate();
     keys::register(store, "generated at first start", &key, true)?;
-    write_secret(&path, &key).map_err(|source| ServeError::DataDir { path: path.clone(), source })?;
+    write_secret(&path, &key).map_err(|source| ServeError::DataDir {
+        path: path.clone(),
+        source,
+    })?;
     Ok(KeyNotice::Plain(key))
 }
 
@@ -174,16 +187,30 @@ fn template_info(t: &kiln_template::Template) -> TemplateInfo {
 /// Run `kiln serve` until the process is stopped.
 pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<(), ServeError> {
     let data = &config.data_dir;
-    std::fs::create_dir_all(data)
-        .map_err(|source| ServeError::DataDir { path: data.clone(), source })?;
+    std::fs::create_dir_all(data).map_err(|source| ServeError::DataDir {
+        path: data.clone(),
+        source,
+    })?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("kiln.db"))?);
     let key_notice = prepare_keys(store.as_ref(), &config)?;
 
     let templates = Arc::new(Templates::default());
-    let manager = SandboxManager::new(runtime.clone(), store.clone(), templates.clone(), config.limits);
-    let (adopted, cleaned) = manager.recover().await.map_err(|e| ServeError::Recover(chain(&e)))?;
+    let manager = SandboxManager::new(
+        runtime.clone(),
+        store.clone(),
+        templates.clone(),
+        config.limits,
+    );
+    let (adopted, cleaned) = manager
+        .recover()
+        .await
+        .map_err(|e| ServeError::Recover(chain(&e)))?;
     if adopted + cleaned > 0 {
-        tracing::info!(adopted, cleaned, "recovered sandboxes from the previous run");
+        tracing::info!(
+            adopted,
+            cleaned,
+            "recovered sandboxes from the previous run"
+        );
     }
 
     let state = Arc::new(AppState {
@@ -195,7 +222,10 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServeError::Listen { addr: config.listen, source })?;
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let app = router(state.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });

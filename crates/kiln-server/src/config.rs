@@ -51,7 +51,11 @@ fn env_num<T: std::str::FromStr + PartialOrd + Default>(
         Err(_) => Ok(default),
         Ok(value) => match value.trim().parse::<T>() {
             Ok(v) if v > T::default() => Ok(v),
-            _ => Err(EnvError { name, value, expected: "a positive whole number" }),
+            _ => Err(EnvError {
+                name,
+                value,
+                expected: "a positive whole number",
+            }),
         },
     }
 }

@@ -21,9 +21,17 @@ pub enum EnvdError {
     #[error("HTTP exchange with envd failed")]
     Http(#[source] hyper::Error),
     #[error("envd answered {status} to {what}: {body}")]
-    Status { what: &'static str, status: StatusCode, body: String },
+    Status {
+        what: &'static str,
+        status: StatusCode,
+        body: String,
+    },
     #[error("port {port} tunnel refused: {status} {body}")]
-    Tunnel { port: u16, status: StatusCode, body: String },
+    Tunnel {
+        port: u16,
+        status: StatusCode,
+        body: String,
+    },
 }
 
 /// Open one HTTP/1.1 connection to envd and send `req` on it. The connection task
@@ -31,9 +39,13 @@ pub enum EnvdError {
 pub async fn send(socket: &Path, req: Request<Body>) -> Result<Response<Incoming>, EnvdError> {
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|source| EnvdError::Connect { path: socket.display().to_string(), source })?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(EnvdError::Http)?;
+        .map_err(|source| EnvdError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(EnvdError::Http)?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "envd connection ended with an error");
@@ -62,7 +74,11 @@ pub async fn init(socket: &Path, body: &serde_json::Value) -> Result<(), EnvdErr
         return Ok(());
     }
     let status = resp.status();
-    Err(EnvdError::Status { what: "POST /init", status, body: read_body(resp).await })
+    Err(EnvdError::Status {
+        what: "POST /init",
+        status,
+        body: read_body(resp).await,
+    })
 }
 
 /// Open a raw byte stream to `port` inside the sandbox through envd's tunnel.
@@ -76,7 +92,11 @@ pub async fn tunnel(socket: &Path, port: u16) -> Result<hyper::upgrade::Upgraded
     let resp = send(socket, req).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
-        return Err(EnvdError::Tunnel { port, status, body: read_body(resp).await });
+        return Err(EnvdError::Tunnel {
+            port,
+            status,
+            body: read_body(resp).await,
+        });
     }
     hyper::upgrade::on(resp).await.map_err(EnvdError::Http)
 }

@@ -31,7 +31,10 @@ pub enum AppError {
 
 impl AppError {
     pub fn internal(message: impl Into<String>, source: impl Into<anyhow::Error>) -> Self {
-        AppError::Internal { message: message.into(), source: Some(source.into()) }
+        AppError::Internal {
+            message: message.into(),
+            source: Some(source.into()),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -60,7 +63,10 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = ErrorBody { code: status.as_u16(), message: message.into() };
+    let body = ErrorBody {
+        code: status.as_u16(),
+        message: message.into(),
+    };
     (status, Json(body)).into_response()
 }
 
@@ -90,7 +96,9 @@ mod tests {
     async fn errors_render_as_e2b_json() {
         let resp = AppError::TooManyRequests("limit".into()).into_response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-        let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["code"], 429);
         assert_eq!(v["message"], "limit");

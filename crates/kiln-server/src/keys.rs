@@ -26,7 +26,10 @@ pub fn generate() -> String {
 
 pub fn is_well_formed(key: &str) -> bool {
     key.strip_prefix(KEY_PREFIX).is_some_and(|hex| {
-        hex.len() == KEY_HEX_LEN && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        hex.len() == KEY_HEX_LEN
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -77,6 +80,9 @@ mod tests {
         let rec = store.find_key(&hash(&key)).unwrap().unwrap();
         assert!(rec.admin);
         assert!(!rec.prefix.contains(&key[12..]));
-        assert!(matches!(register(&store, "bad", "e2b_nope", false), Err(KeyError::Format)));
+        assert!(matches!(
+            register(&store, "bad", "e2b_nope", false),
+            Err(KeyError::Format)
+        ));
     }
 }

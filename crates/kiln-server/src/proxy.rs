@@ -20,13 +20,19 @@ use crate::manager::SandboxManager;
 /// Where a request is headed, when it is sandbox traffic.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Target {
-    Sandbox { id: String, port: u16 },
+    Sandbox {
+        id: String,
+        port: u16,
+    },
     /// Named a sandbox, but not in a form we accept.
     Invalid(String),
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// Pick the target from the routing headers or, failing that, the Host.
@@ -41,7 +47,9 @@ pub fn target(headers: &HeaderMap, domain: Option<&str>) -> Option<Target> {
         };
         let id = id.to_str().unwrap_or_default().to_string();
         let Ok(port) = port.to_str().unwrap_or_default().parse::<u16>() else {
-            return Some(Target::Invalid(format!("{SANDBOX_PORT_HEADER} must be a port number")));
+            return Some(Target::Invalid(format!(
+                "{SANDBOX_PORT_HEADER} must be a port number"
+            )));
         };
         if !valid_id(&id) {
             return Some(Target::Invalid(format!("invalid sandbox id {id:?}")));
@@ -64,7 +72,10 @@ pub fn target(headers: &HeaderMap, domain: Option<&str>) -> Option<Target> {
     }
     let (port, id) = label.split_once('-')?;
     let port = port.parse::<u16>().ok()?;
-    valid_id(id).then(|| Target::Sandbox { id: id.to_string(), port })
+    valid_id(id).then(|| Target::Sandbox {
+        id: id.to_string(),
+        port,
+    })
 }
 
 pub fn gone(id: &str) -> Response {
@@ -105,7 +116,12 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Forward one request to sandbox `id`, port `port`.
-pub async fn forward(manager: Arc<SandboxManager>, id: String, port: u16, mut req: Request) -> Response {
+pub async fn forward(
+    manager: Arc<SandboxManager>,
+    id: String,
+    port: u16,
+    mut req: Request,
+) -> Response {
     let Some(entry) = manager.get(&id) else {
         return gone(&id);
     };
@@ -114,7 +130,9 @@ pub async fn forward(manager: Arc<SandboxManager>, id: String, port: u16, mut re
     strip_hop_by_hop(req.headers_mut(), upgrade);
 
     let result = if port == ENVD_PORT {
-        crate::envd::send(&entry.envd_socket, req).await.map_err(|e| chain(&e))
+        crate::envd::send(&entry.envd_socket, req)
+            .await
+            .map_err(|e| chain(&e))
     } else {
         via_tunnel(&entry.envd_socket, port, req).await
     };
@@ -191,7 +209,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -203,7 +224,13 @@ mod tests {
             ("e2b-sandbox-id", "abc123"),
             ("e2b-sandbox-port", "49983"),
         ]);
-        assert_eq!(target(&h, None), Some(Target::Sandbox { id: "abc123".into(), port: 49983 }));
+        assert_eq!(
+            target(&h, None),
+            Some(Target::Sandbox {
+                id: "abc123".into(),
+                port: 49983
+            })
+        );
     }
 
     #[test]
@@ -217,24 +244,42 @@ mod tests {
     #[test]
     fn routes_by_host_label() {
         let h = headers(&[("host", "8080-abc123.kiln.local:3000")]);
-        assert_eq!(target(&h, None), Some(Target::Sandbox { id: "abc123".into(), port: 8080 }));
+        assert_eq!(
+            target(&h, None),
+            Some(Target::Sandbox {
+                id: "abc123".into(),
+                port: 8080
+            })
+        );
         assert_eq!(
             target(&h, Some("kiln.local")),
-            Some(Target::Sandbox { id: "abc123".into(), port: 8080 })
+            Some(Target::Sandbox {
+                id: "abc123".into(),
+                port: 8080
+            })
         );
         assert_eq!(target(&h, Some("other.domain")), None);
     }
 
     #[test]
     fn api_hosts_are_not_sandbox_traffic() {
-        for host in ["127.0.0.1:3000", "localhost:3000", "api.example.com", "[::1]:3000"] {
+        for host in [
+            "127.0.0.1:3000",
+            "localhost:3000",
+            "api.example.com",
+            "[::1]:3000",
+        ] {
             assert_eq!(target(&headers(&[("host", host)]), None), None, "{host}");
         }
     }
 
     #[test]
     fn hop_by_hop_headers_are_dropped_unless_upgrading() {
-        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("te", "x")]);
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "x"),
+        ]);
         assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key("upgrade") && !h.contains_key("te"));

@@ -56,7 +56,9 @@ impl RecordState {
     fn parse(s: &str) -> Result<Self, StoreError> {
         match s {
             "running" => Ok(RecordState::Running),
-            other => Err(StoreError::Corrupt(format!("unknown sandbox state {other:?}"))),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown sandbox state {other:?}"
+            ))),
         }
     }
 }
@@ -82,8 +84,13 @@ pub struct SandboxRecord {
 
 /// The persistence operations the control plane needs.
 pub trait Store: Send + Sync {
-    fn insert_key(&self, name: &str, hash: &str, prefix: &str, admin: bool)
-        -> Result<i64, StoreError>;
+    fn insert_key(
+        &self,
+        name: &str,
+        hash: &str,
+        prefix: &str,
+        admin: bool,
+    ) -> Result<i64, StoreError>;
     /// The live (not revoked) key with this hash.
     fn find_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
     fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
@@ -139,18 +146,27 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, StoreError> {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
         let conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
     }
 
     pub fn in_memory() -> Result<Self, StoreError> {
         let conn = Connection::open_in_memory().map_err(q("open in-memory database"))?;
         conn.execute_batch(SCHEMA).map_err(q("create schema"))?;
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -160,7 +176,9 @@ impl SqliteStore {
     }
 }
 
-fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(ApiKeyRecord, String, Option<String>)> {
+fn key_from_row(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<(ApiKeyRecord, String, Option<String>)> {
     Ok((
         ApiKeyRecord {
             id: row.get(0)?,
@@ -202,8 +220,12 @@ impl Store for SqliteStore {
             params![name, hash, prefix, admin as i64, Utc::now().to_rfc3339()],
         )
         .map_err(q("insert api key"))?;
-        conn.query_row("SELECT id FROM api_keys WHERE hash = ?1", params![hash], |r| r.get(0))
-            .map_err(q("read inserted api key"))
+        conn.query_row(
+            "SELECT id FROM api_keys WHERE hash = ?1",
+            params![hash],
+            |r| r.get(0),
+        )
+        .map_err(q("read inserted api key"))
     }
 
     fn find_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
@@ -226,8 +248,11 @@ impl Store for SqliteStore {
         let mut stmt = conn
             .prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"))
             .map_err(q("list api keys"))?;
-        let rows = stmt.query_map([], key_from_row).map_err(q("list api keys"))?;
-        rows.map(|r| r.map_err(q("read api key row")).and_then(finish_key)).collect()
+        let rows = stmt
+            .query_map([], key_from_row)
+            .map_err(q("list api keys"))?;
+        rows.map(|r| r.map_err(q("read api key row")).and_then(finish_key))
+            .collect()
     }
 
     fn revoke_key(&self, id_or_prefix: &str) -> Result<usize, StoreError> {
@@ -296,7 +321,9 @@ impl Store for SqliteStore {
     fn list_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY started_at"))
+            .prepare(&format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY started_at"
+            ))
             .map_err(q("list sandboxes"))?;
         type Raw = (
             String,
@@ -404,7 +431,10 @@ mod tests {
         assert_eq!(got[0].access_token.as_deref(), Some("t"));
         let later = Utc::now() + chrono::Duration::seconds(60);
         s.set_end_at("abc", later).unwrap();
-        assert_eq!(s.list_sandboxes().unwrap()[0].end_at.timestamp(), later.timestamp());
+        assert_eq!(
+            s.list_sandboxes().unwrap()[0].end_at.timestamp(),
+            later.timestamp()
+        );
         s.delete_sandbox("abc").unwrap();
         assert!(s.list_sandboxes().unwrap().is_empty());
     }

@@ -34,7 +34,10 @@ pub struct Templates {
 
 impl Templates {
     pub fn insert(&self, t: TemplateInfo) {
-        self.by_name.write().unwrap_or_else(|e| e.into_inner()).insert(t.name.clone(), t);
+        self.by_name
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(t.name.clone(), t);
     }
 
     pub fn set_building(&self, name: Option<String>) {
@@ -42,7 +45,12 @@ impl Templates {
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.by_name.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+        self.by_name
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Resolve a `templateID` as the SDK sends it: a name, optionally with a `:tag`
@@ -50,10 +58,20 @@ impl Templates {
     pub fn resolve(&self, template_id: &str) -> Result<TemplateInfo, AppError> {
         let name = template_id.strip_prefix("kiln/").unwrap_or(template_id);
         let name = name.strip_suffix(":default").unwrap_or(name);
-        if let Some(t) = self.by_name.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+        if let Some(t) = self
+            .by_name
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
             return Ok(t.clone());
         }
-        if let Some(building) = self.building.read().unwrap_or_else(|e| e.into_inner()).as_deref() {
+        if let Some(building) = self
+            .building
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+        {
             if building == name {
                 return Err(AppError::Unavailable(format!(
                     "template \"{name}\" is still being built; try again when GET /healthz answers 200"
@@ -63,7 +81,11 @@ impl Templates {
         let names = self.names();
         Err(AppError::NotFound(format!(
             "template \"{template_id}\" not found; available templates: {}",
-            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
         )))
     }
 }
@@ -73,7 +95,11 @@ mod tests {
     use super::*;
 
     fn base() -> TemplateInfo {
-        TemplateInfo { name: "base".into(), rootfs: "/r".into(), meta: TemplateDefaults::default() }
+        TemplateInfo {
+            name: "base".into(),
+            rootfs: "/r".into(),
+            meta: TemplateDefaults::default(),
+        }
     }
 
     #[test]
@@ -85,7 +111,10 @@ mod tests {
         }
         let err = t.resolve("nope").unwrap_err();
         assert!(matches!(err, AppError::NotFound(_)));
-        assert!(err.to_string().contains("available templates: base"), "{err}");
+        assert!(
+            err.to_string().contains("available templates: base"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -41,18 +41,30 @@ impl Runtime for FakeRuntime {
         let app = axum::Router::new()
             .route(
                 "/init",
-                post(move |axum::Json(v): axum::Json<serde_json::Value>| async move {
-                    inits.lock().unwrap().push(v);
-                    axum::http::StatusCode::NO_CONTENT
-                }),
+                post(
+                    move |axum::Json(v): axum::Json<serde_json::Value>| async move {
+                        inits.lock().unwrap().push(v);
+                        axum::http::StatusCode::NO_CONTENT
+                    },
+                ),
             )
-            .route("/health", get(|| async { axum::http::StatusCode::NO_CONTENT }))
-            .route("/echo", post(|body: String| async move { format!("echo:{body}") }));
+            .route(
+                "/health",
+                get(|| async { axum::http::StatusCode::NO_CONTENT }),
+            )
+            .route(
+                "/echo",
+                post(|body: String| async move { format!("echo:{body}") }),
+            );
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         self.running.lock().unwrap().insert(config.id.clone(), task);
-        Ok(SandboxInstance { id: config.id.clone(), pid: 1, envd_socket: socket })
+        Ok(SandboxInstance {
+            id: config.id.clone(),
+            pid: 1,
+            envd_socket: socket,
+        })
     }
 
     async fn kill(&self, id: &str) -> Result<(), RuntimeError> {
@@ -97,7 +109,10 @@ struct Harness {
 
 async fn start(limits: LimitsConfig) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = Arc::new(FakeRuntime { dir: dir.path().to_path_buf(), ..Default::default() });
+    let runtime = Arc::new(FakeRuntime {
+        dir: dir.path().to_path_buf(),
+        ..Default::default()
+    });
     let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
     let key = kiln_server::keys::generate();
     kiln_server::keys::register(store.as_ref(), "test", &key, true).unwrap();
@@ -105,7 +120,10 @@ async fn start(limits: LimitsConfig) -> Harness {
     templates.insert(TemplateInfo {
         name: "base".into(),
         rootfs: dir.path().join("rootfs"),
-        meta: TemplateDefaults { default_user: Some("user".into()), ..Default::default() },
+        meta: TemplateDefaults {
+            default_user: Some("user".into()),
+            ..Default::default()
+        },
     });
     let manager = kiln_server::manager::SandboxManager::new(
         runtime.clone(),
@@ -123,9 +141,16 @@ async fn start(limits: LimitsConfig) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
-        axum::serve(listener, kiln_server::router(state)).await.unwrap();
+        axum::serve(listener, kiln_server::router(state))
+            .await
+            .unwrap();
     });
-    Harness { url, key, runtime, _dir: dir }
+    Harness {
+        url,
+        key,
+        runtime,
+        _dir: dir,
+    }
 }
 
 fn new_sandbox(timeout: i64, metadata: &[(&str, &str)]) -> NewSandbox {
@@ -134,7 +159,12 @@ fn new_sandbox(timeout: i64, metadata: &[(&str, &str)]) -> NewSandbox {
         timeout: Some(timeout),
         secure: Some(true),
         allow_internet_access: Some(true),
-        metadata: Some(metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        metadata: Some(
+            metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
         env_vars: Some(BTreeMap::from([("FOO".to_string(), "bar".to_string())])),
         auto_pause: None,
     }
@@ -174,8 +204,10 @@ async fn create_answers_201_and_inits_envd() {
     let resp = reqwest::Client::new()
         .post(format!("{}/sandboxes", h.url))
         .header("x-api-key", &h.key)
-        .json(&serde_json::json!({"templateID":"base","timeout":300,"secure":true,
-            "allow_internet_access":true,"metadata":{},"envVars":{"FOO":"bar"}}))
+        .json(
+            &serde_json::json!({"templateID":"base","timeout":300,"secure":true,
+            "allow_internet_access":true,"metadata":{},"envVars":{"FOO":"bar"}}),
+        )
         .send()
         .await
         .unwrap();
@@ -200,11 +232,17 @@ async fn bad_requests_get_clear_json_errors() {
     let err = c.create(&new_sandbox(7200, &[])).await.unwrap_err();
     assert!(err.to_string().contains("E2B_SANDBOX_TIMEOUT_SEC"), "{err}");
     assert_eq!(status_of(err), 400);
-    assert_eq!(status_of(c.create(&new_sandbox(0, &[])).await.unwrap_err()), 400);
+    assert_eq!(
+        status_of(c.create(&new_sandbox(0, &[])).await.unwrap_err()),
+        400
+    );
     let mut unknown = new_sandbox(60, &[]);
     unknown.template_id = "nope".into();
     let err = c.create(&unknown).await.unwrap_err();
-    assert!(err.to_string().contains("available templates: base"), "{err}");
+    assert!(
+        err.to_string().contains("available templates: base"),
+        "{err}"
+    );
     assert_eq!(status_of(c.get("doesnotexist").await.unwrap_err()), 404);
     assert_eq!(status_of(c.kill("doesnotexist").await.unwrap_err()), 404);
     let resp = reqwest::Client::new()
@@ -217,12 +255,18 @@ async fn bad_requests_get_clear_json_errors() {
         .unwrap();
     assert_eq!(resp.status(), 400);
     let body: serde_json::Value = resp.json().await.unwrap();
-    assert!(body["message"].as_str().unwrap().contains("invalid request body"));
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid request body"));
 }
 
 #[tokio::test]
 async fn the_sandbox_limit_answers_429_naming_the_limit() {
-    let limits = LimitsConfig { max_sandboxes: 2, ..LimitsConfig::default() };
+    let limits = LimitsConfig {
+        max_sandboxes: 2,
+        ..LimitsConfig::default()
+    };
     let h = start(limits).await;
     let c = Client::new(&h.url, &h.key);
     let a = c.create(&new_sandbox(60, &[])).await.unwrap();
@@ -241,9 +285,17 @@ async fn list_filters_by_metadata_and_paginates() {
     let mut ids = HashSet::new();
     for i in 0..5 {
         let team = if i % 2 == 0 { "even" } else { "odd" };
-        ids.insert(c.create(&new_sandbox(60, &[("team", team)])).await.unwrap().sandbox_id);
+        ids.insert(
+            c.create(&new_sandbox(60, &[("team", team)]))
+                .await
+                .unwrap()
+                .sandbox_id,
+        );
     }
-    let even = c.list(&BTreeMap::from([("team".into(), "even".into())])).await.unwrap();
+    let even = c
+        .list(&BTreeMap::from([("team".into(), "even".into())]))
+        .await
+        .unwrap();
     assert_eq!(even.len(), 3);
     assert!(even.iter().all(|s| s.metadata["team"] == "even"));
     // Raw pagination with limit=2 visits every sandbox exactly once.
@@ -255,8 +307,16 @@ async fn list_filters_by_metadata_and_paginates() {
         if let Some(t) = &token {
             url.push_str(&format!("&nextToken={t}"));
         }
-        let resp = http.get(url).header("x-api-key", &h.key).send().await.unwrap();
-        token = resp.headers().get("x-next-token").map(|v| v.to_str().unwrap().to_string());
+        let resp = http
+            .get(url)
+            .header("x-api-key", &h.key)
+            .send()
+            .await
+            .unwrap();
+        token = resp
+            .headers()
+            .get("x-next-token")
+            .map(|v| v.to_str().unwrap().to_string());
         let page: Vec<serde_json::Value> = resp.json().await.unwrap();
         assert!(page.len() <= 2);
         for s in page {
@@ -285,7 +345,9 @@ async fn timeouts_kill_at_the_deadline_and_can_be_moved() {
     assert!(c.get(&moved).await.is_ok());
     // Connect never shortens the deadline.
     c.connect(&moved, 5).await.unwrap();
-    assert!(c.get(&moved).await.unwrap().end_at > chrono::Utc::now() + chrono::Duration::seconds(20));
+    assert!(
+        c.get(&moved).await.unwrap().end_at > chrono::Utc::now() + chrono::Duration::seconds(20)
+    );
 }
 
 #[tokio::test]

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kiln_client::{Client, ExecEvent};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Self-hosted sandboxes for AI agents, served over the E2B API")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Self-hosted sandboxes for AI agents, served over the E2B API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -187,7 +191,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         domain: args.domain,
         api_key,
     };
-    kiln_server::serve(config, runtime).await.map_err(anyhow::Error::from)
+    kiln_server::serve(config, runtime)
+        .await
+        .map_err(anyhow::Error::from)
 }
 
 async fn sandbox(cmd: SandboxCommand) -> Result<()> {
@@ -195,7 +201,10 @@ async fn sandbox(cmd: SandboxCommand) -> Result<()> {
         SandboxCommand::List { remote, metadata } => {
             let client = Client::new(&remote.url, &remote.api_key);
             let list = client.list(&metadata.into_iter().collect()).await?;
-            println!("{:<22} {:<12} {:<8} {:<26} METADATA", "ID", "TEMPLATE", "RUNTIME", "ENDS AT");
+            println!(
+                "{:<22} {:<12} {:<8} {:<26} METADATA",
+                "ID", "TEMPLATE", "RUNTIME", "ENDS AT"
+            );
             for s in list {
                 let md: Vec<String> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!(
@@ -209,7 +218,14 @@ async fn sandbox(cmd: SandboxCommand) -> Result<()> {
             }
             Ok(())
         }
-        SandboxCommand::Create { remote, template, timeout, env, metadata, no_internet } => {
+        SandboxCommand::Create {
+            remote,
+            template,
+            timeout,
+            env,
+            metadata,
+            no_internet,
+        } => {
             let client = Client::new(&remote.url, &remote.api_key);
             let req = kiln_api::NewSandbox {
                 template_id: template,
@@ -224,20 +240,30 @@ async fn sandbox(cmd: SandboxCommand) -> Result<()> {
             println!("{}", sbx.sandbox_id);
             Ok(())
         }
-        SandboxCommand::Exec { remote, id, user, command } => {
+        SandboxCommand::Exec {
+            remote,
+            id,
+            user,
+            command,
+        } => {
             let client = Client::new(&remote.url, &remote.api_key);
             let out = client
-                .exec(&id, &command.join(" "), user.as_deref(), |event| match event {
-                    ExecEvent::Stdout(b) => {
-                        let mut o = std::io::stdout().lock();
-                        let _ = o.write_all(&b);
-                        let _ = o.flush();
-                    }
-                    ExecEvent::Stderr(b) => {
-                        let _ = std::io::stderr().write_all(&b);
-                    }
-                    ExecEvent::Started { .. } => {}
-                })
+                .exec(
+                    &id,
+                    &command.join(" "),
+                    user.as_deref(),
+                    |event| match event {
+                        ExecEvent::Stdout(b) => {
+                            let mut o = std::io::stdout().lock();
+                            let _ = o.write_all(&b);
+                            let _ = o.flush();
+                        }
+                        ExecEvent::Stderr(b) => {
+                            let _ = std::io::stderr().write_all(&b);
+                        }
+                        ExecEvent::Started { .. } => {}
+                    },
+                )
                 .await?;
             if out.exit_code != 0 {
                 if out.exit_code < 0 {
@@ -283,7 +309,10 @@ fn keys(cmd: KeysCommand) -> Result<()> {
         }
         KeysCommand::List { data_dir } => {
             let store = open(&data_dir)?;
-            println!("{:<4} {:<16} {:<24} {:<26} STATUS", "ID", "PREFIX", "NAME", "CREATED");
+            println!(
+                "{:<4} {:<16} {:<24} {:<26} STATUS",
+                "ID", "PREFIX", "NAME", "CREATED"
+            );
             for k in store.list_keys()? {
                 println!(
                     "{:<4} {:<16} {:<24} {:<26} {}",
@@ -291,7 +320,11 @@ fn keys(cmd: KeysCommand) -> Result<()> {
                     format!("{}…", k.prefix),
                     k.name,
                     k.created_at.to_rfc3339(),
-                    if k.revoked_at.is_some() { "revoked" } else { "active" }
+                    if k.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    }
                 );
             }
         }

@@ -52,7 +52,10 @@ pub fn parse_metadata_filter(raw: &str) -> Result<BTreeMap<String, String>, AppE
 
 fn sort_key(r: &SandboxRecord) -> (i64, String) {
     // Newest first; ties broken by id so pages are stable.
-    (-r.started_at.timestamp_nanos_opt().unwrap_or(i64::MAX), r.id.clone())
+    (
+        -r.started_at.timestamp_nanos_opt().unwrap_or(i64::MAX),
+        r.id.clone(),
+    )
 }
 
 fn encode_token(r: &SandboxRecord) -> String {
@@ -71,7 +74,12 @@ pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, A
     let states: Vec<&str> = q
         .state
         .as_deref()
-        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect())
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     for s in &states {
         if *s != "running" && *s != "paused" {
@@ -80,7 +88,11 @@ pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, A
             )));
         }
     }
-    let metadata = q.metadata.as_deref().map(parse_metadata_filter).transpose()?;
+    let metadata = q
+        .metadata
+        .as_deref()
+        .map(parse_metadata_filter)
+        .transpose()?;
     let limit = q.limit.unwrap_or(MAX_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(AppError::BadRequest(format!(
@@ -91,7 +103,9 @@ pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, A
 
     all.retain(|r| {
         (states.is_empty() || states.contains(&"running"))
-            && metadata.as_ref().is_none_or(|m| m.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
+            && metadata
+                .as_ref()
+                .is_none_or(|m| m.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
     });
     all.sort_by_key(sort_key);
     if let Some(after) = after {
@@ -99,7 +113,10 @@ pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, A
     }
     let next_token = (all.len() > limit).then(|| encode_token(&all[limit - 1]));
     all.truncate(limit);
-    Ok(Page { items: all.iter().map(super::detail_of).collect(), next_token })
+    Ok(Page {
+        items: all.iter().map(super::detail_of).collect(),
+        next_token,
+    })
 }
 
 #[cfg(test)]
@@ -122,7 +139,10 @@ mod tests {
             disk_size_mb: 1,
             allow_internet_access: true,
             access_token: None,
-            metadata: md.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            metadata: md
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             owner_key_id: 1,
         }
     }
@@ -139,7 +159,10 @@ mod tests {
     #[test]
     fn pages_follow_tokens_without_overlap() {
         let all: Vec<_> = (0..5).map(|i| rec(&format!("s{i}"), i, &[])).collect();
-        let mut q = ListQuery { limit: Some(2), ..Default::default() };
+        let mut q = ListQuery {
+            limit: Some(2),
+            ..Default::default()
+        };
         let mut seen = Vec::new();
         loop {
             let p = page(all.clone(), &q).unwrap();
@@ -155,15 +178,27 @@ mod tests {
     #[test]
     fn filters_by_metadata_and_state() {
         let all = vec![rec("a", 1, &[("team", "x")]), rec("b", 2, &[("team", "y")])];
-        let q = ListQuery { metadata: Some("team%3Dx".into()), ..Default::default() };
+        let q = ListQuery {
+            metadata: Some("team%3Dx".into()),
+            ..Default::default()
+        };
         let p = page(all.clone(), &q).unwrap();
         assert_eq!(p.items.len(), 1);
         assert_eq!(p.items[0].sandbox_id, "a");
-        let paused = ListQuery { state: Some("paused".into()), ..Default::default() };
+        let paused = ListQuery {
+            state: Some("paused".into()),
+            ..Default::default()
+        };
         assert!(page(all.clone(), &paused).unwrap().items.is_empty());
-        let bad = ListQuery { state: Some("zombie".into()), ..Default::default() };
+        let bad = ListQuery {
+            state: Some("zombie".into()),
+            ..Default::default()
+        };
         assert!(page(all.clone(), &bad).is_err());
-        let bad_limit = ListQuery { limit: Some(0), ..Default::default() };
+        let bad_limit = ListQuery {
+            limit: Some(0),
+            ..Default::default()
+        };
         assert!(page(all, &bad_limit).is_err());
     }
 }

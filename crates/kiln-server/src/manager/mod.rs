@@ -37,7 +37,9 @@ enum Command {
         extend_only: bool,
         reply: oneshot::Sender<Result<DateTime<Utc>, AppError>>,
     },
-    Kill { reply: oneshot::Sender<Result<(), AppError>> },
+    Kill {
+        reply: oneshot::Sender<Result<(), AppError>>,
+    },
 }
 
 /// One live sandbox as the rest of the server sees it.
@@ -52,7 +54,10 @@ pub struct SandboxEntry {
 
 impl SandboxEntry {
     pub fn record(&self) -> SandboxRecord {
-        self.record.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.record
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -78,7 +83,9 @@ impl Drop for SlotGuard<'_> {
 
 fn new_id() -> String {
     let mut rng = rand::rng();
-    (0..ID_LEN).map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char).collect()
+    (0..ID_LEN)
+        .map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char)
+        .collect()
 }
 
 fn new_token() -> String {
@@ -109,15 +116,23 @@ impl SandboxManager {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<SandboxEntry>> {
-        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
     fn require(&self, id: &str) -> Result<Arc<SandboxEntry>, AppError> {
-        self.get(id).ok_or_else(|| AppError::NotFound(format!("sandbox \"{id}\" not found")))
+        self.get(id)
+            .ok_or_else(|| AppError::NotFound(format!("sandbox \"{id}\" not found")))
     }
 
     pub fn count(&self) -> usize {
-        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     fn validate_timeout(&self, timeout: i64) -> Result<Duration, AppError> {
@@ -176,8 +191,16 @@ impl SandboxManager {
         let config = SandboxConfig {
             id: id.clone(),
             rootfs: template.rootfs.clone(),
-            limits: Limits { memory_mb, cpu_count, pids_max: self.limits.pids_max },
-            network: if allow_internet { NetworkMode::Internet } else { NetworkMode::Loopback },
+            limits: Limits {
+                memory_mb,
+                cpu_count,
+                pids_max: self.limits.pids_max,
+            },
+            network: if allow_internet {
+                NetworkMode::Internet
+            } else {
+                NetworkMode::Loopback
+            },
         };
         let instance = self.runtime.start(&config).await.map_err(|e| {
             AppError::internal(format!("failed to start sandbox: {}", chain(&e)), e)
@@ -198,7 +221,10 @@ impl SandboxManager {
             "timestamp": Utc::now().to_rfc3339(),
         });
         if let Err(e) = crate::envd::init(&instance.envd_socket, &init).await {
-            let message = format!("sandbox {id} started but envd did not initialise: {}", chain(&e));
+            let message = format!(
+                "sandbox {id} started but envd did not initialise: {}",
+                chain(&e)
+            );
             if let Err(kill) = self.runtime.kill(&id).await {
                 tracing::error!(%id, error = %chain(&kill), "cleanup after a failed init failed");
             }
@@ -248,11 +274,18 @@ impl SandboxManager {
             commands: tx,
             last_cpu: Mutex::new(None),
         });
-        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(id, entry.clone());
+        self.sandboxes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, entry.clone());
         tokio::spawn(owner::run(self.clone(), entry, rx));
     }
 
-    async fn send(&self, id: &str, make: impl FnOnce(Arc<SandboxEntry>) -> Command) -> Result<(), AppError> {
+    async fn send(
+        &self,
+        id: &str,
+        make: impl FnOnce(Arc<SandboxEntry>) -> Command,
+    ) -> Result<(), AppError> {
         let entry = self.require(id)?;
         entry
             .commands
@@ -261,11 +294,22 @@ impl SandboxManager {
             .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))
     }
 
-    async fn set_deadline(&self, id: &str, ttl: Duration, extend_only: bool) -> Result<(), AppError> {
+    async fn set_deadline(
+        &self,
+        id: &str,
+        ttl: Duration,
+        extend_only: bool,
+    ) -> Result<(), AppError> {
         let (reply, rx) = oneshot::channel();
         let end_at = Utc::now() + ttl;
-        self.send(id, |_| Command::SetDeadline { end_at, extend_only, reply }).await?;
-        rx.await.map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))??;
+        self.send(id, |_| Command::SetDeadline {
+            end_at,
+            extend_only,
+            reply,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))??;
         Ok(())
     }
 
@@ -283,7 +327,8 @@ impl SandboxManager {
                 "duration must be between 0 and 3600 seconds, got {duration}"
             )));
         }
-        self.set_deadline(id, Duration::seconds(duration), true).await
+        self.set_deadline(id, Duration::seconds(duration), true)
+            .await
     }
 
     /// `POST /sandboxes/{id}/connect`: the sandbox's identity, its deadline extended to
@@ -308,7 +353,8 @@ impl SandboxManager {
     pub async fn kill(&self, id: &str) -> Result<(), AppError> {
         let (reply, rx) = oneshot::channel();
         self.send(id, |_| Command::Kill { reply }).await?;
-        rx.await.map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))?
+        rx.await
+            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))?
     }
 
     pub fn detail(&self, id: &str) -> Result<SandboxDetail, AppError> {
@@ -408,8 +454,13 @@ impl SandboxManager {
 
     /// Kill every sandbox (used by tests and an orderly shutdown that asks for it).
     pub async fn kill_all(&self) {
-        let ids: Vec<String> =
-            self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        let ids: Vec<String> = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         for id in ids {
             let _ = self.kill(&id).await;
         }
@@ -447,7 +498,9 @@ mod tests {
     fn ids_match_the_e2b_shape() {
         let id = new_id();
         assert_eq!(id.len(), ID_LEN);
-        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
         assert_ne!(new_id(), id);
     }
 }

@@ -50,17 +50,29 @@ fn set_deadline(
     extend_only: bool,
 ) -> Result<chrono::DateTime<Utc>, AppError> {
     let current = entry.record().end_at;
-    let new_end = if extend_only { end_at.max(current) } else { end_at };
+    let new_end = if extend_only {
+        end_at.max(current)
+    } else {
+        end_at
+    };
     if new_end != current {
         manager.store.set_end_at(&entry.record().id, new_end)?;
-        entry.record.write().unwrap_or_else(|e| e.into_inner()).end_at = new_end;
+        entry
+            .record
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .end_at = new_end;
     }
     Ok(new_end)
 }
 
 /// Unroute first (so the proxy answers 502 at once), then kill, then forget.
 async fn teardown(manager: &SandboxManager, id: &str) -> Result<(), AppError> {
-    manager.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+    manager
+        .sandboxes
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(id);
     let killed = manager.runtime.kill(id).await;
     manager.store.delete_sandbox(id)?;
     killed.map_err(|e| AppError::internal(format!("killing sandbox {id} failed"), e))?;
