@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts as _, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -63,6 +63,23 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalB
     }
 }
 
+/// `Query<T>` whose rejections are E2B-shaped JSON errors.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for QueryParams<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| QueryParams(v))
+            .map_err(|e| AppError::BadRequest(format!("invalid query: {}", e.body_text())))
+    }
+}
+
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/sandboxes", post(create).get(list_v1))
@@ -88,7 +105,7 @@ async fn create(
 
 async fn list_v2(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Response, AppError> {
     let page = state.manager.list(&query)?;
     let mut resp = Json(page.items).into_response();
@@ -103,7 +120,7 @@ async fn list_v2(
 /// The deprecated v1 list: running sandboxes, metadata filter, no pagination.
 async fn list_v1(
     State(state): State<Arc<AppState>>,
-    Query(mut query): Query<ListQuery>,
+    QueryParams(mut query): QueryParams<ListQuery>,
 ) -> Result<Json<Vec<SandboxDetail>>, AppError> {
     query.limit = None;
     query.next_token = None;

@@ -72,6 +72,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .merge(api)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             divert_sandbox_traffic,
@@ -98,6 +99,13 @@ async fn not_found(req: Request) -> Response {
     json_error(
         StatusCode::NOT_FOUND,
         format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {} is not allowed on {}", req.method(), req.uri().path()),
     )
 }
 

@@ -383,3 +383,25 @@ async fn envd_traffic_is_proxied_until_the_sandbox_is_killed() {
     assert_eq!(body["sandboxId"], id.as_str());
     assert_eq!(body["code"], 502);
 }
+
+#[tokio::test]
+async fn routing_errors_are_json_too() {
+    let h = start(LimitsConfig::default()).await;
+    let http = reqwest::Client::new();
+    for (method, path, status) in [
+        ("GET", "/v2/sandboxes?limit=abc", 400),
+        ("GET", "/no/such/route", 404),
+        ("PUT", "/sandboxes", 405),
+    ] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = http
+            .request(m, format!("{}{path}", h.url))
+            .header("x-api-key", &h.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{method} {path}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], status, "{method} {path}");
+    }
+}
