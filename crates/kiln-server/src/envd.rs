@@ -63,11 +63,11 @@ async fn read_body(resp: Response<Incoming>) -> String {
 }
 
 /// `POST /init`: hand envd its environment, access token and default user.
-pub async fn init(socket: &Path, body: &serde_json::Value) -> Result<(), EnvdError> {
+pub async fn init(socket: &Path, body: &kiln_proto::InitRequest) -> Result<(), EnvdError> {
     let req = Request::post("/init")
         .header(http::header::HOST, "envd")
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
+        .body(Body::from(serde_json::to_vec(body).unwrap_or_default()))
         .expect("static request parts are valid");
     let resp = send(socket, req).await?;
     if resp.status().is_success() {

@@ -213,13 +213,13 @@ impl SandboxManager {
             ("E2B_TEMPLATE_ID".to_string(), template.name.clone()),
         ]);
         env.extend(req.env_vars.clone().unwrap_or_default());
-        let init = serde_json::json!({
-            "envVars": env,
-            "accessToken": access_token,
-            "defaultUser": template.meta.default_user,
-            "defaultWorkdir": template.meta.default_workdir,
-            "timestamp": Utc::now().to_rfc3339(),
-        });
+        let init = kiln_proto::InitRequest {
+            env_vars: Some(env),
+            access_token: Some(access_token.clone()),
+            default_user: template.meta.default_user.clone(),
+            default_workdir: template.meta.default_workdir.clone(),
+            timestamp: Some(Utc::now().to_rfc3339()),
+        };
         if let Err(e) = crate::envd::init(&instance.envd_socket, &init).await {
             let message = format!(
                 "sandbox {id} started but envd did not initialise: {}",
