@@ -116,7 +116,10 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        RuntimeError::Io { context: context.into(), source }
+        RuntimeError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -1,0 +1,132 @@
+//! `kiln-init`: PID 1 of a Kiln sandbox.
+//!
+//! It starts envd (`/opt/kiln/bin/kiln-envd --socket /run/kiln/envd.sock`, or the
+//! command given after `--`), reaps every process that is re-parented to it, forwards
+//! SIGTERM, SIGINT, SIGHUP and SIGQUIT to envd, and exits with envd's status when envd
+//! exits (which ends the sandbox: the kernel kills the rest of the pid namespace).
+//!
+//! Signals are handled synchronously: they are blocked before envd starts and taken
+//! with `sigwait`, so there are no handlers and no async-signal-safety concerns. The
+//! child gets an empty signal mask (std's `Command` resets it).
+
+use std::process::{Command, ExitCode};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const DEFAULT_ENVD: [&str; 3] = ["/opt/kiln/bin/kiln-envd", "--socket", "/run/kiln/envd.sock"];
+const FORWARDED: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match envd_command(&args) {
+        Ok(command) => command,
+        Err(message) => {
+            eprintln!("kiln-init: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&command) {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("kiln-init: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The command to run as envd: everything after `--`, or the default.
+fn envd_command(args: &[String]) -> Result<Vec<String>, String> {
+    match args.iter().position(|a| a == "--") {
+        None if args.is_empty() => Ok(DEFAULT_ENVD.iter().map(|s| s.to_string()).collect()),
+        None => Err(format!(
+            "unexpected arguments {args:?}; usage: kiln-init [-- COMMAND...]"
+        )),
+        Some(0) if args.len() > 1 => Ok(args[1..].to_vec()),
+        Some(_) => Err("usage: kiln-init [-- COMMAND...] (the command must not be empty)".into()),
+    }
+}
+
+fn run(command: &[String]) -> Result<u8, String> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    for sig in FORWARDED {
+        mask.add(sig);
+    }
+    mask.thread_set_mask()
+        .map_err(|e| format!("blocking signals: {e}"))?;
+
+    let child = Command::new(&command[0])
+        .args(&command[1..])
+        .env("PATH", PATH)
+        .spawn()
+        .map_err(|e| format!("starting {:?}: {e}", command[0]))?;
+    let envd = Pid::from_raw(child.id() as i32);
+
+    loop {
+        let sig = mask.wait().map_err(|e| format!("sigwait: {e}"))?;
+        if sig != Signal::SIGCHLD {
+            // envd may already be gone; ESRCH is fine.
+            let _ = kill(envd, sig);
+            continue;
+        }
+        if let Some(code) = reap(envd)? {
+            return Ok(code);
+        }
+    }
+}
+
+/// Reaps every exited child. Returns envd's exit code once envd has exited.
+fn reap(envd: Pid) -> Result<Option<u8>, String> {
+    let mut envd_code = None;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == envd => {
+                envd_code = Some(u8::try_from(code).unwrap_or(1));
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == envd => {
+                envd_code = Some(128u8.saturating_add(sig as u8));
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(envd_code),
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(format!("waitpid: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn default_command_is_envd() {
+        assert_eq!(envd_command(&[]).unwrap(), s(&DEFAULT_ENVD));
+    }
+
+    #[test]
+    fn override_after_double_dash() {
+        assert_eq!(
+            envd_command(&s(&["--", "/bin/sh", "-c", "x"])).unwrap(),
+            s(&["/bin/sh", "-c", "x"])
+        );
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        assert!(envd_command(&s(&["--"])).is_err());
+        assert!(envd_command(&s(&["foo"])).is_err());
+        assert!(envd_command(&s(&["foo", "--", "x"])).is_err());
+    }
+}

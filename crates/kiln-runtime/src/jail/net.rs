@@ -1,0 +1,393 @@
+//! Sandbox networking: address plan, veth setup, host firewall chains, DNS config.
+//!
+//! Every Internet sandbox gets slot `n` of 10.77.0.0/16: the /30 `10.77.0.4n/30`, the
+//! host end `kv<n>` = `.4n+1`, the sandbox's `eth0` = `.4n+2`, default route via the
+//! host end. The host NATs 10.77.0.0/16 out of non-`kv` interfaces and, in dedicated
+//! chains, drops kv→host, kv→kv and new connections into sandboxes. Loopback sandboxes
+//! only get `lo`.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Pool the sandbox subnets come from.
+pub const POOL: &str = "10.77.0.0/16";
+const POOL_BASE: u32 = u32::from_be_bytes([10, 77, 0, 0]);
+/// Number of /30 slots in the pool.
+pub const SLOTS: u32 = 1 << 14;
+/// Prefix of host-side interface names (`kv0`, `kv1`, ...).
+pub const IF_PREFIX: &str = "kv";
+/// Name of the interface inside the sandbox.
+pub const GUEST_IF: &str = "eth0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("all {SLOTS} sandbox network slots are in use")]
+    Exhausted,
+    #[error("running {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} failed ({status}): {stderr}")]
+    Command {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("no IPv4 nameserver usable from a sandbox in {files} (loopback resolvers cannot be reached from another network namespace)")]
+    NoNameserver { files: String },
+    #[error("writing {path}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The addresses of one sandbox slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Slot {
+    pub index: u32,
+}
+
+impl Slot {
+    pub fn new(index: u32) -> Option<Slot> {
+        (index < SLOTS).then_some(Slot { index })
+    }
+    fn base(self) -> u32 {
+        POOL_BASE + self.index * 4
+    }
+    pub fn host_if(self) -> String {
+        format!("{IF_PREFIX}{}", self.index)
+    }
+    pub fn host_ip(self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base() + 1)
+    }
+    pub fn guest_ip(self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base() + 2)
+    }
+
+    /// `ip -batch` commands run in the host namespace: create the pair with its
+    /// sandbox end already inside the sandbox's network namespace (by pid).
+    pub fn host_batch(self, pid: u32) -> String {
+        let (hif, hip) = (self.host_if(), self.host_ip());
+        format!(
+            "link add {hif} type veth peer name {GUEST_IF} netns {pid}\n\
+             addr add {hip}/30 dev {hif}\n\
+             link set {hif} up\n"
+        )
+    }
+
+    /// `ip -batch` commands run inside the sandbox's network namespace.
+    pub fn guest_batch(self) -> String {
+        format!(
+            "addr add {}/30 dev {GUEST_IF}\nlink set {GUEST_IF} up\nroute add default via {}\n",
+            self.guest_ip(),
+            self.host_ip()
+        )
+    }
+
+    /// Per-interface sysctls of the host end: no IPv6 (a link-local address would
+    /// reach host services around the IPv4 rules) and strict reverse-path filtering
+    /// (a sandbox cannot send with another sandbox's source address).
+    pub fn host_sysctls(self) -> Vec<(String, &'static str)> {
+        let hif = self.host_if();
+        vec![
+            (format!("/proc/sys/net/ipv6/conf/{hif}/disable_ipv6"), "1"),
+            (format!("/proc/sys/net/ipv4/conf/{hif}/rp_filter"), "1"),
+        ]
+    }
+}
+
+/// Slot allocator: lowest free index. The runtime keeps one behind a mutex and seeds
+/// it from the state files of sandboxes it finds at startup.
+#[derive(Debug, Default)]
+pub struct Allocator {
+    used: BTreeSet<u32>,
+}
+
+impl Allocator {
+    pub fn reserve(&mut self, index: u32) {
+        self.used.insert(index);
+    }
+    /// The lowest free slot for which `taken` (e.g. "a kv<n> device exists") is false.
+    pub fn allocate(&mut self, taken: impl Fn(Slot) -> bool) -> Result<Slot, NetError> {
+        for index in 0..SLOTS {
+            if self.used.contains(&index) {
+                continue;
+            }
+            let slot = Slot { index };
+            if taken(slot) {
+                continue;
+            }
+            self.used.insert(index);
+            return Ok(slot);
+        }
+        Err(NetError::Exhausted)
+    }
+    pub fn release(&mut self, index: u32) {
+        self.used.remove(&index);
+    }
+}
+
+/// Rules for `iptables-restore --noflush`. Declaring a user chain flushes it, so this
+/// is idempotent; the jumps from the built-in chains are added separately.
+pub fn iptables_rules() -> String {
+    let kv = format!("{IF_PREFIX}+");
+    format!(
+        "*filter\n\
+         :KILN-INPUT - [0:0]\n\
+         :KILN-FORWARD - [0:0]\n\
+         -A KILN-INPUT -i {kv} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n\
+         -A KILN-INPUT -i {kv} -j DROP\n\
+         -A KILN-FORWARD -i {kv} -o {kv} -j DROP\n\
+         -A KILN-FORWARD -i {kv} -d 169.254.0.0/16 -j DROP\n\
+         -A KILN-FORWARD -i {kv} -j ACCEPT\n\
+         -A KILN-FORWARD -o {kv} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n\
+         -A KILN-FORWARD -o {kv} -j DROP\n\
+         COMMIT\n\
+         *nat\n\
+         :KILN-POSTROUTING - [0:0]\n\
+         -A KILN-POSTROUTING -s {POOL} ! -o {kv} -j MASQUERADE\n\
+         COMMIT\n"
+    )
+}
+
+/// IPv6: sandboxes have none; drop anything from kv interfaces anyway.
+pub fn ip6tables_rules() -> String {
+    let kv = format!("{IF_PREFIX}+");
+    format!(
+        "*filter\n\
+         :KILN-INPUT - [0:0]\n\
+         :KILN-FORWARD - [0:0]\n\
+         -A KILN-INPUT -i {kv} -j DROP\n\
+         -A KILN-FORWARD -i {kv} -j DROP\n\
+         -A KILN-FORWARD -o {kv} -j DROP\n\
+         COMMIT\n"
+    )
+}
+
+/// (table, built-in chain, our chain) jumps inserted first in the built-in chains.
+pub const HOOKS: [(&str, &str, &str); 3] = [
+    ("filter", "INPUT", "KILN-INPUT"),
+    ("filter", "FORWARD", "KILN-FORWARD"),
+    ("nat", "POSTROUTING", "KILN-POSTROUTING"),
+];
+
+/// Run `program args`, feeding `stdin`; error with its stderr on failure.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), NetError> {
+    let spawn_err = |source| NetError::Spawn {
+        program: program.to_string(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(NetError::Command {
+        program: format!("{program} {}", args.join(" ")),
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
+    std::fs::write(path, value).map_err(|source| NetError::Sysctl {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// Host-wide setup, idempotent: IPv4 forwarding and the KILN-* chains with their jumps.
+pub fn install_host_rules() -> Result<(), NetError> {
+    write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+    run(
+        "iptables-restore",
+        &["-w", "--noflush"],
+        Some(&iptables_rules()),
+    )?;
+    for (table, chain, ours) in HOOKS {
+        if run(
+            "iptables",
+            &["-w", "-t", table, "-C", chain, "-j", ours],
+            None,
+        )
+        .is_err()
+        {
+            run(
+                "iptables",
+                &["-w", "-t", table, "-I", chain, "1", "-j", ours],
+                None,
+            )?;
+        }
+    }
+    if Path::new("/proc/sys/net/ipv6").exists() {
+        run(
+            "ip6tables-restore",
+            &["-w", "--noflush"],
+            Some(&ip6tables_rules()),
+        )?;
+        for (table, chain, ours) in HOOKS.iter().filter(|h| h.0 == "filter") {
+            if run(
+                "ip6tables",
+                &["-w", "-t", table, "-C", chain, "-j", ours],
+                None,
+            )
+            .is_err()
+            {
+                run(
+                    "ip6tables",
+                    &["-w", "-t", table, "-I", chain, "1", "-j", ours],
+                    None,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Host half of a sandbox's network: the veth pair (sandbox end moved into the
+/// namespace of `pid`), the host end's address and sysctls.
+pub fn setup_host_side(slot: Slot, pid: u32) -> Result<(), NetError> {
+    run("ip", &["-batch", "-"], Some(&slot.host_batch(pid)))?;
+    for (path, value) in slot.host_sysctls() {
+        write_sysctl(&path, value)?;
+    }
+    Ok(())
+}
+
+/// Delete the host end (which deletes the pair). A missing device is fine: the pair
+/// disappears on its own when the sandbox's network namespace dies.
+pub fn remove_host_side(slot: Slot) -> Result<(), NetError> {
+    if !Path::new("/sys/class/net").join(slot.host_if()).exists() {
+        return Ok(());
+    }
+    match run("ip", &["link", "del", &slot.host_if()], None) {
+        Err(NetError::Command { stderr, .. }) if stderr.contains("Cannot find device") => Ok(()),
+        other => other,
+    }
+}
+
+/// IPv4 nameservers from a resolv.conf, without loopback ones.
+pub fn nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next() == Some("nameserver"))
+                .then(|| parts.next())
+                .flatten()
+        })
+        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback() && !a.is_unspecified())
+        .collect()
+}
+
+/// The resolv.conf for Internet sandboxes: the host's nameservers, or systemd-resolved's
+/// upstreams when the host points at a local stub.
+pub fn sandbox_resolv_conf() -> Result<String, NetError> {
+    const FILES: [&str; 2] = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
+    for file in FILES {
+        let servers = std::fs::read_to_string(file)
+            .map(|s| nameservers(&s))
+            .unwrap_or_default();
+        if !servers.is_empty() {
+            return Ok(servers
+                .iter()
+                .map(|s| format!("nameserver {s}\n"))
+                .collect());
+        }
+    }
+    Err(NetError::NoNameserver {
+        files: FILES.join(", "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_addresses() {
+        let s = Slot::new(0).unwrap();
+        assert_eq!(
+            (s.host_ip(), s.guest_ip()),
+            ("10.77.0.1".parse().unwrap(), "10.77.0.2".parse().unwrap())
+        );
+        let s = Slot::new(70).unwrap();
+        assert_eq!(s.host_if(), "kv70");
+        assert_eq!(s.host_ip(), "10.77.1.25".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(s.guest_ip(), "10.77.1.26".parse::<Ipv4Addr>().unwrap());
+        let last = Slot::new(SLOTS - 1).unwrap();
+        assert_eq!(
+            last.guest_ip(),
+            "10.77.255.254".parse::<Ipv4Addr>().unwrap()
+        );
+        assert!(Slot::new(SLOTS).is_none());
+        // Interface names must fit IFNAMSIZ (15 bytes).
+        assert!(last.host_if().len() <= 15);
+    }
+
+    #[test]
+    fn allocator_reuses_lowest_free_and_skips_taken() {
+        let mut a = Allocator::default();
+        a.reserve(0);
+        let s = a.allocate(|s| s.index == 1).unwrap();
+        assert_eq!(s.index, 2);
+        assert_eq!(a.allocate(|_| false).unwrap().index, 1);
+        a.release(0);
+        assert_eq!(a.allocate(|_| false).unwrap().index, 0);
+        assert!(matches!(a.allocate(|_| true), Err(NetError::Exhausted)));
+    }
+
+    #[test]
+    fn batches() {
+        let s = Slot::new(3).unwrap();
+        assert_eq!(
+            s.host_batch(4242),
+            "link add kv3 type veth peer name eth0 netns 4242\naddr add 10.77.0.13/30 dev kv3\nlink set kv3 up\n"
+        );
+        assert_eq!(
+            s.guest_batch(),
+            "addr add 10.77.0.14/30 dev eth0\nlink set eth0 up\nroute add default via 10.77.0.13\n"
+        );
+        assert!(s.host_sysctls()[0].0.ends_with("/kv3/disable_ipv6"));
+    }
+
+    #[test]
+    fn rules_isolate_sandboxes_and_host() {
+        let r = iptables_rules();
+        assert!(r.contains("-A KILN-INPUT -i kv+ -j DROP"));
+        assert!(r.contains("-A KILN-FORWARD -i kv+ -o kv+ -j DROP"));
+        assert!(r.contains("-s 10.77.0.0/16 ! -o kv+ -j MASQUERADE"));
+        // kv->kv drop must come before the general accept.
+        assert!(r.find("-o kv+ -j DROP").unwrap() < r.find("-i kv+ -j ACCEPT").unwrap());
+    }
+
+    #[test]
+    fn parses_nameservers() {
+        let conf = "# x\nnameserver 10.255.255.53\nnameserver 127.0.0.53\nnameserver ::1\nsearch lan\nnameserver 1.1.1.1\n";
+        let want: Vec<Ipv4Addr> =
+            vec!["10.255.255.53".parse().unwrap(), "1.1.1.1".parse().unwrap()];
+        assert_eq!(nameservers(conf), want);
+        assert!(nameservers("nameserver 127.0.0.53\n").is_empty());
+    }
+}

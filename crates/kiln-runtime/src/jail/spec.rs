@@ -1,0 +1,185 @@
+//! What the runtime hands the `kiln-jail` helper, what the helper answers, what it
+//! persists (`state.json`), and where a sandbox's files live on the host.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::net::Slot;
+use crate::{Limits, ID_MAP_BASE, ID_MAP_LEN};
+
+/// The helper's input, one JSON document on its stdin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelperSpec {
+    pub id: String,
+    pub rootfs: PathBuf,
+    /// `<data>/sandboxes`: the sandbox's files go to `state_dir/<id>/`.
+    pub state_dir: PathBuf,
+    /// Host directory bind-mounted read-only at `/opt/kiln/bin`.
+    pub guest_bin_dir: PathBuf,
+    pub limits: Limits,
+    /// `None`: loopback only.
+    pub slot: Option<Slot>,
+    /// Replaces kiln-init's default envd command (`kiln-init -- <command>`).
+    pub envd_command: Option<Vec<String>>,
+}
+
+/// The helper's success answer, one JSON line on its stdout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HelperReply {
+    /// Host pid of the sandbox's PID 1 (kiln-init).
+    pub pid: u32,
+}
+
+/// `state_dir/<id>/state.json`, written by the helper before it answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SandboxState {
+    pub id: String,
+    pub pid: u32,
+    /// Start time of `pid` (field 22 of `/proc/<pid>/stat`), so a recycled pid is never
+    /// taken for the sandbox.
+    pub pid_start_time: u64,
+    pub helper_pid: u32,
+    pub limits: Limits,
+    pub slot: Option<Slot>,
+    pub cgroup_version: String,
+}
+
+/// The host paths of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+}
+
+impl SandboxPaths {
+    pub fn new(state_dir: &Path, id: &str) -> Self {
+        SandboxPaths {
+            dir: state_dir.join(id),
+        }
+    }
+    /// Overlay upper layer: everything the sandbox writes.
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+    /// Mount point of the merged root filesystem (inside the helper's mount namespace).
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+    /// Bind-mounted at `/run/kiln` in the sandbox; holds envd's socket.
+    pub fn run(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    pub fn envd_socket(&self) -> PathBuf {
+        self.run().join("envd.sock")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    /// Console of the sandbox (kiln-init's and envd's stdout/stderr) and helper log.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+    /// Written by the helper when PID 1 exits: its wait status.
+    pub fn exit(&self) -> PathBuf {
+        self.dir.join("exit")
+    }
+}
+
+/// Sandbox ids are `[a-z0-9]+`, at most 63 bytes (a DNS label and a hostname).
+pub fn validate_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 63 {
+        return Err(format!(
+            "sandbox id must be 1 to 63 characters, got {}",
+            id.len()
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(format!("sandbox id {id:?} may contain only a-z and 0-9"));
+    }
+    Ok(())
+}
+
+/// Contents of `/proc/<pid>/uid_map` and `gid_map`: sandbox ids 0..65535 are host
+/// ids 100000..165535.
+pub fn id_map() -> String {
+    format!("0 {ID_MAP_BASE} {ID_MAP_LEN}\n")
+}
+
+/// Host uid (and gid) of sandbox root.
+pub fn host_root_id() -> u32 {
+    ID_MAP_BASE
+}
+
+/// Start time of a process (clock ticks since boot), or `None` if it is gone.
+pub fn pid_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of `/proc/<pid>/stat`; the command name (field 2) may contain spaces and
+/// parentheses, so fields are counted after its last `)`.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl SandboxState {
+    /// Whether the recorded PID 1 is still the same running process.
+    pub fn is_alive(&self) -> bool {
+        pid_start_time(self.pid) == Some(self.pid_start_time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(validate_id("abc123").is_ok());
+        for bad in ["", "ABC", "a-b", "../x", "a b", &"a".repeat(64)] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn id_map_string() {
+        assert_eq!(id_map(), "0 100000 65536\n");
+        assert_eq!(host_root_id(), 100000);
+    }
+
+    #[test]
+    fn start_time_parsing() {
+        let stat =
+            "123 (a (b) c) S 1 123 123 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_start_time(stat), Some(98765));
+        assert_eq!(parse_start_time("garbage"), None);
+        let me = std::process::id();
+        assert!(pid_start_time(me).is_some());
+    }
+
+    #[test]
+    fn state_roundtrip() {
+        let s = SandboxState {
+            id: "a1".into(),
+            pid: 10,
+            pid_start_time: 20,
+            helper_pid: 9,
+            limits: Limits {
+                memory_mb: 1,
+                cpu_count: 1,
+                pids_max: 1,
+            },
+            slot: Slot::new(4),
+            cgroup_version: "v1".into(),
+        };
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<SandboxState>(&json).unwrap(), s);
+    }
+}
