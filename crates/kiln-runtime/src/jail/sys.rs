@@ -66,11 +66,6 @@ pub fn bound_capabilities(last_cap: u32) -> io::Result<()> {
     check(r)
 }
 
-pub fn set_no_new_privs() -> io::Result<()> {
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes only integer arguments.
-    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
-}
-
 /// Mark every fd from `first` upwards close-on-exec (kernel >= 5.11).
 pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     // SAFETY: close_range takes two fd numbers and flags by value; with
