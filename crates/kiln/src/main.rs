@@ -174,12 +174,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let api_key = std::env::var("KILN_API_KEY").ok().filter(|k| !k.is_empty());
     let runtime: Arc<dyn kiln_runtime::Runtime> = match args.runtime {
         RuntimeChoice::Jail => Arc::new(
-            kiln_runtime::jail::JailRuntime::new(kiln_runtime::jail::JailOptions {
-                state_dir: args.data_dir.join("sandboxes"),
-                guest_bin_dir: bin_dir.clone(),
-                helper_exe: bin_dir.join("kiln-jail"),
-            })
-            .await
+            kiln_runtime::jail::JailRuntime::new(kiln_runtime::jail::JailOptions::new(
+                args.data_dir.join("sandboxes"),
+                bin_dir.clone(),
+                bin_dir.join("kiln-jail"),
+            ))
             .context("setting up the jail runtime")?,
         ),
     };

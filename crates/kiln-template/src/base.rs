@@ -1,0 +1,486 @@
+//! The built-in `base` template: a Debian bookworm root filesystem made by mmdebstrap,
+//! with the E2B-style user `user` and the Kiln guest binaries.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+/// Lines of mmdebstrap output kept for the error message.
+const TAIL_LINES: usize = 40;
+
+/// Debian suite of the base template.
+pub const SUITE: &str = "bookworm";
+/// Mirror used when the machine's apt sources name none for [`SUITE`].
+pub const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
+/// Packages installed on top of `--variant=minbase` (E2B's base image has the same
+/// tools: a shell, Python with pip and venv, Node with npm, git, curl, sudo).
+pub const PACKAGES: &[&str] = &[
+    "bash",
+    "coreutils",
+    "procps",
+    "python3",
+    "python3-pip",
+    "python3-venv",
+    "nodejs",
+    "npm",
+    "git",
+    "curl",
+    "ca-certificates",
+    "sudo",
+    "iproute2",
+    "netbase",
+];
+/// Guest binaries copied into `/opt/kiln/bin` of the root filesystem.
+pub const GUEST_BINARIES: &[&str] = &["kiln-init", "kiln-envd"];
+/// The default user of the base template, as in E2B's.
+pub const USER: &str = "user";
+/// uid and gid of [`USER`] inside the sandbox.
+pub const USER_ID: u32 = 1000;
+/// Home and default working directory of [`USER`].
+pub const USER_HOME: &str = "/home/user";
+
+/// Shell commands run by mmdebstrap after the packages are installed (`$1` is the
+/// root). Part of the build hash, so changing one rebuilds the template.
+pub fn customize_hooks() -> Vec<String> {
+    vec![
+        format!("chroot \"$1\" groupadd --gid {USER_ID} {USER}"),
+        format!(
+            "chroot \"$1\" useradd --uid {USER_ID} --gid {USER_ID} --create-home \
+             --home-dir {USER_HOME} --shell /bin/bash {USER}"
+        ),
+        format!(
+            "printf '%s ALL=(ALL:ALL) NOPASSWD: ALL\\n' {USER} > \"$1/etc/sudoers.d/{USER}\" \
+             && chmod 0440 \"$1/etc/sudoers.d/{USER}\""
+        ),
+        // As on E2B, `pip install` works without a venv (PEP 668 marker removed).
+        "rm -f \"$1\"/usr/lib/python3*/EXTERNALLY-MANAGED".to_string(),
+    ]
+}
+
+/// Hash of everything that decides the content of the base root filesystem, except the
+/// mirror (a machine's mirror choice should not force a rebuild) and the guest binaries
+/// (the runtime binds the current ones at start).
+pub fn recipe_hash() -> String {
+    let mut h = Sha256::new();
+    h.update(b"kiln base template recipe v1\n");
+    h.update(format!("suite={SUITE}\nvariant=minbase\n"));
+    h.update(format!("packages={}\n", PACKAGES.join(",")));
+    for hook in customize_hooks() {
+        h.update(format!("hook={hook}\n"));
+    }
+    h.update(format!("finalize={FINALIZE_VERSION}\n"));
+    h.update(format!("id_map_base={}\n", kiln_runtime::ID_MAP_BASE));
+    hex::encode(h.finalize())
+}
+
+/// Where mmdebstrap fetches packages from: one-line apt source entries
+/// (`deb URI SUITE COMPONENTS`) for [`SUITE`] and its `-updates`/`-security` suites, as
+/// the machine's apt configuration names them.
+pub fn configured_mirrors() -> Vec<String> {
+    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let one_line = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    mirrors_from(&deb822, &one_line)
+}
+
+fn mirrors_from(deb822: &str, one_line: &str) -> Vec<String> {
+    let wanted = |suite: &str| {
+        suite == SUITE
+            || suite
+                .strip_prefix(SUITE)
+                .is_some_and(|rest| matches!(rest, "-updates" | "-security" | "/updates"))
+    };
+    let mut out = Vec::new();
+    for stanza in deb822.split("\n\n") {
+        let field = |name: &str| {
+            stanza.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim().eq_ignore_ascii_case(name)).then(|| v.trim().to_string())
+            })
+        };
+        let types = field("Types").unwrap_or_default();
+        if !types.split_whitespace().any(|t| t == "deb") {
+            continue;
+        }
+        let (Some(uris), Some(suites)) = (field("URIs"), field("Suites")) else {
+            continue;
+        };
+        if field("Enabled").is_some_and(|v| v.eq_ignore_ascii_case("no")) {
+            continue;
+        }
+        let components = field("Components").unwrap_or_else(|| "main".into());
+        for uri in uris.split_whitespace() {
+            for suite in suites.split_whitespace().filter(|s| wanted(s)) {
+                out.push(format!("deb {uri} {suite} {components}"));
+            }
+        }
+    }
+    for line in one_line.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let mut words = line.split_whitespace();
+        if words.next() != Some("deb") {
+            continue;
+        }
+        // Skip an options block `[ ... ]`.
+        let mut rest: Vec<&str> = words.collect();
+        if rest.first().is_some_and(|w| w.starts_with('[')) {
+            let end = rest.iter().position(|w| w.ends_with(']')).unwrap_or(0);
+            rest.drain(..=end);
+        }
+        if let [uri, suite, components @ ..] = rest.as_slice() {
+            if wanted(suite) && !components.is_empty() {
+                out.push(format!("deb {uri} {suite} {}", components.join(" ")));
+            }
+        }
+    }
+    let has_main_suite = out
+        .iter()
+        .any(|l| l.split_whitespace().nth(2) == Some(SUITE));
+    if !has_main_suite {
+        out.insert(0, format!("deb {FALLBACK_MIRROR} {SUITE} main"));
+    }
+    out.dedup();
+    out
+}
+
+/// Running mmdebstrap failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MmdebstrapError {
+    #[error(
+        "mmdebstrap is not installed (needed to build the base template); \
+         install the Debian packages `mmdebstrap` and `debian-archive-keyring`"
+    )]
+    Missing,
+    #[error("cannot start {program}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mmdebstrap failed ({status}); last output:\n{tail}")]
+    Failed { status: String, tail: String },
+}
+
+/// Finds an executable named `name` on `PATH` (plus the sbin directories, which root's
+/// `PATH` may lack).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// The mmdebstrap arguments for building the base root filesystem into `target`.
+pub fn mmdebstrap_args(target: &Path, mirrors: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "--variant=minbase".to_string(),
+        "--mode=root".to_string(),
+        "--format=directory".to_string(),
+        format!("--include={}", PACKAGES.join(",")),
+    ];
+    args.extend(
+        customize_hooks()
+            .into_iter()
+            .map(|h| format!("--customize-hook={h}")),
+    );
+    args.push(SUITE.to_string());
+    args.push(target.display().to_string());
+    args.extend(mirrors.iter().cloned());
+    args
+}
+
+/// Runs `program` (mmdebstrap) into `target` (which must not exist or be empty), passing
+/// each line it prints to `on_line`.
+pub async fn run_mmdebstrap(
+    program: &Path,
+    target: &Path,
+    mirrors: &[String],
+    on_line: &mut (dyn FnMut(String) + Send),
+) -> Result<(), MmdebstrapError> {
+    let mut child = Command::new(program)
+        .args(mmdebstrap_args(target, mirrors))
+        .env("LC_ALL", "C.UTF-8")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A dropped build (server shutdown) must not leave mmdebstrap running; the mounts
+        // it leaves in the half-built tree are detached by the next build.
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| MmdebstrapError::Spawn {
+            program: program.to_path_buf(),
+            source,
+        })?;
+    let spawn_err = |source| MmdebstrapError::Spawn {
+        program: program.to_path_buf(),
+        source,
+    };
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(spawn_err(io::Error::other("child pipes missing")));
+    };
+    // Both streams feed one channel; it closes when both reach EOF.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+    forward_lines(stdout, tx.clone());
+    forward_lines(stderr, tx);
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+    while let Some(line) = rx.recv().await {
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.clone());
+        on_line(line);
+    }
+    let status = child.wait().await.map_err(spawn_err)?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(MmdebstrapError::Failed {
+            status: status.to_string(),
+            tail: Vec::from(tail).join("\n"),
+        })
+    }
+}
+
+fn forward_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    reader: R,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        // Read to EOF even when the receiver is gone, so the child never blocks on a
+        // full pipe; bytes that are not UTF-8 are replaced, not fatal.
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                    let _ = tx.send(line).await;
+                }
+            }
+        }
+    });
+}
+
+/// Bump when [`finalize_rootfs`] changes what it writes (part of the recipe hash).
+const FINALIZE_VERSION: u32 = 1;
+/// What `/etc/resolv.conf` holds until the runtime provides the sandbox's own (mmdebstrap
+/// leaves the build host's there, which must not leak into sandboxes).
+const RESOLV_CONF_PLACEHOLDER: &str = "# Written by the Kiln runtime when a sandbox starts.\n";
+
+/// Finishes the tree after mmdebstrap (which empties `/run` and copies the build host's
+/// `/etc/resolv.conf` and `/etc/hostname`): creates the mount points the runtime binds
+/// onto (`/opt/kiln/bin`, `/run/kiln`) and replaces the host's files with neutral ones.
+pub fn finalize_rootfs(rootfs: &Path) -> Result<(), InjectError> {
+    let err = |to: PathBuf| {
+        move |source| InjectError {
+            from: rootfs.to_path_buf(),
+            to: to.clone(),
+            source,
+        }
+    };
+    for dir in [kiln_runtime::GUEST_BIN_DIR, "/run/kiln"] {
+        let path = rootfs.join(dir.trim_start_matches('/'));
+        fs::create_dir_all(&path).map_err(err(path.clone()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).map_err(err(path))?;
+    }
+    for (file, text) in [
+        ("etc/hostname", "kiln\n"),
+        ("etc/resolv.conf", RESOLV_CONF_PLACEHOLDER),
+    ] {
+        let path = rootfs.join(file);
+        // A symlink (e.g. to systemd-resolved's file) is replaced, not followed.
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(err(path)(source)),
+        }
+        fs::write(&path, text).map_err(err(path.clone()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(err(path))?;
+    }
+    Ok(())
+}
+
+/// A guest binary to inject was not there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingBinary {
+    pub path: PathBuf,
+}
+
+/// Copying a guest binary into the root filesystem, or preparing the files Kiln
+/// needs there, failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {to} (from {from})")]
+pub struct InjectError {
+    pub from: PathBuf,
+    pub to: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Copies [`GUEST_BINARIES`] from `guest_bin_dir` into `<rootfs>/opt/kiln/bin` (mode
+/// 0755). Missing binaries are returned, not an error: the runtime binds the current
+/// ones over that directory at start anyway.
+pub fn inject_guest_binaries(
+    rootfs: &Path,
+    guest_bin_dir: &Path,
+) -> Result<Vec<MissingBinary>, InjectError> {
+    let dest_dir = rootfs.join(kiln_runtime::GUEST_BIN_DIR.trim_start_matches('/'));
+    fs::create_dir_all(&dest_dir).map_err(|source| InjectError {
+        from: guest_bin_dir.to_path_buf(),
+        to: dest_dir.clone(),
+        source,
+    })?;
+    let mut missing = Vec::new();
+    for name in GUEST_BINARIES {
+        let from = guest_bin_dir.join(name);
+        if !from.is_file() {
+            missing.push(MissingBinary { path: from });
+            continue;
+        }
+        let to = dest_dir.join(name);
+        let err = |source| InjectError {
+            from: from.clone(),
+            to: to.clone(),
+            source,
+        };
+        fs::copy(&from, &to).map_err(err)?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).map_err(err)?;
+    }
+    Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEB822: &str = "\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: http://src.example/debian
+Suites: bookworm
+Components: main
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main contrib
+";
+
+    #[test]
+    fn mirrors_from_deb822() {
+        assert_eq!(
+            mirrors_from(DEB822, ""),
+            vec![
+                "deb http://mirror.example/debian bookworm main",
+                "deb http://mirror.example/debian bookworm-updates main",
+                "deb http://mirror.example/debian-security bookworm-security main contrib",
+            ]
+        );
+    }
+
+    #[test]
+    fn mirrors_from_one_line_and_fallback() {
+        let list = "# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main non-free\n\
+                    deb http://m.example/debian trixie main\n";
+        assert_eq!(
+            mirrors_from("", list),
+            vec!["deb http://m.example/debian bookworm main non-free"]
+        );
+        assert_eq!(
+            mirrors_from("", "deb http://m.example/debian trixie main\n"),
+            vec![format!("deb {FALLBACK_MIRROR} bookworm main")]
+        );
+        // Only a security suite configured: the main suite still comes from the fallback.
+        assert_eq!(
+            mirrors_from(
+                "",
+                "deb http://s.example/debian-security bookworm-security main\n"
+            )[0],
+            format!("deb {FALLBACK_MIRROR} bookworm main")
+        );
+    }
+
+    #[test]
+    fn args_and_hash_are_stable() {
+        let args = mmdebstrap_args(
+            Path::new("/t"),
+            &["deb http://m/debian bookworm main".into()],
+        );
+        assert_eq!(args[0], "--variant=minbase");
+        assert!(args
+            .iter()
+            .any(|a| a.starts_with("--include=bash,") && a.contains(",sudo,")));
+        let n = args.len();
+        assert_eq!(
+            &args[n - 3..],
+            ["bookworm", "/t", "deb http://m/debian bookworm main"]
+        );
+        assert_eq!(recipe_hash(), recipe_hash());
+        assert_eq!(recipe_hash().len(), 64);
+    }
+
+    #[test]
+    fn inject_copies_and_reports_missing() {
+        let bins = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        fs::write(bins.path().join("kiln-envd"), b"\x7fELF").unwrap();
+        let missing = inject_guest_binaries(root.path(), bins.path()).unwrap();
+        assert_eq!(
+            missing,
+            vec![MissingBinary {
+                path: bins.path().join("kiln-init")
+            }]
+        );
+        let copied = root.path().join("opt/kiln/bin/kiln-envd");
+        assert_eq!(fs::read(&copied).unwrap(), b"\x7fELF");
+        assert_eq!(
+            fs::metadata(&copied).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+    }
+
+    #[test]
+    fn finalize_replaces_host_files_and_creates_mount_points() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(r.join("etc/resolv.conf"), "nameserver 10.0.0.1\n").unwrap();
+        fs::set_permissions(r.join("etc/resolv.conf"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", r.join("etc/hostname")).unwrap();
+        finalize_rootfs(r).unwrap();
+        assert!(r.join("opt/kiln/bin").is_dir());
+        assert!(r.join("run/kiln").is_dir());
+        assert_eq!(
+            fs::read_to_string(r.join("etc/resolv.conf")).unwrap(),
+            RESOLV_CONF_PLACEHOLDER
+        );
+        let meta = fs::symlink_metadata(r.join("etc/hostname")).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            fs::read_to_string(r.join("etc/hostname")).unwrap(),
+            "kiln\n"
+        );
+    }
+
+    #[test]
+    fn find_program_finds_sh() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("definitely-not-a-program-kiln").is_none());
+    }
+}

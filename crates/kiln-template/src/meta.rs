@@ -1,0 +1,196 @@
+//! `template.json`: what a built template is, written last so that its presence marks a
+//! complete template.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// File name of a template's metadata inside its directory.
+pub const META_FILE: &str = "template.json";
+/// Version of the `template.json` layout this crate writes and reads.
+pub const META_FORMAT: u32 = 1;
+
+/// Metadata of a built template, stored as `<template dir>/template.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    /// Layout version of this file ([`META_FORMAT`]).
+    pub format: u32,
+    /// Template name, e.g. `base`.
+    pub name: String,
+    /// When the build finished.
+    pub created_at: DateTime<Utc>,
+    /// User that envd runs commands as when the SDK names none.
+    pub default_user: String,
+    /// Working directory for commands and relative paths when none is given.
+    pub default_workdir: String,
+    /// Default CPU count of a sandbox from this template.
+    pub cpu_count: u32,
+    /// Default memory limit of a sandbox from this template, in MiB.
+    pub memory_mb: u64,
+    /// Disk size reported for a sandbox from this template, in MiB.
+    pub disk_size_mb: u64,
+    /// envd protocol version sandboxes from this template report (`envdVersion`).
+    pub envd_version: String,
+    /// Version of Kiln that built the template.
+    pub kiln_version: String,
+    /// Hash of the build recipe; a template whose hash differs from the current recipe
+    /// is rebuilt.
+    pub build_hash: String,
+    /// Host id that sandbox uid/gid 0 maps to; files in `rootfs` are owned by
+    /// `id_map_base + sandbox id`.
+    pub id_map_base: u32,
+    /// Bytes of regular-file data in the root filesystem (hard links counted once).
+    pub rootfs_bytes: u64,
+}
+
+/// Reading or writing `template.json` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not valid template metadata")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path} has format {found}, this Kiln reads format {META_FORMAT}")]
+    Format { path: PathBuf, found: u32 },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl TemplateMeta {
+    /// Reads `dir/template.json`; `Ok(None)` when the file does not exist.
+    pub fn read(dir: &Path) -> Result<Option<Self>, MetaError> {
+        let path = dir.join(META_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(MetaError::Read { path, source }),
+        };
+        let meta: TemplateMeta =
+            serde_json::from_slice(&bytes).map_err(|source| MetaError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        if meta.format != META_FORMAT {
+            return Err(MetaError::Format {
+                path,
+                found: meta.format,
+            });
+        }
+        Ok(Some(meta))
+    }
+
+    /// Writes `dir/template.json` atomically: a temporary file is written and synced,
+    /// then renamed over the final name, and the directory is synced.
+    pub fn write(&self, dir: &Path) -> Result<(), MetaError> {
+        let path = dir.join(META_FILE);
+        let tmp = dir.join(format!(".{META_FILE}.tmp"));
+        let werr = |source| MetaError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut json = serde_json::to_vec_pretty(self).map_err(|e| werr(io::Error::other(e)))?;
+        json.push(b'\n');
+        let mut file = fs::File::create(&tmp).map_err(werr)?;
+        file.write_all(&json).map_err(werr)?;
+        file.sync_all().map_err(werr)?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(werr)?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(werr)?;
+        Ok(())
+    }
+
+    /// Removes `dir/template.json` (marks the template incomplete); missing is fine.
+    pub fn remove(dir: &Path) -> Result<(), MetaError> {
+        let path = dir.join(META_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(MetaError::Write { path, source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TemplateMeta {
+        TemplateMeta {
+            format: META_FORMAT,
+            name: "base".into(),
+            created_at: DateTime::parse_from_rfc3339("2026-11-23T10:00:00.5Z")
+                .unwrap()
+                .with_timezone(&Utc),
+            default_user: "user".into(),
+            default_workdir: "/home/user".into(),
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_size_mb: 4096,
+            envd_version: "0.6.13".into(),
+            kiln_version: "0.1.0".into(),
+            build_hash: "ab".repeat(32),
+            id_map_base: 100_000,
+            rootfs_bytes: 42,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(TemplateMeta::read(dir.path()).unwrap(), None);
+        let meta = sample();
+        meta.write(dir.path()).unwrap();
+        assert_eq!(TemplateMeta::read(dir.path()).unwrap(), Some(meta.clone()));
+        // No temporary file is left behind.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(META_FILE)]);
+        // Overwrite works.
+        let mut newer = meta;
+        newer.cpu_count = 4;
+        newer.write(dir.path()).unwrap();
+        assert_eq!(
+            TemplateMeta::read(dir.path()).unwrap().unwrap().cpu_count,
+            4
+        );
+        TemplateMeta::remove(dir.path()).unwrap();
+        TemplateMeta::remove(dir.path()).unwrap();
+        assert_eq!(TemplateMeta::read(dir.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_and_future_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(META_FILE), b"{not json").unwrap();
+        assert!(matches!(
+            TemplateMeta::read(dir.path()),
+            Err(MetaError::Parse { .. })
+        ));
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["format"] = 99.into();
+        fs::write(dir.path().join(META_FILE), v.to_string()).unwrap();
+        assert!(matches!(
+            TemplateMeta::read(dir.path()),
+            Err(MetaError::Format { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,71 @@
+//! Builds the real `base` template with mmdebstrap and checks it from the outside.
+//!
+//! Privilege tier: root + network to a Debian mirror + mmdebstrap; ~90 s. Runs only with
+//! `KILN_TEST_MMDEBSTRAP=1` (and says so when it skips). `KILN_TEST_DATA_DIR` reuses a
+//! data directory (a complete base there is not rebuilt).
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use kiln_template::{BuildEvent, TemplateStore};
+
+#[tokio::test]
+async fn base_template_with_mmdebstrap() {
+    if std::env::var("KILN_TEST_MMDEBSTRAP").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIP base_template_with_mmdebstrap: set KILN_TEST_MMDEBSTRAP=1 (root, network, ~90 s)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data: PathBuf = std::env::var_os("KILN_TEST_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let store = TemplateStore::open(&data).unwrap();
+    let t = store
+        .ensure_base(Path::new(env!("CARGO_MANIFEST_DIR")), |e| {
+            if let BuildEvent::Step { name, .. } = e {
+                eprintln!("step: {name}");
+            }
+        })
+        .await
+        .unwrap();
+    let r = &t.rootfs;
+    let m = |p: &str| fs::symlink_metadata(r.join(p)).unwrap();
+    let base = kiln_runtime::ID_MAP_BASE;
+
+    assert_eq!((m("").uid(), m("").gid()), (base, base));
+    assert_eq!(m("usr/bin/sudo").uid(), base);
+    assert_eq!(
+        m("usr/bin/sudo").mode() & 0o7777,
+        0o4755,
+        "sudo must stay setuid"
+    );
+    assert_eq!(m("home/user").uid(), base + 1000);
+    assert_eq!(m("home/user").gid(), base + 1000);
+    assert_eq!(m("etc/sudoers.d/user").mode() & 0o777, 0o440);
+    let passwd = fs::read_to_string(r.join("etc/passwd")).unwrap();
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l == "user:x:1000:1000::/home/user:/bin/bash"),
+        "{passwd}"
+    );
+    for p in [
+        "usr/bin/python3",
+        "usr/bin/pip3",
+        "usr/bin/node",
+        "usr/bin/npm",
+        "usr/bin/git",
+        "usr/bin/curl",
+        "bin/bash",
+        "usr/bin/ps",
+        "sbin/ip",
+        "opt/kiln/bin",
+        "run/kiln",
+    ] {
+        assert!(r.join(p).exists(), "{p} missing");
+    }
+    assert!(m("opt/kiln/bin").is_dir());
+}
