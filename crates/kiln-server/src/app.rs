@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use kiln_api::API_KEY_HEADER;
 use kiln_runtime::Runtime;
@@ -236,6 +237,13 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     let app = router(state.clone());
+    // Streamed envd events are small writes; without TCP_NODELAY each one can wait
+    // for the peer's delayed ACK (~40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let template_store = kiln_template::TemplateStore::open(data).map_err(ServeError::Template)?;

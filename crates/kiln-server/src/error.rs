@@ -73,7 +73,7 @@ pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if matches!(self, AppError::Internal { .. }) {
             tracing::error!(error = %chain(&self), "request failed");
         } else {
             tracing::debug!(error = %self, %status, "request rejected");
