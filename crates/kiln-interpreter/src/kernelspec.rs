@@ -90,10 +90,11 @@ impl SearchPath {
                 return Ok(spec.clone());
             }
         }
-        if let Some(spec) = specs
-            .iter()
-            .find(|s| s.kernelspec.language.eq_ignore_ascii_case(language.as_str()))
-        {
+        if let Some(spec) = specs.iter().find(|s| {
+            s.kernelspec
+                .language
+                .eq_ignore_ascii_case(language.as_str())
+        }) {
             return Ok(spec.clone());
         }
         Err(KernelspecError::NotFound {

@@ -209,7 +209,8 @@ mod tests {
             r#"import os; os.environ["A"] = "it's \"x\"\n""#
         );
         assert_eq!(
-            py.restore_env_code([("A", None), ("B", Some("v"))]).unwrap(),
+            py.restore_env_code([("A", None), ("B", Some("v"))])
+                .unwrap(),
             "import os; os.environ.pop(\"A\", None)\nimport os; os.environ[\"B\"] = \"v\""
         );
         let bash = Language::normalize(Some("bash"));
@@ -217,10 +218,7 @@ mod tests {
             bash.set_env_code([("FOO", "it's")]).unwrap(),
             r"export FOO='it'\''s'"
         );
-        assert_eq!(
-            bash.restore_env_code([("FOO", None)]).unwrap(),
-            "unset FOO"
-        );
+        assert_eq!(bash.restore_env_code([("FOO", None)]).unwrap(), "unset FOO");
         let js = Language::normalize(Some("js"));
         assert_eq!(
             js.set_env_code([("K", "v")]).unwrap(),

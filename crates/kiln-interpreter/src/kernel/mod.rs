@@ -129,6 +129,12 @@ pub struct Pending {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SilentOutcome {
+    Done,
+    Aborted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InterruptMode {
     Signal,
     Message,
@@ -153,7 +159,6 @@ pub struct Kernel {
     name: String,
     pgid: Option<Pid>,
     interrupt_mode: InterruptMode,
-    session: String,
     shell: Mutex<jupyter_zmq_client::DealerSendConnection>,
     control: Mutex<jupyter_zmq_client::DealerSendConnection>,
     routes: Routes,
@@ -202,16 +207,23 @@ impl Kernel {
         let connection_file = opts
             .runtime_dir
             .join(format!("kernel-{}.json", uuid::Uuid::new_v4()));
-        write_private(&connection_file, &serde_json::to_vec(&info).unwrap_or_default())
-            .map_err(|source| KernelError::ConnectionFile {
-                path: connection_file.clone(),
-                source,
-            })?;
+        write_private(
+            &connection_file,
+            &serde_json::to_vec(&info).unwrap_or_default(),
+        )
+        .map_err(|source| KernelError::ConnectionFile {
+            path: connection_file.clone(),
+            source,
+        })?;
 
         let argv0 = spec.kernelspec.argv.first().cloned().unwrap_or_default();
         let mut command = spec
             .clone()
-            .command(&connection_file, Some(Stdio::inherit()), Some(Stdio::null()))
+            .command(
+                &connection_file,
+                Some(Stdio::inherit()),
+                Some(Stdio::null()),
+            )
             .map_err(|source| KernelError::Spec {
                 kernel: name.clone(),
                 source,
@@ -222,6 +234,16 @@ impl Kernel {
             .kill_on_drop(true)
             // debugpy warns on stderr about frozen modules in every new kernel.
             .env("PYDEVD_DISABLE_FILE_VALIDATION", "1");
+        // SAFETY: the closure runs in the forked child between fork and exec, where only
+        // async-signal-safe calls are allowed; it makes a single prctl(2) call, allocates
+        // nothing and touches no state shared with the parent. It makes the kernel die
+        // with the interpreter (the parent is the launching thread: a runtime thread that
+        // lives as long as the interpreter), so a supervisor's restart leaves no orphans.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
         let spawned = command.spawn();
         // The kernel binds the ports as its first act; hold them until it exists.
         drop(listeners);
@@ -233,7 +255,10 @@ impl Kernel {
                 source,
             }
         })?;
-        let pgid = child.id().and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
+        let pgid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(Pid::from_raw);
 
         let routes: Routes = Arc::default();
         let (alive_tx, alive) = watch::channel(true);
@@ -254,72 +279,37 @@ impl Kernel {
             })
         };
 
-        let mut kernel = Kernel {
-            name: name.clone(),
+        let sockets = match connect(&name, &info, &routes).await {
+            Ok(sockets) => sockets,
+            Err(e) => {
+                // Dropping the monitor's Child kills the process (kill_on_drop).
+                monitor.abort();
+                if let Some(pgid) = pgid {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                }
+                let _ = std::fs::remove_file(&connection_file);
+                return Err(e);
+            }
+        };
+        let mut tasks = sockets.readers;
+        tasks.push(monitor);
+        let kernel = Kernel {
+            name,
             pgid,
             interrupt_mode: match spec.kernelspec.interrupt_mode.as_deref() {
                 Some("message") => InterruptMode::Message,
                 _ => InterruptMode::Signal,
             },
-            session: uuid::Uuid::new_v4().to_string(),
-            // Filled below; placeholders are never used before connect() returns.
-            shell: Mutex::new(dummy_send()),
-            control: Mutex::new(dummy_send()),
+            shell: Mutex::new(sockets.shell),
+            control: Mutex::new(sockets.control),
             routes,
             alive,
-            tasks: vec![monitor],
+            tasks,
             connection_file,
             env: Mutex::new(KernelEnv::default()),
         };
-        kernel.connect(&info).await?;
         kernel.wait_ready(opts.startup_timeout).await?;
         Ok(kernel)
-    }
-
-    async fn connect(&mut self, info: &ConnectionInfo) -> Result<(), KernelError> {
-        let err = |channel| {
-            let kernel = self.name.clone();
-            move |source| KernelError::Connect {
-                kernel,
-                channel,
-                source,
-            }
-        };
-        let iopub = jupyter_zmq_client::create_client_iopub_connection(info, "", &self.session)
-            .await
-            .map_err(err("iopub"))?;
-        let identity = jupyter_zmq_client::peer_identity_for_session(&self.session)
-            .map_err(err("shell"))?;
-        let shell = jupyter_zmq_client::create_client_shell_connection_with_identity(
-            info,
-            &self.session,
-            identity,
-        )
-        .await
-        .map_err(err("shell"))?;
-        let control = jupyter_zmq_client::create_client_control_connection(info, &self.session)
-            .await
-            .map_err(err("control"))?;
-        let (shell_tx, shell_rx) = shell.split();
-        let (control_tx, control_rx) = control.split();
-        *self.shell.get_mut() = shell_tx;
-        *self.control.get_mut() = control_tx;
-        self.tasks.push(tokio::spawn(read_loop(
-            iopub,
-            self.routes.clone(),
-            "iopub",
-        )));
-        self.tasks.push(tokio::spawn(read_loop(
-            shell_rx,
-            self.routes.clone(),
-            "shell",
-        )));
-        self.tasks.push(tokio::spawn(read_loop(
-            control_rx,
-            self.routes.clone(),
-            "control",
-        )));
-        Ok(())
     }
 
     /// Repeats `kernel_info_request` until both its reply (shell) and its status
@@ -416,7 +406,11 @@ impl Kernel {
         }
     }
 
-    /// Sends `execute_request` (E2B's flags: store history, stop on error, no stdin).
+    /// Sends `execute_request` (store history unless silent, no stdin).
+    ///
+    /// `stop_on_error` is off: it only aborts requests queued behind a failing one, and
+    /// we never queue (one execution at a time per context), while some kernels (tslab)
+    /// abort every later request once it is set.
     pub async fn execute(&self, code: &str, silent: bool) -> Result<Pending, KernelError> {
         let request = ExecuteRequest {
             code: code.to_owned(),
@@ -424,37 +418,53 @@ impl Kernel {
             store_history: !silent,
             user_expressions: None,
             allow_stdin: false,
-            stop_on_error: !silent,
+            stop_on_error: false,
         };
         self.send_shell(request.into(), "execute_request").await
     }
 
     /// Runs `code` silently (no outputs, no execution count) and waits for its reply.
+    /// An aborted cell is retried once: some kernels (tslab) abort everything that
+    /// arrives shortly after a failed cell.
     pub async fn run_silent(&self, code: &str, timeout: Duration) -> Result<(), KernelError> {
-        let mut pending = self.execute(code, true).await?;
-        let wait = async {
-            while let Some(event) = pending.events.recv().await {
-                match event {
-                    KernelEvent::Message(m) if m.msg_type == "execute_reply" => {
-                        if m.str_field("status") != Some("ok") {
-                            tracing::debug!(kernel = %self.name, reply = %m.content, "silent cell failed");
-                        }
-                        return Ok(());
-                    }
-                    KernelEvent::Message(_) => {}
-                    KernelEvent::Exited(_) => break,
+        let attempt = async {
+            for _ in 0..2 {
+                if self.silent_once(code).await? != SilentOutcome::Aborted {
+                    return Ok(());
                 }
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
-            Err(KernelError::NotRunning {
-                kernel: self.name.clone(),
-            })
+            Ok(())
         };
-        tokio::time::timeout(timeout, wait)
+        tokio::time::timeout(timeout, attempt)
             .await
             .map_err(|_| KernelError::SilentTimeout {
                 kernel: self.name.clone(),
                 secs: timeout.as_secs(),
             })?
+    }
+
+    async fn silent_once(&self, code: &str) -> Result<SilentOutcome, KernelError> {
+        let mut pending = self.execute(code, true).await?;
+        while let Some(event) = pending.events.recv().await {
+            match event {
+                KernelEvent::Message(m) if m.msg_type == "execute_reply" => {
+                    return Ok(match m.str_field("status") {
+                        Some("ok") => SilentOutcome::Done,
+                        Some("abort" | "aborted") => SilentOutcome::Aborted,
+                        _ => {
+                            tracing::debug!(kernel = %self.name, reply = %m.content, "silent cell failed");
+                            SilentOutcome::Done
+                        }
+                    });
+                }
+                KernelEvent::Message(_) => {}
+                KernelEvent::Exited(_) => break,
+            }
+        }
+        Err(KernelError::NotRunning {
+            kernel: self.name.clone(),
+        })
     }
 
     /// Interrupts the running cell the way the kernelspec asks (SIGINT to the kernel's
@@ -559,8 +569,47 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all(bytes)
 }
 
-/// An unconnected send half, so that [`Kernel`] can be built before its sockets exist.
-fn dummy_send() -> jupyter_zmq_client::DealerSendConnection {
-    let (tx, _rx) = Connection::new(zeromq::DealerSocket::new(), "", "").split();
-    tx
+struct Sockets {
+    shell: jupyter_zmq_client::DealerSendConnection,
+    control: jupyter_zmq_client::DealerSendConnection,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// Connects iopub, shell and control, and starts a reader per socket.
+async fn connect(
+    name: &str,
+    info: &ConnectionInfo,
+    routes: &Routes,
+) -> Result<Sockets, KernelError> {
+    let session = uuid::Uuid::new_v4().to_string();
+    let err = |channel| {
+        let kernel = name.to_owned();
+        move |source| KernelError::Connect {
+            kernel,
+            channel,
+            source,
+        }
+    };
+    let iopub = jupyter_zmq_client::create_client_iopub_connection(info, "", &session)
+        .await
+        .map_err(err("iopub"))?;
+    let identity = jupyter_zmq_client::peer_identity_for_session(&session).map_err(err("shell"))?;
+    let shell =
+        jupyter_zmq_client::create_client_shell_connection_with_identity(info, &session, identity)
+            .await
+            .map_err(err("shell"))?;
+    let control = jupyter_zmq_client::create_client_control_connection(info, &session)
+        .await
+        .map_err(err("control"))?;
+    let (shell_tx, shell_rx) = shell.split();
+    let (control_tx, control_rx) = control.split();
+    Ok(Sockets {
+        shell: shell_tx,
+        control: control_tx,
+        readers: vec![
+            tokio::spawn(read_loop(iopub, routes.clone(), "iopub")),
+            tokio::spawn(read_loop(shell_rx, routes.clone(), "shell")),
+            tokio::spawn(read_loop(control_rx, routes.clone(), "control")),
+        ],
+    })
 }

@@ -38,10 +38,8 @@ pub fn decode(raw: &RawMessage) -> Result<Incoming, WireError> {
         return Err(WireError::Frames(raw.jparts.len()));
     }
     let parse = |i: usize, frame: &'static str| {
-        serde_json::from_slice::<Value>(&raw.jparts[i]).map_err(|source| WireError::Json {
-            frame,
-            source,
-        })
+        serde_json::from_slice::<Value>(&raw.jparts[i])
+            .map_err(|source| WireError::Json { frame, source })
     };
     let header = parse(0, "header")?;
     let parent = parse(1, "parent_header")?;
@@ -57,7 +55,10 @@ pub fn decode(raw: &RawMessage) -> Result<Incoming, WireError> {
             .get("msg_id")
             .and_then(Value::as_str)
             .map(str::to_owned),
-        date: header.get("date").and_then(Value::as_str).map(str::to_owned),
+        date: header
+            .get("date")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         content,
     })
 }

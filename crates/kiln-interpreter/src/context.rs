@@ -1,0 +1,246 @@
+//! Contexts (spec A.5): each is one kernel with a language and a working directory.
+//! The registry keeps them in creation order, plus one default context per language,
+//! created on first use under a per-language lock.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use jupyter_zmq_client::KernelspecDir;
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::kernel::{Kernel, KernelError, LaunchOptions};
+use crate::kernelspec::{KernelspecError, SearchPath};
+use crate::language::Language;
+
+/// Code run silently in every new Python kernel: E2B's extra display formats
+/// (`e2b/data`, `e2b/chart`, JSON for dicts and lists), plain tracebacks, PIL images shown
+/// as results. Harmless when the template's IPython profile already does the same.
+const PYTHON_SETUP: &str = include_str!("python_setup.py");
+
+/// How long a kernel may take to shut down before its process group is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error(transparent)]
+    NoKernel(#[from] KernelspecError),
+    #[error("Failed to set working directory: {0} is not a directory")]
+    Cwd(String),
+    #[error("cannot start the {language} kernel")]
+    Launch {
+        language: String,
+        #[source]
+        source: KernelError,
+    },
+}
+
+/// The JSON form of a context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContextInfo {
+    pub id: String,
+    pub language: String,
+    pub cwd: String,
+}
+
+/// What every kernel launch needs.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    pub search: SearchPath,
+    pub options: LaunchOptions,
+    pub python_setup: bool,
+}
+
+impl Launcher {
+    async fn launch(
+        &self,
+        spec: &KernelspecDir,
+        language: &Language,
+        cwd: &Path,
+    ) -> Result<Kernel, ContextError> {
+        let kernel = Kernel::launch(spec, cwd, &self.options)
+            .await
+            .map_err(|source| ContextError::Launch {
+                language: language.to_string(),
+                source,
+            })?;
+        if self.python_setup && spec.kernelspec.language.eq_ignore_ascii_case("python") {
+            if let Err(e) = kernel
+                .run_silent(PYTHON_SETUP, Duration::from_secs(30))
+                .await
+            {
+                tracing::warn!(error = %crate::error::chain(&e), "python setup cell failed");
+            }
+        }
+        Ok(kernel)
+    }
+}
+
+pub struct Context {
+    pub id: String,
+    pub language: Language,
+    pub cwd: String,
+    spec: KernelspecDir,
+    launcher: Arc<Launcher>,
+    /// The current kernel; replaced on restart (and after the kernel died).
+    kernel: Mutex<Arc<Kernel>>,
+    /// Held for the whole of an execution: one execution at a time per context.
+    pub exec_lock: Mutex<()>,
+}
+
+impl Context {
+    pub fn info(&self) -> ContextInfo {
+        ContextInfo {
+            id: self.id.clone(),
+            language: self.language.to_string(),
+            cwd: self.cwd.clone(),
+        }
+    }
+
+    /// The running kernel; a kernel that died is replaced first (its state is gone
+    /// either way, and the next execution should not fail for it).
+    pub async fn kernel(&self) -> Result<Arc<Kernel>, ContextError> {
+        let mut slot = self.kernel.lock().await;
+        if !slot.is_alive() {
+            tracing::warn!(context = %self.id, "kernel died; starting a new one");
+            *slot = Arc::new(self.launch().await?);
+        }
+        Ok(slot.clone())
+    }
+
+    /// The kernel as it is now, without restarting it.
+    pub async fn current_kernel(&self) -> Arc<Kernel> {
+        self.kernel.lock().await.clone()
+    }
+
+    async fn launch(&self) -> Result<Kernel, ContextError> {
+        self.launcher
+            .launch(&self.spec, &self.language, Path::new(&self.cwd))
+            .await
+    }
+
+    /// A fresh kernel with the same language and cwd; a running execution ends with
+    /// `ContextRestarting`.
+    pub async fn restart(&self) -> Result<(), ContextError> {
+        let mut slot = self.kernel.lock().await;
+        slot.shutdown(SHUTDOWN_GRACE).await;
+        *slot = Arc::new(self.launch().await?);
+        tracing::info!(context = %self.id, "context restarted");
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        self.kernel.lock().await.shutdown(SHUTDOWN_GRACE).await;
+    }
+}
+
+pub struct Registry {
+    launcher: Arc<Launcher>,
+    pub default_cwd: String,
+    contexts: StdMutex<Vec<Arc<Context>>>,
+    /// Language → id of its default context.
+    defaults: StdMutex<HashMap<Language, String>>,
+    default_locks: StdMutex<HashMap<Language, Arc<Mutex<()>>>>,
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only simple inserts/removes happen under these locks; a poisoned one is still sound.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    pub fn new(launcher: Launcher, default_cwd: String) -> Self {
+        Self {
+            launcher: Arc::new(launcher),
+            default_cwd,
+            contexts: StdMutex::default(),
+            defaults: StdMutex::default(),
+            default_locks: StdMutex::default(),
+        }
+    }
+
+    /// Starts a new context (a new kernel).
+    pub async fn create(
+        &self,
+        language: Language,
+        cwd: Option<String>,
+    ) -> Result<Arc<Context>, ContextError> {
+        let cwd = cwd
+            .filter(|c| !c.trim().is_empty())
+            .unwrap_or_else(|| self.default_cwd.clone());
+        if !Path::new(&cwd).is_dir() {
+            return Err(ContextError::Cwd(cwd));
+        }
+        let spec = self.launcher.search.resolve(&language).await?;
+        let kernel = self
+            .launcher
+            .launch(&spec, &language, &PathBuf::from(&cwd))
+            .await?;
+        let context = Arc::new(Context {
+            id: uuid::Uuid::new_v4().to_string(),
+            language,
+            cwd,
+            spec,
+            launcher: self.launcher.clone(),
+            kernel: Mutex::new(Arc::new(kernel)),
+            exec_lock: Mutex::new(()),
+        });
+        tracing::info!(context = %context.id, language = %context.language, cwd = %context.cwd, "context created");
+        lock(&self.contexts).push(context.clone());
+        Ok(context)
+    }
+
+    /// The default context of `language`, created on first use.
+    pub async fn default_for(&self, language: &Language) -> Result<Arc<Context>, ContextError> {
+        if let Some(context) = self.existing_default(language) {
+            return Ok(context);
+        }
+        let gate = lock(&self.default_locks)
+            .entry(language.clone())
+            .or_default()
+            .clone();
+        let _guard = gate.lock().await;
+        if let Some(context) = self.existing_default(language) {
+            return Ok(context);
+        }
+        let context = self.create(language.clone(), None).await?;
+        lock(&self.defaults).insert(language.clone(), context.id.clone());
+        Ok(context)
+    }
+
+    fn existing_default(&self, language: &Language) -> Option<Arc<Context>> {
+        let id = lock(&self.defaults).get(language).cloned()?;
+        self.get(&id)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Context>> {
+        lock(&self.contexts).iter().find(|c| c.id == id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<ContextInfo> {
+        lock(&self.contexts).iter().map(|c| c.info()).collect()
+    }
+
+    /// Removes the context and shuts its kernel down. `None` if there is no such context.
+    pub async fn remove(&self, id: &str) -> Option<()> {
+        let context = {
+            let mut contexts = lock(&self.contexts);
+            let index = contexts.iter().position(|c| c.id == id)?;
+            contexts.remove(index)
+        };
+        lock(&self.defaults).retain(|_, default_id| default_id != id);
+        context.shutdown().await;
+        tracing::info!(context = %id, "context removed");
+        Some(())
+    }
+
+    /// Shuts every kernel down (server exit).
+    pub async fn shutdown_all(&self) {
+        let contexts: Vec<_> = std::mem::take(&mut *lock(&self.contexts));
+        for context in contexts {
+            context.shutdown().await;
+        }
+    }
+}
