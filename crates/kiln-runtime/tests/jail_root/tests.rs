@@ -564,6 +564,9 @@ fn real_envd_starts(fx: &Fixture) -> Result<()> {
 /// `curl https://pypi.org/simple/` and `pip download` from a Debian Internet sandbox.
 fn debian_curl_and_pip(fx: &Fixture) -> Result<()> {
     let Some(rootfs) = std::env::var_os("KILN_TEST_DEBIAN_ROOTFS") else {
+        if std::env::var_os("CI").is_some() {
+            anyhow::bail!("CI is set but KILN_TEST_DEBIAN_ROOTFS is not (scripts/test sets it)");
+        }
         println!("    SKIPPED: set KILN_TEST_DEBIAN_ROOTFS to a Debian rootfs (with curl, python3-pip) owned by 100000+");
         return Ok(());
     };
