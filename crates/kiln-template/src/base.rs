@@ -61,12 +61,50 @@ pub fn customize_hooks() -> Vec<String> {
         ),
         // As on E2B, `pip install` works without a venv (PEP 668 marker removed).
         "rm -f \"$1\"/usr/lib/python3*/EXTERNALLY-MANAGED".to_string(),
+        // Trust the CAs the host added locally, so sandboxes get through the same
+        // TLS-inspecting egress proxy as the host (curl, pip and git use this store).
+        format!(
+            "if [ -n \"$(ls -A {HOST_CA_DIR} 2>/dev/null)\" ]; then \
+             mkdir -p \"$1{HOST_CA_DIR}\" && cp -rL {HOST_CA_DIR}/. \"$1{HOST_CA_DIR}/\" \
+             && chroot \"$1\" update-ca-certificates; fi"
+        ),
     ]
 }
 
-/// Hash of everything that decides the content of the base root filesystem, except the
-/// mirror (a machine's mirror choice should not force a rebuild) and the guest binaries
-/// (the runtime binds the current ones at start).
+/// Where Debian keeps locally added CA certificates (host and template alike).
+pub const HOST_CA_DIR: &str = "/usr/local/share/ca-certificates";
+
+/// Digest of the names and contents of the files under `dir` (sorted, recursive);
+/// empty input for a missing directory. Part of the recipe hash, so adding a CA to the
+/// host rebuilds the template.
+pub fn dir_digest(dir: &Path) -> String {
+    fn walk(dir: &Path, rel: &Path, h: &mut Sha256) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let rel = rel.join(e.file_name());
+            if path.is_dir() {
+                walk(&path, &rel, h);
+            } else if let Ok(bytes) = fs::read(&path) {
+                h.update(rel.to_string_lossy().as_bytes());
+                h.update(b"\0");
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+        }
+    }
+    let mut h = Sha256::new();
+    walk(dir, Path::new(""), &mut h);
+    hex::encode(h.finalize())
+}
+
+/// Hash of everything that decides the content of the base root filesystem (the host's
+/// local CAs included), except the mirror (a machine's mirror choice should not force a
+/// rebuild) and the guest binaries (the runtime binds the current ones at start).
 pub fn recipe_hash() -> String {
     let mut h = Sha256::new();
     h.update(b"kiln base template recipe v1\n");
@@ -76,6 +114,7 @@ pub fn recipe_hash() -> String {
         h.update(format!("hook={hook}\n"));
     }
     h.update(format!("finalize={FINALIZE_VERSION}\n"));
+    h.update(format!("host_cas={}\n", dir_digest(Path::new(HOST_CA_DIR))));
     h.update(format!("id_map_base={}\n", kiln_runtime::ID_MAP_BASE));
     hex::encode(h.finalize())
 }
@@ -476,6 +515,19 @@ Components: main contrib
             fs::read_to_string(r.join("etc/hostname")).unwrap(),
             "kiln\n"
         );
+    }
+
+    #[test]
+    fn dir_digest_sees_names_and_contents() {
+        let d = tempfile::tempdir().unwrap();
+        let empty = dir_digest(d.path());
+        assert_eq!(empty, dir_digest(&d.path().join("missing")));
+        fs::create_dir(d.path().join("sub")).unwrap();
+        fs::write(d.path().join("sub/a.crt"), "A").unwrap();
+        let one = dir_digest(d.path());
+        assert_ne!(one, empty);
+        fs::write(d.path().join("sub/a.crt"), "B").unwrap();
+        assert_ne!(dir_digest(d.path()), one);
     }
 
     #[test]

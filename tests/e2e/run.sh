@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# End-to-end suite: starts a real `kiln serve`, points the official E2B SDKs at it
+# (Python e2b==2.45.1 with pytest, JS e2b 2.45.0 with node --test), then stops it and
+# fails if any sandbox process, mount or directory is left behind.
+#
+# Privilege tier: root (the jail runtime), network to PyPI/npm for the first setup and
+# to a Debian mirror for the first base-template build (~2 min, cached in the data dir).
+#
+# Usage: tests/e2e/run.sh [pytest args...]      e.g. tests/e2e/run.sh -k files
+# Environment:
+#   KILN_E2E_DATA_DIR        data dir (default /var/lib/kiln-e2e; kept, so the base
+#                            template is built once)
+#   KILN_BIN                 kiln binary (default target/x86_64-unknown-linux-gnu/debug/kiln)
+#   KILN_E2E_SKIP_BUILD=1    do not run `cargo build` first
+#   KILN_E2E_SKIP_JS=1       skip the JS SDK test
+#   KILN_E2E_RUNTIME         passed as --runtime (default: the server's default)
+#   KILN_E2E_HEALTH_TIMEOUT  seconds to wait for /healthz (default 900)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+DATA_DIR="${KILN_E2E_DATA_DIR:-/var/lib/kiln-e2e}"
+KILN_BIN="${KILN_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/debug/kiln}"
+HEALTH_TIMEOUT="${KILN_E2E_HEALTH_TIMEOUT:-900}"
+LOG_DIR="$HERE/.logs"
+SERVER_LOG="$LOG_DIR/serve-$(date -u +%Y%m%dT%H%M%SZ).log"
+SERVER_PID=""
+
+log() { printf '\n=== %s\n' "$*" >&2; }
+die() { printf '\nE2E FAILED: %s\n' "$*" >&2; exit 1; }
+
+stop_server() {
+  [ -n "$SERVER_PID" ] || return 0
+  if kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 60); do
+      kill -0 "$SERVER_PID" 2>/dev/null || break
+      sleep 0.5
+    done
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+      echo "kiln serve (pid $SERVER_PID) ignored SIGTERM for 30 s; sending SIGKILL" >&2
+      kill -KILL "$SERVER_PID" 2>/dev/null || true
+      SERVER_STOP_FAILED=1
+    fi
+  fi
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+SERVER_STOP_FAILED=0
+trap stop_server EXIT
+trap 'exit 130' INT TERM
+
+# --- setup -----------------------------------------------------------------------------
+[ "$(id -u)" = 0 ] || die "run as root (the jail runtime needs it)"
+
+log "python venv ($HERE/.venv)"
+if [ ! -x "$HERE/.venv/bin/python" ]; then
+  python3 -m venv "$HERE/.venv"
+fi
+REQ_STAMP="$HERE/.venv/.requirements.sha256"
+REQ_SUM="$(sha256sum "$HERE/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$REQ_STAMP" 2>/dev/null || true)" != "$REQ_SUM" ]; then
+  "$HERE/.venv/bin/pip" install --disable-pip-version-check -q -r "$HERE/requirements.txt"
+  echo "$REQ_SUM" >"$REQ_STAMP"
+fi
+
+if [ "${KILN_E2E_SKIP_JS:-0}" != 1 ]; then
+  log "npm ci ($HERE/js)"
+  (cd "$HERE/js" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+if [ "${KILN_E2E_SKIP_BUILD:-0}" != 1 ]; then
+  log "cargo build"
+  (cd "$ROOT" && cargo build --bins)
+fi
+[ -x "$KILN_BIN" ] || die "kiln binary not found at $KILN_BIN (cargo build, or set KILN_BIN)"
+
+# --- start the server ------------------------------------------------------------------
+mkdir -p "$LOG_DIR" "$DATA_DIR"
+PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+ADDR="127.0.0.1:$PORT"
+KILN_API_KEY="e2b_$(python3 -c 'import secrets; print(secrets.token_hex(20))')"
+export KILN_API_KEY
+RUNTIME_ARGS=()
+[ -n "${KILN_E2E_RUNTIME:-}" ] && RUNTIME_ARGS=(--runtime "$KILN_E2E_RUNTIME")
+
+log "kiln serve --listen $ADDR --data-dir $DATA_DIR ${RUNTIME_ARGS[*]:-} (log: $SERVER_LOG)"
+RUST_LOG="${RUST_LOG:-info}" "$KILN_BIN" serve --listen "$ADDR" --data-dir "$DATA_DIR" \
+  "${RUNTIME_ARGS[@]}" >"$SERVER_LOG" 2>&1 &
+SERVER_PID=$!
+
+started=$SECONDS
+next_report=$((SECONDS + 10))
+shown=0
+show_new_log() {
+  local total
+  total=$(wc -l <"$SERVER_LOG")
+  if [ "$total" -gt "$shown" ]; then
+    tail -n "+$((shown + 1))" "$SERVER_LOG" | tail -n 20 | sed 's/^/  [serve] /' >&2
+    shown=$total
+  fi
+}
+until curl -fsS -o /dev/null -m 2 "http://$ADDR/healthz" 2>/dev/null; do
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    wait "$SERVER_PID" && status=0 || status=$?
+    SERVER_PID=""
+    echo "--- last 60 lines of $SERVER_LOG" >&2
+    tail -n 60 "$SERVER_LOG" >&2
+    die "kiln serve exited with status $status before /healthz answered"
+  fi
+  if [ $((SECONDS - started)) -ge "$HEALTH_TIMEOUT" ]; then
+    show_new_log
+    die "/healthz did not answer 200 within $HEALTH_TIMEOUT s"
+  fi
+  if [ "$SECONDS" -ge "$next_report" ]; then
+    echo "waiting for /healthz ($((SECONDS - started)) s)..." >&2
+    show_new_log
+    next_report=$((SECONDS + 10))
+  fi
+  sleep 1
+done
+echo "kiln serve ready after $((SECONDS - started)) s" >&2
+for var in E2B_API_URL E2B_SANDBOX_URL E2B_API_KEY; do
+  grep -q "export $var=" "$SERVER_LOG" || echo "warning: the start banner has no 'export $var=' line" >&2
+done
+
+export E2B_API_URL="http://$ADDR"
+export E2B_SANDBOX_URL="http://$ADDR"
+export E2B_API_KEY="$KILN_API_KEY"
+export KILN_E2E_DATA_DIR="$DATA_DIR"
+
+# --- run the suites --------------------------------------------------------------------
+failed=()
+log "pytest (Python SDK e2b==2.45.1)"
+(cd "$HERE" && .venv/bin/pytest -v "$@") || failed+=("pytest")
+
+if [ "${KILN_E2E_SKIP_JS:-0}" != 1 ]; then
+  log "node --test (JS SDK)"
+  (cd "$HERE/js" && node --test) || failed+=("js")
+fi
+
+# --- leaks -----------------------------------------------------------------------------
+log "leak checks"
+left="$(curl -fsS -m 10 -H "X-API-KEY: $E2B_API_KEY" "http://$ADDR/v2/sandboxes" || echo '?')"
+if [ "$(printf '%s' "$left" | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))' 2>/dev/null)" != 0 ]; then
+  echo "sandboxes still listed after the suites: $left" >&2
+  failed+=("sandboxes left running")
+fi
+
+stop_server
+[ "$SERVER_STOP_FAILED" = 0 ] || failed+=("server did not stop on SIGTERM")
+
+# Processes whose root or cwd is inside the data dir belong to a sandbox of this server.
+DATA_REAL="$(realpath "$DATA_DIR")"
+leaked_procs=""
+for p in /proc/[0-9]*; do
+  for link in root cwd; do
+    target="$(readlink "$p/$link" 2>/dev/null || true)"
+    case "$target" in
+      "$DATA_REAL"/*)
+        leaked_procs+="  pid ${p#/proc/} ($link=$target): $(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-120)"$'\n'
+        break
+        ;;
+    esac
+  done
+done
+if [ -n "$leaked_procs" ]; then
+  printf 'processes left inside %s:\n%s' "$DATA_REAL" "$leaked_procs" >&2
+  failed+=("sandbox processes left")
+fi
+
+leaked_mounts="$(awk -v d="$DATA_REAL/" 'index($5, d) == 1 { print "  " $5 " (" $9 ")" }' /proc/self/mountinfo)"
+if [ -n "$leaked_mounts" ]; then
+  printf 'mounts left under %s:\n%s\n' "$DATA_REAL" "$leaked_mounts" >&2
+  failed+=("mounts left")
+fi
+
+if [ -d "$DATA_REAL/sandboxes" ] && [ -n "$(ls -A "$DATA_REAL/sandboxes")" ]; then
+  echo "sandbox directories left in $DATA_REAL/sandboxes:" >&2
+  ls -la "$DATA_REAL/sandboxes" >&2
+  failed+=("sandbox directories left")
+fi
+
+# Informational: what else the data dir holds (layout is the server's business).
+echo "data dir after the run: $(ls -A "$DATA_REAL" | tr '\n' ' ')" >&2
+
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "server log: $SERVER_LOG" >&2
+  die "${failed[*]}"
+fi
+log "e2e passed (server log: $SERVER_LOG)"
