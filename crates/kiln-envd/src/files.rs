@@ -370,6 +370,39 @@ async fn upload_multipart(
     query_path: Option<&str>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<UploadedEntry>, HttpError> {
+    // The multipart parser stops at the closing boundary, but a chunked body still has
+    // its epilogue and final chunk in flight. Answering before they arrive makes the
+    // server drop the keep-alive connection under a client that is still writing
+    // (the JS SDK's chunked uploads then fail with a broken pipe). So the body is read
+    // to its end by a forwarding task, and the answer waits for it.
+    let (parts, body) = request.into_parts();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, axum::Error>>(4);
+    let drain = tokio::spawn(async move {
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+            let failed = chunk.is_err();
+            // Once the parser is done the receiver is gone; keep reading regardless.
+            let _ = tx.send(chunk).await;
+            if failed {
+                break;
+            }
+        }
+    });
+    let request = Request::from_parts(
+        parts,
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    );
+    let result = parse_multipart(request, identity, query_path, metadata).await;
+    let _ = drain.await;
+    result
+}
+
+async fn parse_multipart(
+    request: Request,
+    identity: &Identity,
+    query_path: Option<&str>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<UploadedEntry>, HttpError> {
     let mut multipart = axum::extract::Multipart::from_request(request, &())
         .await
         .map_err(|e| HttpError::bad_request(format!("invalid multipart body: {e}")))?;

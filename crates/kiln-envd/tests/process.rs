@@ -477,7 +477,10 @@ async fn stream_input_update_and_sigterm() {
 async fn runs_as_the_resolved_user_with_supplementary_groups() {
     if common::uid() != 0 {
         // CI runs as root: a missing privilege there is a failure, never a skip.
-        assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root and CI is set"
+        );
         eprintln!("SKIP runs_as_the_resolved_user_with_supplementary_groups: needs root");
         return;
     }

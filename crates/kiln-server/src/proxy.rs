@@ -143,7 +143,7 @@ pub async fn forward(
             if manager.get(&id).is_none() {
                 return gone(&id);
             }
-            tracing::debug!(%id, port, error = %message, "proxying to sandbox failed");
+            tracing::warn!(%id, port, error = %message, "proxying to sandbox failed");
             return json_error(StatusCode::BAD_GATEWAY, message);
         }
     };

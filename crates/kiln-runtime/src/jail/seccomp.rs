@@ -196,7 +196,10 @@ pub fn apply(programs: &[BpfProgram]) -> Result<(), SeccompError> {
         let len = u16::try_from(p.len()).map_err(|_| {
             SeccompError::Apply(std::io::Error::other("seccomp program longer than 65535"))
         })?;
-        let prog = libc::sock_fprog { len, filter: p.as_ptr().cast_mut().cast() };
+        let prog = libc::sock_fprog {
+            len,
+            filter: p.as_ptr().cast_mut().cast(),
+        };
         // SAFETY: `prog` points at `p`, a live, correctly sized array of BPF
         // instructions that outlives the call; the kernel copies it before returning.
         let rc = unsafe {
