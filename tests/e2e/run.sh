@@ -84,42 +84,46 @@ export KILN_API_KEY
 RUNTIME_ARGS=()
 [ -n "${KILN_E2E_RUNTIME:-}" ] && RUNTIME_ARGS=(--runtime "$KILN_E2E_RUNTIME")
 
-log "kiln serve --listen $ADDR --data-dir $DATA_DIR ${RUNTIME_ARGS[*]:-} (log: $SERVER_LOG)"
-RUST_LOG="${RUST_LOG:-info}" "$KILN_BIN" serve --listen "$ADDR" --data-dir "$DATA_DIR" \
-  "${RUNTIME_ARGS[@]}" >"$SERVER_LOG" 2>&1 &
-SERVER_PID=$!
+# Start kiln serve in the background and wait until /healthz answers 200.
+start_server() {
+  log "kiln serve --listen $ADDR --data-dir $DATA_DIR ${RUNTIME_ARGS[*]:-} (log: $SERVER_LOG)"
+  RUST_LOG="${RUST_LOG:-info}" "$KILN_BIN" serve --listen "$ADDR" --data-dir "$DATA_DIR" \
+    "${RUNTIME_ARGS[@]}" >>"$SERVER_LOG" 2>&1 &
+  SERVER_PID=$!
 
-started=$SECONDS
-next_report=$((SECONDS + 10))
-shown=0
-show_new_log() {
-  local total
-  total=$(wc -l <"$SERVER_LOG")
-  if [ "$total" -gt "$shown" ]; then
-    tail -n "+$((shown + 1))" "$SERVER_LOG" | tail -n 20 | sed 's/^/  [serve] /' >&2
-    shown=$total
-  fi
+  started=$SECONDS
+  next_report=$((SECONDS + 10))
+  shown=0
+  show_new_log() {
+    local total
+    total=$(wc -l <"$SERVER_LOG")
+    if [ "$total" -gt "$shown" ]; then
+      tail -n "+$((shown + 1))" "$SERVER_LOG" | tail -n 20 | sed 's/^/  [serve] /' >&2
+      shown=$total
+    fi
+  }
+  until curl -fsS -o /dev/null -m 2 "http://$ADDR/healthz" 2>/dev/null; do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      wait "$SERVER_PID" && status=0 || status=$?
+      SERVER_PID=""
+      echo "--- last 60 lines of $SERVER_LOG" >&2
+      tail -n 60 "$SERVER_LOG" >&2
+      die "kiln serve exited with status $status before /healthz answered"
+    fi
+    if [ $((SECONDS - started)) -ge "$HEALTH_TIMEOUT" ]; then
+      show_new_log
+      die "/healthz did not answer 200 within $HEALTH_TIMEOUT s"
+    fi
+    if [ "$SECONDS" -ge "$next_report" ]; then
+      echo "waiting for /healthz ($((SECONDS - started)) s)..." >&2
+      show_new_log
+      next_report=$((SECONDS + 10))
+    fi
+    sleep 1
+  done
+  echo "kiln serve ready after $((SECONDS - started)) s" >&2
 }
-until curl -fsS -o /dev/null -m 2 "http://$ADDR/healthz" 2>/dev/null; do
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    wait "$SERVER_PID" && status=0 || status=$?
-    SERVER_PID=""
-    echo "--- last 60 lines of $SERVER_LOG" >&2
-    tail -n 60 "$SERVER_LOG" >&2
-    die "kiln serve exited with status $status before /healthz answered"
-  fi
-  if [ $((SECONDS - started)) -ge "$HEALTH_TIMEOUT" ]; then
-    show_new_log
-    die "/healthz did not answer 200 within $HEALTH_TIMEOUT s"
-  fi
-  if [ "$SECONDS" -ge "$next_report" ]; then
-    echo "waiting for /healthz ($((SECONDS - started)) s)..." >&2
-    show_new_log
-    next_report=$((SECONDS + 10))
-  fi
-  sleep 1
-done
-echo "kiln serve ready after $((SECONDS - started)) s" >&2
+start_server
 for var in E2B_API_URL E2B_SANDBOX_URL E2B_API_KEY; do
   grep -q "export $var=" "$SERVER_LOG" || echo "warning: the start banner has no 'export $var=' line" >&2
 done
@@ -137,6 +141,17 @@ log "pytest (Python SDK e2b==2.45.1)"
 if [ "${KILN_E2E_SKIP_JS:-0}" != 1 ]; then
   log "node --test (JS SDK)"
   (cd "$HERE/js" && node --test) || failed+=("js")
+fi
+
+# --- restart: sandboxes survive a server restart and their deadlines still hold --------
+log "restart (re-adoption and persisted deadlines)"
+RESTART_STATE="$LOG_DIR/restart-state.json"
+if (cd "$HERE" && .venv/bin/python restart_check.py before >"$RESTART_STATE"); then
+  stop_server
+  start_server
+  (cd "$HERE" && .venv/bin/python restart_check.py after <"$RESTART_STATE") || failed+=("restart")
+else
+  failed+=("restart")
 fi
 
 # --- leaks -----------------------------------------------------------------------------
