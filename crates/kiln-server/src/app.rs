@@ -193,6 +193,8 @@ fn template_info(t: &kiln_template::Template) -> TemplateInfo {
             default_workdir: Some(t.meta.default_workdir.clone()),
             cpu_count: None,
             memory_mb: None,
+            start_cmd: None,
+            ready_cmd: None,
         },
     }
 }

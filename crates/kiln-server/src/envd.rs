@@ -100,3 +100,108 @@ pub async fn tunnel(socket: &Path, port: u16) -> Result<hyper::upgrade::Upgraded
     }
     hyper::upgrade::on(resp).await.map_err(EnvdError::Http)
 }
+
+/// How a command run through envd ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit status; -1 when killed by a signal.
+    pub code: i32,
+    /// Tail of what it wrote to stdout and stderr, for error messages.
+    pub output: String,
+}
+
+const OUTPUT_TAIL: usize = 4096;
+
+/// Run `bash -l -c command` in the sandbox as `user` through envd's `Start`.
+/// With `wait`, read the stream to the end event and return the exit; without, return
+/// once the process has started (it keeps running: closing the stream does not kill
+/// it, and no `Connect-Timeout-Ms` is sent, so it has no deadline).
+pub async fn run(
+    socket: &Path,
+    command: &str,
+    user: &str,
+    wait: bool,
+) -> Result<Option<Exit>, EnvdError> {
+    use base64::Engine;
+    use http_body_util::BodyExt;
+    use kiln_proto::connect;
+
+    let body = serde_json::json!({
+        "process": {"cmd": "/bin/bash", "args": ["-l", "-c", command]},
+        "stdin": false,
+    });
+    let payload = connect::encode_message(&body).expect("a JSON value always serializes");
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+    let req = Request::post("/process.Process/Start")
+        .header(http::header::HOST, "envd")
+        .header(http::header::CONTENT_TYPE, connect::CONTENT_TYPE_STREAM)
+        .header(connect::HEADER_PROTOCOL_VERSION, "1")
+        .header(http::header::AUTHORIZATION, format!("Basic {basic}"))
+        .body(Body::from(payload))
+        .expect("static request parts are valid");
+    let resp = send(socket, req).await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(EnvdError::Status {
+            what: "process Start",
+            status,
+            body: read_body(resp).await,
+        });
+    }
+    let mut decoder = connect::EnvelopeDecoder::new(16 << 20);
+    let mut body = resp.into_body();
+    let mut output = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(EnvdError::Http)?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        decoder.push(data);
+        while let Some(env) = decoder.next_envelope().map_err(|e| EnvdError::Status {
+            what: "process Start stream",
+            status: StatusCode::OK,
+            body: e.to_string(),
+        })? {
+            let v: serde_json::Value = serde_json::from_slice(&env.payload).unwrap_or_default();
+            if env.is_end_stream() {
+                if let Some(err) = v.get("error") {
+                    return Err(EnvdError::Status {
+                        what: "process Start",
+                        status: StatusCode::OK,
+                        body: err.to_string(),
+                    });
+                }
+                continue;
+            }
+            let event = &v["event"];
+            if event.get("start").is_some() && !wait {
+                return Ok(None);
+            }
+            if let Some(data) = event.get("data") {
+                for stream in ["stdout", "stderr"] {
+                    if let Some(b) = data[stream].as_str() {
+                        output.extend(
+                            base64::engine::general_purpose::STANDARD
+                                .decode(b)
+                                .unwrap_or_default(),
+                        );
+                    }
+                }
+                if output.len() > OUTPUT_TAIL {
+                    output.drain(..output.len() - OUTPUT_TAIL);
+                }
+            }
+            if let Some(end) = event.get("end") {
+                return Ok(Some(Exit {
+                    code: end["exitCode"].as_i64().unwrap_or(0) as i32,
+                    output: String::from_utf8_lossy(&output).into_owned(),
+                }));
+            }
+        }
+    }
+    Err(EnvdError::Status {
+        what: "process Start",
+        status: StatusCode::OK,
+        body: "stream ended without an end event".into(),
+    })
+}

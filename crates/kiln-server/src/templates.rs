@@ -23,6 +23,10 @@ pub struct TemplateDefaults {
     pub default_workdir: Option<String>,
     pub cpu_count: Option<u32>,
     pub memory_mb: Option<u64>,
+    /// Started (as the default user, in the background) in every new sandbox.
+    pub start_cmd: Option<String>,
+    /// Run until it exits 0 before the sandbox is handed out.
+    pub ready_cmd: Option<String>,
 }
 
 #[derive(Default)]

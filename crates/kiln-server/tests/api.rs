@@ -24,6 +24,8 @@ struct FakeRuntime {
     dir: PathBuf,
     running: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
     inits: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Command lines run through the fake envd's `Start`.
+    commands: Arc<Mutex<Vec<String>>>,
     killed: Mutex<Vec<String>>,
 }
 
@@ -38,7 +40,27 @@ impl Runtime for FakeRuntime {
         let listener = tokio::net::UnixListener::bind(&socket)
             .map_err(|e| RuntimeError::io("bind fake envd", e))?;
         let inits = self.inits.clone();
+        let commands = self.commands.clone();
         let app = axum::Router::new()
+            .route(
+                "/process.Process/Start",
+                post(move |body: axum::body::Bytes| async move {
+                    let envs = kiln_proto::connect::decode_envelopes(&body, 1 << 20).unwrap();
+                    let req: serde_json::Value = serde_json::from_slice(&envs[0].payload).unwrap();
+                    let cmd = req["process"]["args"][2].as_str().unwrap().to_string();
+                    commands.lock().unwrap().push(cmd.clone());
+                    let code = if cmd == "false" { 1 } else { 0 };
+                    let mut out = Vec::new();
+                    for msg in [
+                        serde_json::json!({"event": {"start": {"pid": 7}}}),
+                        serde_json::json!({"event": {"end": {"exitCode": code, "exited": true}}}),
+                    ] {
+                        out.extend_from_slice(&kiln_proto::connect::encode_message(&msg).unwrap());
+                    }
+                    out.extend_from_slice(&kiln_proto::connect::encode_end_stream(None));
+                    ([("content-type", "application/connect+json")], out)
+                }),
+            )
             .route(
                 "/init",
                 post(
@@ -122,6 +144,15 @@ async fn start(limits: LimitsConfig) -> Harness {
         rootfs: dir.path().join("rootfs"),
         meta: TemplateDefaults {
             default_user: Some("user".into()),
+            ..Default::default()
+        },
+    });
+    templates.insert(TemplateInfo {
+        name: "served".into(),
+        rootfs: dir.path().join("rootfs"),
+        meta: TemplateDefaults {
+            start_cmd: Some("serve-forever".into()),
+            ready_cmd: Some("true".into()),
             ..Default::default()
         },
     });
@@ -240,7 +271,8 @@ async fn bad_requests_get_clear_json_errors() {
     unknown.template_id = "nope".into();
     let err = c.create(&unknown).await.unwrap_err();
     assert!(
-        err.to_string().contains("available templates: base"),
+        err.to_string()
+            .contains("available templates: base, served"),
         "{err}"
     );
     assert_eq!(status_of(c.get("doesnotexist").await.unwrap_err()), 404);
@@ -404,4 +436,20 @@ async fn routing_errors_are_json_too() {
         let body: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(body["code"], status, "{method} {path}");
     }
+}
+
+#[tokio::test]
+async fn start_and_ready_commands_run_before_create_answers() {
+    let h = start(LimitsConfig::default()).await;
+    let c = Client::new(&h.url, &h.key);
+    let mut req = new_sandbox(60, &[]);
+    req.template_id = "served".into();
+    c.create(&req).await.unwrap();
+    assert_eq!(
+        *h.runtime.commands.lock().unwrap(),
+        ["serve-forever", "true"]
+    );
+    // A template without them runs nothing.
+    c.create(&new_sandbox(60, &[])).await.unwrap();
+    assert_eq!(h.runtime.commands.lock().unwrap().len(), 2);
 }

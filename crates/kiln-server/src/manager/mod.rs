@@ -220,15 +220,15 @@ impl SandboxManager {
             default_workdir: template.meta.default_workdir.clone(),
             timestamp: Some(Utc::now().to_rfc3339()),
         };
-        if let Err(e) = crate::envd::init(&instance.envd_socket, &init).await {
-            let message = format!(
-                "sandbox {id} started but envd did not initialise: {}",
-                chain(&e)
-            );
+        if let Err(message) = prepare_guest(&instance.envd_socket, &init, &template).await {
+            let message = format!("sandbox {id} started but {message}");
             if let Err(kill) = self.runtime.kill(&id).await {
-                tracing::error!(%id, error = %chain(&kill), "cleanup after a failed init failed");
+                tracing::error!(%id, error = %chain(&kill), "cleanup after a failed start failed");
             }
-            return Err(AppError::internal(message, e));
+            return Err(AppError::Internal {
+                message,
+                source: None,
+            });
         }
 
         let now = Utc::now();
@@ -464,6 +464,47 @@ impl SandboxManager {
         for id in ids {
             let _ = self.kill(&id).await;
         }
+    }
+}
+
+/// How long a template's ready command may keep failing before a create gives up.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Hand envd its identity, then run the template's start command and wait for its
+/// ready command. The error is the message for the client.
+async fn prepare_guest(
+    socket: &std::path::Path,
+    init: &kiln_proto::InitRequest,
+    template: &crate::templates::TemplateInfo,
+) -> Result<(), String> {
+    crate::envd::init(socket, init)
+        .await
+        .map_err(|e| format!("envd did not initialise: {}", chain(&e)))?;
+    let user = template.meta.default_user.as_deref().unwrap_or("user");
+    if let Some(cmd) = &template.meta.start_cmd {
+        crate::envd::run(socket, cmd, user, false)
+            .await
+            .map_err(|e| format!("the template's start command {cmd:?} failed: {}", chain(&e)))?;
+    }
+    let Some(ready) = &template.meta.ready_cmd else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    loop {
+        let last = match crate::envd::run(socket, ready, user, true).await {
+            Ok(Some(exit)) if exit.code == 0 => return Ok(()),
+            Ok(Some(exit)) => format!("exit {}: {}", exit.code, exit.output.trim()),
+            Ok(None) => "no exit status".to_string(),
+            Err(e) => chain(&e),
+        };
+        if started.elapsed() >= READY_TIMEOUT {
+            return Err(format!(
+                "the template's ready command {ready:?} did not succeed within {} s (last: {last})",
+                READY_TIMEOUT.as_secs()
+            ));
+        }
+        tokio::time::sleep(READY_POLL).await;
     }
 }
 
