@@ -164,6 +164,13 @@ async fn main() -> Result<()> {
     )?);
     let rtt = summarize(round_trips(&client, &args).await?);
     let fork_exec = summarize(time_command(args.round_trips, "/bin/true", &[])?);
+    // The SDK always runs `bash -l -c <cmd>`; bash's own start-up (without the host's
+    // login files, which are the host's business) is part of every round trip.
+    let bash = summarize(time_command(
+        args.round_trips,
+        "/bin/bash",
+        &["-c", "true"],
+    )?);
 
     println!("| measurement | samples | p50 ms | p99 ms | mean ms |");
     println!("|---|---|---|---|---|");
@@ -194,6 +201,11 @@ async fn main() -> Result<()> {
         "floor: fork+exec of /bin/true",
         args.round_trips,
         &fork_exec,
+    );
+    row(
+        "reference: fork+exec of `/bin/bash -c true` (bash start-up)",
+        args.round_trips,
+        &bash,
     );
     println!(
         "\nround trip above the floor: p50 {} ms",

@@ -317,25 +317,35 @@ impl JailRuntime {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        cgroup::kill_all(&*self.inner.cgroups, id, Duration::from_secs(5))
-            .map_err(|e| cgroup_err(id, "killing its processes", e))?;
+        // Every step runs even when an earlier one failed, so one stuck resource does
+        // not leave the others behind; the first failure is reported.
+        let mut failures: Vec<RuntimeError> = Vec::new();
+        if let Err(e) = cgroup::kill_all(&*self.inner.cgroups, id, Duration::from_secs(5)) {
+            failures.push(cgroup_err(id, "killing its processes", e));
+        }
         if let Some(s) = &state {
             wait_helper_gone(s.helper_pid, id, Duration::from_secs(2));
             if let Some(slot) = s.slot {
-                net::remove_host_side(slot)
-                    .map_err(|e| io("removing its veth", std::io::Error::other(chain(&e))))?;
-                self.slots().release(slot.index);
+                match net::remove_host_side(slot) {
+                    Ok(()) => self.slots().release(slot.index),
+                    Err(e) => {
+                        failures.push(io("removing its veth", std::io::Error::other(chain(&e))))
+                    }
+                }
             }
         }
         unmount_leftovers(&paths.dir);
-        self.inner
-            .cgroups
-            .remove(id)
-            .map_err(|e| cgroup_err(id, "removing its cgroups", e))?;
+        if let Err(e) = self.inner.cgroups.remove(id) {
+            failures.push(cgroup_err(id, "removing its cgroups", e));
+        }
         match std::fs::remove_dir_all(&paths.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io("removing its directory", e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => failures.push(io("removing its directory", e)),
+        }
+        match failures.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 }

@@ -281,7 +281,12 @@ pub fn remove_host_side(slot: Slot) -> Result<(), NetError> {
         return Ok(());
     }
     match run("ip", &["link", "del", &slot.host_if()], None) {
-        Err(NetError::Command { stderr, .. }) if stderr.contains("Cannot find device") => Ok(()),
+        // The namespace can die between the check and the delete: same outcome.
+        Err(NetError::Command { stderr, .. })
+            if stderr.contains("Cannot find device") || stderr.contains("No such device") =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
