@@ -258,8 +258,10 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         .ensure_base(&config.bin_dir, crate::progress::print_build_event)
         .await
         .map_err(ServeError::Template)?;
-    templates.insert(template_info(&base));
+    let base = template_info(&base);
+    templates.insert(base.clone());
     templates.set_building(None);
+    manager.fill_pool(&base);
 
     print_banner(addr, runtime.kind().as_str(), &key_notice);
     // Ready only after the banner, so scripts that wait on /healthz can read it.

@@ -20,6 +20,8 @@ pub struct LimitsConfig {
     pub pids_max: u32,
     /// Disk size reported for a sandbox, in MiB.
     pub disk_size_mb: u64,
+    /// Idle sandboxes kept started per template (`KILN_POOL_SIZE`; 0 turns pools off).
+    pub pool_size: usize,
 }
 
 impl Default for LimitsConfig {
@@ -31,6 +33,7 @@ impl Default for LimitsConfig {
             cpu_count: 2,
             pids_max: 1024,
             disk_size_mb: 10 * 1024,
+            pool_size: 2,
         }
     }
 }
@@ -71,6 +74,14 @@ impl LimitsConfig {
             cpu_count: env_num("E2B_SANDBOX_CPU_LIMIT", d.cpu_count)?,
             pids_max: env_num("KILN_SANDBOX_PIDS_MAX", d.pids_max)?,
             disk_size_mb: d.disk_size_mb,
+            pool_size: match std::env::var("KILN_POOL_SIZE") {
+                Ok(v) => v.trim().parse().map_err(|_| EnvError {
+                    name: "KILN_POOL_SIZE",
+                    value: v,
+                    expected: "a whole number (0 turns warm pools off)",
+                })?,
+                Err(_) => d.pool_size,
+            },
         })
     }
 }

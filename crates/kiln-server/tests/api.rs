@@ -27,6 +27,7 @@ struct FakeRuntime {
     /// Command lines run through the fake envd's `Start`.
     commands: Arc<Mutex<Vec<String>>>,
     killed: Mutex<Vec<String>>,
+    started: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -82,6 +83,7 @@ impl Runtime for FakeRuntime {
             let _ = axum::serve(listener, app).await;
         });
         self.running.lock().unwrap().insert(config.id.clone(), task);
+        self.started.lock().unwrap().push(config.id.clone());
         Ok(SandboxInstance {
             id: config.id.clone(),
             pid: 1,
@@ -123,6 +125,7 @@ impl Runtime for FakeRuntime {
 }
 
 struct Harness {
+    manager: Arc<kiln_server::manager::SandboxManager>,
     url: String,
     key: String,
     runtime: Arc<FakeRuntime>,
@@ -163,7 +166,7 @@ async fn start(limits: LimitsConfig) -> Harness {
         limits,
     );
     let state = Arc::new(AppState {
-        manager,
+        manager: manager.clone(),
         store,
         templates,
         ready: AtomicBool::new(true),
@@ -177,6 +180,7 @@ async fn start(limits: LimitsConfig) -> Harness {
             .unwrap();
     });
     Harness {
+        manager,
         url,
         key,
         runtime,
@@ -452,4 +456,52 @@ async fn start_and_ready_commands_run_before_create_answers() {
     // A template without them runs nothing.
     c.create(&new_sandbox(60, &[])).await.unwrap();
     assert_eq!(h.runtime.commands.lock().unwrap().len(), 2);
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn warm_pool_claims_are_fresh_and_refilled() {
+    let h = start(LimitsConfig {
+        pool_size: 2,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let c = Client::new(&h.url, &h.key);
+    // Cold create first: it also asks for the pool to be filled.
+    c.create(&new_sandbox(60, &[])).await.unwrap();
+    eventually("the pool to fill", || h.manager.pooled("base") == 2).await;
+    let started = h.runtime.started.lock().unwrap().clone();
+    assert_eq!(started.len(), 3);
+
+    let claimed = c.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id;
+    assert!(
+        started[1..].contains(&claimed),
+        "{claimed} should come from the pool"
+    );
+    // The claimant got its own identity through /init, not someone else's.
+    let inits = h.runtime.inits.lock().unwrap().clone();
+    assert_eq!(inits.len(), 2);
+    assert_eq!(inits[1]["envVars"]["E2B_SANDBOX_ID"], claimed.as_str());
+    // A fresh sandbox replaces the claimed one; the claimed one is never pooled again.
+    eventually("the pool to refill", || h.manager.pooled("base") == 2).await;
+    assert_eq!(h.runtime.started.lock().unwrap().len(), 4);
+
+    // Without internet access the pool (which has it) does not fit: a cold start.
+    let mut offline = new_sandbox(60, &[]);
+    offline.allow_internet_access = Some(false);
+    let cold = c.create(&offline).await.unwrap().sandbox_id;
+    assert!(!started.contains(&cold));
+    assert_eq!(h.manager.pooled("base"), 2);
+    h.manager.drain_pools().await;
+    assert_eq!(h.manager.pooled("base"), 0);
+    assert_eq!(h.runtime.killed.lock().unwrap().len(), 2);
 }

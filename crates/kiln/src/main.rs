@@ -55,6 +55,10 @@ struct ServeArgs {
     /// Directory holding kiln-envd, kiln-init and kiln-jail (default: next to kiln).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Idle sandboxes kept started per template, so creates claim one in milliseconds
+    /// (default 2, or KILN_POOL_SIZE; 0 turns warm pools off).
+    #[arg(long)]
+    pool_size: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -170,7 +174,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .context("the kiln binary has no parent directory")?
             .to_path_buf(),
     };
-    let limits = kiln_server::LimitsConfig::from_env()?;
+    let mut limits = kiln_server::LimitsConfig::from_env()?;
+    if let Some(n) = args.pool_size {
+        limits.pool_size = n;
+    }
     let api_key = std::env::var("KILN_API_KEY").ok().filter(|k| !k.is_empty());
     let runtime: Arc<dyn kiln_runtime::Runtime> = match args.runtime {
         RuntimeChoice::Jail => Arc::new(

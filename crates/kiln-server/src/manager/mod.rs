@@ -7,6 +7,7 @@
 
 mod list;
 mod owner;
+mod pool;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ pub use list::{parse_metadata_filter, ListQuery, Page};
 use crate::config::LimitsConfig;
 use crate::error::{chain, AppError};
 use crate::store::{RecordState, SandboxRecord, Store};
-use crate::templates::Templates;
+use crate::templates::{TemplateInfo, Templates};
 
 const ID_LEN: usize = 20;
 const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -69,6 +70,7 @@ pub struct SandboxManager {
     sandboxes: RwLock<HashMap<String, Arc<SandboxEntry>>>,
     /// Creates in flight, counted against `max_sandboxes` with the running ones.
     creating: Mutex<usize>,
+    pools: pool::Pools,
 }
 
 /// Releases a create slot when a create finishes, however it finishes.
@@ -108,6 +110,7 @@ impl SandboxManager {
             limits,
             sandboxes: RwLock::new(HashMap::new()),
             creating: Mutex::new(0),
+            pools: pool::Pools::default(),
         })
     }
 
@@ -151,6 +154,23 @@ impl SandboxManager {
         Ok(Duration::seconds(timeout))
     }
 
+    fn sandbox_config(&self, id: String, template: &TemplateInfo, internet: bool) -> SandboxConfig {
+        SandboxConfig {
+            id,
+            rootfs: template.rootfs.clone(),
+            limits: Limits {
+                memory_mb: template.meta.memory_mb.unwrap_or(self.limits.memory_mb),
+                cpu_count: template.meta.cpu_count.unwrap_or(self.limits.cpu_count),
+                pids_max: self.limits.pids_max,
+            },
+            network: if internet {
+                NetworkMode::Internet
+            } else {
+                NetworkMode::Loopback
+            },
+        }
+    }
+
     fn reserve_slot(&self) -> Result<SlotGuard<'_>, AppError> {
         let running = self.count();
         let mut creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,28 +203,14 @@ impl SandboxManager {
         let template = self.templates.resolve(&req.template_id)?;
         let _slot = self.reserve_slot()?;
 
-        let id = new_id();
         let allow_internet = req.allow_internet_access.unwrap_or(true);
         let secure = req.secure.unwrap_or(false);
-        let cpu_count = template.meta.cpu_count.unwrap_or(self.limits.cpu_count);
-        let memory_mb = template.meta.memory_mb.unwrap_or(self.limits.memory_mb);
-        let config = SandboxConfig {
-            id: id.clone(),
-            rootfs: template.rootfs.clone(),
-            limits: Limits {
-                memory_mb,
-                cpu_count,
-                pids_max: self.limits.pids_max,
-            },
-            network: if allow_internet {
-                NetworkMode::Internet
-            } else {
-                NetworkMode::Loopback
-            },
-        };
-        let instance = self.runtime.start(&config).await.map_err(|e| {
+        let instance = self.acquire(&template, allow_internet).await.map_err(|e| {
             AppError::internal(format!("failed to start sandbox: {}", chain(&e)), e)
         })?;
+        let id = instance.id.clone();
+        let config = self.sandbox_config(id.clone(), &template, allow_internet);
+        let (cpu_count, memory_mb) = (config.limits.cpu_count, config.limits.memory_mb);
 
         let access_token = secure.then(new_token);
         let mut env: BTreeMap<String, String> = BTreeMap::from([

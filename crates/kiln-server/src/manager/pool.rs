@@ -1,0 +1,132 @@
+//! Warm pools: per template, a few sandboxes started ahead of time with internet access
+//! (what the SDK asks for by default) and no identity yet. A create claims one and
+//! gives it its env vars and access token through envd `/init`, so it costs
+//! milliseconds instead of a namespace, overlay and veth setup.
+//!
+//! A pooled sandbox is used once: a claim takes it out of the pool for good and a
+//! fresh one is started to replace it, so nothing of one claimant reaches another.
+//! Pooled sandboxes do not count against `E2B_MAX_SANDBOXES`; after a restart they are
+//! unknown to the store and `recover` removes them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kiln_runtime::{SandboxConfig, SandboxInstance};
+
+use super::SandboxManager;
+use crate::error::chain;
+use crate::templates::TemplateInfo;
+
+#[derive(Default)]
+pub(super) struct Pools {
+    /// Idle sandboxes by template name.
+    idle: Mutex<HashMap<String, Vec<SandboxInstance>>>,
+    /// Starts under way by template name, so refills do not overshoot.
+    starting: Mutex<HashMap<String, usize>>,
+}
+
+impl Pools {
+    pub(super) fn claim(&self, template: &str) -> Option<SandboxInstance> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(template)?
+            .pop()
+    }
+
+    pub(super) fn idle_count(&self, template: &str) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(template)
+            .map_or(0, Vec::len)
+    }
+
+    pub(super) fn drain(&self) -> Vec<SandboxInstance> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.drain().flat_map(|(_, v)| v).collect()
+    }
+
+    /// Reserve up to `want` starts for `template`; returns how many to start now.
+    fn reserve(&self, template: &str, target: usize) -> usize {
+        let idle = self.idle_count(template);
+        let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        let n = starting.entry(template.to_string()).or_default();
+        let want = target.saturating_sub(idle + *n);
+        *n += want;
+        want
+    }
+
+    fn finish(&self, template: &str, instance: Option<SandboxInstance>) {
+        let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = starting.get_mut(template) {
+            *n = n.saturating_sub(1);
+        }
+        drop(starting);
+        if let Some(i) = instance {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(template.to_string())
+                .or_default()
+                .push(i);
+        }
+    }
+}
+
+impl SandboxManager {
+    /// Top up the pool of `template` to the configured size, in the background.
+    pub fn fill_pool(self: &Arc<Self>, template: &TemplateInfo) {
+        let n = self.pools.reserve(&template.name, self.limits.pool_size);
+        for _ in 0..n {
+            let manager = self.clone();
+            let template = template.clone();
+            tokio::spawn(async move {
+                let config = manager.sandbox_config(super::new_id(), &template, true);
+                let started = manager.runtime.start(&config).await;
+                let instance = match started {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        tracing::warn!(template = %template.name, error = %chain(&e),
+                            "starting a pooled sandbox failed");
+                        None
+                    }
+                };
+                manager.pools.finish(&template.name, instance);
+            });
+        }
+    }
+
+    /// Kill every idle pooled sandbox (shutdown, tests).
+    pub async fn drain_pools(&self) {
+        for i in self.pools.drain() {
+            if let Err(e) = self.runtime.kill(&i.id).await {
+                tracing::warn!(id = %i.id, error = %chain(&e), "killing a pooled sandbox failed");
+            }
+        }
+    }
+
+    pub fn pooled(&self, template: &str) -> usize {
+        self.pools.idle_count(template)
+    }
+
+    /// A started sandbox for a create: from the pool when one fits, else a cold start.
+    pub(super) async fn acquire(
+        self: &Arc<Self>,
+        template: &TemplateInfo,
+        internet: bool,
+    ) -> Result<SandboxInstance, kiln_runtime::RuntimeError> {
+        if internet {
+            if let Some(instance) = self.pools.claim(&template.name) {
+                self.fill_pool(template);
+                return Ok(instance);
+            }
+        }
+        let config: SandboxConfig = self.sandbox_config(super::new_id(), template, internet);
+        let instance = self.runtime.start(&config).await;
+        if internet && self.limits.pool_size > 0 {
+            self.fill_pool(template);
+        }
+        instance
+    }
+}
