@@ -34,6 +34,9 @@ struct Args {
     round_trips: usize,
     #[arg(long, default_value = "base")]
     template: String,
+    /// Pause between create samples (not timed), e.g. to let a warm pool refill.
+    #[arg(long, default_value_t = 0)]
+    create_interval_ms: u64,
 }
 
 struct Summary {
@@ -111,6 +114,7 @@ async fn create_to_first_output(client: &Client, args: &Args) -> Result<Vec<Dura
             .await?;
         samples.push(first.context("no output from `echo ready`")?);
         client.kill(&sbx.sandbox_id).await?;
+        tokio::time::sleep(Duration::from_millis(args.create_interval_ms)).await;
     }
     Ok(samples)
 }

@@ -40,6 +40,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another kiln serve is using the data directory {path}; stop it or give --data-dir another directory")]
+    DataDirInUse { path: PathBuf },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -172,6 +174,26 @@ fn prepare_keys(store: &dyn Store, config: &ServerConfig) -> Result<KeyNotice, S
     Ok(KeyNotice::Plain(key))
 }
 
+fn lock_data_dir(data: &Path) -> Result<std::fs::File, ServeError> {
+    let path = data.join("kiln.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ServeError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServeError::DataDirInUse {
+            path: data.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(ServeError::DataDir { path, source }),
+    }
+}
+
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -206,6 +228,9 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         path: data.clone(),
         source,
     })?;
+    // One server per data directory: a second one would take the first one's pooled
+    // sandboxes for leftovers and remove them. Held until the process exits.
+    let _lock = lock_data_dir(data)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("kiln.db"))?);
     let key_notice = prepare_keys(store.as_ref(), &config)?;
 
@@ -250,14 +275,34 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut graceful = stop_rx.clone();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = graceful.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
 
     let template_store = kiln_template::TemplateStore::open(data).map_err(ServeError::Template)?;
     templates.set_building(Some("base".into()));
-    let base = template_store
-        .ensure_base(&config.bin_dir, crate::progress::print_build_event)
-        .await
-        .map_err(ServeError::Template)?;
+    // A stop during the first (long) template build stops the server; the half-built
+    // template is discarded by the next build.
+    let mut stop_during_build = stop_rx.clone();
+    let base = tokio::select! {
+        built = template_store.ensure_base(&config.bin_dir, crate::progress::print_build_event) => {
+            built.map_err(ServeError::Template)?
+        }
+        _ = stop_during_build.wait_for(|stop| *stop) => {
+            tracing::info!("stopped while building the base template");
+            return Ok(());
+        }
+    };
     let base = template_info(&base);
     templates.insert(base.clone());
     templates.set_building(None);
@@ -266,10 +311,46 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     print_banner(addr, runtime.kind().as_str(), &key_notice);
     // Ready only after the banner, so scripts that wait on /healthz can read it.
     state.ready.store(true, Ordering::Release);
-    match server.await {
-        Ok(r) => r.map_err(ServeError::Serve),
-        Err(e) => Err(ServeError::Serve(std::io::Error::other(e))),
+    // Open streams (a background command's output, a watch) can last forever: give
+    // them a moment after the signal, then stop regardless.
+    let mut stopping = stop_rx;
+    let served = tokio::select! {
+        r = &mut server => match r {
+            Ok(r) => r.map_err(ServeError::Serve),
+            Err(e) => Err(ServeError::Serve(std::io::Error::other(e))),
+        },
+        _ = async {
+            let _ = stopping.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            server.abort();
+            Ok(())
+        }
+    };
+    // Running sandboxes stay up and are re-adopted by the next start; idle pooled ones
+    // have no owner yet and go.
+    manager.drain_pools().await;
+    tracing::info!("kiln serve stopped");
+    served
+}
+
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
     }
+    tracing::info!("stopping: finishing open requests");
 }
 
 fn print_banner(addr: std::net::SocketAddr, runtime: &str, key: &KeyNotice) {
