@@ -146,4 +146,27 @@ pub trait Runtime: Send + Sync {
 
     /// The running instance of `id`, if its PID 1 is still alive.
     async fn adopt(&self, id: &str) -> Result<Option<SandboxInstance>, RuntimeError>;
+
+    /// Stop every process of the sandbox where it is, keeping its memory, until
+    /// [`resume`](Runtime::resume).
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(format!(
+            "the {} runtime cannot pause sandbox {id}",
+            self.kind().as_str()
+        )))
+    }
+
+    /// Continue a paused sandbox.
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(format!(
+            "the {} runtime cannot resume sandbox {id}",
+            self.kind().as_str()
+        )))
+    }
+
+    /// Whether a paused sandbox outlives a reboot of the host (a snapshot on disk)
+    /// or only lives while the host runs (a frozen cgroup).
+    fn pause_survives_reboot(&self) -> bool {
+        false
+    }
 }

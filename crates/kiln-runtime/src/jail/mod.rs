@@ -310,6 +310,9 @@ impl JailRuntime {
         let state = self.read_state(id);
         let io =
             |what: &str, e: std::io::Error| RuntimeError::io(format!("sandbox {id}: {what}"), e);
+        // A frozen task takes SIGKILL only once thawed; thawing a cgroup that is not
+        // frozen (or gone) is harmless.
+        let _ = self.inner.cgroups.request_frozen(id, false);
         if let Some(s) = state.as_ref().filter(|s| s.is_alive()) {
             // Killing PID 1 of the pid namespace kills every process in it.
             let _ = nix::sys::signal::kill(
@@ -523,6 +526,35 @@ impl Runtime for JailRuntime {
             self.slots().reserve(slot.index);
         }
         Ok(Some(self.instance(&state)))
+    }
+
+    /// The cgroup freezer: every task stops where it is, memory stays in place. It
+    /// lasts as long as the host runs (a restart of `kiln serve` re-adopts the frozen
+    /// sandbox), not across a reboot.
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.freeze(id, true).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.freeze(id, false).await
+    }
+}
+
+impl JailRuntime {
+    async fn freeze(&self, id: &str, frozen: bool) -> Result<(), RuntimeError> {
+        spec::validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        if !self.read_state(id).is_some_and(|s| s.is_alive()) {
+            return Err(RuntimeError::NotFound { id: id.to_string() });
+        }
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let what = if frozen { "freezing it" } else { "thawing it" };
+            cgroup::set_frozen(&*this.inner.cgroups, &id, frozen, Duration::from_secs(10))
+                .map_err(|e| cgroup_err(&id, what, e))
+        })
+        .await
+        .map_err(|e| RuntimeError::io("freeze task", std::io::Error::other(e.to_string())))?
     }
 }
 

@@ -27,6 +27,10 @@ const TESTS: &[(&str, Test)] = &[
         failed_starts_are_reported_and_cleaned,
     ),
     ("real_envd_starts", real_envd_starts),
+    (
+        "pause_freezes_and_resume_continues",
+        pause_freezes_and_resume_continues,
+    ),
     ("debian_curl_and_pip", debian_curl_and_pip),
 ];
 
@@ -374,6 +378,42 @@ fn fork_bomb_is_contained(fx: &Fixture) -> Result<()> {
         "host cannot fork"
     );
     // Kill must clean up a saturated sandbox.
+    fx.kill_and_check(&c.id, None)
+}
+
+/// Pause stops every process where it is (a counter stands still), resume lets it go
+/// on from the same value, and a paused sandbox can still be killed cleanly.
+fn pause_freezes_and_resume_continues(fx: &Fixture) -> Result<()> {
+    let c = fx.config("pause", NetworkMode::Loopback, SMALL);
+    let i = fx.start(&c)?;
+    fx.ok(
+        &i,
+        "(i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.02; done) \
+         >/dev/null 2>&1 </dev/null &",
+    )?;
+    let counter = fx.rt.paths(&c.id).dir.join("upper/root/count");
+    let read = || -> u64 {
+        std::fs::read_to_string(&counter)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(read() > 0, "the counter never started");
+    fx.tokio.block_on(fx.rt.pause(&c.id))?;
+    let frozen_at = read();
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        read() == frozen_at,
+        "the counter moved while paused: {frozen_at} -> {}",
+        read()
+    );
+    fx.tokio.block_on(fx.rt.resume(&c.id))?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(read() > frozen_at, "the counter did not go on after resume");
+    // Still alive and answering, and kill works on a paused sandbox too.
+    fx.ok(&i, "true")?;
+    fx.tokio.block_on(fx.rt.pause(&c.id))?;
     fx.kill_and_check(&c.id, None)
 }
 
