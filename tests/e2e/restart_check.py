@@ -1,10 +1,11 @@
 """Restart check, run by run.sh around a stop and start of `kiln serve`.
 
 `before`: create a long-lived sandbox with a file, an environment variable and a
-background process, and a short-lived one; print their ids as JSON.
+background process, a short-lived one, and a paused one with a counting process; print
+their ids as JSON.
 `after` (state on stdin): the long-lived sandbox was re-adopted (same file, same env,
-the background process still running, commands work), and the short-lived one is killed
-at its deadline by the restarted server.
+the background process still running, commands work), the short-lived one is killed at
+its deadline by the restarted server, and the paused one resumes and counts on.
 """
 
 import json
@@ -22,8 +23,22 @@ def before() -> None:
     keep.files.write("/home/user/survivor.txt", "still here")
     bg = keep.commands.run("sleep 600", background=True, timeout=0)
     short = Sandbox.create(timeout=SHORT_TIMEOUT, metadata={"e2e": "restart"})
+    paused = Sandbox.create(timeout=300, metadata={"e2e": "restart"})
+    paused.commands.run(
+        "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done'",
+        background=True,
+        timeout=0,
+    )
+    time.sleep(0.3)
+    assert paused.pause() is True
     json.dump(
-        {"keep": keep.sandbox_id, "pid": bg.pid, "short": short.sandbox_id, "t": time.time()},
+        {
+            "keep": keep.sandbox_id,
+            "pid": bg.pid,
+            "short": short.sandbox_id,
+            "paused": paused.sandbox_id,
+            "t": time.time(),
+        },
         sys.stdout,
     )
 
@@ -47,8 +62,20 @@ def after() -> None:
             break
         assert time.time() < deadline, "the short-lived sandbox outlived its deadline after a restart"
         time.sleep(1)
+    paused = Sandbox.connect(state["paused"])
+    first = int(paused.commands.run("cat /tmp/count").stdout)
+    time.sleep(0.3)
+    assert int(paused.commands.run("cat /tmp/count").stdout) > first, "paused sandbox did not resume"
+    paused.kill()
     keep.kill()
-    print("restart check passed: re-adopted", state["keep"], "and expired", short_id)
+    print(
+        "restart check passed: re-adopted",
+        state["keep"],
+        "expired",
+        short_id,
+        "resumed",
+        state["paused"],
+    )
 
 
 if __name__ == "__main__":

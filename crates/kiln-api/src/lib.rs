@@ -36,6 +36,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/sandboxes/{id}"),
     ("POST", "/sandboxes/{id}/timeout"),
     ("POST", "/sandboxes/{id}/connect"),
+    ("POST", "/sandboxes/{id}/pause"),
+    ("POST", "/sandboxes/{id}/resume"),
     ("POST", "/sandboxes/{id}/refreshes"),
     ("GET", "/sandboxes/{id}/metrics"),
 ];

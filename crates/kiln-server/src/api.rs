@@ -87,6 +87,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/sandboxes/{id}", get(detail).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/metrics", get(metrics))
 }
@@ -159,13 +161,39 @@ async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// 200 when the sandbox was running, 201 when this call resumed it.
 async fn connect(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     OptionalBody(req): OptionalBody<ConnectRequest>,
 ) -> Result<Response, AppError> {
-    let sandbox = state.manager.connect(&id, req.timeout).await?;
-    Ok((StatusCode::OK, Json(sandbox)).into_response())
+    let (sandbox, resumed) = state.manager.connect(&id, req.timeout).await?;
+    let status = if resumed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(sandbox)).into_response())
+}
+
+/// Deprecated E2B route: resume a paused sandbox (201), as `connect` does.
+async fn resume(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    OptionalBody(req): OptionalBody<ConnectRequest>,
+) -> Result<Response, AppError> {
+    let (sandbox, _) = state.manager.connect(&id, req.timeout).await?;
+    Ok((StatusCode::CREATED, Json(sandbox)).into_response())
+}
+
+/// `POST /sandboxes/{id}/pause` (body `{"memory": bool}` ignored: the pause always
+/// keeps memory). 409 when already paused.
+async fn pause(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AppError> {
+    state.manager.pause(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn refresh(

@@ -87,6 +87,15 @@ pub fn gone(id: &str) -> Response {
     (StatusCode::BAD_GATEWAY, Json(body)).into_response()
 }
 
+fn paused(id: &str) -> Response {
+    let body = SandboxGoneBody {
+        sandbox_id: id.to_string(),
+        message: "The sandbox is paused; connect to it to resume it".to_string(),
+        code: 502,
+    };
+    (StatusCode::BAD_GATEWAY, Json(body)).into_response()
+}
+
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -125,6 +134,11 @@ pub async fn forward(
     let Some(entry) = manager.get(&id) else {
         return gone(&id);
     };
+    if manager.is_paused(&id) {
+        // A frozen envd would hold the request forever; E2B's proxy also answers a
+        // paused sandbox as unreachable.
+        return paused(&id);
+    }
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);

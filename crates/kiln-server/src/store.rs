@@ -44,18 +44,21 @@ pub struct ApiKeyRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordState {
     Running,
+    Paused,
 }
 
 impl RecordState {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             RecordState::Running => "running",
+            RecordState::Paused => "paused",
         }
     }
 
     fn parse(s: &str) -> Result<Self, StoreError> {
         match s {
             "running" => Ok(RecordState::Running),
+            "paused" => Ok(RecordState::Paused),
             other => Err(StoreError::Corrupt(format!(
                 "unknown sandbox state {other:?}"
             ))),
@@ -80,6 +83,8 @@ pub struct SandboxRecord {
     pub metadata: BTreeMap<String, String>,
     /// The API key that created it.
     pub owner_key_id: i64,
+    /// At the deadline, pause instead of kill (`autoPause` at create).
+    pub auto_pause: bool,
 }
 
 /// The persistence operations the control plane needs.
@@ -99,6 +104,7 @@ pub trait Store: Send + Sync {
 
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError>;
     fn set_end_at(&self, id: &str, end_at: DateTime<Utc>) -> Result<(), StoreError>;
+    fn set_state(&self, id: &str, state: RecordState) -> Result<(), StoreError>;
     fn delete_sandbox(&self, id: &str) -> Result<(), StoreError>;
     fn list_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError>;
 }
@@ -130,9 +136,29 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     allow_internet_access INTEGER NOT NULL,
     access_token TEXT,
     metadata TEXT NOT NULL,
-    owner_key_id INTEGER NOT NULL
+    owner_key_id INTEGER NOT NULL,
+    auto_pause INTEGER NOT NULL DEFAULT 0
 );
 ";
+
+/// Columns added after the first release, with their definitions: added to older
+/// databases at open.
+const ADDED_COLUMNS: &[(&str, &str, &str)] =
+    &[("sandboxes", "auto_pause", "INTEGER NOT NULL DEFAULT 0")];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, def) in ADDED_COLUMNS {
+        let exists: bool = conn.query_row(
+            &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+            params![column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !exists {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+        }
+    }
+    Ok(())
+}
 
 fn q(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Query { what, source }
@@ -156,6 +182,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&conn).map_err(open_err)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -203,7 +230,8 @@ fn finish_key(
 
 const KEY_COLUMNS: &str = "id, name, prefix, admin, created_at, revoked_at";
 const SANDBOX_COLUMNS: &str = "id, template_id, state, runtime, started_at, end_at, cpu_count, \
-     memory_mb, disk_size_mb, allow_internet_access, access_token, metadata, owner_key_id";
+     memory_mb, disk_size_mb, allow_internet_access, access_token, metadata, owner_key_id, \
+     auto_pause";
 
 impl Store for SqliteStore {
     fn insert_key(
@@ -279,7 +307,7 @@ impl Store for SqliteStore {
             .execute(
                 &format!(
                     "INSERT OR REPLACE INTO sandboxes ({SANDBOX_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
                 ),
                 params![
                     rec.id,
@@ -295,6 +323,7 @@ impl Store for SqliteStore {
                     rec.access_token,
                     metadata,
                     rec.owner_key_id,
+                    rec.auto_pause as i64,
                 ],
             )
             .map_err(q("save sandbox"))?;
@@ -308,6 +337,16 @@ impl Store for SqliteStore {
                 params![end_at.to_rfc3339(), id],
             )
             .map_err(q("update sandbox deadline"))?;
+        Ok(())
+    }
+
+    fn set_state(&self, id: &str, state: RecordState) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE sandboxes SET state = ?1 WHERE id = ?2",
+                params![state.as_str(), id],
+            )
+            .map_err(q("update sandbox state"))?;
         Ok(())
     }
 
@@ -325,62 +364,71 @@ impl Store for SqliteStore {
                 "SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY started_at"
             ))
             .map_err(q("list sandboxes"))?;
-        type Raw = (
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            u32,
-            i64,
-            i64,
-            i64,
-            Option<String>,
-            String,
-            i64,
-        );
         let rows = stmt
             .query_map([], |r| {
-                Ok::<Raw, _>((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                    r.get(8)?,
-                    r.get(9)?,
-                    r.get(10)?,
-                    r.get(11)?,
-                    r.get(12)?,
-                ))
+                Ok(RawSandbox {
+                    id: r.get(0)?,
+                    template_id: r.get(1)?,
+                    state: r.get(2)?,
+                    runtime: r.get(3)?,
+                    started_at: r.get(4)?,
+                    end_at: r.get(5)?,
+                    cpu_count: r.get(6)?,
+                    memory_mb: r.get(7)?,
+                    disk_size_mb: r.get(8)?,
+                    allow_internet_access: r.get(9)?,
+                    access_token: r.get(10)?,
+                    metadata: r.get(11)?,
+                    owner_key_id: r.get(12)?,
+                    auto_pause: r.get(13)?,
+                })
             })
             .map_err(q("list sandboxes"))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, template_id, state, runtime, started, end, cpu, mem, disk, net, tok, md, key) =
-                row.map_err(q("read sandbox row"))?;
-            out.push(SandboxRecord {
-                state: RecordState::parse(&state)?,
-                started_at: parse_time(&started)?,
-                end_at: parse_time(&end)?,
-                metadata: serde_json::from_str(&md)
-                    .map_err(|e| StoreError::Corrupt(format!("metadata of {id}: {e}")))?,
-                id,
-                template_id,
-                runtime,
-                cpu_count: cpu,
-                memory_mb: mem.max(0) as u64,
-                disk_size_mb: disk.max(0) as u64,
-                allow_internet_access: net != 0,
-                access_token: tok,
-                owner_key_id: key,
-            });
-        }
-        Ok(out)
+        rows.map(|row| {
+            row.map_err(q("read sandbox row"))
+                .and_then(RawSandbox::into_record)
+        })
+        .collect()
+    }
+}
+
+/// A `sandboxes` row as SQLite holds it.
+struct RawSandbox {
+    id: String,
+    template_id: String,
+    state: String,
+    runtime: String,
+    started_at: String,
+    end_at: String,
+    cpu_count: u32,
+    memory_mb: i64,
+    disk_size_mb: i64,
+    allow_internet_access: i64,
+    access_token: Option<String>,
+    metadata: String,
+    owner_key_id: i64,
+    auto_pause: i64,
+}
+
+impl RawSandbox {
+    fn into_record(self) -> Result<SandboxRecord, StoreError> {
+        Ok(SandboxRecord {
+            state: RecordState::parse(&self.state)?,
+            started_at: parse_time(&self.started_at)?,
+            end_at: parse_time(&self.end_at)?,
+            metadata: serde_json::from_str(&self.metadata)
+                .map_err(|e| StoreError::Corrupt(format!("metadata of {}: {e}", self.id)))?,
+            id: self.id,
+            template_id: self.template_id,
+            runtime: self.runtime,
+            cpu_count: self.cpu_count,
+            memory_mb: self.memory_mb.max(0) as u64,
+            disk_size_mb: self.disk_size_mb.max(0) as u64,
+            allow_internet_access: self.allow_internet_access != 0,
+            access_token: self.access_token,
+            owner_key_id: self.owner_key_id,
+            auto_pause: self.auto_pause != 0,
+        })
     }
 }
 
@@ -403,7 +451,32 @@ mod tests {
             access_token: Some("t".into()),
             metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
             owner_key_id: 1,
+            auto_pause: true,
         }
+    }
+
+    #[test]
+    fn old_databases_gain_new_columns_and_states_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            // The first release's table, without auto_pause.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE sandboxes (id TEXT PRIMARY KEY, template_id TEXT NOT NULL,
+                 state TEXT NOT NULL, runtime TEXT NOT NULL, started_at TEXT NOT NULL,
+                 end_at TEXT NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
+                 disk_size_mb INTEGER NOT NULL, allow_internet_access INTEGER NOT NULL,
+                 access_token TEXT, metadata TEXT NOT NULL, owner_key_id INTEGER NOT NULL);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        s.upsert_sandbox(&record("p1")).unwrap();
+        s.set_state("p1", RecordState::Paused).unwrap();
+        let got = &s.list_sandboxes().unwrap()[0];
+        assert_eq!(got.state, RecordState::Paused);
+        assert!(got.auto_pause);
     }
 
     #[test]

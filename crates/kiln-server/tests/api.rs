@@ -28,6 +28,7 @@ struct FakeRuntime {
     commands: Arc<Mutex<Vec<String>>>,
     killed: Mutex<Vec<String>>,
     started: Mutex<Vec<String>>,
+    paused: Mutex<HashSet<String>>,
 }
 
 #[async_trait]
@@ -121,6 +122,16 @@ impl Runtime for FakeRuntime {
 
     async fn adopt(&self, _id: &str) -> Result<Option<SandboxInstance>, RuntimeError> {
         Ok(None)
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.paused.lock().unwrap().insert(id.to_string());
+        Ok(())
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.paused.lock().unwrap().remove(id);
+        Ok(())
     }
 }
 
@@ -504,4 +515,98 @@ async fn warm_pool_claims_are_fresh_and_refilled() {
     h.manager.drain_pools().await;
     assert_eq!(h.manager.pooled("base"), 0);
     assert_eq!(h.runtime.killed.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn pause_and_resume_through_connect() {
+    let h = start(LimitsConfig::default()).await;
+    let c = Client::new(&h.url, &h.key);
+    let id = c.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id;
+    let http = reqwest::Client::new();
+    let post = |path: String| {
+        http.post(format!("{}{path}", h.url))
+            .header("x-api-key", &h.key)
+            .json(&serde_json::json!({"memory": true}))
+            .send()
+    };
+    assert_eq!(
+        post(format!("/sandboxes/{id}/pause"))
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert!(h.runtime.paused.lock().unwrap().contains(&id));
+    // Already paused: 409, which the SDK's pause() turns into False.
+    assert_eq!(
+        post(format!("/sandboxes/{id}/pause"))
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
+    assert_eq!(
+        c.get(&id).await.unwrap().state,
+        kiln_api::SandboxState::Paused
+    );
+    let paused: Vec<serde_json::Value> = http
+        .get(format!("{}/v2/sandboxes?state=paused", h.url))
+        .header("x-api-key", &h.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(paused.len(), 1);
+    // envd traffic to a paused sandbox is refused, not left hanging.
+    let resp = http
+        .post(format!("{}/echo", h.url))
+        .header("e2b-sandbox-id", &id)
+        .header("e2b-sandbox-port", "49983")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    // Connect resumes (201), then is a plain connect (200).
+    assert_eq!(
+        post(format!("/sandboxes/{id}/connect"))
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    assert!(h.runtime.paused.lock().unwrap().is_empty());
+    assert_eq!(
+        c.get(&id).await.unwrap().state,
+        kiln_api::SandboxState::Running
+    );
+    assert_eq!(
+        post(format!("/sandboxes/{id}/connect"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn auto_pause_pauses_at_the_deadline_instead_of_killing() {
+    let h = start(LimitsConfig::default()).await;
+    let c = Client::new(&h.url, &h.key);
+    let mut req = new_sandbox(1, &[]);
+    req.auto_pause = Some(true);
+    let id = c.create(&req).await.unwrap().sandbox_id;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        c.get(&id).await.unwrap().state,
+        kiln_api::SandboxState::Paused
+    );
+    assert!(h.runtime.killed.lock().unwrap().is_empty());
+    // A paused sandbox has no deadline; a resume gives it a new one.
+    c.connect(&id, 30).await.unwrap();
+    assert_eq!(
+        c.get(&id).await.unwrap().state,
+        kiln_api::SandboxState::Running
+    );
 }

@@ -102,7 +102,7 @@ pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, A
     let after = q.next_token.as_deref().map(decode_token).transpose()?;
 
     all.retain(|r| {
-        (states.is_empty() || states.contains(&"running"))
+        (states.is_empty() || states.contains(&r.state.as_str()))
             && metadata
                 .as_ref()
                 .is_none_or(|m| m.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
@@ -144,6 +144,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             owner_key_id: 1,
+            auto_pause: false,
         }
     }
 

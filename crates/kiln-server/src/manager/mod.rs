@@ -41,6 +41,14 @@ enum Command {
     Kill {
         reply: oneshot::Sender<Result<(), AppError>>,
     },
+    Pause {
+        reply: oneshot::Sender<Result<(), AppError>>,
+    },
+    /// Resume if paused, with a fresh deadline; `Ok(true)` when it was paused.
+    Resume {
+        end_at: DateTime<Utc>,
+        reply: oneshot::Sender<Result<bool, AppError>>,
+    },
 }
 
 /// One live sandbox as the rest of the server sees it.
@@ -71,6 +79,9 @@ pub struct SandboxManager {
     /// Creates in flight, counted against `max_sandboxes` with the running ones.
     creating: Mutex<usize>,
     pools: pool::Pools,
+    /// Paused sandboxes the host lost (a reboot under a runtime whose pause lives in
+    /// memory), with the message a resume gets.
+    lost: Mutex<HashMap<String, String>>,
 }
 
 /// Releases a create slot when a create finishes, however it finishes.
@@ -111,6 +122,7 @@ impl SandboxManager {
             sandboxes: RwLock::new(HashMap::new()),
             creating: Mutex::new(0),
             pools: pool::Pools::default(),
+            lost: Mutex::new(HashMap::new()),
         })
     }
 
@@ -252,6 +264,7 @@ impl SandboxManager {
             access_token: access_token.clone(),
             metadata: req.metadata.unwrap_or_default(),
             owner_key_id,
+            auto_pause: req.auto_pause.unwrap_or(false),
         };
         if let Err(e) = self.store.upsert_sandbox(&record) {
             let _ = self.runtime.kill(&id).await;
@@ -292,6 +305,9 @@ impl SandboxManager {
         id: &str,
         make: impl FnOnce(Arc<SandboxEntry>) -> Command,
     ) -> Result<(), AppError> {
+        if let Some(message) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Err(AppError::Conflict(message.clone()));
+        }
         let entry = self.require(id)?;
         entry
             .commands
@@ -339,11 +355,23 @@ impl SandboxManager {
 
     /// `POST /sandboxes/{id}/connect`: the sandbox's identity, its deadline extended to
     /// at least `timeout` seconds from now.
-    pub async fn connect(&self, id: &str, timeout: Option<i64>) -> Result<Sandbox, AppError> {
+    pub async fn connect(
+        &self,
+        id: &str,
+        timeout: Option<i64>,
+    ) -> Result<(Sandbox, bool), AppError> {
         let ttl = self.validate_timeout(timeout.unwrap_or(300))?;
-        self.set_deadline(id, ttl, true).await?;
+        let (reply, rx) = oneshot::channel();
+        let end_at = Utc::now() + ttl;
+        self.send(id, |_| Command::Resume { end_at, reply }).await?;
+        let resumed = rx
+            .await
+            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))??;
+        if !resumed {
+            self.set_deadline(id, ttl, true).await?;
+        }
         let rec = self.require(id)?.record();
-        Ok(Sandbox {
+        let sandbox = Sandbox {
             template_id: rec.template_id,
             sandbox_id: rec.id,
             client_id: kiln_api::CLIENT_ID.to_string(),
@@ -352,11 +380,34 @@ impl SandboxManager {
             envd_access_token: rec.access_token,
             traffic_access_token: None,
             domain: None,
-        })
+        };
+        Ok((sandbox, resumed))
+    }
+
+    /// `POST /sandboxes/{id}/pause`: 409 when already paused.
+    pub async fn pause(&self, id: &str) -> Result<(), AppError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(id, |_| Command::Pause { reply }).await?;
+        rx.await
+            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))?
+    }
+
+    pub fn is_paused(&self, id: &str) -> bool {
+        self.get(id)
+            .is_some_and(|e| e.record().state == RecordState::Paused)
     }
 
     /// `DELETE /sandboxes/{id}`.
     pub async fn kill(&self, id: &str) -> Result<(), AppError> {
+        let lost = self
+            .lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if lost.is_some() {
+            self.store.delete_sandbox(id)?;
+            return Ok(());
+        }
         let (reply, rx) = oneshot::channel();
         self.send(id, |_| Command::Kill { reply }).await?;
         rx.await
@@ -423,11 +474,31 @@ impl SandboxManager {
         let known: std::collections::HashSet<String> =
             records.iter().map(|r| r.id.clone()).collect();
         for rec in records {
-            let alive = if rec.end_at > Utc::now() {
+            let paused = rec.state == RecordState::Paused;
+            let alive = if paused || rec.end_at > Utc::now() {
                 self.runtime.adopt(&rec.id).await.ok().flatten()
             } else {
                 None
             };
+            if alive.is_none() && paused && !self.runtime.pause_survives_reboot() {
+                let message = format!(
+                    "sandbox \"{}\" was paused on the {} runtime, whose pause keeps a \
+                     sandbox only while the host runs; the host restarted, so it cannot be \
+                     resumed. Kill it and create a new one.",
+                    rec.id,
+                    self.runtime.kind().as_str()
+                );
+                tracing::warn!(id = %rec.id, "{message}");
+                if let Err(e) = self.runtime.kill(&rec.id).await {
+                    tracing::error!(id = %rec.id, error = %chain(&e), "cleanup failed");
+                }
+                self.lost
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(rec.id.clone(), message);
+                cleaned += 1;
+                continue;
+            }
             match alive {
                 Some(instance) => {
                     tracing::info!(id = %rec.id, "re-adopted sandbox after restart");
@@ -527,6 +598,7 @@ pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
         disk_size_mb: rec.disk_size_mb,
         state: match rec.state {
             RecordState::Running => SandboxState::Running,
+            RecordState::Paused => SandboxState::Paused,
         },
         alias: None,
         envd_access_token: rec.access_token.clone(),

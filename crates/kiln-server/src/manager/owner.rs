@@ -8,6 +8,10 @@ use tokio::sync::mpsc;
 
 use super::{Command, SandboxEntry, SandboxManager};
 use crate::error::{chain, AppError};
+use crate::store::RecordState;
+
+/// A paused sandbox's owner only wakes for commands; this just bounds the timer.
+const PAUSED_WAKEUP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 pub(super) async fn run(
     manager: Arc<SandboxManager>,
@@ -16,8 +20,12 @@ pub(super) async fn run(
 ) {
     let id = entry.record().id;
     loop {
-        let end_at = entry.record().end_at;
-        let wait = (end_at - Utc::now()).to_std().unwrap_or_default();
+        let rec = entry.record();
+        // A paused sandbox has no deadline: it waits for a resume or a kill.
+        let wait = match rec.state {
+            RecordState::Running => (rec.end_at - Utc::now()).to_std().unwrap_or_default(),
+            RecordState::Paused => PAUSED_WAKEUP,
+        };
         tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(Command::SetDeadline { end_at, extend_only, reply }) => {
@@ -27,11 +35,25 @@ pub(super) async fn run(
                     let _ = reply.send(teardown(&manager, &id).await);
                     return;
                 }
+                Some(Command::Pause { reply }) => {
+                    let _ = reply.send(pause(&manager, &entry).await);
+                }
+                Some(Command::Resume { end_at, reply }) => {
+                    let _ = reply.send(resume(&manager, &entry, end_at).await);
+                }
                 None => return,
             },
             _ = tokio::time::sleep(wait) => {
-                // The deadline may have moved while we slept; re-check before killing.
-                if entry.record().end_at <= Utc::now() {
+                // The deadline may have moved while we slept; re-check before acting.
+                let rec = entry.record();
+                if rec.state == RecordState::Running && rec.end_at <= Utc::now() && rec.auto_pause {
+                    tracing::info!(%id, "sandbox reached its timeout; pausing it (autoPause)");
+                    if let Err(e) = pause(&manager, &entry).await {
+                        tracing::error!(%id, error = %chain(&e), "auto-pause failed; killing");
+                        let _ = teardown(&manager, &id).await;
+                        return;
+                    }
+                } else if rec.state == RecordState::Running && rec.end_at <= Utc::now() {
                     tracing::info!(%id, "sandbox reached its timeout");
                     if let Err(e) = teardown(&manager, &id).await {
                         tracing::error!(%id, error = %chain(&e), "killing an expired sandbox failed");
@@ -41,6 +63,56 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+async fn pause(manager: &SandboxManager, entry: &SandboxEntry) -> Result<(), AppError> {
+    let id = entry.record().id;
+    if entry.record().state == RecordState::Paused {
+        return Err(AppError::Conflict(format!(
+            "sandbox \"{id}\" is already paused"
+        )));
+    }
+    manager.runtime.pause(&id).await.map_err(|e| match e {
+        kiln_runtime::RuntimeError::Unsupported(message) => AppError::BadRequest(message),
+        other => AppError::internal(format!("pausing sandbox {id} failed"), other),
+    })?;
+    set_state(manager, entry, RecordState::Paused)?;
+    tracing::info!(%id, "sandbox paused");
+    Ok(())
+}
+
+async fn resume(
+    manager: &SandboxManager,
+    entry: &SandboxEntry,
+    end_at: chrono::DateTime<Utc>,
+) -> Result<bool, AppError> {
+    let id = entry.record().id;
+    if entry.record().state != RecordState::Paused {
+        return Ok(false);
+    }
+    manager
+        .runtime
+        .resume(&id)
+        .await
+        .map_err(|e| AppError::internal(format!("resuming sandbox {id} failed"), e))?;
+    set_deadline(manager, entry, end_at, false)?;
+    set_state(manager, entry, RecordState::Running)?;
+    tracing::info!(%id, "sandbox resumed");
+    Ok(true)
+}
+
+fn set_state(
+    manager: &SandboxManager,
+    entry: &SandboxEntry,
+    state: RecordState,
+) -> Result<(), AppError> {
+    manager.store.set_state(&entry.record().id, state)?;
+    entry
+        .record
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .state = state;
+    Ok(())
 }
 
 fn set_deadline(

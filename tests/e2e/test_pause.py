@@ -1,0 +1,42 @@
+"""Pause and resume with the SDK: `sbx.pause()` then `Sandbox.connect(id)`.
+
+On the jail runtime a pause freezes the sandbox's cgroup: processes stop where they are
+and keep their memory, so a counting background process goes on from where it stood.
+"""
+
+import time
+
+from e2b import Sandbox, SandboxQuery, SandboxState
+
+from helpers import probe
+
+
+def _count(sbx: Sandbox) -> int:
+    return int(probe(sbx, "cat /tmp/count"))
+
+
+def test_pause_keeps_processes_and_memory(new_sandbox):
+    sbx = new_sandbox()
+    # A shell variable (process memory) counts; the file only reports it.
+    sbx.commands.run(
+        "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done'",
+        background=True,
+        timeout=0,
+    )
+    time.sleep(0.5)
+    assert _count(sbx) > 0
+
+    assert sbx.pause() is True
+    assert sbx.pause() is False, "a second pause reports 'already paused'"
+    info = Sandbox.get_info(sbx.sandbox_id)
+    assert info.state == SandboxState.PAUSED
+    paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+    assert sbx.sandbox_id in [s.sandbox_id for s in paused]
+
+    resumed = Sandbox.connect(sbx.sandbox_id)
+    at_resume = _count(resumed)
+    time.sleep(0.5)
+    after = _count(resumed)
+    assert after > at_resume, "the counting process did not go on after resume"
+    assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+    assert resumed.commands.run("echo alive").stdout.strip() == "alive"
