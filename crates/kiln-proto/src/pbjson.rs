@@ -196,9 +196,9 @@ impl fmt::Display for Timestamp {
         };
         let digits = if self.nanos == 0 {
             SecondsFormat::Secs
-        } else if self.nanos % 1_000_000 == 0 {
+        } else if self.nanos.is_multiple_of(1_000_000) {
             SecondsFormat::Millis
-        } else if self.nanos % 1_000 == 0 {
+        } else if self.nanos.is_multiple_of(1_000) {
             SecondsFormat::Micros
         } else {
             SecondsFormat::Nanos
