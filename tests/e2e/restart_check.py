@@ -9,6 +9,7 @@ its deadline by the restarted server, and the paused one resumes and counts on.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -16,6 +17,9 @@ from e2b import Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
 
 SHORT_TIMEOUT = 15
+# Pause is implemented on the jail (cgroup freezer); on gVisor it needs checkpoint and
+# restore, which runsc 2022 cannot do with envd's host socket (docs/gvisor.md).
+PAUSE = os.environ.get("KILN_E2E_RUNTIME", "jail") in ("", "jail")
 
 
 def before() -> None:
@@ -23,20 +27,21 @@ def before() -> None:
     keep.files.write("/home/user/survivor.txt", "still here")
     bg = keep.commands.run("sleep 600", background=True, timeout=0)
     short = Sandbox.create(timeout=SHORT_TIMEOUT, metadata={"e2e": "restart"})
-    paused = Sandbox.create(timeout=300, metadata={"e2e": "restart"})
-    paused.commands.run(
-        "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done'",
-        background=True,
-        timeout=0,
-    )
-    time.sleep(0.3)
-    assert paused.pause() is True
+    paused = Sandbox.create(timeout=300, metadata={"e2e": "restart"}) if PAUSE else None
+    if paused:
+        paused.commands.run(
+            "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done'",
+            background=True,
+            timeout=0,
+        )
+        time.sleep(0.3)
+        assert paused.pause() is True
     json.dump(
         {
             "keep": keep.sandbox_id,
             "pid": bg.pid,
             "short": short.sandbox_id,
-            "paused": paused.sandbox_id,
+            "paused": paused.sandbox_id if paused else None,
             "t": time.time(),
         },
         sys.stdout,
@@ -62,11 +67,12 @@ def after() -> None:
             break
         assert time.time() < deadline, "the short-lived sandbox outlived its deadline after a restart"
         time.sleep(1)
-    paused = Sandbox.connect(state["paused"])
-    first = int(paused.commands.run("cat /tmp/count").stdout)
-    time.sleep(0.3)
-    assert int(paused.commands.run("cat /tmp/count").stdout) > first, "paused sandbox did not resume"
-    paused.kill()
+    if state["paused"]:
+        paused = Sandbox.connect(state["paused"])
+        first = int(paused.commands.run("cat /tmp/count").stdout)
+        time.sleep(0.3)
+        assert int(paused.commands.run("cat /tmp/count").stdout) > first, "did not resume"
+        paused.kill()
     keep.kill()
     print(
         "restart check passed: re-adopted",

@@ -40,6 +40,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/sandboxes/{id}/resume"),
     ("POST", "/sandboxes/{id}/refreshes"),
     ("GET", "/sandboxes/{id}/metrics"),
+    ("POST", "/v3/templates"),
+    ("GET", "/templates"),
+    ("GET", "/templates/{id}"),
+    ("DELETE", "/templates/{id}"),
+    ("GET", "/templates/aliases/{id}"),
+    ("GET", "/templates/{id}/files/{id}"),
+    ("POST", "/v2/templates/{id}/builds/{id}"),
+    ("GET", "/templates/{id}/builds/{id}/status"),
 ];
 
 /// `POST /sandboxes` body.

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod exec;
+mod templates;
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 pub use exec::{ExecEvent, ExecOutput};
+pub use templates::{BuildLogEntry, BuildOutcome, ContextUpload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

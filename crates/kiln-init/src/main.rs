@@ -7,8 +7,9 @@
 //!
 //! Signals are handled synchronously: they are blocked before envd starts and taken
 //! with `sigwait`, so there are no handlers and no async-signal-safety concerns. The
-//! child gets an empty signal mask (std's `Command` resets it).
+//! child gets an empty signal mask (set explicitly before exec).
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
 use nix::errno::Errno;
@@ -64,9 +65,25 @@ fn run(command: &[String]) -> Result<u8, String> {
     mask.thread_set_mask()
         .map_err(|e| format!("blocking signals: {e}"))?;
 
-    let child = Command::new(&command[0])
-        .args(&command[1..])
-        .env("PATH", PATH)
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..]).env("PATH", PATH);
+    // std resets the mask on its fork/exec path, but not on every spawn path of every
+    // kernel: under gVisor envd started with SIGCHLD still blocked and never saw its
+    // children exit. Clear it explicitly in the child.
+    // SAFETY: the closure runs between fork and exec and only calls sigprocmask with a
+    // stack-local empty set, which is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let empty = SigSet::empty();
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&empty),
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd
         .spawn()
         .map_err(|e| format!("starting {:?}: {e}", command[0]))?;
     let envd = Pid::from_raw(child.id() as i32);

@@ -2,13 +2,14 @@
 //!
 //! A [`Runtime`] turns a [`SandboxConfig`] (a template root filesystem, limits and a
 //! network mode) into a running sandbox whose envd answers on a Unix socket that only
-//! the host can open. Backends: [`jail`] (namespaces, cgroups, seccomp, overlayfs).
-//! `gvisor` and warm pools come later behind the same trait.
+//! the host can open. Backends: [`jail`] (namespaces, cgroups, seccomp, overlayfs) and
+//! [`gvisor`] (OCI bundles run by `runsc`). Warm pools come later behind the same trait.
 
 use std::path::PathBuf;
 
 use async_trait::async_trait;
 
+pub mod gvisor;
 pub mod jail;
 
 /// First host uid (and gid) of the range that sandbox ids 0.. map to. Template root
@@ -26,12 +27,14 @@ pub const GUEST_ENVD_SOCKET: &str = "/run/kiln/envd.sock";
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     Jail,
+    Gvisor,
 }
 
 impl RuntimeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Jail => "jail",
+            RuntimeKind::Gvisor => "gvisor",
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct AppState {
     pub templates: Arc<Templates>,
     pub ready: AtomicBool,
     pub domain: Option<String>,
+    /// Template builds (`template_api`); `None` where the server cannot build.
+    pub builds: Option<Arc<crate::template_api::TemplateBuilds>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api)
+        .merge(crate::template_api::public_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -217,6 +220,7 @@ fn template_info(t: &kiln_template::Template) -> TemplateInfo {
             memory_mb: None,
             start_cmd: None,
             ready_cmd: None,
+            envs: Default::default(),
         },
     }
 }
@@ -253,12 +257,20 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         );
     }
 
+    let runner = Arc::new(crate::template_runner::JailStepRunner {
+        runtime: runtime.clone(),
+        sandbox_state_dir: data.join("sandboxes"),
+    });
+    let builds = crate::template_api::TemplateBuilds::open(data, runner, templates.clone())
+        .map_err(ServeError::Template)?;
+    builds.register_all();
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store,
         templates: templates.clone(),
         ready: AtomicBool::new(false),
         domain: config.domain.clone(),
+        builds: Some(Arc::new(builds)),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

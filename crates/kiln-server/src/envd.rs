@@ -122,6 +122,17 @@ pub async fn run(
     user: &str,
     wait: bool,
 ) -> Result<Option<Exit>, EnvdError> {
+    run_with_token(socket, command, user, wait, None).await
+}
+
+/// [`run`] in a sandbox whose envd requires `access_token` (a secure sandbox).
+pub async fn run_with_token(
+    socket: &Path,
+    command: &str,
+    user: &str,
+    wait: bool,
+    access_token: Option<&str>,
+) -> Result<Option<Exit>, EnvdError> {
     use base64::Engine;
     use http_body_util::BodyExt;
     use kiln_proto::connect;
@@ -132,11 +143,15 @@ pub async fn run(
     });
     let payload = connect::encode_message(&body).expect("a JSON value always serializes");
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
-    let req = Request::post("/process.Process/Start")
+    let mut req = Request::post("/process.Process/Start")
         .header(http::header::HOST, "envd")
         .header(http::header::CONTENT_TYPE, connect::CONTENT_TYPE_STREAM)
         .header(connect::HEADER_PROTOCOL_VERSION, "1")
-        .header(http::header::AUTHORIZATION, format!("Basic {basic}"))
+        .header(http::header::AUTHORIZATION, format!("Basic {basic}"));
+    if let Some(token) = access_token {
+        req = req.header(kiln_proto::envd::HEADER_ACCESS_TOKEN, token);
+    }
+    let req = req
         .body(Body::from(payload))
         .expect("static request parts are valid");
     let resp = send(socket, req).await?;

@@ -13,6 +13,8 @@ pub mod manager;
 pub mod progress;
 pub mod proxy;
 pub mod store;
+pub mod template_api;
+pub mod template_runner;
 pub mod templates;
 
 pub use app::{router, serve, AppState, ServeError};

@@ -27,6 +27,8 @@ pub struct TemplateDefaults {
     pub start_cmd: Option<String>,
     /// Run until it exits 0 before the sandbox is handed out.
     pub ready_cmd: Option<String>,
+    /// Environment variables of the template (its ENV steps), under the create's own.
+    pub envs: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
@@ -42,6 +44,15 @@ impl Templates {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(t.name.clone(), t);
+    }
+
+    /// Stops serving `name`; true when it was served.
+    pub fn remove(&self, name: &str) -> bool {
+        self.by_name
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .is_some()
     }
 
     pub fn set_building(&self, name: Option<String>) {
@@ -61,7 +72,9 @@ impl Templates {
     /// (only the default tag exists) or a `kiln/` namespace.
     pub fn resolve(&self, template_id: &str) -> Result<TemplateInfo, AppError> {
         let name = template_id.strip_prefix("kiln/").unwrap_or(template_id);
-        let name = name.strip_suffix(":default").unwrap_or(name);
+        // Builds keep one version per name, so any tag (`name:v1`, the build's tag)
+        // names that version.
+        let name = name.split_once(':').map_or(name, |(n, _)| n);
         if let Some(t) = self
             .by_name
             .read()
@@ -110,7 +123,7 @@ mod tests {
     fn resolves_names_tags_and_namespaces() {
         let t = Templates::default();
         t.insert(base());
-        for id in ["base", "kiln/base", "base:default"] {
+        for id in ["base", "kiln/base", "base:default", "base:v1"] {
             assert_eq!(t.resolve(id).unwrap().name, "base", "{id}");
         }
         let err = t.resolve("nope").unwrap_err();

@@ -182,6 +182,7 @@ async fn start(limits: LimitsConfig) -> Harness {
         templates,
         ready: AtomicBool::new(true),
         domain: None,
+        builds: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

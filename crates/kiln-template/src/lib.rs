@@ -22,8 +22,12 @@ use std::time::Instant;
 use nix::fcntl::{Flock, FlockArg};
 
 pub mod base;
+pub mod build;
+pub mod copy;
 pub mod fsutil;
+pub mod layer;
 pub mod meta;
+pub mod recipe;
 pub mod shift;
 
 pub use meta::{MetaError, TemplateMeta, META_FILE, META_FORMAT};
@@ -39,7 +43,7 @@ pub const DEFAULT_MEMORY_MB: u64 = 512;
 /// Disk size reported for a base sandbox, in MiB.
 pub const DEFAULT_DISK_SIZE_MB: u64 = 4096;
 
-const ROOTFS_DIR: &str = "rootfs";
+pub(crate) const ROOTFS_DIR: &str = "rootfs";
 const BUILD_DIR: &str = ".rootfs.build";
 
 /// A complete, servable template.
@@ -364,6 +368,9 @@ impl TemplateStore {
             build_hash: hash.to_string(),
             id_map_base: kiln_runtime::ID_MAP_BASE,
             rootfs_bytes: stats.bytes,
+            start_cmd: None,
+            ready_cmd: None,
+            envs: Default::default(),
         };
         install(&dir, &meta)?;
         Ok(Template {
@@ -388,7 +395,7 @@ fn step(on_event: &mut (dyn FnMut(BuildEvent) + Send), index: u32, name: &str) {
 
 /// Marks the template in `dir` (whose `rootfs` is in place) complete: syncs the
 /// directory so the rename is durable, then writes `template.json` atomically.
-fn install(dir: &Path, meta: &TemplateMeta) -> Result<(), TemplateError> {
+pub(crate) fn install(dir: &Path, meta: &TemplateMeta) -> Result<(), TemplateError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| TemplateError::Io {
@@ -400,7 +407,7 @@ fn install(dir: &Path, meta: &TemplateMeta) -> Result<(), TemplateError> {
 }
 
 /// Template names are single path components from a small alphabet.
-fn validate_name(name: &str) -> Result<(), TemplateError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), TemplateError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

@@ -44,6 +44,15 @@ pub struct TemplateMeta {
     pub id_map_base: u32,
     /// Bytes of regular-file data in the root filesystem (hard links counted once).
     pub rootfs_bytes: u64,
+    /// Started in the background in every new sandbox (as the default user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_cmd: Option<String>,
+    /// Must exit 0 before a new sandbox is handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_cmd: Option<String>,
+    /// Environment variables set by the recipe's ENV steps, given to every sandbox.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub envs: std::collections::BTreeMap<String, String>,
 }
 
 /// Reading or writing `template.json` failed.
@@ -148,6 +157,9 @@ mod tests {
             build_hash: "ab".repeat(32),
             id_map_base: 100_000,
             rootfs_bytes: 42,
+            start_cmd: None,
+            ready_cmd: None,
+            envs: Default::default(),
         }
     }
 

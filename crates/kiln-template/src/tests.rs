@@ -20,6 +20,9 @@ fn meta(hash: &str) -> TemplateMeta {
         build_hash: hash.into(),
         id_map_base: kiln_runtime::ID_MAP_BASE,
         rootfs_bytes: 0,
+        start_cmd: None,
+        ready_cmd: None,
+        envs: Default::default(),
     }
 }
 

@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_client::{Client, ExecEvent};
 
+mod template_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -31,11 +33,47 @@ enum Command {
     /// Manage API keys in a data directory.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Build, list and remove templates on a running server.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Build a template from DIR/Dockerfile (and DIR/kiln.toml).
+    Build {
+        #[command(flatten)]
+        remote: Remote,
+        /// The project directory (the build context).
+        dir: PathBuf,
+        /// Template name (default: `name` in kiln.toml, else the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Rebuild every step, ignoring the layer cache.
+        #[arg(long)]
+        skip_cache: bool,
+    },
+    /// List templates.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove templates.
+    Rm {
+        #[command(flatten)]
+        remote: Remote,
+        names: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum RuntimeChoice {
+    /// Namespaces, cgroups, seccomp, overlayfs: fast, a container boundary.
     Jail,
+    /// gVisor (`runsc`): a user-space kernel between the workload and the host.
+    Gvisor,
+    /// gVisor when it works on this host, else the jail (with a warning).
+    Auto,
 }
 
 #[derive(clap::Args)]
@@ -161,6 +199,7 @@ fn main() -> Result<()> {
             Command::Serve(args) => serve(args).await,
             Command::Sandbox(cmd) => sandbox(cmd).await,
             Command::Keys(cmd) => keys(cmd),
+            Command::Template(cmd) => template(cmd).await,
         }
     })
 }
@@ -179,15 +218,37 @@ async fn serve(args: ServeArgs) -> Result<()> {
         limits.pool_size = n;
     }
     let api_key = std::env::var("KILN_API_KEY").ok().filter(|k| !k.is_empty());
-    let runtime: Arc<dyn kiln_runtime::Runtime> = match args.runtime {
-        RuntimeChoice::Jail => Arc::new(
+    let jail = || -> Result<Arc<dyn kiln_runtime::Runtime>> {
+        Ok(Arc::new(
             kiln_runtime::jail::JailRuntime::new(kiln_runtime::jail::JailOptions::new(
                 args.data_dir.join("sandboxes"),
                 bin_dir.clone(),
                 bin_dir.join("kiln-jail"),
             ))
             .context("setting up the jail runtime")?,
-        ),
+        ))
+    };
+    let gvisor = || {
+        kiln_runtime::gvisor::GvisorRuntime::new(kiln_runtime::gvisor::GvisorOptions::new(
+            args.data_dir.join("sandboxes-gvisor"),
+            bin_dir.clone(),
+        ))
+    };
+    let runtime: Arc<dyn kiln_runtime::Runtime> = match args.runtime {
+        RuntimeChoice::Jail => jail()?,
+        RuntimeChoice::Gvisor => Arc::new(gvisor().context("setting up the gvisor runtime")?),
+        RuntimeChoice::Auto => match gvisor() {
+            Ok(g) => {
+                eprintln!("runtime auto: gVisor works on this host; using it");
+                Arc::new(g)
+            }
+            Err(e) => {
+                eprintln!(
+                    "runtime auto: gVisor is not usable here ({e}); falling back to the jail"
+                );
+                jail()?
+            }
+        },
     };
     let config = kiln_server::ServerConfig {
         listen: args.listen,
@@ -348,4 +409,71 @@ fn keys(cmd: KeysCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn template(cmd: TemplateCommand) -> Result<()> {
+    match cmd {
+        TemplateCommand::Build {
+            remote,
+            dir,
+            name,
+            skip_cache,
+        } => {
+            let project = template_cmd::load_project(&dir, name, skip_cache)?;
+            for note in &project.recipe.skipped {
+                eprintln!("note: Dockerfile {note}");
+            }
+            let client = Client::new(&remote.url, &remote.api_key);
+            let outcome = client
+                .build_template(
+                    &project.name,
+                    project.cpu_count,
+                    project.memory_mb,
+                    &project.recipe.spec,
+                    &project.uploads,
+                    // The server's lines carry their step (`[builder i/N]`).
+                    |e| eprintln!("{}", e.message),
+                )
+                .await?;
+            if outcome.status != "ready" {
+                let (message, _) = outcome
+                    .reason
+                    .unwrap_or_else(|| ("the build failed".to_string(), None));
+                bail!("building {} failed: {message}", project.name);
+            }
+            println!("{}", outcome.template_id);
+            Ok(())
+        }
+        TemplateCommand::List { remote } => {
+            let client = Client::new(&remote.url, &remote.api_key);
+            println!("{:<32} {:>4} {:>8}  CREATED", "NAME", "CPU", "MEMORY");
+            for t in client.list_templates().await? {
+                println!(
+                    "{:<32} {:>4} {:>6}Mi  {}",
+                    t["templateID"].as_str().unwrap_or("?"),
+                    t["cpuCount"],
+                    t["memoryMB"],
+                    t["createdAt"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        TemplateCommand::Rm { remote, names } => {
+            let client = Client::new(&remote.url, &remote.api_key);
+            let mut failed = false;
+            for name in names {
+                match client.delete_template(&name).await {
+                    Ok(()) => println!("removed {name}"),
+                    Err(e) => {
+                        eprintln!("{name}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                bail!("some templates could not be removed");
+            }
+            Ok(())
+        }
+    }
 }

@@ -72,7 +72,7 @@ struct Inner {
 }
 
 /// The whole error chain on one line (for messages that cross the API boundary).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -83,14 +83,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn cgroup_err(id: &str, what: &str, e: cgroup::CgroupError) -> RuntimeError {
+pub(crate) fn cgroup_err(id: &str, what: &str, e: cgroup::CgroupError) -> RuntimeError {
     RuntimeError::io(
         format!("sandbox {id}: {what}"),
         std::io::Error::other(chain(&e)),
     )
 }
 
-fn validate(config: &SandboxConfig) -> Result<(), RuntimeError> {
+pub(crate) fn validate(config: &SandboxConfig) -> Result<(), RuntimeError> {
     spec::validate_id(&config.id).map_err(RuntimeError::InvalidConfig)?;
     let l = &config.limits;
     if l.memory_mb < 16 || l.cpu_count == 0 || l.pids_max < 8 {
@@ -372,7 +372,7 @@ fn wait_helper_gone(pid: u32, id: &str, timeout: Duration) {
 
 /// Mounts live in the helper's and the sandbox's private namespaces and vanish with
 /// them; this only catches anything that leaked into the host namespace (defensive).
-fn unmount_leftovers(dir: &Path) {
+pub(crate) fn unmount_leftovers(dir: &Path) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
@@ -388,7 +388,7 @@ fn unmount_leftovers(dir: &Path) {
     }
 }
 
-fn dir_usage(path: &Path) -> u64 {
+pub(crate) fn dir_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0u64;
     let mut stack = vec![path.to_path_buf()];

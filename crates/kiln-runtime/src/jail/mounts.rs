@@ -106,7 +106,7 @@ pub fn overlay_options(lower: &Path, paths: &SandboxPaths) -> Result<String, Mou
 
 /// Create `rel` (relative to `root`) and missing parents, owned by sandbox root, and
 /// refuse to follow symlinks planted by a template out of the root.
-fn ensure_dir(root: &Path, rel: &str) -> Result<PathBuf, MountError> {
+pub fn ensure_dir(root: &Path, rel: &str) -> Result<PathBuf, MountError> {
     let mut path = root.to_path_buf();
     for comp in Path::new(rel.trim_start_matches('/')).components() {
         let Component::Normal(name) = comp else {
@@ -134,7 +134,7 @@ fn chown_sandbox_root(path: &Path) -> Result<(), MountError> {
 
 /// Replace `/etc/<name>` in the merged root with `content` (never writing through a
 /// symlink the template may have there), owned by sandbox root.
-fn write_etc(root: &Path, name: &str, content: &str) -> Result<(), MountError> {
+pub fn write_etc(root: &Path, name: &str, content: &str) -> Result<(), MountError> {
     let etc = ensure_dir(root, "etc")?;
     let path = etc.join(name);
     if fs::symlink_metadata(&path).is_ok() {

@@ -74,9 +74,14 @@ impl Slot {
     /// `ip -batch` commands run in the host namespace: create the pair with its
     /// sandbox end already inside the sandbox's network namespace (by pid).
     pub fn host_batch(self, pid: u32) -> String {
+        self.host_batch_in(&pid.to_string())
+    }
+
+    /// Like [`Slot::host_batch`], with the namespace given by name (`ip netns`) or pid.
+    pub fn host_batch_in(self, netns: &str) -> String {
         let (hif, hip) = (self.host_if(), self.host_ip());
         format!(
-            "link add {hif} type veth peer name {GUEST_IF} netns {pid}\n\
+            "link add {hif} type veth peer name {GUEST_IF} netns {netns}\n\
              addr add {hip}/30 dev {hif}\n\
              link set {hif} up\n"
         )
@@ -267,7 +272,12 @@ pub fn install_host_rules() -> Result<(), NetError> {
 /// Host half of a sandbox's network: the veth pair (sandbox end moved into the
 /// namespace of `pid`), the host end's address and sysctls.
 pub fn setup_host_side(slot: Slot, pid: u32) -> Result<(), NetError> {
-    run("ip", &["-batch", "-"], Some(&slot.host_batch(pid)))?;
+    setup_host_side_in(slot, &pid.to_string())
+}
+
+/// Like [`setup_host_side`], with the namespace given by name (`ip netns`) or pid.
+pub fn setup_host_side_in(slot: Slot, netns: &str) -> Result<(), NetError> {
+    run("ip", &["-batch", "-"], Some(&slot.host_batch_in(netns)))?;
     for (path, value) in slot.host_sysctls() {
         write_sysctl(&path, value)?;
     }

@@ -230,6 +230,7 @@ impl SandboxManager {
             ("E2B_SANDBOX_ID".to_string(), id.clone()),
             ("E2B_TEMPLATE_ID".to_string(), template.name.clone()),
         ]);
+        env.extend(template.meta.envs.clone());
         env.extend(req.env_vars.clone().unwrap_or_default());
         let init = kiln_proto::InitRequest {
             env_vars: Some(env),
@@ -559,8 +560,11 @@ async fn prepare_guest(
         .await
         .map_err(|e| format!("envd did not initialise: {}", chain(&e)))?;
     let user = template.meta.default_user.as_deref().unwrap_or("user");
+    // A secure sandbox's envd wants its access token on every call.
+    let token = init.access_token.clone().flatten();
+    let token = token.as_deref();
     if let Some(cmd) = &template.meta.start_cmd {
-        crate::envd::run(socket, cmd, user, false)
+        crate::envd::run_with_token(socket, cmd, user, false, token)
             .await
             .map_err(|e| format!("the template's start command {cmd:?} failed: {}", chain(&e)))?;
     }
@@ -569,7 +573,7 @@ async fn prepare_guest(
     };
     let started = Instant::now();
     loop {
-        let last = match crate::envd::run(socket, ready, user, true).await {
+        let last = match crate::envd::run_with_token(socket, ready, user, true, token).await {
             Ok(Some(exit)) if exit.code == 0 => return Ok(()),
             Ok(Some(exit)) => format!("exit {}: {}", exit.code, exit.output.trim()),
             Ok(None) => "no exit status".to_string(),

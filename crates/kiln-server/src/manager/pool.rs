@@ -106,6 +106,24 @@ impl SandboxManager {
         }
     }
 
+    /// Kill the idle pooled sandboxes of `template`: a new version of it was installed
+    /// (or it was deleted), and a claim must not hand out the old one. A start already
+    /// under way may still add one old sandbox.
+    pub async fn discard_pool(&self, template: &str) {
+        let idle = self
+            .pools
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(template)
+            .unwrap_or_default();
+        for i in idle {
+            if let Err(e) = self.runtime.kill(&i.id).await {
+                tracing::warn!(id = %i.id, error = %chain(&e), "killing a pooled sandbox failed");
+            }
+        }
+    }
+
     pub fn pooled(&self, template: &str) -> usize {
         self.pools.idle_count(template)
     }

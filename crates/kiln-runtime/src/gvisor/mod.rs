@@ -1,0 +1,714 @@
+//! The gVisor runtime: every sandbox is an OCI bundle run by `runsc`, gVisor's
+//! user-space kernel, so the workload's syscalls are served by the Sentry and never
+//! reach the host kernel directly.
+//!
+//! Per sandbox the host builds `state_dir/<id>/` (overlay root filesystem, `config.json`
+//! from [`bundle`], the `run/` directory envd's socket appears in), for Internet
+//! sandboxes a named network namespace with a veth ([`host`]), then runs
+//! `runsc run` as a supervising child ([`runsc`]). envd's Unix socket reaches the host
+//! through runsc's `--host-uds=create`. Written down in `docs/gvisor.md`.
+
+pub mod bundle;
+pub mod host;
+pub mod runsc;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use self::bundle::{BundlePaths, BundleSpec};
+use self::runsc::{Network, Runsc};
+use crate::jail::cgroup::{self, Cgroups};
+use crate::jail::{cgroup_err, chain, dir_usage, net, spec::validate_id, validate};
+use crate::{
+    Limits, NetworkMode, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance,
+    SandboxStats,
+};
+
+/// How the server configures the gVisor runtime.
+#[derive(Debug, Clone)]
+pub struct GvisorOptions {
+    /// `<data>/sandboxes-gvisor`: one `0700` directory per sandbox plus `runsc-root/`.
+    pub state_dir: PathBuf,
+    /// Host directory holding the static `kiln-init` and `kiln-envd`, bind-mounted
+    /// read-only at `/opt/kiln/bin`.
+    pub guest_bin_dir: PathBuf,
+    /// The `runsc` binary (Debian: `/usr/bin/runsc`).
+    pub runsc: PathBuf,
+    /// `--platform`; `None` = ptrace (see [`runsc::choose_platform`]).
+    pub platform: Option<String>,
+    /// Command kiln-init runs instead of envd (tests); `None` in production.
+    pub envd_command: Option<Vec<String>>,
+    /// How long `start` waits for envd's socket.
+    pub start_timeout: Duration,
+    /// runsc debug logs (`--debug --debug-log=<dir>/`), for diagnosing start failures.
+    pub debug_log_dir: Option<PathBuf>,
+}
+
+impl GvisorOptions {
+    pub fn new(state_dir: PathBuf, guest_bin_dir: PathBuf) -> Self {
+        GvisorOptions {
+            state_dir,
+            guest_bin_dir,
+            runsc: PathBuf::from("/usr/bin/runsc"),
+            platform: None,
+            envd_command: None,
+            start_timeout: Duration::from_secs(20),
+            debug_log_dir: None,
+        }
+    }
+}
+
+/// `state_dir/<id>/state.json`: what `kill`, `stats` and `adopt` need.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GvisorState {
+    pub id: String,
+    pub limits: Limits,
+    pub slot: Option<net::Slot>,
+}
+
+/// The gVisor backend of [`Runtime`]. Needs root.
+#[derive(Debug, Clone)]
+pub struct GvisorRuntime {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    opts: GvisorOptions,
+    runsc: Runsc,
+    version: String,
+    cgroups: Box<dyn Cgroups>,
+    slots: Mutex<net::Allocator>,
+}
+
+fn io_other(context: String, e: &dyn std::error::Error) -> RuntimeError {
+    RuntimeError::io(context, std::io::Error::other(chain(e)))
+}
+
+impl GvisorRuntime {
+    /// Check the host (root, binaries, cgroups, platform), probe `runsc` once (cached
+    /// in `state_dir/runsc-probe`), install the host firewall chains (idempotent) and
+    /// remember the network slots of sandboxes already on disk.
+    pub fn new(opts: GvisorOptions) -> Result<Self, RuntimeError> {
+        let unsupported = |what: &str, e: &dyn std::error::Error| {
+            RuntimeError::Unsupported(format!("{what}: {}", chain(e)))
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return Err(RuntimeError::Unsupported(
+                "the gvisor runtime must run as root".into(),
+            ));
+        }
+        let mut needed = vec![opts.guest_bin_dir.join("kiln-init")];
+        if opts.envd_command.is_none() {
+            needed.push(opts.guest_bin_dir.join("kiln-envd"));
+        }
+        for path in needed {
+            if !path.is_file() {
+                return Err(RuntimeError::Unsupported(format!(
+                    "guest binary {} not found",
+                    path.display()
+                )));
+            }
+        }
+        let platform = runsc::choose_platform(opts.platform.as_deref())
+            .map_err(|e| unsupported("runsc platform", &e))?;
+        let version =
+            runsc::version(&opts.runsc).map_err(|e| unsupported("runsc --version", &e))?;
+        std::fs::create_dir_all(&opts.state_dir)
+            .map_err(|e| RuntimeError::io(format!("creating {}", opts.state_dir.display()), e))?;
+        runsc::probe(
+            &opts.runsc,
+            &platform,
+            &version,
+            &opts.state_dir.join("runsc-probe"),
+        )
+        .map_err(|e| unsupported("runsc probe", &e))?;
+        let cgroups = cgroup::detect(Path::new(crate::jail::helper::CGROUP_ROOT))
+            .map_err(|e| unsupported("cgroups", &e))?;
+        net::install_host_rules().map_err(|e| unsupported("host network setup", &e))?;
+        let runsc = Runsc {
+            exe: opts.runsc.clone(),
+            root: opts.state_dir.join("runsc-root"),
+            platform,
+            debug_log_dir: opts.debug_log_dir.clone(),
+        };
+        let rt = GvisorRuntime {
+            inner: Arc::new(Inner {
+                opts,
+                runsc,
+                version,
+                cgroups,
+                slots: Mutex::new(net::Allocator::default()),
+            }),
+        };
+        for id in rt.ids()? {
+            if let Some(slot) = rt.read_state(&id).and_then(|s| s.slot) {
+                rt.slots().reserve(slot.index);
+            }
+        }
+        Ok(rt)
+    }
+
+    pub fn options(&self) -> &GvisorOptions {
+        &self.inner.opts
+    }
+
+    /// `runsc --version`'s first line and the platform in use.
+    pub fn runsc_info(&self) -> (&str, &str) {
+        (&self.inner.version, &self.inner.runsc.platform)
+    }
+
+    pub fn paths(&self, id: &str) -> BundlePaths {
+        BundlePaths::new(&self.inner.opts.state_dir, id)
+    }
+
+    /// The cgroup directories a sandbox uses (for leak checks).
+    pub fn cgroup_dirs(&self, id: &str) -> Vec<PathBuf> {
+        self.inner.cgroups.dirs(id)
+    }
+
+    /// runsc's state directory (`state_dir/runsc-root`).
+    pub fn runsc_root(&self) -> &Path {
+        &self.inner.runsc.root
+    }
+
+    pub fn read_state(&self, id: &str) -> Option<GvisorState> {
+        let bytes = std::fs::read(self.paths(id).state()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, net::Allocator> {
+        // A panic while holding this lock cannot leave the set inconsistent.
+        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ids(&self) -> Result<Vec<String>, RuntimeError> {
+        let dir = &self.inner.opts.state_dir;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(RuntimeError::io(format!("listing {}", dir.display()), e)),
+        };
+        let mut ids: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| validate_id(n).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn log_tail(&self, id: &str) -> String {
+        let log = std::fs::read_to_string(self.paths(id).log()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Host side of a start, blocking: directories, overlay, network, config.json.
+    fn prepare_blocking(
+        &self,
+        config: &SandboxConfig,
+        slot: Option<net::Slot>,
+    ) -> Result<(), RuntimeError> {
+        let id = &config.id;
+        let paths = self.paths(id);
+        let start_err = |what: &str, e: &dyn std::error::Error| RuntimeError::Start {
+            id: id.clone(),
+            reason: format!("{what}: {}", chain(e)),
+        };
+        let etc = host::etc_files(id, slot).map_err(|e| start_err("etc files", &e))?;
+        host::prepare_rootfs(&config.rootfs, &paths, &etc)
+            .map_err(|e| start_err("preparing the root filesystem", &e))?;
+        let state = GvisorState {
+            id: id.clone(),
+            limits: config.limits,
+            slot,
+        };
+        let json = serde_json::to_vec(&state).map_err(|e| start_err("encoding state", &e))?;
+        std::fs::write(paths.state(), json)
+            .map_err(|e| RuntimeError::io(format!("writing {}", paths.state().display()), e))?;
+        let netns = match slot {
+            Some(slot) => {
+                host::setup_netns(id, slot).map_err(|e| start_err("network namespace", &e))?;
+                Some(host::netns_path(id))
+            }
+            None => None,
+        };
+        let rootfs = paths.rootfs();
+        let run_dir = paths.run();
+        let spec = bundle::build(&BundleSpec {
+            id,
+            rootfs: &rootfs,
+            run_dir: &run_dir,
+            guest_bin_dir: &self.inner.opts.guest_bin_dir,
+            limits: config.limits,
+            netns: netns.as_deref(),
+            envd_command: self.inner.opts.envd_command.as_deref(),
+        })
+        .map_err(|e| start_err("config.json", &e))?;
+        spec.save(paths.config())
+            .map_err(|e| start_err("writing config.json", &e))
+    }
+
+    /// Start `runsc run` as a supervising child (it stays until the sandbox ends and
+    /// reaps the Sentry and gofer); its output goes to the log file, never a pipe.
+    fn spawn_runsc(&self, id: &str, network: Network) -> Result<(), RuntimeError> {
+        // Loopback only: `run` stays as the parent of the Sentry and gofer and reaps them.
+        let paths = self.paths(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(paths.log())
+            .map_err(|e| RuntimeError::io(format!("opening {}", paths.log().display()), e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| RuntimeError::io("duplicating the log fd", e))?;
+        let mut cmd = tokio::process::Command::new(&self.inner.runsc.exe);
+        cmd.args(self.inner.runsc.global_args(network))
+            .arg("run")
+            .arg(format!("--bundle={}", paths.dir.display()))
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Own process group: a Ctrl-C in the server's terminal does not reach it.
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|e| {
+            RuntimeError::io(format!("spawning {}", self.inner.runsc.exe.display()), e)
+        })?;
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(())
+    }
+
+    /// Internet sandboxes: `runsc create`, then `runsc start` from a mount namespace
+    /// that hides `/proc/sys/net` (see [`hide_net_core_on_exec`]). The Sentry and
+    /// gofer are children of `create`, which exits: they are re-parented to the host's
+    /// init (or the nearest subreaper), which reaps them (docs/gvisor.md).
+    async fn create_and_start(&self, id: &str) -> Result<(), RuntimeError> {
+        let paths = self.paths(id);
+        let open_log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(paths.log())
+                .map_err(|e| RuntimeError::io(format!("opening {}", paths.log().display()), e))
+        };
+        let global = self.inner.runsc.global_args(Network::Sandbox);
+        let mut create = tokio::process::Command::new(&self.inner.runsc.exe);
+        create
+            .args(&global)
+            .arg("create")
+            .arg(format!("--bundle={}", paths.dir.display()))
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(open_log()?)
+            .stderr(open_log()?)
+            .process_group(0);
+        let mut start = tokio::process::Command::new(&self.inner.runsc.exe);
+        start
+            .args(&global)
+            .arg("start")
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(open_log()?)
+            .stderr(open_log()?);
+        hide_net_core_on_exec(&mut start);
+        for (what, mut cmd) in [("create", create), ("start", start)] {
+            let run = async {
+                cmd.status()
+                    .await
+                    .map_err(|e| RuntimeError::io(format!("running runsc {what}"), e))
+            };
+            let status = tokio::time::timeout(self.inner.opts.start_timeout, run)
+                .await
+                .map_err(|_| RuntimeError::Start {
+                    id: id.to_string(),
+                    reason: format!("runsc {what} timed out"),
+                })??;
+            if !status.success() {
+                return Err(RuntimeError::Start {
+                    id: id.to_string(),
+                    reason: format!(
+                        "runsc {what} failed ({status}); log:\n{}",
+                        self.log_tail(id)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_for_envd(&self, id: &str) -> Result<u32, RuntimeError> {
+        let socket = self.paths(id).envd_socket();
+        let deadline = Instant::now() + self.inner.opts.start_timeout;
+        let mut delay = Duration::from_millis(2);
+        loop {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                let this = self.clone();
+                let id2 = id.to_string();
+                let state = tokio::task::spawn_blocking(move || this.inner.runsc.state(&id2))
+                    .await
+                    .map_err(|e| RuntimeError::io("state task", std::io::Error::other(e)))?
+                    .map_err(|e| io_other(format!("sandbox {id}: runsc state"), &e))?;
+                return Ok(state.map(|s| s.pid).unwrap_or(0));
+            }
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::Start {
+                    id: id.to_string(),
+                    reason: format!(
+                        "envd did not accept connections on {} within {:?}; log:\n{}",
+                        socket.display(),
+                        self.inner.opts.start_timeout,
+                        self.log_tail(id)
+                    ),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    fn kill_blocking(&self, id: &str) -> Result<(), RuntimeError> {
+        let paths = self.paths(id);
+        let state = self.read_state(id);
+        // Every step runs even when an earlier one failed; the first failure is reported.
+        let mut failures: Vec<RuntimeError> = Vec::new();
+        // runsc put the Sentry and gofer into kiln/<id>: SIGKILL them there first.
+        // (`runsc delete --force` on a live sandbox tries a graceful stop that times
+        // out here; on a dead one it only removes runsc's state.)
+        if let Err(e) = cgroup::kill_all(&*self.inner.cgroups, id, Duration::from_secs(5)) {
+            failures.push(cgroup_err(id, "killing its processes", e));
+        }
+        if let Err(e) = self.inner.runsc.delete(id) {
+            failures.push(io_other(format!("sandbox {id}: runsc delete"), &e));
+        }
+        let slot = state.as_ref().and_then(|s| s.slot);
+        match host::remove_netns(id, slot) {
+            Ok(()) => {
+                if let Some(slot) = slot {
+                    self.slots().release(slot.index);
+                }
+            }
+            Err(e) => failures.push(io_other(format!("sandbox {id}: removing its network"), &e)),
+        }
+        host::unmount_rootfs(&paths);
+        if let Err(e) = self.inner.cgroups.remove(id) {
+            failures.push(cgroup_err(id, "removing its cgroups", e));
+        }
+        match std::fs::remove_dir_all(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => failures.push(RuntimeError::io(
+                format!("sandbox {id}: removing its directory"),
+                e,
+            )),
+        }
+        match failures.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// `runsc checkpoint`: save the sandbox's memory and state to `image_dir` (the
+    /// sandbox stops). Restore it with [`GvisorRuntime::restore`].
+    ///
+    /// runsc 2022 cannot serialize a listening host-UDS socket, which envd's socket is
+    /// (`encoding error at object transport.connectionedEndpoint{… /run/kiln/envd.sock`),
+    /// so this fails for a sandbox running the real envd (docs/gvisor.md).
+    pub async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError> {
+        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        std::fs::create_dir_all(image_dir)
+            .map_err(|e| RuntimeError::io(format!("creating {}", image_dir.display()), e))?;
+        let arg = format!("--image-path={}", image_dir.display());
+        let this = self.clone();
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            this.inner
+                .runsc
+                .output(&["checkpoint", &arg, &id2], Duration::from_secs(120))
+        })
+        .await
+        .map_err(|e| RuntimeError::io("checkpoint task", std::io::Error::other(e)))?
+        .map(|_| ())
+        .map_err(|e| io_other(format!("sandbox {id}: runsc checkpoint"), &e))
+    }
+
+    /// Restore a checkpointed sandbox `id` (whose bundle directory still exists) from
+    /// `image_dir`, supervised like a fresh start; returns once envd answers.
+    pub async fn restore(
+        &self,
+        id: &str,
+        image_dir: &Path,
+    ) -> Result<SandboxInstance, RuntimeError> {
+        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        let state = self
+            .read_state(id)
+            .ok_or_else(|| RuntimeError::NotFound { id: id.to_string() })?;
+        if state.slot.is_some() {
+            // `restore` starts a new Sentry, which must not come from the namespace
+            // that `hide_net_core_on_exec` builds, and without it runsc 2022 refuses
+            // `--network=sandbox` on current kernels.
+            return Err(RuntimeError::Unsupported(
+                "restoring an Internet sandbox needs a runsc newer than 2022-12".into(),
+            ));
+        }
+        let this = self.clone();
+        let id2 = id.to_string();
+        // The checkpointed container is stopped; runsc wants the id free again.
+        tokio::task::spawn_blocking(move || this.inner.runsc.delete(&id2))
+            .await
+            .map_err(|e| RuntimeError::io("delete task", std::io::Error::other(e)))?
+            .map_err(|e| io_other(format!("sandbox {id}: runsc delete"), &e))?;
+        let _ = std::fs::remove_file(self.paths(id).envd_socket());
+        let network = if state.slot.is_some() {
+            Network::Sandbox
+        } else {
+            Network::None
+        };
+        let paths = self.paths(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(paths.log())
+            .map_err(|e| RuntimeError::io(format!("opening {}", paths.log().display()), e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| RuntimeError::io("duplicating the log fd", e))?;
+        let mut cmd = tokio::process::Command::new(&self.inner.runsc.exe);
+        cmd.args(self.inner.runsc.global_args(network))
+            .arg("restore")
+            .arg(format!("--image-path={}", image_dir.display()))
+            .arg(format!("--bundle={}", paths.dir.display()))
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RuntimeError::io("spawning runsc restore", e))?;
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let pid = self.wait_for_envd(id).await?;
+        Ok(SandboxInstance {
+            id: id.to_string(),
+            pid,
+            envd_socket: paths.envd_socket(),
+        })
+    }
+}
+
+/// runsc 2022 decides it runs "in the root network namespace" when
+/// `/proc/sys/net/core/rmem_default` exists, which was true only there before Linux
+/// namespaced that sysctl; on current kernels `--network=sandbox` is then refused
+/// for every namespace. The command is run in a private mount namespace with an
+/// empty tmpfs over `/proc/sys/net`, so the check sees the namespace it joined.
+/// Only for `runsc start`: a Sentry or gofer started from that namespace
+/// could not mount a fresh procfs in its user namespace (the overmount makes /proc
+/// "not fully visible").
+fn hide_net_core_on_exec(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it makes three raw system calls
+    // (unshare, mount, mount) with static NUL-terminated strings and allocates
+    // nothing. unshare(CLONE_NEWNS) only affects the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                c"tmpfs".as_ptr(),
+                c"/proc/sys/net".as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ))
+        });
+    }
+}
+
+#[async_trait]
+impl Runtime for GvisorRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Gvisor
+    }
+
+    async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError> {
+        validate(config)?;
+        let paths = self.paths(&config.id);
+        if paths.dir.exists() {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "sandbox {} already exists",
+                config.id
+            )));
+        }
+        let slot = match config.network {
+            NetworkMode::Loopback => None,
+            NetworkMode::Internet => {
+                let taken = |s: net::Slot| Path::new("/sys/class/net").join(s.host_if()).exists();
+                Some(
+                    self.slots()
+                        .allocate(taken)
+                        .map_err(|e| RuntimeError::Start {
+                            id: config.id.clone(),
+                            reason: chain(&e),
+                        })?,
+                )
+            }
+        };
+        let network = if slot.is_some() {
+            Network::Sandbox
+        } else {
+            Network::None
+        };
+        let started = async {
+            let this = self.clone();
+            let cfg = config.clone();
+            tokio::task::spawn_blocking(move || this.prepare_blocking(&cfg, slot))
+                .await
+                .map_err(|e| RuntimeError::io("prepare task", std::io::Error::other(e)))??;
+            match network {
+                Network::None => self.spawn_runsc(&config.id, network)?,
+                Network::Sandbox => self.create_and_start(&config.id).await?,
+            }
+            self.wait_for_envd(&config.id).await
+        }
+        .await;
+        match started {
+            Ok(pid) => {
+                tracing::debug!(id = %config.id, pid, "gvisor sandbox started");
+                Ok(SandboxInstance {
+                    id: config.id.clone(),
+                    pid,
+                    envd_socket: paths.envd_socket(),
+                })
+            }
+            Err(e) => {
+                if let Err(cleanup) = self.kill(&config.id).await {
+                    tracing::warn!(id = %config.id, error = %chain(&cleanup), "cleanup after a failed start");
+                }
+                if let Some(slot) = slot {
+                    self.slots().release(slot.index);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn kill(&self, id: &str) -> Result<(), RuntimeError> {
+        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || this.kill_blocking(&id))
+            .await
+            .map_err(|e| RuntimeError::io("kill task", std::io::Error::other(e)))?
+    }
+
+    async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError> {
+        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        let state = self
+            .read_state(id)
+            .ok_or_else(|| RuntimeError::NotFound { id: id.to_string() })?;
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let cg = this
+                .inner
+                .cgroups
+                .stats(&id)
+                .map_err(|e| cgroup_err(&id, "reading its cgroup stats", e))?;
+            let vfs = nix::sys::statvfs::statvfs(&this.inner.opts.state_dir).map_err(|e| {
+                RuntimeError::io("statvfs of the state directory", std::io::Error::from(e))
+            })?;
+            Ok(SandboxStats {
+                cpu_usage_ns: cg.cpu_usage_ns,
+                cpu_count: state.limits.cpu_count,
+                mem_used_bytes: cg.mem_used_bytes,
+                mem_cache_bytes: cg.mem_cache_bytes,
+                mem_total_bytes: cg.mem_limit_bytes,
+                disk_used_bytes: dir_usage(&this.paths(&id).upper()),
+                disk_total_bytes: (vfs.blocks() as u64).saturating_mul(vfs.fragment_size() as u64),
+            })
+        })
+        .await
+        .map_err(|e| RuntimeError::io("stats task", std::io::Error::other(e)))?
+    }
+
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        self.ids()
+    }
+
+    async fn adopt(&self, id: &str) -> Result<Option<SandboxInstance>, RuntimeError> {
+        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        let Some(state) = self.read_state(id) else {
+            return Ok(None);
+        };
+        let this = self.clone();
+        let id2 = id.to_string();
+        let cs = tokio::task::spawn_blocking(move || this.inner.runsc.state(&id2))
+            .await
+            .map_err(|e| RuntimeError::io("state task", std::io::Error::other(e)))?
+            .map_err(|e| io_other(format!("sandbox {id}: runsc state"), &e))?;
+        let Some(cs) = cs.filter(|c| c.status == "running") else {
+            return Ok(None);
+        };
+        if let Some(slot) = state.slot {
+            self.slots().reserve(slot.index);
+        }
+        Ok(Some(SandboxInstance {
+            id: id.to_string(),
+            pid: cs.pid,
+            envd_socket: self.paths(id).envd_socket(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_roundtrip() {
+        let s = GvisorState {
+            id: "g1".into(),
+            limits: Limits {
+                memory_mb: 128,
+                cpu_count: 1,
+                pids_max: 64,
+            },
+            slot: net::Slot::new(3),
+        };
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<GvisorState>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn new_refuses_without_root_or_binaries() {
+        let t = tempfile::tempdir().unwrap();
+        let opts = GvisorOptions::new(t.path().join("state"), t.path().join("nobin"));
+        assert!(matches!(
+            GvisorRuntime::new(opts),
+            Err(RuntimeError::Unsupported(_))
+        ));
+    }
+}

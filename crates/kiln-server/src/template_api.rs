@@ -1,0 +1,593 @@
+//! The E2B template build API, as the Template SDK drives it (spec part C):
+//! `POST /v3/templates` → per COPY `GET /templates/{id}/files/{hash}` (+ `PUT` of the
+//! archive to the upload link, served here at `/_kiln/uploads/{token}`) →
+//! `POST /v2/templates/{id}/builds/{buildID}` → polling
+//! `GET /templates/{id}/builds/{buildID}/status`. Plus list, get, delete, alias.
+//!
+//! The template id is the template's name (its alias). Builds run one at a time in a
+//! background task ([`kiln_template::TemplateStore::build`]); their state and logs
+//! live in memory. A finished build is registered in [`Templates`] at once.
+
+use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body as RawBody;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use kiln_template::build::{BuildError, BuildLog, BuildRequest, LogLevel, StepRunner};
+use kiln_template::recipe::{is_files_hash, BuildSpec};
+use kiln_template::{Template, TemplateStore};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::api::{Body, QueryParams};
+use crate::app::AppState;
+use crate::error::{chain, AppError};
+use crate::manager::SandboxManager;
+use crate::templates::{TemplateDefaults, TemplateInfo, Templates};
+
+/// Path prefix of upload links (no API key: the token in the link is the credential).
+pub const UPLOAD_PREFIX: &str = "/_kiln/uploads/";
+const MAX_LOG_PAGE: usize = 100;
+
+/// Builds in progress and done, and the upload links handed out.
+pub struct TemplateBuilds {
+    store: TemplateStore,
+    files_dir: PathBuf,
+    runner: Arc<dyn StepRunner>,
+    templates: Arc<Templates>,
+    builds: Mutex<HashMap<String, BuildRecord>>,
+    /// Upload token → files hash.
+    uploads: Mutex<HashMap<String, String>>,
+    /// One build at a time.
+    queue: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Waiting,
+    Building,
+    Ready,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct LogEntry {
+    timestamp: DateTime<Utc>,
+    level: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Reason {
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct BuildRecord {
+    template_id: String,
+    status: Status,
+    logs: Vec<LogEntry>,
+    reason: Option<Reason>,
+    cpu_count: u32,
+    memory_mb: u64,
+}
+
+impl TemplateBuilds {
+    /// Build service over the store in `data_dir`; commands run through `runner`.
+    pub fn open(
+        data_dir: &FsPath,
+        runner: Arc<dyn StepRunner>,
+        templates: Arc<Templates>,
+    ) -> Result<Self, kiln_template::TemplateError> {
+        let store = TemplateStore::open(data_dir)?;
+        let files_dir = store.templates_dir().join(".files");
+        std::fs::create_dir_all(&files_dir).map_err(|source| kiln_template::TemplateError::Io {
+            path: files_dir.clone(),
+            source,
+        })?;
+        Ok(Self {
+            store,
+            files_dir,
+            runner,
+            templates,
+            builds: Mutex::default(),
+            uploads: Mutex::default(),
+            queue: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Registers every built template of the store (not `base`, which the server
+    /// builds and registers itself).
+    pub fn register_all(&self) {
+        match self.store.list() {
+            Ok(list) => {
+                for t in list.iter().filter(|t| t.name != kiln_template::BASE) {
+                    self.templates.insert(info_of(t));
+                }
+            }
+            Err(e) => tracing::warn!(error = %chain(&e), "listing templates failed"),
+        }
+    }
+
+    fn with_build<T>(
+        &self,
+        build_id: &str,
+        f: impl FnOnce(&mut BuildRecord) -> T,
+    ) -> Result<T, AppError> {
+        let mut builds = self.builds.lock().unwrap_or_else(|e| e.into_inner());
+        builds
+            .get_mut(build_id)
+            .map(f)
+            .ok_or_else(|| AppError::BadRequest(format!("Build '{build_id}' not found")))
+    }
+
+    fn push_log(&self, build_id: &str, l: BuildLog) {
+        let level = match l.level {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        };
+        let _ = self.with_build(build_id, |b| {
+            b.logs.push(LogEntry {
+                timestamp: Utc::now(),
+                level,
+                message: l.message,
+                step: l.step,
+            })
+        });
+    }
+
+    async fn run_build(self: Arc<Self>, req: BuildRequest, manager: Arc<SandboxManager>) {
+        let _one_at_a_time = self.queue.lock().await;
+        let id = req.build_id.clone();
+        let this = self.clone();
+        let mut on_log = move |l: BuildLog| this.push_log(&id, l);
+        let result = self
+            .store
+            .build(&req, self.runner.as_ref(), &mut on_log)
+            .await;
+        let id = req.build_id.clone();
+        match result {
+            Ok(t) => {
+                self.templates.insert(info_of(&t));
+                manager.discard_pool(&t.name).await;
+                let _ = self.with_build(&id, |b| b.status = Status::Ready);
+                tracing::info!(template = %t.name, build = %id, "template built");
+            }
+            Err(e) => {
+                let message = failure_message(&e);
+                tracing::warn!(template = %req.name, build = %id, error = %message, "template build failed");
+                self.push_log(
+                    &id,
+                    BuildLog {
+                        level: LogLevel::Error,
+                        step: e.step(),
+                        message: format!("Build failed: {message}"),
+                    },
+                );
+                let _ = self.with_build(&id, |b| {
+                    b.status = Status::Error;
+                    b.reason = Some(Reason {
+                        message,
+                        step: e.step(),
+                    });
+                });
+            }
+        }
+    }
+}
+
+/// The client's message for a failed build: the step, the cause, the output's tail.
+fn failure_message(e: &BuildError) -> String {
+    match e {
+        BuildError::Step { tail, .. } if !tail.is_empty() => {
+            format!("{e}\nlast output:\n{}", tail.join("\n"))
+        }
+        BuildError::Store(_) | BuildError::Layer(_) => format!("internal error: {}", chain(e)),
+        _ => chain(e),
+    }
+}
+
+/// What a create needs to know about a built template.
+pub fn info_of(t: &Template) -> TemplateInfo {
+    TemplateInfo {
+        name: t.name.clone(),
+        // The resolved layer, so a later build does not move a running sandbox's lower.
+        rootfs: std::fs::canonicalize(&t.rootfs).unwrap_or_else(|_| t.rootfs.clone()),
+        meta: TemplateDefaults {
+            default_user: Some(t.meta.default_user.clone()),
+            default_workdir: Some(t.meta.default_workdir.clone()),
+            cpu_count: Some(t.meta.cpu_count),
+            memory_mb: Some(t.meta.memory_mb),
+            start_cmd: t.meta.start_cmd.clone(),
+            ready_cmd: t.meta.ready_cmd.clone(),
+            envs: t.meta.envs.clone(),
+        },
+    }
+}
+
+/// Routes behind the API key.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v3/templates", post(create))
+        .route("/templates", get(list))
+        .route("/templates/{id}", get(detail).delete(remove))
+        .route("/templates/aliases/{alias}", get(alias))
+        .route("/templates/{id}/files/{hash}", get(files_link))
+        .route("/v2/templates/{id}/builds/{build}", post(start))
+        .route("/templates/{id}/builds/{build}/status", get(status))
+}
+
+/// Routes without the API key: the upload links.
+pub fn public_routes() -> Router<Arc<AppState>> {
+    Router::new().route(&format!("{UPLOAD_PREFIX}{{token}}"), put(upload))
+}
+
+fn builds(state: &AppState) -> Result<&Arc<TemplateBuilds>, AppError> {
+    state.builds.as_ref().ok_or_else(|| {
+        AppError::Unavailable("template builds are not available on this server".into())
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewTemplate {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    alias: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default, rename = "cpuCount")]
+    cpu_count: Option<u32>,
+    #[serde(default, rename = "memoryMB")]
+    memory_mb: Option<u64>,
+}
+
+/// `alias`, `alias:tag` or `namespace/alias:tag` → (alias, tags).
+fn parse_name(name: &str) -> Result<(String, Vec<String>), AppError> {
+    let name = name.trim().to_ascii_lowercase();
+    let (path, tag) = match name.rsplit_once(':') {
+        Some((p, t)) => (p.to_string(), Some(t.to_string())),
+        None => (name.clone(), None),
+    };
+    let alias = path.rsplit('/').next().unwrap_or("").to_string();
+    let ok = |s: &str, extra: &[u8]| {
+        !s.is_empty()
+            && s.bytes().all(|b| {
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || b"-_".contains(&b)
+                    || extra.contains(&b)
+            })
+    };
+    if !ok(&alias, b"") || alias.len() > 64 || !alias.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(AppError::BadRequest(format!(
+            "invalid template name {name:?}: use alias, alias:tag or namespace/alias:tag, \
+             with an alias of 1-64 of a-z, 0-9, '-' and '_'"
+        )));
+    }
+    let tags = match tag {
+        Some(t) if !ok(&t, b".") => {
+            return Err(AppError::BadRequest(format!(
+                "invalid tag {t:?}: use a-z, 0-9, '-', '_' and '.'"
+            )))
+        }
+        Some(t) if t != "default" => vec![t],
+        _ => vec![],
+    };
+    Ok((alias, tags))
+}
+
+async fn create(
+    State(state): State<Arc<AppState>>,
+    Body(req): Body<NewTemplate>,
+) -> Result<Response, AppError> {
+    let b = builds(&state)?;
+    let raw = req.name.or(req.alias).ok_or_else(|| {
+        AppError::BadRequest("give the template a name (\"name\": \"alias[:tag]\")".into())
+    })?;
+    let (alias, mut tags) = parse_name(&raw)?;
+    if alias == kiln_template::BASE {
+        return Err(AppError::BadRequest(
+            "\"base\" is Kiln's built-in template; build yours under another name".into(),
+        ));
+    }
+    tags.extend(req.tags.into_iter().filter(|t| t != "default"));
+    if tags.is_empty() {
+        tags.push("default".into());
+    }
+    let cpu_count = req.cpu_count.unwrap_or(2);
+    let memory_mb = req.memory_mb.unwrap_or(1024);
+    if !(1..=64).contains(&cpu_count) || !(128..=65536).contains(&memory_mb) {
+        return Err(AppError::BadRequest(
+            "cpuCount must be 1-64 and memoryMB 128-65536".into(),
+        ));
+    }
+    let build_id = uuid::Uuid::new_v4().to_string();
+    b.builds.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        build_id.clone(),
+        BuildRecord {
+            template_id: alias.clone(),
+            status: Status::Waiting,
+            logs: Vec::new(),
+            reason: None,
+            cpu_count,
+            memory_mb,
+        },
+    );
+    let body = serde_json::json!({
+        "templateID": alias, "buildID": build_id, "public": false,
+        "names": [alias], "tags": tags, "aliases": [alias],
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+async fn files_link(
+    State(state): State<Arc<AppState>>,
+    Path((_id, hash)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let b = builds(&state)?;
+    if !is_files_hash(&hash) {
+        return Err(AppError::BadRequest(format!(
+            "files hash {hash:?} must be 64 lower-case hex digits"
+        )));
+    }
+    let present = b.files_dir.join(&hash).is_file();
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| AppError::BadRequest("missing Host header".into()))?;
+    let proto = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("http");
+    let token = hex::encode(rand::random::<[u8; 16]>());
+    b.uploads
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(token.clone(), hash);
+    let url = format!("{proto}://{host}{UPLOAD_PREFIX}{token}");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"present": present, "url": url})),
+    )
+        .into_response())
+}
+
+async fn upload(
+    State(state): State<Arc<AppState>>,
+    Path(token): Path<String>,
+    body: RawBody,
+) -> Result<StatusCode, AppError> {
+    let b = builds(&state)?;
+    let hash = b
+        .uploads
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&token)
+        .ok_or_else(|| AppError::NotFound("unknown or used upload link".into()))?;
+    let path = b.files_dir.join(&hash);
+    let tmp = b.files_dir.join(format!(".{hash}.{token}.part"));
+    let io = |e: std::io::Error| AppError::internal("storing the uploaded files failed", e);
+    let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(AppError::BadRequest(format!("upload interrupted: {e}")));
+            }
+        };
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.sync_all().await.map_err(io)?;
+    tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    Ok(StatusCode::OK)
+}
+
+async fn start(
+    State(state): State<Arc<AppState>>,
+    Path((id, build_id)): Path<(String, String)>,
+    Body(spec): Body<BuildSpec>,
+) -> Result<StatusCode, AppError> {
+    let b = builds(&state)?;
+    // Reject a recipe Kiln cannot build before accepting it.
+    spec.base()
+        .map_err(|e| AppError::BadRequest(e.to_string()))?;
+    spec.parse_steps()
+        .map_err(|e| AppError::BadRequest(e.to_string()))?;
+    let (name, cpu_count, memory_mb) = b.with_build(&build_id, |r| {
+        if r.template_id != id {
+            return Err(AppError::BadRequest(format!(
+                "build {build_id} belongs to template {}, not {id}",
+                r.template_id
+            )));
+        }
+        if r.status != Status::Waiting {
+            return Err(AppError::BadRequest("build is not in waiting state".into()));
+        }
+        r.status = Status::Building;
+        Ok((r.template_id.clone(), r.cpu_count, r.memory_mb))
+    })??;
+    let req = BuildRequest {
+        name,
+        build_id,
+        spec,
+        files_dir: b.files_dir.clone(),
+        cpu_count,
+        memory_mb,
+    };
+    tokio::spawn(b.clone().run_build(req, state.manager.clone()));
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusQuery {
+    #[serde(default)]
+    logs_offset: Option<usize>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn status(
+    State(state): State<Arc<AppState>>,
+    Path((id, build_id)): Path<(String, String)>,
+    QueryParams(q): QueryParams<StatusQuery>,
+) -> Result<Response, AppError> {
+    let b = builds(&state)?;
+    let record = b.with_build(&build_id, |r| r.clone())?;
+    if record.template_id != id {
+        return Err(AppError::BadRequest(format!(
+            "Build '{build_id}' not found"
+        )));
+    }
+    let offset = q.logs_offset.unwrap_or(0).min(record.logs.len());
+    let limit = q.limit.unwrap_or(MAX_LOG_PAGE).min(MAX_LOG_PAGE);
+    let entries: Vec<&LogEntry> = record.logs[offset..].iter().take(limit).collect();
+    let logs: Vec<String> = entries
+        .iter()
+        .map(|e| format!("[{}] {}", e.timestamp.to_rfc3339(), e.message))
+        .collect();
+    let mut body = serde_json::json!({
+        "templateID": id, "buildID": build_id, "status": record.status,
+        "logs": logs, "logEntries": entries,
+    });
+    if let Some(r) = &record.reason {
+        body["reason"] = serde_json::to_value(r).unwrap_or_default();
+    }
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+fn template_json(t: &Template) -> serde_json::Value {
+    serde_json::json!({
+        "templateID": t.name, "buildID": build_uuid(&t.meta.build_hash),
+        "cpuCount": t.meta.cpu_count, "memoryMB": t.meta.memory_mb,
+        "diskSizeMB": t.meta.disk_size_mb, "public": false,
+        "aliases": [t.name], "names": [t.name],
+        "createdAt": t.meta.created_at, "updatedAt": t.meta.created_at,
+        "createdBy": null, "lastSpawnedAt": null, "spawnCount": 0, "buildCount": 1,
+        "buildStatus": "ready", "envdVersion": t.meta.envd_version,
+    })
+}
+
+/// A stable UUID-shaped id for a template version (its build hash).
+fn build_uuid(hash: &str) -> String {
+    let h: String = hash
+        .chars()
+        .chain(std::iter::repeat('0'))
+        .take(32)
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn store_err(e: kiln_template::TemplateError) -> AppError {
+    match e {
+        kiln_template::TemplateError::InvalidName { .. } => AppError::BadRequest(e.to_string()),
+        e => AppError::internal("the template store failed", e),
+    }
+}
+
+async fn list(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
+    let b = builds(&state)?;
+    let list = b.store.list().map_err(store_err)?;
+    Ok(Json(list.iter().map(template_json).collect::<Vec<_>>()).into_response())
+}
+
+fn find(b: &TemplateBuilds, id: &str) -> Result<Template, AppError> {
+    let (name, _) = parse_name(id)?;
+    b.store
+        .get(&name)
+        .map_err(store_err)?
+        .ok_or_else(|| AppError::NotFound(format!("template {id:?} not found")))
+}
+
+async fn detail(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
+    let t = find(builds(&state)?, &id)?;
+    let mut v = template_json(&t);
+    v["builds"] = serde_json::json!([{
+        "buildID": build_uuid(&t.meta.build_hash), "status": "ready",
+        "createdAt": t.meta.created_at, "updatedAt": t.meta.created_at,
+        "finishedAt": t.meta.created_at, "cpuCount": t.meta.cpu_count,
+        "memoryMB": t.meta.memory_mb, "envdVersion": t.meta.envd_version,
+    }]);
+    Ok(Json(v).into_response())
+}
+
+async fn alias(
+    State(state): State<Arc<AppState>>,
+    Path(alias): Path<String>,
+) -> Result<Response, AppError> {
+    let t = find(builds(&state)?, &alias)?;
+    Ok(Json(serde_json::json!({"templateID": t.name, "public": false})).into_response())
+}
+
+async fn remove(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AppError> {
+    let b = builds(&state)?;
+    let (name, _) = parse_name(&id)?;
+    if name == kiln_template::BASE {
+        return Err(AppError::BadRequest(
+            "\"base\" is Kiln's built-in template and cannot be deleted".into(),
+        ));
+    }
+    let _building = b.queue.lock().await;
+    if !b.store.remove(&name).map_err(store_err)? {
+        return Err(AppError::NotFound(format!("template {id:?} not found")));
+    }
+    b.templates.remove(&name);
+    state.manager.discard_pool(&name).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(parse_name("my-tmpl").unwrap(), ("my-tmpl".into(), vec![]));
+        assert_eq!(
+            parse_name("Team/My_T:v1.2").unwrap(),
+            ("my_t".into(), vec!["v1.2".into()])
+        );
+        assert_eq!(parse_name("a:default").unwrap(), ("a".into(), vec![]));
+        assert!(parse_name("").is_err());
+        assert!(parse_name("a b").is_err());
+        assert!(parse_name("a:b/c").is_err());
+    }
+
+    #[test]
+    fn build_uuids_are_uuid_shaped() {
+        let u = build_uuid(&"ab".repeat(32));
+        assert!(uuid::Uuid::parse_str(&u).is_ok(), "{u}");
+    }
+}

@@ -1,0 +1,272 @@
+//! Build steps in jail sandboxes: the [`StepRunner`] of template builds. Each RUN
+//! (and USER, WORKDIR) gets a fresh sandbox on the parent layer; when its command
+//! exits 0, the sandbox's overlay upper directory is applied to a hard-link farm of
+//! the parent (see `kiln_template::layer`) before the sandbox is removed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use base64::Engine;
+use http::Request;
+use http_body_util::BodyExt;
+use kiln_proto::connect;
+use kiln_runtime::{Limits, NetworkMode, Runtime, SandboxConfig};
+use kiln_template::build::{ReadyCheck, RunError, RunRequest, StepRunner};
+
+use crate::error::chain;
+
+/// Runs build steps with the server's runtime.
+pub struct JailStepRunner {
+    pub runtime: Arc<dyn Runtime>,
+    /// The jail runtime's state directory (`<data>/sandboxes`): where a sandbox's
+    /// upper directory is (`<dir>/<id>/upper`).
+    pub sandbox_state_dir: PathBuf,
+}
+
+#[async_trait::async_trait]
+impl StepRunner for JailStepRunner {
+    async fn run(
+        &self,
+        req: RunRequest<'_>,
+        on_line: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), RunError> {
+        let (id, socket) = self.start(req.lower, req.cpu_count, req.memory_mb).await?;
+        let result = self.run_in(&socket, &id, &req, on_line).await;
+        self.remove(&id).await;
+        result
+    }
+
+    async fn check_ready(
+        &self,
+        check: ReadyCheck<'_>,
+        on_line: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), RunError> {
+        let (id, socket) = self
+            .start(check.lower, check.cpu_count, check.memory_mb)
+            .await?;
+        let result = Self::wait_ready(&socket, &check, on_line).await;
+        self.remove(&id).await;
+        result
+    }
+}
+
+impl JailStepRunner {
+    async fn start(
+        &self,
+        lower: &Path,
+        cpu_count: u32,
+        memory_mb: u64,
+    ) -> Result<(String, PathBuf), RunError> {
+        let id = format!("build{}", hex::encode(rand::random::<[u8; 6]>()));
+        let config = SandboxConfig {
+            id: id.clone(),
+            rootfs: lower.to_path_buf(),
+            limits: Limits {
+                memory_mb: memory_mb.max(512),
+                cpu_count: cpu_count.max(1),
+                pids_max: 4096,
+            },
+            network: NetworkMode::Internet,
+        };
+        let instance =
+            self.runtime.start(&config).await.map_err(|e| {
+                RunError::Failed(format!("build sandbox did not start: {}", chain(&e)))
+            })?;
+        Ok((id, instance.envd_socket))
+    }
+
+    async fn remove(&self, id: &str) {
+        if let Err(e) = self.runtime.kill(id).await {
+            tracing::error!(%id, error = %chain(&e), "removing a build sandbox failed");
+        }
+    }
+
+    async fn wait_ready(
+        socket: &Path,
+        check: &ReadyCheck<'_>,
+        on_line: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), RunError> {
+        let init = kiln_proto::InitRequest {
+            env_vars: Some(check.env.clone()),
+            access_token: Some(None),
+            default_user: Some(check.user.to_string()),
+            default_workdir: Some(check.cwd.to_string()),
+            timestamp: Some(chrono::Utc::now().to_rfc3339()),
+        };
+        crate::envd::init(socket, &init)
+            .await
+            .map_err(|e| RunError::Failed(chain(&e)))?;
+        if let Some(start) = check.start_cmd {
+            crate::envd::run(socket, start, check.user, false)
+                .await
+                .map_err(|e| RunError::Failed(format!("start command: {}", chain(&e))))?;
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let mut lines = Vec::new();
+            let code = run_logged(
+                socket,
+                check.ready_cmd,
+                check.user,
+                Some(check.cwd),
+                check.env,
+                &mut |l| lines.push(l),
+            )
+            .await?;
+            if code == 0 {
+                return Ok(());
+            }
+            if started.elapsed() >= check.timeout {
+                for l in lines {
+                    on_line(l);
+                }
+                return Err(RunError::Failed(format!(
+                    "ready command {:?} did not exit 0 within {} s (last exit status {code})",
+                    check.ready_cmd,
+                    check.timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+}
+
+impl JailStepRunner {
+    async fn run_in(
+        &self,
+        socket: &Path,
+        id: &str,
+        req: &RunRequest<'_>,
+        on_line: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), RunError> {
+        let init = kiln_proto::InitRequest {
+            env_vars: Some(req.env.clone()),
+            access_token: Some(None),
+            default_user: Some(req.user.to_string()),
+            default_workdir: None,
+            timestamp: Some(chrono::Utc::now().to_rfc3339()),
+        };
+        crate::envd::init(socket, &init)
+            .await
+            .map_err(|e| RunError::Failed(chain(&e)))?;
+        let code = run_logged(socket, req.cmd, req.user, req.cwd, req.env, on_line).await?;
+        if code != 0 {
+            return Err(RunError::Exit { code });
+        }
+        let upper =
+            kiln_runtime::jail::spec::SandboxPaths::new(&self.sandbox_state_dir, id).upper();
+        let (lower, out) = (req.lower.to_path_buf(), req.out.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            kiln_template::layer::link_tree(&lower, &out)?;
+            kiln_template::layer::apply_upper(&upper, &out)
+        })
+        .await
+        .map_err(|e| RunError::Failed(format!("layer task failed: {e}")))?
+        .map_err(|e| RunError::Failed(format!("saving the step's changes failed: {}", chain(&e))))
+    }
+}
+
+/// Runs `bash -l -c cmd` through envd's process `Start`, handing each output line to
+/// `on_line`; returns the exit code.
+async fn run_logged(
+    socket: &Path,
+    cmd: &str,
+    user: &str,
+    cwd: Option<&str>,
+    envs: &BTreeMap<String, String>,
+    on_line: &mut (dyn FnMut(String) + Send),
+) -> Result<i32, RunError> {
+    let failed = |e: &dyn std::error::Error| RunError::Failed(e.to_string());
+    let mut process = serde_json::json!({
+        "cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": envs,
+    });
+    if let Some(cwd) = cwd {
+        process["cwd"] = cwd.into();
+    }
+    let body = serde_json::json!({"process": process, "stdin": false});
+    let payload = connect::encode_message(&body).map_err(|e| failed(&e))?;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+    let request = Request::post("/process.Process/Start")
+        .header(http::header::HOST, "envd")
+        .header(http::header::CONTENT_TYPE, connect::CONTENT_TYPE_STREAM)
+        .header(connect::HEADER_PROTOCOL_VERSION, "1")
+        .header(http::header::AUTHORIZATION, format!("Basic {basic}"))
+        .body(Body::from(payload))
+        .map_err(|e| failed(&e))?;
+    let resp = crate::envd::send(socket, request)
+        .await
+        .map_err(|e| RunError::Failed(chain(&e)))?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Err(RunError::Failed(connect_error(&bytes)));
+    }
+    let mut decoder = connect::EnvelopeDecoder::new(16 << 20);
+    let mut pending: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| failed(&e))?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        decoder.push(data);
+        while let Some(env) = decoder.next_envelope().map_err(|e| failed(&e))? {
+            if env.is_end_stream() {
+                let v: serde_json::Value = serde_json::from_slice(&env.payload).unwrap_or_default();
+                if v.get("error").is_some() {
+                    return Err(RunError::Failed(connect_error(&env.payload)));
+                }
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&env.payload).unwrap_or_default();
+            let event = &v["event"];
+            if let Some(data) = event.get("data") {
+                for (i, stream) in ["stdout", "stderr"].into_iter().enumerate() {
+                    if let Some(b) = data[stream].as_str() {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(b)
+                            .unwrap_or_default();
+                        pending[i].extend(bytes);
+                        while let Some(pos) = pending[i].iter().position(|&c| c == b'\n') {
+                            let line: Vec<u8> = pending[i].drain(..=pos).collect();
+                            on_line(format!(
+                                "[{stream}]: {}",
+                                String::from_utf8_lossy(&line).trim_end()
+                            ));
+                        }
+                    }
+                }
+            }
+            if let Some(end) = event.get("end") {
+                for (i, stream) in ["stdout", "stderr"].into_iter().enumerate() {
+                    if !pending[i].is_empty() {
+                        on_line(format!(
+                            "[{stream}]: {}",
+                            String::from_utf8_lossy(&pending[i])
+                        ));
+                    }
+                }
+                return Ok(end["exitCode"].as_i64().unwrap_or(0) as i32);
+            }
+        }
+    }
+    Err(RunError::Failed(
+        "envd's stream ended without an end event".into(),
+    ))
+}
+
+/// `code: message` of a Connect error body (`{"code","message"}` or `{"error":{..}}`).
+fn connect_error(bytes: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+    let e = v.get("error").unwrap_or(&v);
+    match (e["code"].as_str(), e["message"].as_str()) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        _ => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}

@@ -1,0 +1,406 @@
+//! The template build API as the SDK drives it, over real sockets: create (202), the
+//! file-context link (201) and upload, start (202), status polling with logs and
+//! offsets, failures with their step, list/get/alias/delete. Build commands run in a
+//! fake [`StepRunner`] (it writes the command into the new layer); the sandbox runtime
+//! is never started. Tier: unprivileged.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kiln_runtime::{
+    Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
+};
+use kiln_server::store::SqliteStore;
+use kiln_server::template_api::TemplateBuilds;
+use kiln_server::templates::Templates;
+use kiln_server::{AppState, LimitsConfig};
+use kiln_template::build::{RunError, RunRequest, StepRunner};
+use serde_json::{json, Value};
+
+struct NoRuntime;
+
+#[async_trait]
+impl Runtime for NoRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Jail
+    }
+    async fn start(&self, _: &SandboxConfig) -> Result<SandboxInstance, RuntimeError> {
+        Err(RuntimeError::Unsupported("no runtime in this test".into()))
+    }
+    async fn kill(&self, _: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn stats(&self, id: &str) -> Result<SandboxStats, RuntimeError> {
+        Err(RuntimeError::NotFound { id: id.into() })
+    }
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(Vec::new())
+    }
+    async fn adopt(&self, _: &str) -> Result<Option<SandboxInstance>, RuntimeError> {
+        Ok(None)
+    }
+}
+
+struct WritingRunner;
+
+#[async_trait]
+impl StepRunner for WritingRunner {
+    async fn run(
+        &self,
+        req: RunRequest<'_>,
+        on_line: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), RunError> {
+        on_line(format!("[stdout]: running {}", req.cmd));
+        if req.cmd.contains("exit 9") {
+            on_line("[stderr]: oh no".into());
+            return Err(RunError::Exit { code: 9 });
+        }
+        kiln_template::layer::link_tree(req.lower, req.out).unwrap();
+        std::fs::write(req.out.join("last-cmd"), req.cmd).unwrap();
+        Ok(())
+    }
+}
+
+struct Harness {
+    url: String,
+    key: String,
+    templates: Arc<Templates>,
+    _dir: tempfile::TempDir,
+}
+
+fn fake_base(data: &Path) {
+    let base = data.join("templates/base");
+    std::fs::create_dir_all(base.join("rootfs/etc")).unwrap();
+    std::fs::write(
+        base.join("rootfs/etc/passwd"),
+        "root:x:0:0::/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n",
+    )
+    .unwrap();
+    let meta = json!({
+        "format": 1, "name": "base", "created_at": "2026-11-23T10:00:00Z",
+        "default_user": "user", "default_workdir": "/home/user", "cpu_count": 2,
+        "memory_mb": 512, "disk_size_mb": 4096, "envd_version": "0.6.13",
+        "kiln_version": "test", "build_hash": "b".repeat(64), "id_map_base": 0,
+        "rootfs_bytes": 0,
+    });
+    std::fs::write(base.join("template.json"), meta.to_string()).unwrap();
+}
+
+async fn start() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    fake_base(dir.path());
+    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
+    let key = kiln_server::keys::generate();
+    kiln_server::keys::register(store.as_ref(), "test", &key, true).unwrap();
+    let templates = Arc::new(Templates::default());
+    let manager = kiln_server::manager::SandboxManager::new(
+        Arc::new(NoRuntime),
+        store.clone(),
+        templates.clone(),
+        LimitsConfig::default(),
+    );
+    let builds =
+        TemplateBuilds::open(dir.path(), Arc::new(WritingRunner), templates.clone()).unwrap();
+    let state = Arc::new(AppState {
+        manager,
+        store,
+        templates: templates.clone(),
+        ready: AtomicBool::new(true),
+        domain: None,
+        builds: Some(Arc::new(builds)),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, kiln_server::router(state))
+            .await
+            .unwrap();
+    });
+    Harness {
+        url,
+        key,
+        templates,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = reqwest::Client::new()
+            .request(m, format!("{}{path}", self.url))
+            .header("x-api-key", &self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Create + start; returns (templateID, buildID).
+    async fn build(&self, name: &str, spec: Value) -> (String, String) {
+        let (s, v) = self
+            .call(
+                "POST",
+                "/v3/templates",
+                Some(json!({"name": name, "cpuCount": 1, "memoryMB": 512})),
+            )
+            .await;
+        assert_eq!(s, 202, "{v}");
+        for k in [
+            "templateID",
+            "buildID",
+            "public",
+            "names",
+            "tags",
+            "aliases",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing: {v}");
+        }
+        let (tid, bid) = (
+            v["templateID"].as_str().unwrap().to_string(),
+            v["buildID"].as_str().unwrap().to_string(),
+        );
+        let (s, v) = self
+            .call(
+                "POST",
+                &format!("/v2/templates/{tid}/builds/{bid}"),
+                Some(spec),
+            )
+            .await;
+        assert_eq!(s, 202, "{v}");
+        (tid, bid)
+    }
+
+    /// Polls like the SDK until the build ends and the logs are drained.
+    async fn wait(&self, tid: &str, bid: &str) -> (Value, Vec<Value>) {
+        let mut entries = Vec::new();
+        for _ in 0..200 {
+            let path = format!(
+                "/templates/{tid}/builds/{bid}/status?logsOffset={}&limit=100",
+                entries.len()
+            );
+            let (s, v) = self.call("GET", &path, None).await;
+            assert_eq!(s, 200, "{v}");
+            let new = v["logEntries"].as_array().unwrap().clone();
+            assert_eq!(v["logs"].as_array().unwrap().len(), new.len());
+            let done = matches!(v["status"].as_str(), Some("ready" | "error"));
+            let drained = new.is_empty();
+            entries.extend(new);
+            if done && drained {
+                return (v, entries);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("build {bid} did not finish");
+    }
+}
+
+fn messages(entries: &[Value]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_sdk_sequence_builds_caches_and_registers() {
+    let h = start().await;
+    let hash = "c".repeat(64);
+    // The files link: 201, not present, an upload URL served here without a key.
+    let (s, v) = h
+        .call("GET", &format!("/templates/mine/files/{hash}"), None)
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["present"], false);
+    let url = v["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with(&h.url), "{url}");
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(ctx.path().join("app")).unwrap();
+    std::fs::write(ctx.path().join("app/hello.txt"), "hi").unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("-cz")
+        .arg("-C")
+        .arg(ctx.path())
+        .arg("app")
+        .output()
+        .unwrap();
+    assert!(tar.status.success());
+    let resp = reqwest::Client::new()
+        .put(&url)
+        .body(tar.stdout.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    // A link is single-use.
+    let again = reqwest::Client::new()
+        .put(&url)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+    let (_, v) = h
+        .call("GET", &format!("/templates/mine/files/{hash}"), None)
+        .await;
+    assert_eq!(v["present"], true);
+
+    // Owned by us (numeric ids), so that the test needs no root for the chown.
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata(ctx.path()).unwrap();
+    let owner = format!("{}:{}", me.uid(), me.gid());
+    let spec = json!({"fromImage": "debian:bookworm", "force": false, "steps": [
+        {"type": "RUN", "args": ["echo one", "root"], "force": false},
+        {"type": "COPY", "args": ["app", "/opt/app", owner, ""], "filesHash": hash, "force": false},
+        {"type": "ENV", "args": ["K", "v"], "force": false},
+    ], "startCmd": "sleep infinity", "readyCmd": "true"});
+    let (tid, bid) = h.build("mine:v1", spec.clone()).await;
+    assert_eq!(tid, "mine");
+    // Starting twice is refused.
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/v2/templates/{tid}/builds/{bid}"),
+            Some(spec.clone()),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert_eq!(v["message"], "build is not in waiting state");
+    let (v, entries) = h.wait(&tid, &bid).await;
+    assert_eq!(v["status"], "ready", "{entries:?}");
+    let msgs = messages(&entries);
+    assert!(
+        msgs[0].starts_with("[base] FROM debian:bookworm"),
+        "{msgs:?}"
+    );
+    assert!(entries.iter().any(|e| e["step"] == "1"));
+    assert!(
+        msgs.iter().any(|m| m.contains("running echo one")),
+        "{msgs:?}"
+    );
+
+    // Registered for creates, with the recipe's defaults.
+    let info = h.templates.resolve("mine").unwrap();
+    assert_eq!(info.meta.start_cmd.as_deref(), Some("sleep infinity"));
+    assert_eq!(info.meta.envs.get("K").map(String::as_str), Some("v"));
+    assert_eq!(
+        std::fs::read_to_string(info.rootfs.join("opt/app/hello.txt")).unwrap(),
+        "hi"
+    );
+
+    // Again: every step cached.
+    let (tid, bid) = h.build("mine", spec).await;
+    let (v, entries) = h.wait(&tid, &bid).await;
+    assert_eq!(v["status"], "ready");
+    let steps: Vec<String> = messages(&entries)
+        .into_iter()
+        .filter(|m| m.contains("[builder "))
+        .collect();
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    assert!(steps.iter().all(|m| m.starts_with("CACHED")), "{steps:?}");
+
+    // List, get, alias, delete.
+    let (s, v) = h.call("GET", "/templates", None).await;
+    assert_eq!(s, 200);
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["templateID"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["base", "mine"]);
+    assert_eq!(h.call("GET", "/templates/mine", None).await.0, 200);
+    assert_eq!(h.call("GET", "/templates/aliases/mine", None).await.0, 200);
+    assert_eq!(h.call("GET", "/templates/aliases/nope", None).await.0, 404);
+    assert_eq!(h.call("DELETE", "/templates/base", None).await.0, 400);
+    assert_eq!(h.call("DELETE", "/templates/mine", None).await.0, 204);
+    assert_eq!(h.call("GET", "/templates/mine", None).await.0, 404);
+    assert!(h.templates.resolve("mine").is_err());
+}
+
+#[tokio::test]
+async fn failures_name_their_step_and_bad_input_is_400() {
+    let h = start().await;
+    let spec = json!({"fromTemplate": "base", "steps": [
+        {"type": "RUN", "args": ["true"]},
+        {"type": "RUN", "args": ["echo x && exit 9"]},
+    ]});
+    let (tid, bid) = h.build("broken", spec).await;
+    let (v, entries) = h.wait(&tid, &bid).await;
+    assert_eq!(v["status"], "error");
+    assert_eq!(v["reason"]["step"], "2");
+    let msg = v["reason"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("step 2: failed to run command 'echo x && exit 9': exit status 9"),
+        "{msg}"
+    );
+    assert!(msg.contains("oh no"), "{msg}");
+    assert!(messages(&entries)
+        .iter()
+        .any(|m| m.starts_with("Build failed")));
+    assert!(h.templates.resolve("broken").is_err());
+
+    // Bad input: clear 400s.
+    let (s, v) = h
+        .call("POST", "/v3/templates", Some(json!({"name": "Bad Name!"})))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid template name"));
+    let (s, _) = h
+        .call("POST", "/v3/templates", Some(json!({"name": "base"})))
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = h
+        .call(
+            "GET",
+            &format!("/templates/x/files/{}", "Z".repeat(64)),
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (s, v) = h
+        .call(
+            "GET",
+            "/templates/x/builds/00000000-0000-0000-0000-000000000000/status",
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(v["message"].as_str().unwrap().contains("not found"));
+    // A recipe Kiln cannot build is refused at start, with what to do instead.
+    let (s, v) = h
+        .call("POST", "/v3/templates", Some(json!({"name": "py"})))
+        .await;
+    assert_eq!(s, 202);
+    let bid = v["buildID"].as_str().unwrap();
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/v2/templates/py/builds/{bid}"),
+            Some(json!({"fromImage": "python:3.13", "steps": []})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(
+        v["message"].as_str().unwrap().contains("\"python:3.13\""),
+        "{v}"
+    );
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/v2/templates/py/builds/{bid}"),
+            Some(json!({"fromTemplate": "base", "steps": [{"type": "EXPOSE", "args": ["80"]}]})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(v["message"].as_str().unwrap().contains("step 1"), "{v}");
+}

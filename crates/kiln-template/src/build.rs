@@ -1,0 +1,617 @@
+//! Building a template from a recipe ([`BuildSpec`]): each step produces a layer, a
+//! complete root filesystem under `templates/.layers/<hash>/` (see [`crate::layer`]),
+//! where `hash` chains the parent's hash with the step (type, args, files hash).
+//! A layer that exists is reused (`CACHED`); `force` on a step or on the build
+//! rebuilds that step and every later one into fresh layers (their hash also covers
+//! the build id, so a forced rebuild never replaces a layer a template still serves).
+//!
+//! RUN, USER and WORKDIR run in a sandbox through a [`StepRunner`] (the server's
+//! runtime and envd), whose overlay upper directory becomes the new layer; COPY is
+//! done on the host ([`crate::copy`]); ENV only changes the build state.
+//!
+//! The finished template is installed by pointing `templates/<name>/rootfs` (a
+//! symlink, replaced atomically) at the last layer and writing `template.json`.
+//! Nothing is touched in `templates/<name>/` before every step succeeded, so a failed
+//! build leaves the previous version served. Layers are never deleted (no garbage
+//! collection yet); sandboxes of an older version keep their lower layer.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::copy::{self, CopyJob};
+use crate::layer::{self, LayerError};
+use crate::recipe::{self, Base, BuildSpec, BuildState, RecipeError, Step};
+use crate::{fsutil, Template, TemplateError, TemplateMeta, TemplateStore, BASE, META_FORMAT};
+
+/// Directory of the layer cache inside the templates directory.
+pub const LAYERS_DIR: &str = ".layers";
+
+/// What a build step asks of a sandbox.
+#[derive(Debug, Clone)]
+pub struct RunRequest<'a> {
+    /// The layer the sandbox starts from (its overlay's lower directory).
+    pub lower: &'a Path,
+    /// Where the new layer is to be materialized when the command succeeds.
+    pub out: &'a Path,
+    /// Run as `bash -l -c cmd`.
+    pub cmd: &'a str,
+    pub user: &'a str,
+    /// `None`: the user's home.
+    pub cwd: Option<&'a str>,
+    pub env: &'a BTreeMap<String, String>,
+    pub cpu_count: u32,
+    pub memory_mb: u64,
+}
+
+/// A command in a build sandbox did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("exit status {code}")]
+    Exit { code: i32 },
+    /// The sandbox or envd refused (e.g. an unknown user); the text is envd's.
+    #[error("command failed: {0}")]
+    Failed(String),
+}
+
+/// Runs build commands in sandboxes. Implemented by the server with its runtime.
+#[async_trait::async_trait]
+pub trait StepRunner: Send + Sync {
+    /// Starts a sandbox on `req.lower`, runs the command (each output line goes to
+    /// `on_line`) and, when it exits 0, materializes the new layer at `req.out`
+    /// ([`layer::link_tree`] + [`layer::apply_upper`]). The sandbox is always removed.
+    async fn run(
+        &self,
+        req: RunRequest<'_>,
+        on_line: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), RunError>;
+
+    /// Starts a sandbox on `check.lower` set up as the template's sandboxes will be,
+    /// runs the start command in the background and retries the ready command until it
+    /// exits 0 or `check.timeout` passes. Nothing is saved. The default does nothing.
+    async fn check_ready(
+        &self,
+        check: ReadyCheck<'_>,
+        on_line: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(), RunError> {
+        let _ = (check, on_line);
+        Ok(())
+    }
+}
+
+/// The finalize phase's check of a template's start and ready commands.
+#[derive(Debug, Clone)]
+pub struct ReadyCheck<'a> {
+    pub lower: &'a Path,
+    pub start_cmd: Option<&'a str>,
+    pub ready_cmd: &'a str,
+    pub user: &'a str,
+    pub cwd: &'a str,
+    pub env: &'a BTreeMap<String, String>,
+    pub cpu_count: u32,
+    pub memory_mb: u64,
+    pub timeout: std::time::Duration,
+}
+
+/// How long the finalize phase waits for the ready command.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Severity of a build log line (E2B's levels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// One build log line, tagged with the step it belongs to (`base`, `1`..`N`,
+/// `finalize`), as E2B reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildLog {
+    pub level: LogLevel,
+    pub step: Option<String>,
+    pub message: String,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// Template name to install as.
+    pub name: String,
+    /// Unique id of this build (goes into forced layers' hashes).
+    pub build_id: String,
+    pub spec: BuildSpec,
+    /// Where uploaded contexts live: `<files_dir>/<filesHash>`.
+    pub files_dir: PathBuf,
+    pub cpu_count: u32,
+    pub memory_mb: u64,
+}
+
+/// A build failed. [`BuildError::step`] says where, in E2B's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    #[error("template {name:?} cannot be built over: it is built in")]
+    BuiltIn { name: String },
+    #[error("base template {name:?} does not exist")]
+    NoBaseTemplate { name: String },
+    #[error("step {index}: {message}")]
+    Step {
+        index: usize,
+        message: String,
+        /// The last lines of the step's output.
+        tail: Vec<String>,
+    },
+    #[error("template store")]
+    Store(#[from] TemplateError),
+    #[error("materializing a layer")]
+    Layer(#[from] LayerError),
+    #[error("{message}")]
+    Finalize { message: String },
+}
+
+impl BuildError {
+    /// The failing step as E2B's `reason.step`: `base`, or `N` (from 1).
+    pub fn step(&self) -> Option<String> {
+        match self {
+            BuildError::Recipe(RecipeError::Step { index, .. })
+            | BuildError::Step { index, .. } => Some(index.to_string()),
+            BuildError::Recipe(_) | BuildError::NoBaseTemplate { .. } => Some("base".into()),
+            BuildError::Finalize { .. } => Some("finalize".into()),
+            _ => None,
+        }
+    }
+}
+
+const TAIL_LINES: usize = 20;
+
+impl TemplateStore {
+    fn layers_dir(&self) -> PathBuf {
+        self.templates_dir.join(LAYERS_DIR)
+    }
+
+    /// Builds `req` and installs it as template `req.name`. Log lines (with their
+    /// step) go to `on_log`.
+    pub async fn build(
+        &self,
+        req: &BuildRequest,
+        runner: &dyn StepRunner,
+        on_log: &mut (dyn FnMut(BuildLog) + Send),
+    ) -> Result<Template, BuildError> {
+        let started = Instant::now();
+        crate::validate_name(&req.name)?;
+        if req.name == BASE {
+            return Err(BuildError::BuiltIn {
+                name: req.name.clone(),
+            });
+        }
+        let Base::Template(base_name) = req.spec.base()?;
+        let steps = req.spec.parse_steps()?;
+        let _lock = self.lock(&req.name).await?;
+        let parent =
+            self.get(&base_name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| BuildError::NoBaseTemplate {
+                    name: base_name.clone(),
+                })?;
+        let mut rootfs = fs::canonicalize(&parent.rootfs).map_err(|source| TemplateError::Io {
+            path: parent.rootfs.clone(),
+            source,
+        })?;
+        let mut hash = recipe::base_hash(&base_name, &parent.meta.build_hash);
+        let from = req
+            .spec
+            .from_image
+            .clone()
+            .unwrap_or_else(|| base_name.clone());
+        log(
+            on_log,
+            LogLevel::Info,
+            Some("base"),
+            format!("[base] FROM {from} [{hash}]"),
+        );
+
+        // The user's home counts as "no WORKDIR" (E2B's base), so that a relative
+        // WORKDIR resolves against `/`.
+        let workdir = Some(parent.meta.default_workdir.clone())
+            .filter(|w| *w != recipe::home_of(&parent.meta.default_user));
+        let mut state = BuildState {
+            user: parent.meta.default_user.clone(),
+            workdir,
+            env: parent.meta.envs.clone(),
+        };
+        let layers = self.layers_dir();
+        fs::create_dir_all(&layers).map_err(|source| TemplateError::Io {
+            path: layers.clone(),
+            source,
+        })?;
+        let total = steps.len();
+        let mut forced = req.spec.force;
+        // Layers of forced steps are never a cache hit again (their hash covers this
+        // build's id): all but the last are removed once the build is installed.
+        let mut one_off: Vec<PathBuf> = Vec::new();
+        for (i, (spec, step)) in req.spec.steps.iter().zip(&steps).enumerate() {
+            let index = i + 1;
+            let tag = index.to_string();
+            forced |= spec.force;
+            hash = recipe::layer_hash(&hash, spec);
+            if forced {
+                hash = salted(&hash, &req.build_id);
+            }
+            let title = format!(
+                "[builder {index}/{total}] {} {}",
+                spec.kind.to_ascii_uppercase(),
+                spec.args.join(" ")
+            );
+            if let Step::Env(pairs) = step {
+                for (k, v) in pairs {
+                    let v = recipe::expand_env(v, &state.env, &state.user);
+                    state.env.insert(k.clone(), v);
+                }
+                log(
+                    on_log,
+                    LogLevel::Info,
+                    Some(&tag),
+                    format!("CACHED {title}"),
+                );
+                continue;
+            }
+            let dir = layers.join(&hash);
+            if dir.is_dir() {
+                log(
+                    on_log,
+                    LogLevel::Info,
+                    Some(&tag),
+                    format!("CACHED {title} [{hash}]"),
+                );
+            } else {
+                log(
+                    on_log,
+                    LogLevel::Info,
+                    Some(&tag),
+                    format!("{title} [{hash}]"),
+                );
+                let tmp = layers.join(format!(".tmp-{hash}"));
+                remove_tree(&tmp).await?;
+                let result = self
+                    .run_step(
+                        req,
+                        step,
+                        &state,
+                        &rootfs,
+                        &tmp,
+                        index,
+                        &tag,
+                        runner,
+                        on_log,
+                        parent.meta.id_map_base,
+                    )
+                    .await;
+                if let Err(e) = result {
+                    remove_tree(&tmp).await?;
+                    return Err(e);
+                }
+                fs::rename(&tmp, &dir).map_err(|source| TemplateError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+            }
+            if forced {
+                one_off.push(dir.clone());
+            }
+            rootfs = dir;
+            match step {
+                Step::User(u) => state.user = u.clone(),
+                Step::Workdir(w) => state.workdir = Some(state.resolve_workdir(w)),
+                _ => {}
+            }
+        }
+
+        // The start and ready commands are checked on a new version (not when every
+        // step was cached and the template already is this version).
+        let unchanged = self
+            .get(&req.name)
+            .ok()
+            .flatten()
+            .is_some_and(|t| t.meta.build_hash == hash);
+        if let (Some(ready), false) = (req.spec.ready_cmd.as_deref(), unchanged) {
+            let fin = |m: String| BuildLog {
+                level: LogLevel::Info,
+                step: Some("finalize".into()),
+                message: m,
+            };
+            if let Some(start) = &req.spec.start_cmd {
+                on_log(fin(format!("Running start command: {start}")));
+            }
+            on_log(fin(format!("Waiting for template to be ready: {ready}")));
+            let cwd = state.cwd();
+            let check = ReadyCheck {
+                lower: &rootfs,
+                start_cmd: req.spec.start_cmd.as_deref(),
+                ready_cmd: ready,
+                user: &state.user,
+                cwd: &cwd,
+                env: &state.env,
+                cpu_count: req.cpu_count,
+                memory_mb: req.memory_mb,
+                timeout: READY_TIMEOUT,
+            };
+            let mut on_line = |line: String| on_log(fin(line));
+            runner
+                .check_ready(check, &mut on_line)
+                .await
+                .map_err(|e| BuildError::Finalize {
+                    message: format!("the start or ready command failed: {e}"),
+                })?;
+            on_log(fin("Template is ready".into()));
+        }
+        log(
+            on_log,
+            LogLevel::Info,
+            Some("finalize"),
+            "installing the template".into(),
+        );
+        let meta = TemplateMeta {
+            format: META_FORMAT,
+            name: req.name.clone(),
+            created_at: chrono::Utc::now(),
+            default_user: state.user.clone(),
+            default_workdir: state.cwd(),
+            cpu_count: req.cpu_count,
+            memory_mb: req.memory_mb,
+            disk_size_mb: parent.meta.disk_size_mb,
+            envd_version: crate::ENVD_VERSION.to_string(),
+            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            build_hash: hash,
+            id_map_base: parent.meta.id_map_base,
+            rootfs_bytes: parent.meta.rootfs_bytes,
+            start_cmd: req.spec.start_cmd.clone(),
+            ready_cmd: req.spec.ready_cmd.clone(),
+            envs: state.env.clone(),
+        };
+        let template = self.install_layer(&req.name, &req.build_id, &rootfs, meta)?;
+        for layer in one_off.iter().filter(|l| **l != rootfs) {
+            if let Err(e) = remove_tree(layer).await {
+                tracing::warn!(layer = %layer.display(), error = %crate::ErrorChain(&e), "removing a one-off layer failed");
+            }
+        }
+        log(
+            on_log,
+            LogLevel::Info,
+            None,
+            format!(
+                "Build finished, took {:.1}s",
+                started.elapsed().as_secs_f64()
+            ),
+        );
+        Ok(template)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_step(
+        &self,
+        req: &BuildRequest,
+        step: &Step,
+        state: &BuildState,
+        lower: &Path,
+        out: &Path,
+        index: usize,
+        tag: &str,
+        runner: &dyn StepRunner,
+        on_log: &mut (dyn FnMut(BuildLog) + Send),
+        id_map_base: u32,
+    ) -> Result<(), BuildError> {
+        let (cmd, user, cwd, what) = match step {
+            Step::Run { cmd, user } => (
+                cmd.clone(),
+                user.clone().unwrap_or_else(|| state.user.clone()),
+                state.workdir.clone(),
+                format!("failed to run command '{cmd}'"),
+            ),
+            Step::User(u) => (
+                format!(
+                    "id -u {q} >/dev/null 2>&1 || useradd --create-home --shell /bin/bash {q}",
+                    q = recipe::shell_quote(u)
+                ),
+                "root".to_string(),
+                None,
+                "failed to create user".to_string(),
+            ),
+            Step::Workdir(w) => {
+                let dir = recipe::shell_quote(&state.resolve_workdir(w));
+                (
+                    format!(
+                        "[ -d {dir} ] || {{ mkdir -p {dir} && chown {u}: {dir}; }}",
+                        u = recipe::shell_quote(&state.user)
+                    ),
+                    "root".to_string(),
+                    None,
+                    "failed to create workdir".to_string(),
+                )
+            }
+            Step::Copy {
+                src,
+                dest,
+                owner,
+                mode,
+                files_hash,
+            } => {
+                let dest = if dest.starts_with('/') {
+                    dest.clone()
+                } else {
+                    format!("{}/{dest}", state.cwd())
+                };
+                let job = (
+                    lower.to_path_buf(),
+                    out.to_path_buf(),
+                    req.files_dir.join(files_hash),
+                    src.clone(),
+                    dest,
+                    owner.clone().unwrap_or_else(|| state.user.clone()),
+                    *mode,
+                );
+                let id_base = id_map_base;
+                let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                    let (lower, out, archive, src, dest, owner, mode) = job;
+                    if !archive.is_file() {
+                        return Err(format!(
+                            "the files of COPY {src} were not uploaded ({} is missing)",
+                            archive.display()
+                        ));
+                    }
+                    layer::link_tree(&lower, &out)
+                        .map_err(|e| crate::ErrorChain(&e).to_string())?;
+                    let staging = tempfile_dir(&out)?;
+                    let r = copy::copy(&CopyJob {
+                        layer: &out,
+                        archive: &archive,
+                        staging: &staging,
+                        src: &src,
+                        dest: &dest,
+                        owner: &owner,
+                        mode,
+                        id_base,
+                    });
+                    let _ = fs::remove_dir_all(&staging);
+                    r.map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(TemplateError::from)?;
+                return result.map_err(|message| BuildError::Step {
+                    index,
+                    message: format!("failed to copy files: {message}"),
+                    tail: Vec::new(),
+                });
+            }
+            Step::Env(_) => return Ok(()),
+        };
+        let mut tail: Vec<String> = Vec::new();
+        let mut on_line = |line: String| {
+            if tail.len() == TAIL_LINES {
+                tail.remove(0);
+            }
+            tail.push(line.clone());
+            on_log(BuildLog {
+                level: LogLevel::Info,
+                step: Some(tag.to_string()),
+                message: format!("[builder {index}] {line}"),
+            });
+        };
+        let run = RunRequest {
+            lower,
+            out,
+            cmd: &cmd,
+            user: &user,
+            cwd: cwd.as_deref(),
+            env: &state.env,
+            cpu_count: req.cpu_count,
+            memory_mb: req.memory_mb,
+        };
+        runner
+            .run(run, &mut on_line)
+            .await
+            .map_err(|e| BuildError::Step {
+                index,
+                message: format!("{what}: {e}"),
+                tail,
+            })
+    }
+
+    /// Points `templates/<name>/rootfs` at `layer` (atomically) and writes the
+    /// metadata.
+    fn install_layer(
+        &self,
+        name: &str,
+        build_id: &str,
+        layer: &Path,
+        meta: TemplateMeta,
+    ) -> Result<Template, TemplateError> {
+        let dir = self.templates_dir.join(name);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TemplateError::Io { path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let rootfs = dir.join(crate::ROOTFS_DIR);
+        // A real directory (not one of our symlinks) is moved aside, not deleted: a
+        // sandbox may run on it.
+        if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
+            let aside = self.layers_dir().join(format!(".old-{name}-{build_id}"));
+            fs::rename(&rootfs, &aside).map_err(io(&aside))?;
+        }
+        let tmp = dir.join(".rootfs.new");
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(layer, &tmp).map_err(io(&tmp))?;
+        fs::rename(&tmp, &rootfs).map_err(io(&rootfs))?;
+        crate::install(&dir, &meta)?;
+        Ok(Template {
+            name: name.to_string(),
+            dir,
+            rootfs: layer.to_path_buf(),
+            meta,
+        })
+    }
+
+    /// Removes template `name` (its metadata first, so it stops being served, then its
+    /// directory). Its layers stay in the cache.
+    pub fn remove(&self, name: &str) -> Result<bool, TemplateError> {
+        crate::validate_name(name)?;
+        let dir = self.templates_dir.join(name);
+        // The caller makes sure no build of `name` runs (the server holds its build
+        // queue), so the lock file can go too.
+        let _ = fs::remove_file(self.templates_dir.join(format!(".{name}.lock")));
+        if !dir.exists() {
+            return Ok(false);
+        }
+        TemplateMeta::remove(&dir)?;
+        let rootfs = dir.join(crate::ROOTFS_DIR);
+        if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.file_type().is_symlink()) {
+            let _ = fs::remove_file(&rootfs);
+        }
+        fsutil::remove_tree(&dir)?;
+        Ok(true)
+    }
+}
+
+fn salted(hash: &str, salt: &str) -> String {
+    hex::encode(Sha256::digest(format!("{hash}\nforce {salt}")))
+}
+
+fn log(
+    on_log: &mut (dyn FnMut(BuildLog) + Send),
+    level: LogLevel,
+    step: Option<&str>,
+    message: String,
+) {
+    on_log(BuildLog {
+        level,
+        step: step.map(str::to_string),
+        message,
+    });
+}
+
+async fn remove_tree(path: &Path) -> Result<(), TemplateError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || fsutil::remove_tree(&p)).await??;
+    Ok(())
+}
+
+/// A scratch directory next to `layer` (same filesystem).
+fn tempfile_dir(layer: &Path) -> Result<PathBuf, String> {
+    let mut name = layer.as_os_str().to_owned();
+    name.push(".ctx");
+    let dir = PathBuf::from(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+#[path = "build_tests.rs"]
+mod tests;

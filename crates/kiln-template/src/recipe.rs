@@ -1,0 +1,491 @@
+//! A template recipe as the E2B Template SDK sends it (`TemplateBuildStartV2`): a base,
+//! steps, a start and a ready command. Parsing turns the SDK's loose `{type, args}`
+//! steps into typed [`Step`]s and says which step is wrong and why.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The start body of a build, as the SDK serializes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_image_registry: Option<serde_json::Value>,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub steps: Vec<StepSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_cmd: Option<String>,
+}
+
+/// One step as sent: `{"type": "RUN", "args": [...], "force": false, "filesHash"?}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_hash: Option<String>,
+    #[serde(default)]
+    pub force_upload: bool,
+}
+
+/// A parsed step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// `bash -l -c cmd` as `user` (or the current USER).
+    Run {
+        cmd: String,
+        user: Option<String>,
+    },
+    /// Copy `src` (a path or glob inside the uploaded context `files_hash`) to `dest`.
+    Copy {
+        src: String,
+        dest: String,
+        owner: Option<String>,
+        mode: Option<u32>,
+        files_hash: String,
+    },
+    /// Set build (and sandbox) environment variables.
+    Env(Vec<(String, String)>),
+    Workdir(String),
+    User(String),
+}
+
+/// Where a build starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    /// An existing template of this store (the built-in `base` for Debian images).
+    Template(String),
+}
+
+/// The recipe is not something Kiln can build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecipeError {
+    #[error("give exactly one of fromImage and fromTemplate")]
+    NoBase,
+    #[error(
+        "image {image:?} cannot be pulled: this Kiln cannot reach OCI registries; use \
+         fromImage debian:bookworm (or debian:stable, e2bdev/base, kiln/base) or \
+         fromTemplate with an existing template"
+    )]
+    ImageUnavailable { image: String },
+    #[error("step {index} ({kind}): {message}")]
+    Step {
+        index: usize,
+        kind: String,
+        message: String,
+    },
+}
+
+impl BuildSpec {
+    /// The base the recipe starts from.
+    pub fn base(&self) -> Result<Base, RecipeError> {
+        match (&self.from_image, &self.from_template) {
+            (Some(image), None) => base_for_image(image),
+            (None, Some(t)) if !t.trim().is_empty() => {
+                let t = t.strip_prefix("kiln/").unwrap_or(t);
+                let t = t.strip_suffix(":default").unwrap_or(t);
+                Ok(Base::Template(t.to_string()))
+            }
+            _ => Err(RecipeError::NoBase),
+        }
+    }
+
+    /// Parses every step; the first bad one is the error (numbered from 1).
+    pub fn parse_steps(&self) -> Result<Vec<Step>, RecipeError> {
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| parse_step(i + 1, s))
+            .collect()
+    }
+}
+
+/// Images whose userland the built-in `base` template provides.
+const DEBIAN_IMAGES: &[&str] = &[
+    "debian:bookworm",
+    "debian:stable",
+    "debian:12",
+    "debian:bookworm-slim",
+    "debian:stable-slim",
+    "debian",
+    "e2bdev/base",
+    "e2bdev/base:latest",
+    "kiln/base",
+];
+
+fn base_for_image(image: &str) -> Result<Base, RecipeError> {
+    let short = image.strip_prefix("docker.io/").unwrap_or(image);
+    let short = short.strip_prefix("library/").unwrap_or(short);
+    if DEBIAN_IMAGES.contains(&short) {
+        Ok(Base::Template(crate::BASE.to_string()))
+    } else {
+        Err(RecipeError::ImageUnavailable {
+            image: image.to_string(),
+        })
+    }
+}
+
+fn parse_step(index: usize, s: &StepSpec) -> Result<Step, RecipeError> {
+    let bad = |message: String| RecipeError::Step {
+        index,
+        kind: s.kind.clone(),
+        message,
+    };
+    let args = &s.args;
+    let nonempty = |i: usize, what: &str| -> Result<String, RecipeError> {
+        match args.get(i) {
+            Some(a) if !a.is_empty() => Ok(a.clone()),
+            _ => Err(bad(format!("missing {what} (args[{i}])"))),
+        }
+    };
+    let opt = |i: usize| args.get(i).filter(|a| !a.is_empty()).cloned();
+    match s.kind.to_ascii_uppercase().as_str() {
+        "RUN" => Ok(Step::Run {
+            cmd: nonempty(0, "command")?,
+            user: opt(1),
+        }),
+        "COPY" => {
+            let files_hash = s.files_hash.clone().unwrap_or_default();
+            if !is_files_hash(&files_hash) {
+                return Err(bad(format!(
+                    "filesHash must be 64 lower-case hex digits, got {files_hash:?}"
+                )));
+            }
+            let src = nonempty(0, "source")?;
+            if src.starts_with('/') || src.split('/').any(|c| c == "..") {
+                return Err(bad(format!(
+                    "source {src:?} must be relative to the context and stay inside it"
+                )));
+            }
+            let mode = match opt(3) {
+                None => None,
+                Some(m) => Some(
+                    u32::from_str_radix(&m, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .ok_or_else(|| {
+                            bad(format!("mode {m:?} is not an octal file mode like 0755"))
+                        })?,
+                ),
+            };
+            Ok(Step::Copy {
+                src,
+                dest: nonempty(1, "destination")?,
+                owner: opt(2),
+                mode,
+                files_hash,
+            })
+        }
+        "ENV" | "ARG" => {
+            if !args.len().is_multiple_of(2) {
+                return Err(bad(
+                    "expects key/value pairs (an even number of args)".into()
+                ));
+            }
+            let mut pairs = Vec::new();
+            for kv in args.chunks(2) {
+                if kv[0].is_empty() || kv[0].contains('=') || kv[0].contains('\0') {
+                    return Err(bad(format!("invalid variable name {:?}", kv[0])));
+                }
+                pairs.push((kv[0].clone(), kv[1].clone()));
+            }
+            Ok(Step::Env(pairs))
+        }
+        "WORKDIR" => Ok(Step::Workdir(nonempty(0, "directory")?)),
+        "USER" => {
+            let u = nonempty(0, "user name")?;
+            if !u
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(bad(format!("invalid user name {u:?}")));
+            }
+            Ok(Step::User(u))
+        }
+        other => Err(bad(format!(
+            "unknown step type {other:?}; Kiln builds RUN, COPY, ENV, ARG, WORKDIR and USER"
+        ))),
+    }
+}
+
+/// `^[0-9a-f]{64}$`, the shape of a file-context hash.
+pub fn is_files_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Hash of a layer: the parent's hash, the step's type and args, and its files hash.
+pub fn layer_hash(parent: &str, step: &StepSpec) -> String {
+    let mut h = Sha256::new();
+    h.update(parent.as_bytes());
+    h.update(b"\n");
+    h.update(step.kind.to_ascii_uppercase().as_bytes());
+    // JSON keeps argument boundaries ("a b" vs "a","b").
+    h.update(serde_json::to_vec(&step.args).unwrap_or_default());
+    h.update(b"\n");
+    h.update(step.files_hash.as_deref().unwrap_or("").as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Hash of a base: the base template's name and its own build hash.
+pub fn base_hash(template: &str, template_build_hash: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"kiln-layer-v1\n");
+    h.update(template.as_bytes());
+    h.update(b"\n");
+    h.update(template_build_hash.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// What the steps so far have set: the build context of the next step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildState {
+    pub user: String,
+    /// `None`: the user's home.
+    pub workdir: Option<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl BuildState {
+    /// The directory a relative path or command starts in.
+    pub fn cwd(&self) -> String {
+        self.workdir.clone().unwrap_or_else(|| home_of(&self.user))
+    }
+
+    /// A WORKDIR argument resolved against the current workdir (or `/`).
+    pub fn resolve_workdir(&self, dir: &str) -> String {
+        if dir.starts_with('/') {
+            normalize(dir)
+        } else {
+            normalize(&format!("{}/{dir}", self.workdir.as_deref().unwrap_or("/")))
+        }
+    }
+}
+
+/// `PATH` before any ENV step (Debian's default for login shells).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Expands `$NAME` and `${NAME}` in an ENV value against the build's variables (then
+/// `PATH`, `HOME`, `USER` defaults; unknown names are empty), as infra's
+/// `printf "%s" "<value>"` does. `\$` is a literal `$`; `$(...)` is left as is.
+pub fn expand_env(value: &str, env: &BTreeMap<String, String>, user: &str) -> String {
+    let lookup = |name: &str| -> String {
+        if let Some(v) = env.get(name) {
+            return v.clone();
+        }
+        match name {
+            "PATH" => DEFAULT_PATH.to_string(),
+            "HOME" => home_of(user),
+            "USER" => user.to_string(),
+            _ => String::new(),
+        }
+    };
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::new();
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&'$') => {
+                out.push('$');
+                chars.next();
+            }
+            '$' if chars.peek() == Some(&'{') => {
+                chars.next();
+                let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                out.push_str(&lookup(&name));
+            }
+            '$' if chars
+                .peek()
+                .is_some_and(|&c| c.is_ascii_alphabetic() || c == '_') =>
+            {
+                let mut name = String::new();
+                while let Some(&c) = chars.peek().filter(|&&c| is_name(c)) {
+                    name.push(c);
+                    chars.next();
+                }
+                out.push_str(&lookup(&name));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Home directory of a user by Kiln's convention (`useradd -m` defaults).
+pub fn home_of(user: &str) -> String {
+    if user == "root" {
+        "/root".to_string()
+    } else {
+        format!("/home/{user}")
+    }
+}
+
+/// Collapses `.`, `..` and repeated slashes of an absolute path (never above `/`).
+pub fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> BuildSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn parses_the_sdk_body() {
+        let s = spec(
+            r#"{"fromImage":"debian:bookworm","force":false,"steps":[
+            {"type":"USER","args":["root"],"force":false},
+            {"type":"ENV","args":["A","1","B","2"],"force":false},
+            {"type":"RUN","args":["echo a && echo b","user"],"force":true},
+            {"type":"COPY","args":["server",".server","root","0755"],"filesHash":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","force":false},
+            {"type":"WORKDIR","args":["/app"],"force":false}],
+            "startCmd":"sleep infinity","readyCmd":"true"}"#,
+        );
+        assert_eq!(s.base().unwrap(), Base::Template("base".into()));
+        let steps = s.parse_steps().unwrap();
+        assert_eq!(steps[0], Step::User("root".into()));
+        assert_eq!(
+            steps[1],
+            Step::Env(vec![("A".into(), "1".into()), ("B".into(), "2".into())])
+        );
+        assert_eq!(
+            steps[2],
+            Step::Run {
+                cmd: "echo a && echo b".into(),
+                user: Some("user".into())
+            }
+        );
+        assert!(
+            matches!(&steps[3], Step::Copy { mode: Some(0o755), owner: Some(o), .. } if o == "root")
+        );
+        assert_eq!(steps[4], Step::Workdir("/app".into()));
+    }
+
+    #[test]
+    fn bad_steps_name_the_step() {
+        let s = spec(
+            r#"{"fromTemplate":"base","steps":[{"type":"RUN","args":["true"]},{"type":"HEALTHCHECK","args":[]}]}"#,
+        );
+        let e = s.parse_steps().unwrap_err();
+        assert!(matches!(e, RecipeError::Step { index: 2, .. }), "{e}");
+        assert!(e.to_string().contains("unknown step type"), "{e}");
+        let s = spec(
+            r#"{"fromTemplate":"base","steps":[{"type":"COPY","args":["a","b"],"filesHash":"xyz"}]}"#,
+        );
+        assert!(s
+            .parse_steps()
+            .unwrap_err()
+            .to_string()
+            .contains("filesHash"));
+        let s = spec(
+            r#"{"fromTemplate":"base","steps":[{"type":"COPY","args":["../a","b"],"filesHash":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}]}"#,
+        );
+        assert!(s.parse_steps().unwrap_err().to_string().contains("inside"));
+        let s = spec(r#"{"fromTemplate":"base","steps":[{"type":"ENV","args":["A"]}]}"#);
+        assert!(s.parse_steps().is_err());
+    }
+
+    #[test]
+    fn bases() {
+        assert_eq!(
+            spec(r#"{"fromImage":"e2bdev/base"}"#).base().unwrap(),
+            Base::Template("base".into())
+        );
+        let e = spec(r#"{"fromImage":"python:3.13"}"#).base().unwrap_err();
+        assert!(e.to_string().contains("\"python:3.13\""), "{e}");
+        assert!(e.to_string().contains("registries"), "{e}");
+        assert_eq!(spec("{}").base().unwrap_err(), RecipeError::NoBase);
+        assert_eq!(
+            spec(r#"{"fromTemplate":"mine"}"#).base().unwrap(),
+            Base::Template("mine".into())
+        );
+    }
+
+    #[test]
+    fn hashes_chain_and_cover_args_and_files() {
+        let run = |args: &[&str]| StepSpec {
+            kind: "RUN".into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let b = base_hash("base", "x");
+        assert_ne!(b, base_hash("base", "y"));
+        let h1 = layer_hash(&b, &run(&["echo a"]));
+        assert_eq!(h1, layer_hash(&b, &run(&["echo a"])));
+        assert_ne!(h1, layer_hash(&b, &run(&["echo", "a"])));
+        assert_ne!(h1, layer_hash(&b, &run(&["echo b"])));
+        assert_ne!(h1, layer_hash(&base_hash("other", "x"), &run(&["echo a"])));
+        // force does not change the hash (a forced step is rebuilt, see build.rs).
+        let mut forced = run(&["echo a"]);
+        forced.force = true;
+        assert_eq!(h1, layer_hash(&b, &forced));
+        let mut copy = run(&["a", "b"]);
+        copy.kind = "COPY".into();
+        copy.files_hash = Some("1".repeat(64));
+        let mut copy2 = copy.clone();
+        copy2.files_hash = Some("2".repeat(64));
+        assert_ne!(layer_hash(&b, &copy), layer_hash(&b, &copy2));
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(normalize("/a//b/./c/../d"), "/a/b/d");
+        assert_eq!(normalize("/../.."), "/");
+        let st = BuildState {
+            user: "user".into(),
+            workdir: None,
+            env: BTreeMap::new(),
+        };
+        assert_eq!(st.cwd(), "/home/user");
+        assert_eq!(st.resolve_workdir("app"), "/app");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn env_values_expand() {
+        let env = BTreeMap::from([("A".to_string(), "x".to_string())]);
+        assert_eq!(
+            expand_env("/opt/bin:$PATH", &env, "user"),
+            format!("/opt/bin:{DEFAULT_PATH}")
+        );
+        assert_eq!(
+            expand_env("${A}-$A-$B-$HOME", &env, "user"),
+            "x-x--/home/user"
+        );
+        assert_eq!(expand_env(r"\$A $(date) 5$", &env, "root"), "$A $(date) 5$");
+    }
+}
