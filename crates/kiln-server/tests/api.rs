@@ -137,6 +137,7 @@ impl Runtime for FakeRuntime {
 
 struct Harness {
     manager: Arc<kiln_server::manager::SandboxManager>,
+    templates: Arc<Templates>,
     url: String,
     key: String,
     runtime: Arc<FakeRuntime>,
@@ -179,7 +180,7 @@ async fn start(limits: LimitsConfig) -> Harness {
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store,
-        templates,
+        templates: templates.clone(),
         ready: AtomicBool::new(true),
         domain: None,
         builds: None,
@@ -193,6 +194,7 @@ async fn start(limits: LimitsConfig) -> Harness {
     });
     Harness {
         manager,
+        templates,
         url,
         key,
         runtime,
@@ -513,9 +515,21 @@ async fn warm_pool_claims_are_fresh_and_refilled() {
     let cold = c.create(&offline).await.unwrap().sandbox_id;
     assert!(!started.contains(&cold));
     assert_eq!(h.manager.pooled("base"), 2);
+    // A new version of the template (another root filesystem): the idle sandboxes of
+    // the old one are never handed out, and are killed.
+    let mut v2 = h.templates.resolve("base").unwrap();
+    v2.rootfs = v2.rootfs.join("v2");
+    h.templates.insert(v2);
+    let fresh = c.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id;
+    assert!(!h.runtime.started.lock().unwrap()[..4].contains(&fresh));
+    eventually("the old version's pool to be killed", || {
+        h.runtime.killed.lock().unwrap().len() == 2
+    })
+    .await;
+    eventually("the pool to refill", || h.manager.pooled("base") == 2).await;
     h.manager.drain_pools().await;
     assert_eq!(h.manager.pooled("base"), 0);
-    assert_eq!(h.runtime.killed.lock().unwrap().len(), 2);
+    assert_eq!(h.runtime.killed.lock().unwrap().len(), 4);
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 //! unknown to the store and `recover` removes them.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use kiln_runtime::{SandboxConfig, SandboxInstance};
@@ -17,21 +18,37 @@ use super::SandboxManager;
 use crate::error::chain;
 use crate::templates::TemplateInfo;
 
+/// An idle sandbox and the template version (its root filesystem) it was started from.
+struct Pooled {
+    rootfs: PathBuf,
+    instance: SandboxInstance,
+}
+
 #[derive(Default)]
 pub(super) struct Pools {
     /// Idle sandboxes by template name.
-    idle: Mutex<HashMap<String, Vec<SandboxInstance>>>,
+    idle: Mutex<HashMap<String, Vec<Pooled>>>,
     /// Starts under way by template name, so refills do not overshoot.
     starting: Mutex<HashMap<String, usize>>,
 }
 
 impl Pools {
-    pub(super) fn claim(&self, template: &str) -> Option<SandboxInstance> {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(template)?
-            .pop()
+    /// An idle sandbox of `template` started from `rootfs` (the current version), and
+    /// the idle ones started from an older version, which the caller must kill.
+    pub(super) fn claim(
+        &self,
+        template: &str,
+        rootfs: &Path,
+    ) -> (Option<SandboxInstance>, Vec<SandboxInstance>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = idle.get_mut(template) else {
+            return (None, Vec::new());
+        };
+        let (current, stale): (Vec<Pooled>, Vec<Pooled>) =
+            list.drain(..).partition(|p| p.rootfs == rootfs);
+        *list = current;
+        let claimed = list.pop().map(|p| p.instance);
+        (claimed, stale.into_iter().map(|p| p.instance).collect())
     }
 
     pub(super) fn idle_count(&self, template: &str) -> usize {
@@ -44,7 +61,10 @@ impl Pools {
 
     pub(super) fn drain(&self) -> Vec<SandboxInstance> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.drain().flat_map(|(_, v)| v).collect()
+        idle.drain()
+            .flat_map(|(_, v)| v)
+            .map(|p| p.instance)
+            .collect()
     }
 
     /// Reserve up to `want` starts for `template`; returns how many to start now.
@@ -57,7 +77,7 @@ impl Pools {
         want
     }
 
-    fn finish(&self, template: &str, instance: Option<SandboxInstance>) {
+    fn finish(&self, template: &str, instance: Option<Pooled>) {
         let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = starting.get_mut(template) {
             *n = n.saturating_sub(1);
@@ -85,7 +105,10 @@ impl SandboxManager {
                 let config = manager.sandbox_config(super::new_id(), &template, true);
                 let started = manager.runtime.start(&config).await;
                 let instance = match started {
-                    Ok(i) => Some(i),
+                    Ok(instance) => Some(Pooled {
+                        rootfs: template.rootfs.clone(),
+                        instance,
+                    }),
                     Err(e) => {
                         tracing::warn!(template = %template.name, error = %chain(&e),
                             "starting a pooled sandbox failed");
@@ -107,8 +130,8 @@ impl SandboxManager {
     }
 
     /// Kill the idle pooled sandboxes of `template`: a new version of it was installed
-    /// (or it was deleted), and a claim must not hand out the old one. A start already
-    /// under way may still add one old sandbox.
+    /// (or it was deleted). A start already under way may still add one of the old
+    /// version; `claim` never hands that one out (it compares versions).
     pub async fn discard_pool(&self, template: &str) {
         let idle = self
             .pools
@@ -117,7 +140,7 @@ impl SandboxManager {
             .unwrap_or_else(|e| e.into_inner())
             .remove(template)
             .unwrap_or_default();
-        for i in idle {
+        for i in idle.into_iter().map(|p| p.instance) {
             if let Err(e) = self.runtime.kill(&i.id).await {
                 tracing::warn!(id = %i.id, error = %chain(&e), "killing a pooled sandbox failed");
             }
@@ -135,7 +158,19 @@ impl SandboxManager {
         internet: bool,
     ) -> Result<SandboxInstance, kiln_runtime::RuntimeError> {
         if internet {
-            if let Some(instance) = self.pools.claim(&template.name) {
+            let (claimed, stale) = self.pools.claim(&template.name, &template.rootfs);
+            if !stale.is_empty() {
+                let manager = self.clone();
+                tokio::spawn(async move {
+                    for i in stale {
+                        if let Err(e) = manager.runtime.kill(&i.id).await {
+                            tracing::warn!(id = %i.id, error = %chain(&e),
+                                "killing a pooled sandbox of an old template version failed");
+                        }
+                    }
+                });
+            }
+            if let Some(instance) = claimed {
                 self.fill_pool(template);
                 return Ok(instance);
             }
