@@ -30,7 +30,8 @@ def before() -> None:
     paused = Sandbox.create(timeout=300, metadata={"e2e": "restart"}) if PAUSE else None
     if paused:
         paused.commands.run(
-            "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done'",
+            "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
+        "mv /tmp/count.new /tmp/count; sleep 0.05; done'",
             background=True,
             timeout=0,
         )

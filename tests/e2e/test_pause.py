@@ -19,7 +19,8 @@ def test_pause_keeps_processes_and_memory(new_sandbox):
     sbx = new_sandbox()
     # A shell variable (process memory) counts; the file only reports it.
     sbx.commands.run(
-        "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done'",
+        "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
+        "mv /tmp/count.new /tmp/count; sleep 0.05; done'",
         background=True,
         timeout=0,
     )

@@ -156,6 +156,9 @@ fn read_procs(path: &Path) -> Result<Vec<u32>, CgroupError> {
     match fs::read_to_string(path) {
         Ok(s) => Ok(s.lines().filter_map(|l| l.trim().parse().ok()).collect()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        // A cgroup being removed under us (runsc deletes its own when the sandbox
+        // dies) answers ENODEV: it has no processes left either way.
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(Vec::new()),
         Err(e) => Err(CgroupError::Io {
             op: "read",
             path: path.to_path_buf(),

@@ -388,8 +388,9 @@ fn pause_freezes_and_resume_continues(fx: &Fixture) -> Result<()> {
     let i = fx.start(&c)?;
     fx.ok(
         &i,
-        "(i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.02; done) \
-         >/dev/null 2>&1 </dev/null &",
+        // Written with a rename, so the host never reads a half-written file.
+        "(i=0; while :; do i=$((i+1)); echo $i > /root/count.new; mv /root/count.new /root/count; \
+         sleep 0.02; done) >/dev/null 2>&1 </dev/null &",
     )?;
     let counter = fx.rt.paths(&c.id).dir.join("upper/root/count");
     let read = || -> u64 {
