@@ -1,0 +1,130 @@
+"""The default code-interpreter template (`templates/code-interpreter-v1`, spec A.10) with
+the unmodified `e2b-code-interpreter` SDK: state kept across cells, a matplotlib plot as
+png, an error with its traceback, and sandbox env vars reaching the kernel.
+
+The template is built through the `kiln` CLI (`kiln template build`; `KILN_BIN`, default
+the debug build) before the tests. Its layers are cached in the server's data dir, so only
+the first run pays for the pip install (a few minutes); later runs reuse every layer.
+The template is kept afterwards for the same reason.
+"""
+
+import base64
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from e2b_code_interpreter import Sandbox as CodeInterpreter
+
+from helpers import probe, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE_DIR = ROOT / "templates" / "code-interpreter-v1"
+TEMPLATE = "code-interpreter-v1"
+BUILD_TIMEOUT = 1500
+
+# The first build installs numpy, pandas, scipy, matplotlib ... from PyPI.
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT + 120)
+
+
+def kiln_bin() -> str:
+    default = ROOT / "target" / "x86_64-unknown-linux-gnu" / "debug" / "kiln"
+    return os.environ.get("KILN_BIN") or str(default)
+
+
+@pytest.fixture(scope="module")
+def ci_template() -> str:
+    """Builds (or, when nothing changed, re-uses) the template through the kiln CLI."""
+    out = subprocess.run(
+        [kiln_bin(), "template", "build", str(TEMPLATE_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        env=dict(os.environ),
+    )
+    assert out.returncode == 0, (
+        f"kiln template build failed ({out.returncode}):\n"
+        f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    )
+    return TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def ci(ci_template) -> Iterator[CodeInterpreter]:
+    sbx = CodeInterpreter.create(
+        template=ci_template, timeout=300, envs={"KILN_CI_SANDBOX_ENV": "from-create"}
+    )
+    try:
+        yield sbx
+    finally:
+        sbx.kill()
+
+
+def test_state_is_kept_between_cells(ci):
+    first = ci.run_code("x = 1")
+    assert first.error is None, first.error
+    second = ci.run_code("x + 1")
+    assert second.error is None, second.error
+    assert second.text == "2"
+
+
+def test_stdout_and_the_sandbox_env(ci):
+    ex = ci.run_code("import os\nprint('hello')\nos.environ.get('KILN_CI_SANDBOX_ENV')")
+    assert ex.error is None, ex.error
+    assert ex.logs.stdout == ["hello\n"]
+    # Sandbox-level env vars reach the kernel through envd's root-only /envs. (A str
+    # result's text is the string itself, as on E2B.)
+    assert ex.text == "from-create"
+    # Per-run env vars are set for that run only.
+    ex = ci.run_code("os.environ.get('KILN_CI_RUN_ENV')", envs={"KILN_CI_RUN_ENV": "run"})
+    assert ex.text == "run"
+    # ... and removed after it (a None result is no result at all).
+    assert ci.run_code("os.environ.get('KILN_CI_RUN_ENV')").text is None
+
+
+def test_matplotlib_plot_is_a_png(ci):
+    ex = ci.run_code(
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2, 3], [4, 1, 9])\n"
+        "plt.title('kiln')\n"
+        "plt.show()\n"
+    )
+    assert ex.error is None, ex.error
+    pngs = [r.png for r in ex.results if r.png]
+    assert len(pngs) == 1, [r.formats() for r in ex.results]
+    assert base64.b64decode(pngs[0]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_pandas_dataframe_is_html(ci):
+    ex = ci.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})")
+    assert ex.error is None, ex.error
+    assert ex.results and ex.results[0].html and "<table" in ex.results[0].html
+
+
+def test_error_has_name_value_and_traceback(ci):
+    ex = ci.run_code("1/0")
+    assert ex.error is not None
+    assert ex.error.name == "ZeroDivisionError"
+    assert "division by zero" in ex.error.value
+    assert "ZeroDivisionError" in ex.error.traceback
+    # The kernel survives the error.
+    assert ci.run_code("x").text == "1"
+
+
+def test_the_interpreter_is_restarted_when_killed(ci_template):
+    """Like E2B's systemd test: kill the server as root; within 30 s /health answers 200
+    again and a fresh default context runs code."""
+    sbx = CodeInterpreter.create(template=ci_template, timeout=120)
+    try:
+        assert sbx.run_code("x = 1; x").text == "1"
+        sbx.commands.run("kill -9 $(pidof kiln-interpreter)", user="root")
+
+        def healthy() -> bool:
+            cmd = "curl -s -o /dev/null -w '%{http_code}' http://0.0.0.0:49999/health || true"
+            return probe(sbx, cmd) == "200"
+
+        assert wait_until(healthy, timeout=30, interval=0.5)
+        assert sbx.run_code("x = 1; x").text == "1"
+    finally:
+        sbx.kill()
