@@ -31,47 +31,9 @@ pub enum BundleError {
     Capability(String),
 }
 
-/// The host paths of one gVisor sandbox.
-#[derive(Debug, Clone)]
-pub struct BundlePaths {
-    pub dir: PathBuf,
-}
-
-impl BundlePaths {
-    pub fn new(state_dir: &Path, id: &str) -> Self {
-        BundlePaths {
-            dir: state_dir.join(id),
-        }
-    }
-    /// Overlay upper layer: everything the sandbox writes (owned by the mapped ids).
-    pub fn upper(&self) -> PathBuf {
-        self.dir.join("upper")
-    }
-    pub fn work(&self) -> PathBuf {
-        self.dir.join("work")
-    }
-    /// Merged root filesystem (overlay mounted by the host): the bundle's `root.path`.
-    pub fn rootfs(&self) -> PathBuf {
-        self.dir.join("rootfs")
-    }
-    /// Bound at `/run/kiln`; envd's socket appears here (runsc `--host-uds=create`).
-    pub fn run(&self) -> PathBuf {
-        self.dir.join("run")
-    }
-    pub fn envd_socket(&self) -> PathBuf {
-        self.run().join("envd.sock")
-    }
-    pub fn config(&self) -> PathBuf {
-        self.dir.join("config.json")
-    }
-    pub fn state(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-    /// Console of the sandbox and runsc's own output.
-    pub fn log(&self) -> PathBuf {
-        self.dir.join("log")
-    }
-}
+/// The host paths of one gVisor sandbox: the jail's layout (state dir, overlay layers,
+/// `run/`, log), plus the bundle's `config.json`.
+pub type BundlePaths = crate::jail::spec::SandboxPaths;
 
 /// What varies between sandboxes' `config.json`.
 #[derive(Debug, Clone)]

@@ -24,8 +24,7 @@ use self::runsc::{Network, Runsc};
 use crate::jail::cgroup::{self, Cgroups};
 use crate::jail::{cgroup_err, chain, dir_usage, net, spec::validate_id, validate};
 use crate::{
-    Limits, NetworkMode, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance,
-    SandboxStats,
+    Limits, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
 };
 
 /// How the server configures the gVisor runtime.
@@ -562,20 +561,7 @@ impl Runtime for GvisorRuntime {
                 config.id
             )));
         }
-        let slot = match config.network {
-            NetworkMode::Loopback => None,
-            NetworkMode::Internet => {
-                let taken = |s: net::Slot| Path::new("/sys/class/net").join(s.host_if()).exists();
-                Some(
-                    self.slots()
-                        .allocate(taken)
-                        .map_err(|e| RuntimeError::Start {
-                            id: config.id.clone(),
-                            reason: chain(&e),
-                        })?,
-                )
-            }
-        };
+        let slot = net::allocate_for(&mut self.slots(), &config.id, config.network)?;
         let network = if slot.is_some() {
             Network::Sandbox
         } else {

@@ -24,9 +24,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use self::cgroup::Cgroups;
 use self::spec::{HelperReply, HelperSpec, SandboxPaths, SandboxState};
-use crate::{
-    NetworkMode, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
-};
+use crate::{Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats};
 
 pub use self::sys::KEEP_CAPS;
 
@@ -421,20 +419,7 @@ impl Runtime for JailRuntime {
                 config.id
             )));
         }
-        let slot = match config.network {
-            NetworkMode::Loopback => None,
-            NetworkMode::Internet => {
-                let taken = |s: net::Slot| Path::new("/sys/class/net").join(s.host_if()).exists();
-                Some(
-                    self.slots()
-                        .allocate(taken)
-                        .map_err(|e| RuntimeError::Start {
-                            id: config.id.clone(),
-                            reason: chain(&e),
-                        })?,
-                )
-            }
-        };
+        let slot = net::allocate_for(&mut self.slots(), &config.id, config.network)?;
         let spec = HelperSpec {
             id: config.id.clone(),
             rootfs: config.rootfs.clone(),
@@ -561,7 +546,7 @@ impl JailRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Limits;
+    use crate::{Limits, NetworkMode};
 
     fn config(id: &str, rootfs: &Path) -> SandboxConfig {
         SandboxConfig {

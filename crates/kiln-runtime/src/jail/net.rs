@@ -336,6 +336,28 @@ pub fn sandbox_resolv_conf() -> Result<String, NetError> {
     })
 }
 
+/// A network slot for a sandbox that asks for internet access (none for loopback only).
+/// Slots whose host interface exists are skipped: another process may hold them.
+pub(crate) fn allocate_for(
+    slots: &mut Allocator,
+    id: &str,
+    network: crate::NetworkMode,
+) -> Result<Option<Slot>, crate::RuntimeError> {
+    match network {
+        crate::NetworkMode::Loopback => Ok(None),
+        crate::NetworkMode::Internet => {
+            let taken = |s: Slot| Path::new("/sys/class/net").join(s.host_if()).exists();
+            slots
+                .allocate(taken)
+                .map(Some)
+                .map_err(|e| crate::RuntimeError::Start {
+                    id: id.to_string(),
+                    reason: crate::jail::chain(&e),
+                })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

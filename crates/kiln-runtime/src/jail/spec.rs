@@ -78,6 +78,10 @@ impl SandboxPaths {
     pub fn state(&self) -> PathBuf {
         self.dir.join("state.json")
     }
+    /// The OCI bundle's runtime spec (gvisor runtime only).
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
     /// Console of the sandbox (kiln-init's and envd's stdout/stderr) and helper log.
     pub fn log(&self) -> PathBuf {
         self.dir.join("log")
