@@ -7,7 +7,9 @@ them; running pytest by hand against a server you started works the same way.
 
 import os
 import re
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Iterator, List
 
 import pytest
@@ -82,3 +84,31 @@ def sbx() -> Iterator[Sandbox]:
 def uniq() -> str:
     """A short unique name for paths and metadata values of one test."""
     return uuid.uuid4().hex[:12]
+
+
+CODE_INTERPRETER_TEMPLATE = "code-interpreter-v1"
+CODE_INTERPRETER_DIR = Path(__file__).resolve().parents[2] / "templates" / CODE_INTERPRETER_TEMPLATE
+CODE_INTERPRETER_BUILD_TIMEOUT = 1500
+
+
+def kiln_bin() -> str:
+    default = Path(__file__).resolve().parents[2] / "target" / "x86_64-unknown-linux-gnu" / "debug" / "kiln"
+    return os.environ.get("KILN_BIN") or str(default)
+
+
+@pytest.fixture(scope="session")
+def ci_template() -> str:
+    """The code-interpreter template, built (or, when nothing changed, re-used from the
+    layer cache) through the kiln CLI."""
+    out = subprocess.run(
+        [kiln_bin(), "template", "build", str(CODE_INTERPRETER_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=CODE_INTERPRETER_BUILD_TIMEOUT,
+        env=dict(os.environ),
+    )
+    assert out.returncode == 0, (
+        f"kiln template build failed ({out.returncode}):\n"
+        f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    )
+    return CODE_INTERPRETER_TEMPLATE

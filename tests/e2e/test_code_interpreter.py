@@ -9,9 +9,6 @@ The template is kept afterwards for the same reason.
 """
 
 import base64
-import os
-import subprocess
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -19,35 +16,10 @@ from e2b_code_interpreter import Sandbox as CodeInterpreter
 
 from helpers import probe, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE_DIR = ROOT / "templates" / "code-interpreter-v1"
-TEMPLATE = "code-interpreter-v1"
 BUILD_TIMEOUT = 1500
 
 # The first build installs numpy, pandas, scipy, matplotlib ... from PyPI.
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT + 120)
-
-
-def kiln_bin() -> str:
-    default = ROOT / "target" / "x86_64-unknown-linux-gnu" / "debug" / "kiln"
-    return os.environ.get("KILN_BIN") or str(default)
-
-
-@pytest.fixture(scope="module")
-def ci_template() -> str:
-    """Builds (or, when nothing changed, re-uses) the template through the kiln CLI."""
-    out = subprocess.run(
-        [kiln_bin(), "template", "build", str(TEMPLATE_DIR)],
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT,
-        env=dict(os.environ),
-    )
-    assert out.returncode == 0, (
-        f"kiln template build failed ({out.returncode}):\n"
-        f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    )
-    return TEMPLATE
 
 
 @pytest.fixture(scope="module")
