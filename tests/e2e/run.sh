@@ -15,6 +15,9 @@
 #   KILN_E2E_SKIP_JS=1       skip the JS SDK test
 #   KILN_E2E_RUNTIME         passed as --runtime (default: the server's default)
 #   KILN_E2E_HEALTH_TIMEOUT  seconds to wait for /healthz (default 900)
+#   KILN_E2E_BUILTIN_TIMEOUT seconds to wait for the built-in templates the server builds
+#                            in the background (code-interpreter-v1; default 1800: the
+#                            first build installs the data stack from PyPI)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,6 +25,7 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 DATA_DIR="${KILN_E2E_DATA_DIR:-/var/lib/kiln-e2e}"
 KILN_BIN="${KILN_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/debug/kiln}"
 HEALTH_TIMEOUT="${KILN_E2E_HEALTH_TIMEOUT:-900}"
+BUILTIN_TIMEOUT="${KILN_E2E_BUILTIN_TIMEOUT:-1800}"
 LOG_DIR="$HERE/.logs"
 SERVER_LOG="$LOG_DIR/serve-$(date -u +%Y%m%dT%H%M%SZ).log"
 SERVER_PID=""
@@ -124,6 +128,29 @@ start_server() {
   echo "kiln serve ready after $((SECONDS - started)) s" >&2
 }
 start_server
+
+# The built-in templates (code-interpreter-v1) are built after /healthz answers; the
+# suites need them, so wait until /healthz lists nothing as building.
+wait_for_builtins() {
+  local started=$SECONDS building
+  while :; do
+    building="$(curl -fsS -m 5 "http://$ADDR/healthz" 2>/dev/null \
+      | python3 -c 'import json, sys; print(",".join(json.load(sys.stdin).get("building", [])))' 2>/dev/null || echo '?')"
+    [ -z "$building" ] && break
+    kill -0 "$SERVER_PID" 2>/dev/null || die "kiln serve exited while building $building"
+    if [ $((SECONDS - started)) -ge "$BUILTIN_TIMEOUT" ]; then
+      tail -n 40 "$SERVER_LOG" >&2
+      die "built-in templates ($building) not built within $BUILTIN_TIMEOUT s"
+    fi
+    if [ $(((SECONDS - started) % 20)) -lt 2 ]; then
+      echo "waiting for the built-in templates: $building ($((SECONDS - started)) s)" >&2
+      tail -n 1 "$SERVER_LOG" | cut -c1-200 | sed 's/^/  [serve] /' >&2
+    fi
+    sleep 2
+  done
+  echo "built-in templates ready after $((SECONDS - started)) s" >&2
+}
+wait_for_builtins
 for var in E2B_API_URL E2B_SANDBOX_URL E2B_API_KEY; do
   grep -q "export $var=" "$SERVER_LOG" || echo "warning: the start banner has no 'export $var=' line" >&2
 done

@@ -2,10 +2,9 @@
 the unmodified `e2b-code-interpreter` SDK: state kept across cells, a matplotlib plot as
 png, an error with its traceback, and sandbox env vars reaching the kernel.
 
-The template is built through the `kiln` CLI (`kiln template build`; `KILN_BIN`, default
-the debug build) before the tests. Its layers are cached in the server's data dir, so only
-the first run pays for the pip install (a few minutes); later runs reuse every layer.
-The template is kept afterwards for the same reason.
+The server builds the template as a built-in at start (the SDK's default template);
+the `ci_template` fixture also builds the repository's copy through `kiln template build`,
+which hits the layer cache. Only a first run pays for the pip install (minutes).
 """
 
 import base64
@@ -29,6 +28,19 @@ def ci(ci_template) -> Iterator[CodeInterpreter]:
     )
     try:
         yield sbx
+    finally:
+        sbx.kill()
+
+
+def test_the_default_template_is_the_builtin():
+    """`Sandbox.create()` with no template: the SDK asks for code-interpreter-v1, which
+    the server built at start."""
+    sbx = CodeInterpreter.create(timeout=60)
+    try:
+        assert sbx.get_info().template_id == "code-interpreter-v1"
+        first = sbx.run_code("x = 1")
+        assert first.error is None, first.error
+        assert sbx.run_code("x + 1").text == "2"
     finally:
         sbx.kill()
 

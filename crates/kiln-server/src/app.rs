@@ -90,7 +90,10 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         (
             StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ok"})),
+            axum::Json(serde_json::json!({
+                "status": "ok",
+                "building": state.templates.building(),
+            })),
         )
             .into_response()
     } else {
@@ -264,13 +267,14 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     let builds = crate::template_api::TemplateBuilds::open(data, runner, templates.clone())
         .map_err(ServeError::Template)?;
     builds.register_all();
+    let builds = Arc::new(builds);
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store,
         templates: templates.clone(),
         ready: AtomicBool::new(false),
         domain: config.domain.clone(),
-        builds: Some(Arc::new(builds)),
+        builds: Some(builds.clone()),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -302,7 +306,10 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     });
 
     let template_store = kiln_template::TemplateStore::open(data).map_err(ServeError::Template)?;
-    templates.set_building(Some("base".into()));
+    templates.set_building(kiln_template::BASE, true);
+    for name in &config.builtins {
+        templates.set_building(name, true);
+    }
     // A stop during the first (long) template build stops the server; the half-built
     // template is discarded by the next build.
     let mut stop_during_build = stop_rx.clone();
@@ -317,10 +324,24 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     };
     let base = template_info(&base);
     templates.insert(base.clone());
-    templates.set_building(None);
+    templates.set_building(kiln_template::BASE, false);
     manager.fill_pool(&base);
 
     print_banner(addr, runtime.kind().as_str(), &key_notice);
+    if !config.builtins.is_empty() {
+        println!(
+            "Building the built-in templates {} in the background (the first start takes \
+             minutes; GET /healthz lists what is still building).\n",
+            config.builtins.join(", ")
+        );
+        tokio::spawn(crate::builtins::build_all(
+            config.builtins.clone(),
+            data.clone(),
+            builds,
+            templates.clone(),
+            manager.clone(),
+        ));
+    }
     // Ready only after the banner, so scripts that wait on /healthz can read it.
     state.ready.store(true, Ordering::Release);
     // Open streams (a background command's output, a watch) can last forever: give

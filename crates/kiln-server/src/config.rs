@@ -99,6 +99,9 @@ pub struct ServerConfig {
     pub domain: Option<String>,
     /// An API key to register as admin at start (`KILN_API_KEY`).
     pub api_key: Option<String>,
+    /// Built-in templates to build (in the background) after `base`; see
+    /// [`crate::builtins`].
+    pub builtins: Vec<String>,
 }
 
 #[cfg(test)]

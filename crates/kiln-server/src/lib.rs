@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod app;
+pub mod builtins;
 pub mod config;
 pub mod envd;
 pub mod error;

@@ -190,6 +190,95 @@ impl TemplateBuilds {
     }
 }
 
+impl TemplateBuilds {
+    /// Builds a Dockerfile project in-process (the server's built-in templates): the
+    /// same build as one started through the API, its log lines also going to the
+    /// server's log. Returns the template as served, or the failure's message.
+    pub async fn build_project(
+        self: &Arc<Self>,
+        project: kiln_template::dockerfile::Project,
+        manager: Arc<SandboxManager>,
+    ) -> Result<TemplateInfo, String> {
+        for up in &project.uploads {
+            let path = self.files_dir.join(&up.files_hash);
+            if path.is_file() {
+                continue;
+            }
+            let tmp = self
+                .files_dir
+                .join(format!(".{}.builtin.part", up.files_hash));
+            std::fs::write(&tmp, &up.archive)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("storing the files of {}: {e}", path.display()))?;
+        }
+        let spec: BuildSpec = serde_json::from_value(project.recipe.spec)
+            .map_err(|e| format!("the recipe is not a build spec: {e}"))?;
+        spec.base().map_err(|e| e.to_string())?;
+        spec.parse_steps().map_err(|e| e.to_string())?;
+        let build_id = uuid::Uuid::new_v4().to_string();
+        self.builds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                build_id.clone(),
+                BuildRecord {
+                    template_id: project.name.clone(),
+                    status: Status::Building,
+                    logs: Vec::new(),
+                    reason: None,
+                    cpu_count: project.cpu_count,
+                    memory_mb: project.memory_mb,
+                },
+            );
+        let req = BuildRequest {
+            name: project.name.clone(),
+            build_id: build_id.clone(),
+            spec,
+            files_dir: self.files_dir.clone(),
+            cpu_count: project.cpu_count,
+            memory_mb: project.memory_mb,
+        };
+        let mut build = tokio::spawn(self.clone().run_build(req, manager));
+        let mut printed = 0;
+        loop {
+            let done = tokio::time::timeout(std::time::Duration::from_millis(500), &mut build)
+                .await
+                .is_ok();
+            let (status, reason, lines) = self
+                .with_build(&build_id, |r| {
+                    let lines: Vec<String> = r.logs[printed.min(r.logs.len())..]
+                        .iter()
+                        .map(|l| l.message.clone())
+                        .collect();
+                    (r.status, r.reason.clone(), lines)
+                })
+                .map_err(|e| e.to_string())?;
+            printed += lines.len();
+            for line in lines {
+                tracing::info!(template = %project.name, "{line}");
+            }
+            if !done {
+                continue;
+            }
+            return match status {
+                Status::Ready => self
+                    .store
+                    .get(&project.name)
+                    .ok()
+                    .flatten()
+                    .map(|t| info_of(&t))
+                    .ok_or_else(|| format!("{} was built but is not in the store", project.name)),
+                _ => Err(reason
+                    .map(|r| match r.step {
+                        Some(step) => format!("step {step}: {}", r.message),
+                        None => r.message,
+                    })
+                    .unwrap_or_else(|| "the build ended without a result".into())),
+            };
+        }
+    }
+}
+
 /// The client's message for a failed build: the step, the cause, the output's tail.
 fn failure_message(e: &BuildError) -> String {
     match e {

@@ -2,7 +2,7 @@
 //! (the built-in `base` is built on first start, which can take minutes) and read on
 //! every create.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::RwLock;
 
@@ -34,8 +34,9 @@ pub struct TemplateDefaults {
 #[derive(Default)]
 pub struct Templates {
     by_name: RwLock<BTreeMap<String, TemplateInfo>>,
-    /// Set while a template the server is expected to serve is still being built.
-    building: RwLock<Option<String>>,
+    /// Templates the server is expected to serve that are still being built (the
+    /// built-ins on first start).
+    building: RwLock<BTreeSet<String>>,
 }
 
 impl Templates {
@@ -55,8 +56,24 @@ impl Templates {
             .is_some()
     }
 
-    pub fn set_building(&self, name: Option<String>) {
-        *self.building.write().unwrap_or_else(|e| e.into_inner()) = name;
+    /// Marks `name` as being built (`true`) or no longer (`false`).
+    pub fn set_building(&self, name: &str, building: bool) {
+        let mut set = self.building.write().unwrap_or_else(|e| e.into_inner());
+        if building {
+            set.insert(name.to_string());
+        } else {
+            set.remove(name);
+        }
+    }
+
+    /// Templates being built, by name.
+    pub fn building(&self) -> Vec<String> {
+        self.building
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -83,17 +100,17 @@ impl Templates {
         {
             return Ok(t.clone());
         }
-        if let Some(building) = self
+        if self
             .building
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
+            .contains(name)
         {
-            if building == name {
-                return Err(AppError::Unavailable(format!(
-                    "template \"{name}\" is still being built; try again when GET /healthz answers 200"
-                )));
-            }
+            return Err(AppError::Unavailable(format!(
+                "template \"{name}\" is still being built (a built-in template is built on \
+                 the server's first start, which takes minutes); GET /healthz lists the \
+                 templates still building"
+            )));
         }
         let names = self.names();
         Err(AppError::NotFound(format!(
@@ -137,7 +154,10 @@ mod tests {
     #[test]
     fn a_template_being_built_is_unavailable_not_missing() {
         let t = Templates::default();
-        t.set_building(Some("base".into()));
+        t.set_building("base", true);
         assert!(matches!(t.resolve("base"), Err(AppError::Unavailable(_))));
+        assert_eq!(t.building(), ["base"]);
+        t.set_building("base", false);
+        assert!(matches!(t.resolve("base"), Err(AppError::NotFound(_))));
     }
 }

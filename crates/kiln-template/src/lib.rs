@@ -24,6 +24,7 @@ use nix::fcntl::{Flock, FlockArg};
 pub mod base;
 pub mod build;
 pub mod copy;
+pub mod dockerfile;
 pub mod fsutil;
 pub mod layer;
 pub mod meta;

@@ -10,8 +10,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_client::{Client, ExecEvent};
 
-mod template_cmd;
-
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -97,6 +95,39 @@ struct ServeArgs {
     /// (default 2, or KILN_POOL_SIZE; 0 turns warm pools off).
     #[arg(long)]
     pool_size: Option<usize>,
+    /// Built-in templates to build in the background after `base`, comma-separated,
+    /// or `none` (the SDKs' defaults: `code-interpreter-v1` for e2b-code-interpreter).
+    #[arg(
+        long,
+        env = "KILN_BUILTIN_TEMPLATES",
+        default_value = "code-interpreter-v1",
+        value_parser = parse_builtins
+    )]
+    builtin_templates: Builtins,
+}
+
+/// `--builtin-templates`: names of built-in templates.
+#[derive(Clone, Debug)]
+struct Builtins(Vec<String>);
+
+fn parse_builtins(s: &str) -> Result<Builtins, String> {
+    let known = kiln_server::builtins::names();
+    let mut out = Vec::new();
+    for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if name == "none" {
+            continue;
+        }
+        if !known.contains(&name) {
+            return Err(format!(
+                "unknown built-in template {name:?}; built-ins: {} (or none)",
+                known.join(", ")
+            ));
+        }
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_string());
+        }
+    }
+    Ok(Builtins(out))
 }
 
 #[derive(clap::Args)]
@@ -257,6 +288,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         limits,
         domain: args.domain,
         api_key,
+        builtins: args.builtin_templates.0,
     };
     kiln_server::serve(config, runtime)
         .await
@@ -419,7 +451,15 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
             name,
             skip_cache,
         } => {
-            let project = template_cmd::load_project(&dir, name, skip_cache)?;
+            let project = kiln_template::dockerfile::load_project(&dir, name, skip_cache)?;
+            let uploads: Vec<kiln_client::ContextUpload> = project
+                .uploads
+                .into_iter()
+                .map(|u| kiln_client::ContextUpload {
+                    files_hash: u.files_hash,
+                    archive: u.archive,
+                })
+                .collect();
             for note in &project.recipe.skipped {
                 eprintln!("note: Dockerfile {note}");
             }
@@ -430,7 +470,7 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
                     project.cpu_count,
                     project.memory_mb,
                     &project.recipe.spec,
-                    &project.uploads,
+                    &uploads,
                     // The server's lines carry their step (`[builder i/N]`).
                     |e| eprintln!("{}", e.message),
                 )

@@ -1,6 +1,7 @@
-//! `kiln template build DIR`: a Dockerfile subset and `kiln.toml` turned into the
-//! E2B build recipe (as the Template SDK's `from_dockerfile` does client-side), its COPY
-//! contexts hashed and archived, and the build driven through the public API.
+//! Dockerfile projects: a Dockerfile subset and `kiln.toml` turned into the E2B build
+//! recipe (as the Template SDK's `from_dockerfile` does client-side), with the COPY
+//! contexts hashed and archived. Used by `kiln template build DIR` (which sends them
+//! through the API) and by the server for its built-in templates.
 //!
 //! Dockerfile: exactly one `FROM`; `RUN`, `COPY`/`ADD` of local files (`--chown`),
 //! `ENV`, `ARG`, `WORKDIR`, `USER`, `CMD`/`ENTRYPOINT` (the start command). Docker
@@ -11,13 +12,53 @@
 //! `ready_cmd`, `start_cmd`.
 
 use std::collections::BTreeMap;
+use std::fmt::Display;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use kiln_client::ContextUpload;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+
+/// What is wrong with a Dockerfile project: the file, line and cause in one message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DockerfileError(String);
+
+impl From<std::io::Error> for DockerfileError {
+    fn from(e: std::io::Error) -> Self {
+        DockerfileError(e.to_string())
+    }
+}
+
+pub type Result<T, E = DockerfileError> = std::result::Result<T, E>;
+
+macro_rules! bail {
+    ($($arg:tt)*) => { return Err(DockerfileError(format!($($arg)*))) };
+}
+
+/// `context`/`with_context` in the manner of anyhow: the context, then the cause.
+trait Context<T> {
+    fn context(self, ctx: impl Display) -> Result<T>;
+    fn with_context<C: Display>(self, ctx: impl FnOnce() -> C) -> Result<T>;
+}
+
+impl<T, E: Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, ctx: impl Display) -> Result<T> {
+        self.map_err(|e| DockerfileError(format!("{ctx}: {e}")))
+    }
+    fn with_context<C: Display>(self, ctx: impl FnOnce() -> C) -> Result<T> {
+        self.map_err(|e| DockerfileError(format!("{}: {e}", ctx())))
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, ctx: impl Display) -> Result<T> {
+        self.ok_or_else(|| DockerfileError(ctx.to_string()))
+    }
+    fn with_context<C: Display>(self, ctx: impl FnOnce() -> C) -> Result<T> {
+        self.ok_or_else(|| DockerfileError(ctx().to_string()))
+    }
+}
 
 /// A Dockerfile turned into a recipe.
 #[derive(Debug, Default, PartialEq)]
@@ -315,13 +356,19 @@ pub fn parse_kiln_toml(text: &str) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// Everything `kiln template build DIR` sends.
+/// One COPY context to upload: the step's `filesHash` and a tar.gz of its files.
+pub struct ContextArchive {
+    pub files_hash: String,
+    pub archive: Vec<u8>,
+}
+
+/// Everything a build of a Dockerfile project needs.
 pub struct Project {
     pub name: String,
     pub cpu_count: u32,
     pub memory_mb: u64,
     pub recipe: Recipe,
-    pub uploads: Vec<ContextUpload>,
+    pub uploads: Vec<ContextArchive>,
 }
 
 /// Reads `dir/Dockerfile` and `dir/kiln.toml`.
@@ -358,7 +405,7 @@ pub fn load_project(dir: &Path, name: Option<String>, skip_cache: bool) -> Resul
     };
     let mut uploads = Vec::new();
     for (src, _, hash) in &recipe.copies {
-        uploads.push(ContextUpload {
+        uploads.push(ContextArchive {
             files_hash: hash.clone(),
             archive: archive(dir, src)?,
         });
