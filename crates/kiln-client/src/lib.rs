@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod exec;
+mod interpreter;
 mod templates;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,9 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 pub use exec::{ExecEvent, ExecOutput};
+pub use interpreter::{
+    check_package_spec, CodeError, CodeEvent, Execution, RunCode, INTERPRETER_PORT,
+};
 pub use templates::{BuildLogEntry, BuildOutcome, ContextUpload};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +34,9 @@ pub enum ClientError {
     Api { status: StatusCode, message: String },
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
+    /// The request was refused before anything was sent.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A connection to one Kiln server.

@@ -1,5 +1,7 @@
 //! `kiln`: the command line. Thin: it parses, calls a library, renders.
 
+mod code_cmd;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -34,6 +36,14 @@ enum Command {
     /// Build, list and remove templates on a running server.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Run code in a sandbox's code interpreter (a new code-interpreter-v1 sandbox,
+    /// or --sandbox ID), streaming its output; exits 1 when the code raised.
+    RunCode(code_cmd::RunCodeArgs),
+    /// pip-install packages into a sandbox's Python kernel environment, importable by
+    /// the next run-code.
+    InstallPackage(code_cmd::InstallArgs),
+    /// Print a sandbox's Python environment as JSON: version, platform, packages.
+    EnvInfo(code_cmd::EnvInfoArgs),
 }
 
 #[derive(Subcommand)]
@@ -131,7 +141,7 @@ fn parse_builtins(s: &str) -> Result<Builtins, String> {
 }
 
 #[derive(clap::Args)]
-struct Remote {
+pub(crate) struct Remote {
     /// The server's API URL.
     #[arg(long, env = "E2B_API_URL", default_value = "http://127.0.0.1:3000")]
     url: String,
@@ -209,7 +219,7 @@ enum KeysCommand {
     },
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
@@ -231,6 +241,9 @@ fn main() -> Result<()> {
             Command::Sandbox(cmd) => sandbox(cmd).await,
             Command::Keys(cmd) => keys(cmd),
             Command::Template(cmd) => template(cmd).await,
+            Command::RunCode(args) => code_cmd::run_code(args).await,
+            Command::InstallPackage(args) => code_cmd::install(args).await,
+            Command::EnvInfo(args) => code_cmd::env_info(args).await,
         }
     })
 }
