@@ -8,9 +8,13 @@
 //! - `commands.run("true")` round trip through the proxy and envd, M times on one
 //!   sandbox. Floor: fork+exec of `/bin/true`.
 //!
+//! `--suite code` measures the code interpreter instead (see [`code`]).
+//!
 //! Prints a Markdown table for `docs/BENCHMARKS.md`.
 
 #![forbid(unsafe_code)]
+
+mod code;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -20,8 +24,18 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kiln_client::{Client, ExecEvent};
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    /// Sandbox create and `commands.run("true")`.
+    Sandbox,
+    /// The code interpreter: `run_code("1+1")` (use a code-interpreter template).
+    Code,
+}
+
 #[derive(Parser)]
-struct Args {
+pub(crate) struct Args {
+    #[arg(long, value_enum, default_value = "sandbox")]
+    suite: Suite,
     #[arg(long, env = "E2B_API_URL", default_value = "http://127.0.0.1:3000")]
     url: String,
     #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
@@ -39,13 +53,13 @@ struct Args {
     create_interval_ms: u64,
 }
 
-struct Summary {
+pub(crate) struct Summary {
     p50: Duration,
     p99: Duration,
     mean: Duration,
 }
 
-fn summarize(mut samples: Vec<Duration>) -> Summary {
+pub(crate) fn summarize(mut samples: Vec<Duration>) -> Summary {
     samples.sort();
     let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     let total: Duration = samples.iter().sum();
@@ -60,7 +74,7 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-fn time_command(n: usize, program: &str, args: &[&str]) -> Result<Vec<Duration>> {
+pub(crate) fn time_command(n: usize, program: &str, args: &[&str]) -> Result<Vec<Duration>> {
     (0..n)
         .map(|_| {
             let t = Instant::now();
@@ -78,7 +92,7 @@ fn time_command(n: usize, program: &str, args: &[&str]) -> Result<Vec<Duration>>
         .collect()
 }
 
-fn new_sandbox(template: &str) -> kiln_api::NewSandbox {
+pub(crate) fn new_sandbox(template: &str) -> kiln_api::NewSandbox {
     kiln_api::NewSandbox {
         template_id: template.to_string(),
         timeout: Some(120),
@@ -144,10 +158,23 @@ async fn round_trips(client: &Client, args: &Args) -> Result<Vec<Duration>> {
     Ok(samples)
 }
 
+/// One Markdown table row.
+pub(crate) fn row(name: &str, n: usize, s: &Summary) {
+    println!(
+        "| {name} | {n} | {} | {} | {} |",
+        ms(s.p50),
+        ms(s.p99),
+        ms(s.mean)
+    );
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let client = Client::new(&args.url, &args.api_key);
+    if args.suite == Suite::Code {
+        return code::run(&client, &args).await;
+    }
 
     let creates = summarize(create_to_first_output(&client, &args).await?);
     let unshare = summarize(time_command(
@@ -178,14 +205,6 @@ async fn main() -> Result<()> {
 
     println!("| measurement | samples | p50 ms | p99 ms | mean ms |");
     println!("|---|---|---|---|---|");
-    let row = |name: &str, n: usize, s: &Summary| {
-        println!(
-            "| {name} | {n} | {} | {} | {} |",
-            ms(s.p50),
-            ms(s.p99),
-            ms(s.mean)
-        );
-    };
     row(
         "create → first output of `echo ready`",
         args.creates,

@@ -217,7 +217,7 @@ impl SandboxManager {
 
         let allow_internet = req.allow_internet_access.unwrap_or(true);
         let secure = req.secure.unwrap_or(false);
-        let instance = self.acquire(&template, allow_internet).await.map_err(|e| {
+        let (instance, started) = self.acquire(&template, allow_internet).await.map_err(|e| {
             AppError::internal(format!("failed to start sandbox: {}", chain(&e)), e)
         })?;
         let id = instance.id.clone();
@@ -239,7 +239,8 @@ impl SandboxManager {
             default_workdir: template.meta.default_workdir.clone(),
             timestamp: Some(Utc::now().to_rfc3339()),
         };
-        if let Err(message) = prepare_guest(&instance.envd_socket, &init, &template).await {
+        if let Err(message) = prepare_guest(&instance.envd_socket, &init, &template, started).await
+        {
             let message = format!("sandbox {id} started but {message}");
             if let Err(kill) = self.runtime.kill(&id).await {
                 tracing::error!(%id, error = %chain(&kill), "cleanup after a failed start failed");
@@ -549,20 +550,62 @@ impl SandboxManager {
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 const READY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Hand envd its identity, then run the template's start command and wait for its
-/// ready command. The error is the message for the client.
+/// Hand envd its identity, then (unless the sandbox comes from a pool, where that
+/// happened already) run the template's start command and wait for its ready command.
+/// The error is the message for the client.
 async fn prepare_guest(
     socket: &std::path::Path,
     init: &kiln_proto::InitRequest,
     template: &crate::templates::TemplateInfo,
+    already_started: bool,
 ) -> Result<(), String> {
     crate::envd::init(socket, init)
         .await
         .map_err(|e| format!("envd did not initialise: {}", chain(&e)))?;
-    let user = template.meta.default_user.as_deref().unwrap_or("user");
+    if already_started {
+        return Ok(());
+    }
     // A secure sandbox's envd wants its access token on every call.
     let token = init.access_token.clone().flatten();
-    let token = token.as_deref();
+    start_template(socket, template, token.as_deref()).await
+}
+
+/// A pooled sandbox before any claim: envd gets the template's env and defaults (no
+/// identity, no token), then the template's start command runs and its ready command
+/// passes, so a claim only needs `/init`.
+pub(super) async fn prepare_pooled(
+    instance: &kiln_runtime::SandboxInstance,
+    template: &crate::templates::TemplateInfo,
+) -> Result<(), String> {
+    if template.meta.start_cmd.is_none() && template.meta.ready_cmd.is_none() {
+        return Ok(());
+    }
+    let mut env = BTreeMap::from([
+        ("E2B_SANDBOX".to_string(), "true".to_string()),
+        ("E2B_TEMPLATE_ID".to_string(), template.name.clone()),
+    ]);
+    env.extend(template.meta.envs.clone());
+    let init = kiln_proto::InitRequest {
+        env_vars: Some(env),
+        access_token: None,
+        default_user: template.meta.default_user.clone(),
+        default_workdir: template.meta.default_workdir.clone(),
+        timestamp: Some(Utc::now().to_rfc3339()),
+    };
+    crate::envd::init(&instance.envd_socket, &init)
+        .await
+        .map_err(|e| format!("envd did not initialise: {}", chain(&e)))?;
+    start_template(&instance.envd_socket, template, None).await
+}
+
+/// Runs the template's start command in the background and waits for its ready
+/// command to exit 0.
+async fn start_template(
+    socket: &std::path::Path,
+    template: &crate::templates::TemplateInfo,
+    token: Option<&str>,
+) -> Result<(), String> {
+    let user = template.meta.default_user.as_deref().unwrap_or("user");
     if let Some(cmd) = &template.meta.start_cmd {
         crate::envd::run_with_token(socket, cmd, user, false, token)
             .await

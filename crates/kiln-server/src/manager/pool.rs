@@ -3,6 +3,12 @@
 //! gives it its env vars and access token through envd `/init`, so it costs
 //! milliseconds instead of a namespace, overlay and veth setup.
 //!
+//! A template's start command runs (and its ready command passes) while the sandbox
+//! waits in the pool, as E2B runs it at build time and snapshots it running: the
+//! started processes see the template's env, not the claimant's, which reaches them
+//! through envd (`/envs`, read per run by the code interpreter). A claim then costs
+//! one `/init`.
+//!
 //! A pooled sandbox is used once: a claim takes it out of the pool for good and a
 //! fresh one is started to replace it, so nothing of one claimant reaches another.
 //! Pooled sandboxes do not count against `E2B_MAX_SANDBOXES`; after a restart they are
@@ -105,10 +111,21 @@ impl SandboxManager {
                 let config = manager.sandbox_config(super::new_id(), &template, true);
                 let started = manager.runtime.start(&config).await;
                 let instance = match started {
-                    Ok(instance) => Some(Pooled {
-                        rootfs: template.rootfs.clone(),
-                        instance,
-                    }),
+                    Ok(instance) => match super::prepare_pooled(&instance, &template).await {
+                        Ok(()) => Some(Pooled {
+                            rootfs: template.rootfs.clone(),
+                            instance,
+                        }),
+                        Err(message) => {
+                            tracing::warn!(template = %template.name, id = %instance.id,
+                                "preparing a pooled sandbox failed: {message}");
+                            if let Err(e) = manager.runtime.kill(&instance.id).await {
+                                tracing::warn!(id = %instance.id, error = %chain(&e),
+                                    "killing a pooled sandbox failed");
+                            }
+                            None
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(template = %template.name, error = %chain(&e),
                             "starting a pooled sandbox failed");
@@ -151,12 +168,13 @@ impl SandboxManager {
         self.pools.idle_count(template)
     }
 
-    /// A started sandbox for a create: from the pool when one fits, else a cold start.
+    /// A started sandbox for a create: from the pool when one fits (its start command
+    /// already running: the flag is true), else a cold start.
     pub(super) async fn acquire(
         self: &Arc<Self>,
         template: &TemplateInfo,
         internet: bool,
-    ) -> Result<SandboxInstance, kiln_runtime::RuntimeError> {
+    ) -> Result<(SandboxInstance, bool), kiln_runtime::RuntimeError> {
         if internet {
             let (claimed, stale) = self.pools.claim(&template.name, &template.rootfs);
             if !stale.is_empty() {
@@ -172,7 +190,7 @@ impl SandboxManager {
             }
             if let Some(instance) = claimed {
                 self.fill_pool(template);
-                return Ok(instance);
+                return Ok((instance, true));
             }
         }
         let config: SandboxConfig = self.sandbox_config(super::new_id(), template, internet);
@@ -180,6 +198,6 @@ impl SandboxManager {
         if internet && self.limits.pool_size > 0 {
             self.fill_pool(template);
         }
-        instance
+        Ok((instance?, false))
     }
 }
