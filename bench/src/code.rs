@@ -1,13 +1,14 @@
 //! The code-interpreter suite (`--suite code`): `run_code("1+1")` as
 //! `e2b-code-interpreter` sends it, beside the same computation through
-//! `commands.run("python3 -c ...")` on the same sandbox and a host `python3 -c` floor.
+//! `commands.run("python3 -c ...")` on the same sandbox (the peer) and
+//! `commands.run("true")` there (the floor of any round trip through the proxy).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kiln_client::{Client, CodeEvent, RunCode};
 
-use crate::{new_sandbox, row, summarize, time_command, Args};
+use crate::{new_sandbox, row, summarize, Args};
 
 const CODE: &str = "1+1";
 const PYTHON_CMD: &str = "python3 -c 'print(1+1)'";
@@ -49,8 +50,9 @@ async fn create_to_first_result(client: &Client, args: &Args) -> Result<Vec<Dura
     Ok(samples)
 }
 
-/// Round trips on one sandbox: `run_code("1+1")`, then `commands.run(python3 -c ...)`.
-async fn round_trips(client: &Client, args: &Args) -> Result<(Vec<Duration>, Vec<Duration>)> {
+/// Round trips on one sandbox: `run_code("1+1")`, `commands.run(python3 -c ...)` and
+/// `commands.run("true")`.
+async fn round_trips(client: &Client, args: &Args) -> Result<[Vec<Duration>; 3]> {
     let sbx = client.create(&new_sandbox(&args.template)).await?;
     let token = sbx.envd_access_token.as_deref();
     let id = &sbx.sandbox_id;
@@ -67,33 +69,34 @@ async fn round_trips(client: &Client, args: &Args) -> Result<(Vec<Duration>, Vec
             bail!("run_code(\"1+1\") gave {:?}", exec.text());
         }
     }
-    client
-        .exec_with_token(id, token, PYTHON_CMD, None, |_| {})
-        .await?;
-    let mut cmd = Vec::with_capacity(args.round_trips);
-    for _ in 0..args.round_trips {
-        let t = Instant::now();
-        let out = client
-            .exec_with_token(id, token, PYTHON_CMD, None, |_| {})
+    let mut commands = Vec::new();
+    for command in [PYTHON_CMD, "true"] {
+        client
+            .exec_with_token(id, token, command, None, |_| {})
             .await?;
-        cmd.push(t.elapsed());
-        if out.exit_code != 0 {
-            bail!("{PYTHON_CMD} exited {}", out.exit_code);
+        let mut samples = Vec::with_capacity(args.round_trips);
+        for _ in 0..args.round_trips {
+            let t = Instant::now();
+            let out = client
+                .exec_with_token(id, token, command, None, |_| {})
+                .await?;
+            samples.push(t.elapsed());
+            if out.exit_code != 0 {
+                bail!("{command} exited {}", out.exit_code);
+            }
         }
+        commands.push(samples);
     }
     client.kill(id).await?;
-    Ok((code, cmd))
+    let floor = commands.pop().unwrap_or_default();
+    let python = commands.pop().unwrap_or_default();
+    Ok([code, python, floor])
 }
 
 pub async fn run(client: &Client, args: &Args) -> Result<()> {
     let creates = summarize(create_to_first_result(client, args).await?);
-    let (code, cmd) = round_trips(client, args).await?;
-    let (code, cmd) = (summarize(code), summarize(cmd));
-    let host = summarize(time_command(
-        args.round_trips,
-        "python3",
-        &["-c", "print(1+1)"],
-    )?);
+    let [code, python, floor] = round_trips(client, args).await?;
+    let (code, python, floor) = (summarize(code), summarize(python), summarize(floor));
     println!("| measurement | samples | p50 ms | p99 ms | mean ms |");
     println!("|---|---|---|---|---|");
     row(
@@ -108,12 +111,12 @@ pub async fn run(client: &Client, args: &Args) -> Result<()> {
     row(
         "peer: `commands.run(\"python3 -c 'print(1+1)'\")` on the same sandbox",
         args.round_trips,
-        &cmd,
+        &python,
     );
     row(
-        "floor: host fork+exec of `python3 -c 'print(1+1)'`",
+        "floor: `commands.run(\"true\")` on the same sandbox",
         args.round_trips,
-        &host,
+        &floor,
     );
     Ok(())
 }
