@@ -1,8 +1,8 @@
-//! Template builds, list and delete through the E2B template API (the same sequence
-//! the Template SDK drives: create, file links and uploads, start, status polling).
+//! Template builds, list and delete through the E2B template API (the sequence the
+//! Template SDK drives: create, file links and uploads, start; then, instead of status
+//! polling, Kiln's streamed build log).
 
-use std::time::Duration;
-
+use futures::StreamExt;
 use reqwest::Method;
 use serde::Deserialize;
 
@@ -47,16 +47,6 @@ struct Created {
 struct FilesLink {
     present: bool,
     url: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Status {
-    status: String,
-    #[serde(default)]
-    log_entries: Vec<BuildLogEntry>,
-    #[serde(default)]
-    reason: Option<Reason>,
 }
 
 #[derive(Deserialize)]
@@ -106,28 +96,40 @@ impl Client {
         }
         let path = format!("/v2/templates/{tid}/builds/{}", created.build_id);
         self.call(Method::POST, &path, Some(spec.clone())).await?;
-        let mut offset = 0;
-        loop {
-            let path = format!(
-                "/templates/{tid}/builds/{}/status?logsOffset={offset}&limit=100",
-                created.build_id
-            );
-            let st: Status = Self::json(self.call(Method::GET, &path, None).await?).await?;
-            offset += st.log_entries.len();
-            let drained = st.log_entries.is_empty();
-            for e in &st.log_entries {
-                on_log(e);
+        // Kiln streams the log (the SDK polls `/status`; the outcome is the same).
+        let path = format!(
+            "/templates/{tid}/builds/{}/logs/stream",
+            created.build_id
+        );
+        let resp = self.call(Method::GET, &path, None).await?;
+        let mut stream = resp.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Protocol(format!("log stream broke: {e}")))?;
+            pending.extend_from_slice(&chunk);
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let v: serde_json::Value = serde_json::from_slice(&line)
+                    .map_err(|e| ClientError::Protocol(format!("bad log line: {e}")))?;
+                if let Some(status) = v.get("status").and_then(|s| s.as_str()) {
+                    let reason = v
+                        .get("reason")
+                        .and_then(|r| serde_json::from_value::<Reason>(r.clone()).ok());
+                    return Ok(BuildOutcome {
+                        template_id: created.template_id,
+                        build_id: created.build_id,
+                        status: status.to_string(),
+                        reason: reason.map(|r| (r.message, r.step)),
+                    });
+                }
+                let entry: BuildLogEntry = serde_json::from_value(v)
+                    .map_err(|e| ClientError::Protocol(format!("bad log line: {e}")))?;
+                on_log(&entry);
             }
-            if matches!(st.status.as_str(), "ready" | "error") && drained {
-                return Ok(BuildOutcome {
-                    template_id: created.template_id,
-                    build_id: created.build_id,
-                    status: st.status,
-                    reason: st.reason.map(|r| (r.message, r.step)),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        Err(ClientError::Protocol(
+            "the build's log stream ended without its outcome".into(),
+        ))
     }
 
     /// Every template the server has (`GET /templates`), as JSON objects.

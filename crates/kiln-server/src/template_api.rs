@@ -5,8 +5,12 @@
 //! `GET /templates/{id}/builds/{buildID}/status`. Plus list, get, delete, alias.
 //!
 //! The template id is the template's name (its alias). Builds run one at a time in a
-//! background task ([`kiln_template::TemplateStore::build`]); their state and logs
-//! live in memory. A finished build is registered in [`Templates`] at once.
+//! background task ([`kiln_template::TemplateStore::build`]). Their state and logs live
+//! in memory and are written to `templates/.builds/<buildID>.json` whenever the status
+//! changes, so a build's outcome survives a restart (a build cut short by one is
+//! reported as failed, with that reason). A finished build is registered in
+//! [`Templates`] at once. Besides the SDK's polling, `GET
+//! /templates/{id}/builds/{buildID}/logs/stream` streams a build's log as NDJSON.
 
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -35,6 +39,8 @@ use crate::templates::{TemplateDefaults, TemplateInfo, Templates};
 /// Path prefix of upload links (no API key: the token in the link is the credential).
 pub const UPLOAD_PREFIX: &str = "/_kiln/uploads/";
 const MAX_LOG_PAGE: usize = 100;
+/// Build records kept on disk across restarts.
+const KEPT_RECORDS: usize = 200;
 
 /// Builds in progress and done, and the upload links handed out.
 pub struct TemplateBuilds {
@@ -49,7 +55,7 @@ pub struct TemplateBuilds {
     queue: tokio::sync::Mutex<()>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Status {
     Waiting,
@@ -58,23 +64,23 @@ enum Status {
     Error,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct LogEntry {
     timestamp: DateTime<Utc>,
-    level: &'static str,
+    level: String,
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     step: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Reason {
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     step: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct BuildRecord {
     template_id: String,
     status: Status,
@@ -97,7 +103,7 @@ impl TemplateBuilds {
             path: files_dir.clone(),
             source,
         })?;
-        Ok(Self {
+        let this = Self {
             store,
             files_dir,
             runner,
@@ -105,7 +111,92 @@ impl TemplateBuilds {
             builds: Mutex::default(),
             uploads: Mutex::default(),
             queue: tokio::sync::Mutex::new(()),
-        })
+        };
+        this.load_records();
+        Ok(this)
+    }
+
+    fn records_dir(&self) -> PathBuf {
+        self.store.templates_dir().join(".builds")
+    }
+
+    /// Writes build `build_id`'s record (status, reason, logs) to disk; a failure is
+    /// logged, the build goes on.
+    fn persist(&self, build_id: &str) {
+        let Ok(record) = self.with_build(build_id, |r| r.clone()) else {
+            return;
+        };
+        let dir = self.records_dir();
+        let path = dir.join(format!("{build_id}.json"));
+        let tmp = dir.join(format!(".{build_id}.json.tmp"));
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+                std::fs::write(&tmp, json)
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(build = %build_id, error = %e, "saving the build record failed");
+        }
+    }
+
+    /// Reads the records of earlier runs (newest [`KEPT_RECORDS`]; older ones are
+    /// removed). A build that was waiting or running when the server stopped failed.
+    fn load_records(&self) {
+        let Ok(entries) = std::fs::read_dir(self.records_dir()) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| {
+                let mtime = e.metadata().and_then(|m| m.modified());
+                (mtime.unwrap_or(std::time::UNIX_EPOCH), e.path())
+            })
+            .collect();
+        files.sort();
+        let old = files.len().saturating_sub(KEPT_RECORDS);
+        for (_, path) in files.drain(..old) {
+            let _ = std::fs::remove_file(path);
+        }
+        for (_, path) in files {
+            let Some(build_id) = path.file_stem().map(|s| s.to_string_lossy().into_owned())
+            else {
+                continue;
+            };
+            let record = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<BuildRecord>(&b).ok());
+            let Some(mut record) = record else {
+                tracing::warn!(path = %path.display(), "unreadable build record; ignored");
+                continue;
+            };
+            let interrupted = matches!(record.status, Status::Waiting | Status::Building);
+            if interrupted {
+                let message = "the build was interrupted: kiln serve stopped before it \
+                               finished; start the build again"
+                    .to_string();
+                record.status = Status::Error;
+                record.logs.push(LogEntry {
+                    timestamp: Utc::now(),
+                    level: "error".into(),
+                    message: format!("Build failed: {message}"),
+                    step: None,
+                });
+                record.reason = Some(Reason {
+                    message,
+                    step: None,
+                });
+            }
+            self.builds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(build_id.clone(), record);
+            if interrupted {
+                self.persist(&build_id);
+            }
+        }
     }
 
     /// Registers every built template of the store (not `base`, which the server
@@ -143,7 +234,7 @@ impl TemplateBuilds {
         let _ = self.with_build(build_id, |b| {
             b.logs.push(LogEntry {
                 timestamp: Utc::now(),
-                level,
+                level: level.to_string(),
                 message: l.message,
                 step: l.step,
             })
@@ -165,6 +256,7 @@ impl TemplateBuilds {
                 self.templates.insert(info_of(&t));
                 manager.discard_pool(&t.name).await;
                 let _ = self.with_build(&id, |b| b.status = Status::Ready);
+                self.persist(&id);
                 tracing::info!(template = %t.name, build = %id, "template built");
             }
             Err(e) => {
@@ -185,6 +277,7 @@ impl TemplateBuilds {
                         step: e.step(),
                     });
                 });
+                self.persist(&id);
             }
         }
     }
@@ -318,6 +411,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/templates/{id}/files/{hash}", get(files_link))
         .route("/v2/templates/{id}/builds/{build}", post(start))
         .route("/templates/{id}/builds/{build}/status", get(status))
+        .route("/templates/{id}/builds/{build}/logs/stream", get(log_stream))
 }
 
 /// Routes without the API key: the upload links.
@@ -418,6 +512,7 @@ async fn create(
             memory_mb,
         },
     );
+    b.persist(&build_id);
     let body = serde_json::json!({
         "templateID": alias, "buildID": build_id, "public": false,
         "names": [alias], "tags": tags, "aliases": [alias],
@@ -514,6 +609,7 @@ async fn start(
         r.status = Status::Building;
         Ok((r.template_id.clone(), r.cpu_count, r.memory_mb))
     })??;
+    b.persist(&build_id);
     let req = BuildRequest {
         name,
         build_id,
@@ -562,6 +658,63 @@ async fn status(
         body["reason"] = serde_json::to_value(r).unwrap_or_default();
     }
     Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+/// How often a log stream looks for new lines.
+const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `GET /templates/{id}/builds/{buildID}/logs/stream` (Kiln's own): the build's log
+/// from the start, one JSON object per line (`timestamp`, `level`, `message`, `step`)
+/// as lines arrive, then one `{"status": "ready"|"error", "reason"?: {...}}` line, and
+/// the end of the response.
+async fn log_stream(
+    State(state): State<Arc<AppState>>,
+    Path((id, build_id)): Path<(String, String)>,
+) -> Result<Response, AppError> {
+    let b = builds(&state)?.clone();
+    let owner = b.with_build(&build_id, |r| r.template_id.clone())?;
+    if owner != id {
+        return Err(AppError::BadRequest(format!(
+            "Build '{build_id}' not found"
+        )));
+    }
+    let lines = futures::stream::unfold(Some((b, build_id, 0usize)), |st| async move {
+        let (b, build_id, offset) = st?;
+        loop {
+            let snapshot = b.with_build(&build_id, |r| {
+                let new: Vec<LogEntry> = r.logs[offset.min(r.logs.len())..].to_vec();
+                (r.status, r.reason.clone(), new)
+            });
+            let Ok((status, reason, new)) = snapshot else {
+                return None;
+            };
+            if !new.is_empty() {
+                let mut chunk = Vec::new();
+                for e in &new {
+                    if serde_json::to_writer(&mut chunk, e).is_ok() {
+                        chunk.push(b'\n');
+                    }
+                }
+                let next = Some((b, build_id, offset + new.len()));
+                return Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk)), next));
+            }
+            if matches!(status, Status::Ready | Status::Error) {
+                let mut end = serde_json::json!({ "status": status });
+                if let Some(r) = reason {
+                    end["reason"] = serde_json::to_value(r).unwrap_or_default();
+                }
+                let line = format!("{end}\n");
+                return Some((Ok(axum::body::Bytes::from(line)), None));
+            }
+            tokio::time::sleep(STREAM_POLL).await;
+        }
+    });
+    Ok((
+        StatusCode::OK,
+        [(http::header::CONTENT_TYPE, "application/x-ndjson")],
+        RawBody::from_stream(lines),
+    )
+        .into_response())
 }
 
 fn template_json(t: &Template) -> serde_json::Value {

@@ -458,7 +458,12 @@ async fn routing_errors_are_json_too() {
 
 #[tokio::test]
 async fn start_and_ready_commands_run_before_create_answers() {
-    let h = start(LimitsConfig::default()).await;
+    // Cold starts (the pooled path is below).
+    let h = start(LimitsConfig {
+        pool_size: 0,
+        ..LimitsConfig::default()
+    })
+    .await;
     let c = Client::new(&h.url, &h.key);
     let mut req = new_sandbox(60, &[]);
     req.template_id = "served".into();
@@ -470,6 +475,49 @@ async fn start_and_ready_commands_run_before_create_answers() {
     // A template without them runs nothing.
     c.create(&new_sandbox(60, &[])).await.unwrap();
     assert_eq!(h.runtime.commands.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn pooled_sandboxes_run_the_start_command_before_a_claim() {
+    let h = start(LimitsConfig {
+        pool_size: 1,
+        ..LimitsConfig::default()
+    })
+    .await;
+    let c = Client::new(&h.url, &h.key);
+    let mut req = new_sandbox(60, &[("FOO", "bar")]);
+    req.template_id = "served".into();
+    // Cold (and asks for the pool of "served").
+    c.create(&req).await.unwrap();
+    eventually("the pool to fill", || h.manager.pooled("served") == 1).await;
+    // The pooled one ran start + ready while waiting (concurrently with the cold
+    // create's), with the template's env only.
+    let mut commands = h.runtime.commands.lock().unwrap().clone();
+    commands.sort();
+    assert_eq!(commands, ["serve-forever", "serve-forever", "true", "true"]);
+    let inits = h.runtime.inits.lock().unwrap().clone();
+    let pooled: Vec<_> = inits
+        .iter()
+        .filter(|i| i["envVars"].get("E2B_SANDBOX_ID").is_none())
+        .collect();
+    assert_eq!(pooled.len(), 1, "{inits:?}");
+    let pooled_init = pooled[0];
+    assert!(pooled_init["accessToken"].is_null());
+    assert!(pooled_init["envVars"].get("FOO").is_none());
+    assert_eq!(pooled_init["envVars"]["E2B_TEMPLATE_ID"], "served");
+
+    // A claim only hands over the identity: no second start command.
+    let claimed = c.create(&req).await.unwrap();
+    let inits = h.runtime.inits.lock().unwrap().clone();
+    let last = inits
+        .iter()
+        .find(|i| i["envVars"]["E2B_SANDBOX_ID"] == claimed.sandbox_id.as_str())
+        .expect("the claim's /init");
+    assert_eq!(last["envVars"]["FOO"], "bar");
+    assert_eq!(last["accessToken"], claimed.envd_access_token.clone().unwrap());
+    eventually("the pool to refill", || h.manager.pooled("served") == 1).await;
+    let commands = h.runtime.commands.lock().unwrap().clone();
+    assert_eq!(commands.len(), 6, "{commands:?}: only the refill ran them again");
 }
 
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {

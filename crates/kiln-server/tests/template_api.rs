@@ -74,6 +74,9 @@ struct Harness {
 fn fake_base(data: &Path) {
     let base = data.join("templates/base");
     std::fs::create_dir_all(base.join("rootfs/etc")).unwrap();
+    // Steps run with a shell; the fake runner never execs it.
+    std::fs::create_dir_all(base.join("rootfs/bin")).unwrap();
+    std::fs::write(base.join("rootfs/bin/sh"), "").unwrap();
     std::fs::write(
         base.join("rootfs/etc/passwd"),
         "root:x:0:0::/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n",
@@ -92,6 +95,11 @@ fn fake_base(data: &Path) {
 async fn start() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     fake_base(dir.path());
+    serve(dir).await
+}
+
+/// A server on `dir` (a data dir with a base template), as after a (re)start.
+async fn serve(dir: tempfile::TempDir) -> Harness {
     let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
     let key = kiln_server::keys::generate();
     kiln_server::keys::register(store.as_ref(), "test", &key, true).unwrap();
@@ -178,6 +186,27 @@ impl Harness {
     }
 
     /// Polls like the SDK until the build ends and the logs are drained.
+    /// The whole NDJSON log stream of a build, as parsed lines.
+    async fn stream(&self, tid: &str, bid: &str) -> Vec<Value> {
+        let resp = reqwest::Client::new()
+            .get(format!(
+                "{}/templates/{tid}/builds/{bid}/logs/stream",
+                self.url
+            ))
+            .header("x-api-key", &self.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let text = tokio::time::timeout(Duration::from_secs(20), resp.text())
+            .await
+            .expect("the stream ends with the build")
+            .unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     async fn wait(&self, tid: &str, bid: &str) -> (Value, Vec<Value>) {
         let mut entries = Vec::new();
         for _ in 0..200 {
@@ -403,4 +432,54 @@ async fn failures_name_their_step_and_bad_input_is_400() {
         .await;
     assert_eq!(s, 400);
     assert!(v["message"].as_str().unwrap().contains("step 1"), "{v}");
+}
+
+#[tokio::test]
+async fn build_logs_stream_and_outcomes_survive_a_restart() {
+    let h = start().await;
+    let spec = json!({"fromTemplate": "base", "steps": [
+        {"type": "RUN", "args": ["echo one"]},
+        {"type": "RUN", "args": ["echo two"]},
+    ]});
+    let (tid, bid) = h.build("streamed", spec).await;
+    // The stream (opened while the build runs) carries the same lines as the polled
+    // status, then the outcome, then ends.
+    let lines = h.stream(&tid, &bid).await;
+    let (status, entries) = h.wait(&tid, &bid).await;
+    assert_eq!(status["status"], "ready", "{status}");
+    let (end, logs) = lines.split_last().unwrap();
+    assert_eq!(end, &json!({"status": "ready"}));
+    assert_eq!(messages(logs), messages(&entries));
+    assert!(messages(logs).iter().any(|m| m.contains("running echo two")));
+    // A finished build's stream replays it.
+    assert_eq!(h.stream(&tid, &bid).await, lines);
+    let unknown = format!("/templates/{tid}/builds/nope/logs/stream");
+    assert_eq!(h.call("GET", &unknown, None).await.0, 400);
+
+    // A build that was running when the server stopped (its record says so).
+    let data = h._dir.path().to_path_buf();
+    let cut = json!({
+        "template_id": "cut", "status": "building", "logs": [], "reason": null,
+        "cpu_count": 1, "memory_mb": 512,
+    });
+    std::fs::write(
+        data.join("templates/.builds/cut-build.json"),
+        cut.to_string(),
+    )
+    .unwrap();
+    let Harness { _dir: dir, .. } = h;
+    let h = serve(dir).await;
+    // The finished build is still reported, with its log.
+    let (status, entries) = h.wait(&tid, &bid).await;
+    assert_eq!(status["status"], "ready");
+    assert_eq!(messages(&entries), messages(logs));
+    // The cut one failed, saying why.
+    let (status, _) = h.wait("cut", "cut-build").await;
+    assert_eq!(status["status"], "error");
+    let reason = status["reason"]["message"].as_str().unwrap();
+    assert!(reason.contains("interrupted"), "{reason}");
+    assert_eq!(
+        h.stream("cut", "cut-build").await.last().unwrap()["status"],
+        "error"
+    );
 }

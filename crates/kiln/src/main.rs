@@ -1,5 +1,6 @@
 //! `kiln`: the command line. Thin: it parses, calls a library, renders.
 
+mod build_progress;
 mod code_cmd;
 
 use std::collections::BTreeMap;
@@ -477,6 +478,7 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
                 eprintln!("note: Dockerfile {note}");
             }
             let client = Client::new(&remote.url, &remote.api_key);
+            let mut progress = build_progress::BuildProgress::new();
             let outcome = client
                 .build_template(
                     &project.name,
@@ -484,10 +486,11 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
                     project.memory_mb,
                     &project.recipe.spec,
                     &uploads,
-                    // The server's lines carry their step (`[builder i/N]`).
-                    |e| eprintln!("{}", e.message),
+                    |e| progress.on_log(e),
                 )
-                .await?;
+                .await;
+            progress.finish(outcome.as_ref().is_ok_and(|o| o.status == "ready"));
+            let outcome = outcome?;
             if outcome.status != "ready" {
                 let (message, _) = outcome
                     .reason
