@@ -53,6 +53,7 @@ pub struct TemplateBuilds {
     uploads: Mutex<HashMap<String, String>>,
     /// One build at a time.
     queue: tokio::sync::Mutex<()>,
+    tags: Mutex<TagMap>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +89,22 @@ struct BuildRecord {
     reason: Option<Reason>,
     cpu_count: u32,
     memory_mb: u64,
+    /// Tags the build was created with (besides `default`), given to the template
+    /// when the build succeeds.
+    #[serde(default)]
+    tags: Vec<String>,
 }
+
+/// When a tag was given to a template.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TagInfo {
+    #[serde(rename = "createdAt")]
+    created_at: DateTime<Utc>,
+}
+
+/// Tags by template name, kept in `templates/.tags.json`. Kiln keeps one version per
+/// template, so every tag names that version (the SDK's `name:tag` resolves to it).
+type TagMap = std::collections::BTreeMap<String, std::collections::BTreeMap<String, TagInfo>>;
 
 impl TemplateBuilds {
     /// Build service over the store in `data_dir`; commands run through `runner`.
@@ -111,9 +127,50 @@ impl TemplateBuilds {
             builds: Mutex::default(),
             uploads: Mutex::default(),
             queue: tokio::sync::Mutex::new(()),
+            tags: Mutex::default(),
         };
         this.load_records();
+        *this.tags.lock().unwrap_or_else(|e| e.into_inner()) = this.load_tags();
         Ok(this)
+    }
+
+    fn tags_path(&self) -> PathBuf {
+        self.store.templates_dir().join(".tags.json")
+    }
+
+    fn load_tags(&self) -> TagMap {
+        std::fs::read(self.tags_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Changes the tags of `name` under the lock and writes them out.
+    fn update_tags<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut std::collections::BTreeMap<String, TagInfo>) -> T,
+    ) -> Result<T, AppError> {
+        let mut all = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(all.entry(name.to_string()).or_default());
+        all.retain(|_, t| !t.is_empty());
+        let json = serde_json::to_vec(&*all).map_err(|e| AppError::internal("saving tags", e))?;
+        let tmp = self.tags_path().with_extension("json.tmp");
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, self.tags_path()))
+            .map_err(|e| AppError::internal("saving tags", e))?;
+        Ok(out)
+    }
+
+    /// The tags of `name`, `default` first.
+    fn tags_of(&self, name: &str) -> Vec<(String, TagInfo)> {
+        let all = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(String, TagInfo)> = all
+            .get(name)
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        out.sort_by_key(|(t, _)| (t != "default", t.clone()));
+        out
     }
 
     fn records_dir(&self) -> PathBuf {
@@ -161,8 +218,7 @@ impl TemplateBuilds {
             let _ = std::fs::remove_file(path);
         }
         for (_, path) in files {
-            let Some(build_id) = path.file_stem().map(|s| s.to_string_lossy().into_owned())
-            else {
+            let Some(build_id) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
                 continue;
             };
             let record = std::fs::read(&path)
@@ -253,6 +309,17 @@ impl TemplateBuilds {
         let id = req.build_id.clone();
         match result {
             Ok(t) => {
+                let tags = self.with_build(&id, |b| b.tags.clone()).unwrap_or_default();
+                let tagged = self.update_tags(&t.name, |map| {
+                    for tag in std::iter::once("default".to_string()).chain(tags) {
+                        map.entry(tag).or_insert(TagInfo {
+                            created_at: Utc::now(),
+                        });
+                    }
+                });
+                if let Err(e) = tagged {
+                    tracing::warn!(template = %t.name, error = %e, "tagging the build failed");
+                }
                 self.templates.insert(info_of(&t));
                 manager.discard_pool(&t.name).await;
                 let _ = self.with_build(&id, |b| b.status = Status::Ready);
@@ -321,8 +388,10 @@ impl TemplateBuilds {
                     reason: None,
                     cpu_count: project.cpu_count,
                     memory_mb: project.memory_mb,
+                    tags: Vec::new(),
                 },
             );
+        self.persist(&build_id);
         let req = BuildRequest {
             name: project.name.clone(),
             build_id: build_id.clone(),
@@ -411,7 +480,12 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/templates/{id}/files/{hash}", get(files_link))
         .route("/v2/templates/{id}/builds/{build}", post(start))
         .route("/templates/{id}/builds/{build}/status", get(status))
-        .route("/templates/{id}/builds/{build}/logs/stream", get(log_stream))
+        .route(
+            "/templates/{id}/builds/{build}/logs/stream",
+            get(log_stream),
+        )
+        .route("/templates/tags", post(assign_tags).delete(remove_tags))
+        .route("/templates/{id}/tags", get(get_tags))
 }
 
 /// Routes without the API key: the upload links.
@@ -510,6 +584,7 @@ async fn create(
             reason: None,
             cpu_count,
             memory_mb,
+            tags: tags.iter().filter(|t| *t != "default").cloned().collect(),
         },
     );
     b.persist(&build_id);
@@ -660,6 +735,135 @@ async fn status(
     Ok((StatusCode::OK, Json(body)).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+struct AssignTags {
+    target: String,
+    tags: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RemoveTags {
+    name: String,
+    tags: Vec<String>,
+}
+
+/// The template behind `name[:tag]` and the tag, checked to exist.
+fn tagged_template(b: &TemplateBuilds, target: &str) -> Result<(Template, String), AppError> {
+    let (name, tags) = parse_name(target)?;
+    if target.trim_end().ends_with(':') {
+        return Err(AppError::BadRequest(format!(
+            "invalid target {target:?}: give name or name:tag"
+        )));
+    }
+    let t = find(b, &name)?;
+    let tag = tags.into_iter().next().unwrap_or_else(|| "default".into());
+    if tag != "default" && !b.tags_of(&name).iter().any(|(t, _)| *t == tag) {
+        return Err(AppError::NotFound(format!(
+            "template {name:?} has no tag {tag:?}"
+        )));
+    }
+    Ok((t, tag))
+}
+
+fn check_tag(tag: &str) -> Result<(), AppError> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 128
+        && tag
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_.".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::BadRequest(format!(
+            "invalid tag {tag:?}: use 1-128 of a-z, 0-9, '-', '_' and '.'"
+        )))
+    }
+}
+
+/// `POST /templates/tags` (`Template.assign_tags`): 201 `{"tags", "buildID"}`.
+async fn assign_tags(
+    State(state): State<Arc<AppState>>,
+    Body(req): Body<AssignTags>,
+) -> Result<Response, AppError> {
+    let b = builds(&state)?;
+    let (t, _) = tagged_template(b, &req.target)?;
+    if req.tags.is_empty() {
+        return Err(AppError::BadRequest("give at least one tag".into()));
+    }
+    for tag in &req.tags {
+        check_tag(tag)?;
+    }
+    b.update_tags(&t.name, |map| {
+        for tag in &req.tags {
+            map.insert(
+                tag.clone(),
+                TagInfo {
+                    created_at: Utc::now(),
+                },
+            );
+        }
+    })?;
+    let body = serde_json::json!({"tags": req.tags, "buildID": build_uuid(&t.meta.build_hash)});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `DELETE /templates/tags` (`Template.remove_tags`): 204.
+async fn remove_tags(
+    State(state): State<Arc<AppState>>,
+    Body(req): Body<RemoveTags>,
+) -> Result<StatusCode, AppError> {
+    let b = builds(&state)?;
+    let t = find(b, &req.name)?;
+    if req.tags.iter().any(|t| t == "default") {
+        return Err(AppError::BadRequest(
+            "the default tag cannot be removed; delete the template instead".into(),
+        ));
+    }
+    let have: Vec<String> = b.tags_of(&t.name).into_iter().map(|(t, _)| t).collect();
+    if let Some(missing) = req.tags.iter().find(|t| !have.contains(t)) {
+        return Err(AppError::NotFound(format!(
+            "template {:?} has no tag {missing:?}",
+            t.name
+        )));
+    }
+    b.update_tags(&t.name, |map| {
+        for tag in &req.tags {
+            map.remove(tag);
+        }
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /templates/{id}/tags` (`Template.get_tags`): `[{"tag", "buildID", "createdAt"}]`.
+async fn get_tags(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
+    let b = builds(&state)?;
+    let t = find(b, &id)?;
+    let build_id = build_uuid(&t.meta.build_hash);
+    let mut tags = b.tags_of(&t.name);
+    if !tags.iter().any(|(tag, _)| tag == "default") {
+        // Built before tags were kept (or `base`): its version is the default.
+        tags.insert(
+            0,
+            (
+                "default".into(),
+                TagInfo {
+                    created_at: t.meta.created_at,
+                },
+            ),
+        );
+    }
+    let body: Vec<serde_json::Value> = tags
+        .into_iter()
+        .map(|(tag, info)| {
+            serde_json::json!({"tag": tag, "buildID": build_id, "createdAt": info.created_at})
+        })
+        .collect();
+    Ok(Json(body).into_response())
+}
+
 /// How often a log stream looks for new lines.
 const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -696,7 +900,10 @@ async fn log_stream(
                     }
                 }
                 let next = Some((b, build_id, offset + new.len()));
-                return Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk)), next));
+                return Some((
+                    Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk)),
+                    next,
+                ));
             }
             if matches!(status, Status::Ready | Status::Error) {
                 let mut end = serde_json::json!({ "status": status });
@@ -806,6 +1013,7 @@ async fn remove(
         return Err(AppError::NotFound(format!("template {id:?} not found")));
     }
     b.templates.remove(&name);
+    b.update_tags(&name, |t| t.clear())?;
     state.manager.discard_pool(&name).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -450,7 +450,9 @@ async fn build_logs_stream_and_outcomes_survive_a_restart() {
     let (end, logs) = lines.split_last().unwrap();
     assert_eq!(end, &json!({"status": "ready"}));
     assert_eq!(messages(logs), messages(&entries));
-    assert!(messages(logs).iter().any(|m| m.contains("running echo two")));
+    assert!(messages(logs)
+        .iter()
+        .any(|m| m.contains("running echo two")));
     // A finished build's stream replays it.
     assert_eq!(h.stream(&tid, &bid).await, lines);
     let unknown = format!("/templates/{tid}/builds/nope/logs/stream");
@@ -482,4 +484,84 @@ async fn build_logs_stream_and_outcomes_survive_a_restart() {
         h.stream("cut", "cut-build").await.last().unwrap()["status"],
         "error"
     );
+}
+
+#[tokio::test]
+async fn tags_are_assigned_listed_and_removed() {
+    let h = start().await;
+    let spec = json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["true"]}]});
+    let (tid, bid) = h.build("tagged:v1", spec).await;
+    assert_eq!(tid, "tagged");
+    assert_eq!(h.wait(&tid, &bid).await.0["status"], "ready");
+    let tag_names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["tag"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (s, v) = h.call("GET", "/templates/tagged/tags", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(tag_names(&v), ["default", "v1"]);
+    let build_id = v[0]["buildID"].as_str().unwrap().to_string();
+    assert!(v
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["buildID"] == build_id.as_str()));
+
+    // Assign from an existing tag: 201, tags without the name, the version's build id.
+    let (s, v) = h
+        .call(
+            "POST",
+            "/templates/tags",
+            Some(json!({"target": "tagged:v1", "tags": ["prod", "stable"]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v, json!({"tags": ["prod", "stable"], "buildID": build_id}));
+    let (_, v) = h.call("GET", "/templates/tagged/tags", None).await;
+    assert_eq!(tag_names(&v), ["default", "prod", "stable", "v1"]);
+    // Bad targets and tags.
+    for (body, status) in [
+        (json!({"target": "tagged:", "tags": ["x"]}), 400),
+        (json!({"target": ":invalid-tag", "tags": ["x"]}), 400),
+        (json!({"target": "tagged:nope", "tags": ["x"]}), 404),
+        (json!({"target": "missing", "tags": ["x"]}), 404),
+        (json!({"target": "tagged", "tags": ["Bad Tag!"]}), 400),
+        (json!({"target": "tagged", "tags": []}), 400),
+    ] {
+        let (s, v) = h.call("POST", "/templates/tags", Some(body.clone())).await;
+        assert_eq!(s, status, "{body} → {v}");
+    }
+
+    // Remove: never `default`; an unknown tag is named.
+    let remove = |tags: Value| json!({"name": "tagged", "tags": tags});
+    assert_eq!(
+        h.call(
+            "DELETE",
+            "/templates/tags",
+            Some(remove(json!(["default"])))
+        )
+        .await
+        .0,
+        400
+    );
+    let (s, v) = h
+        .call("DELETE", "/templates/tags", Some(remove(json!(["nope"]))))
+        .await;
+    assert_eq!(s, 404);
+    assert!(v["message"].as_str().unwrap().contains("nope"), "{v}");
+    assert_eq!(
+        h.call("DELETE", "/templates/tags", Some(remove(json!(["prod"]))))
+            .await
+            .0,
+        204
+    );
+    let (_, v) = h.call("GET", "/templates/tagged/tags", None).await;
+    assert_eq!(tag_names(&v), ["default", "stable", "v1"]);
+
+    // Deleting the template drops its tags.
+    assert_eq!(h.call("DELETE", "/templates/tagged", None).await.0, 204);
+    assert_eq!(h.call("GET", "/templates/tagged/tags", None).await.0, 404);
 }
