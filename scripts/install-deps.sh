@@ -4,12 +4,14 @@
 #   iptables        NAT and isolation rules for sandboxes with internet access
 #   iproute2        veth pairs and addresses
 #   uidmap          subordinate id tools (uid-shifted template trees)
-#   busybox-static  the tiny root filesystem of the jail runtime's own tests
+#   busybox-static  the tiny root filesystem of the jail runtime's own tests (and of the
+#                   image the registry-pull tests push)
+#   docker-registry a local OCI registry (distribution v2) the registry-pull tests start
 #   e2fsprogs       ext4 images for templates
 #   runsc           gVisor, for the gvisor runtime
 set -euo pipefail
 
-packages=(mmdebstrap iptables iproute2 uidmap busybox-static e2fsprogs ca-certificates runsc)
+packages=(mmdebstrap iptables iproute2 uidmap busybox-static e2fsprogs ca-certificates runsc docker-registry)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,4 +24,56 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# gVisor: bookworm's runsc (0.0~20221219) fails statx with EINVAL (`ls -l`, `stat`) and
+# has no systrap platform. The gvisor runtime uses trixie's build instead (a static
+# binary, no Depends), installed as /usr/local/bin/runsc, which comes before /usr/bin
+# on PATH; bookworm's runsc package stays installed. Fetched with apt from Debian's
+# archive through a temporary sources list (signatures checked against
+# debian-archive-keyring), so nothing else on the host changes.
+RUNSC_DEB_VERSION="0.0~20240729.0-4+b7"
+RUNSC_VERSION_LINE="runsc version ${RUNSC_DEB_VERSION%%-*}"
+RUNSC_DEST=/usr/local/bin/runsc
+if [ "$("$RUNSC_DEST" --version 2>/dev/null | sed -n 1p)" != "$RUNSC_VERSION_LINE" ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: need root to install $RUNSC_DEST ($RUNSC_VERSION_LINE)" >&2
+    exit 1
+  fi
+  if [ "$(dpkg --print-architecture)" != amd64 ]; then
+    echo "install-deps: the pinned runsc $RUNSC_DEB_VERSION is the amd64 build; install a runsc >= 2024 as $RUNSC_DEST by hand" >&2
+    exit 1
+  fi
+  echo "install-deps: installing runsc $RUNSC_DEB_VERSION (Debian trixie) as $RUNSC_DEST"
+  runsc_tmp="$(mktemp -d)"
+  trap 'rm -rf "$runsc_tmp"' EXIT
+  mkdir -p "$runsc_tmp/lists/partial" "$runsc_tmp/cache/archives/partial" "$runsc_tmp/deb"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+    >"$runsc_tmp/sources.list"
+  # apt downloads as the unprivileged _apt user where it exists.
+  chmod 0755 "$runsc_tmp"
+  if id _apt >/dev/null 2>&1; then chown -R _apt "$runsc_tmp/lists" "$runsc_tmp/deb"; fi
+  apt_trixie=(
+    -o "Dir::Etc::sourcelist=$runsc_tmp/sources.list" -o Dir::Etc::sourceparts=-
+    -o "Dir::State::Lists=$runsc_tmp/lists" -o "Dir::Cache=$runsc_tmp/cache"
+    -o Acquire::Languages=none -o APT::Architectures=amd64
+  )
+  apt-get "${apt_trixie[@]}" update -qq
+  (cd "$runsc_tmp/deb" && apt-get "${apt_trixie[@]}" download -qq "runsc=$RUNSC_DEB_VERSION")
+  deb="$(echo "$runsc_tmp"/deb/runsc_*.deb)"
+  got="$(dpkg-deb -f "$deb" Package Version | tr '\n' ' ')"
+  if [ "$got" != "Package: runsc Version: $RUNSC_DEB_VERSION " ]; then
+    echo "install-deps: downloaded $deb is not runsc $RUNSC_DEB_VERSION ($got)" >&2
+    exit 1
+  fi
+  dpkg-deb -x "$deb" "$runsc_tmp/x"
+  got="$("$runsc_tmp/x/usr/bin/runsc" --version | sed -n 1p)"
+  if [ "$got" != "$RUNSC_VERSION_LINE" ]; then
+    echo "install-deps: the downloaded runsc says \"$got\", expected \"$RUNSC_VERSION_LINE\"" >&2
+    exit 1
+  fi
+  install -m 0755 "$runsc_tmp/x/usr/bin/runsc" "$RUNSC_DEST.new"
+  mv -f "$RUNSC_DEST.new" "$RUNSC_DEST"
+  rm -rf "$runsc_tmp"
+  trap - EXIT
 fi

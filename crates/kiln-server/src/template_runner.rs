@@ -108,6 +108,7 @@ impl JailStepRunner {
             let mut lines = Vec::new();
             let code = run_logged(
                 socket,
+                check.shell,
                 check.ready_cmd,
                 check.user,
                 Some(check.cwd),
@@ -151,7 +152,10 @@ impl JailStepRunner {
         crate::envd::init(socket, &init)
             .await
             .map_err(|e| RunError::Failed(chain(&e)))?;
-        let code = run_logged(socket, req.cmd, req.user, req.cwd, req.env, on_line).await?;
+        let code = run_logged(
+            socket, req.shell, req.cmd, req.user, req.cwd, req.env, on_line,
+        )
+        .await?;
         if code != 0 {
             return Err(RunError::Exit { code });
         }
@@ -168,10 +172,11 @@ impl JailStepRunner {
     }
 }
 
-/// Runs `bash -l -c cmd` through envd's process `Start`, handing each output line to
-/// `on_line`; returns the exit code.
+/// Runs `<shell> -l -c cmd` through envd's process `Start`, handing each output line
+/// to `on_line`; returns the exit code.
 async fn run_logged(
     socket: &Path,
+    shell: &str,
     cmd: &str,
     user: &str,
     cwd: Option<&str>,
@@ -180,7 +185,7 @@ async fn run_logged(
 ) -> Result<i32, RunError> {
     let failed = |e: &dyn std::error::Error| RunError::Failed(e.to_string());
     let mut process = serde_json::json!({
-        "cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": envs,
+        "cmd": shell, "args": ["-l", "-c", cmd], "envs": envs,
     });
     if let Some(cwd) = cwd {
         process["cwd"] = cwd.into();

@@ -514,10 +514,17 @@ async fn pooled_sandboxes_run_the_start_command_before_a_claim() {
         .find(|i| i["envVars"]["E2B_SANDBOX_ID"] == claimed.sandbox_id.as_str())
         .expect("the claim's /init");
     assert_eq!(last["envVars"]["FOO"], "bar");
-    assert_eq!(last["accessToken"], claimed.envd_access_token.clone().unwrap());
+    assert_eq!(
+        last["accessToken"],
+        claimed.envd_access_token.clone().unwrap()
+    );
     eventually("the pool to refill", || h.manager.pooled("served") == 1).await;
     let commands = h.runtime.commands.lock().unwrap().clone();
-    assert_eq!(commands.len(), 6, "{commands:?}: only the refill ran them again");
+    assert_eq!(
+        commands.len(),
+        6,
+        "{commands:?}: only the refill ran them again"
+    );
 }
 
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {

@@ -405,7 +405,8 @@ async fn failures_name_their_step_and_bad_input_is_400() {
         .await;
     assert_eq!(s, 400);
     assert!(v["message"].as_str().unwrap().contains("not found"));
-    // A recipe Kiln cannot build is refused at start, with what to do instead.
+    // A recipe Kiln cannot build (here: an image reference that is not one) is refused
+    // at start, naming it.
     let (s, v) = h
         .call("POST", "/v3/templates", Some(json!({"name": "py"})))
         .await;
@@ -415,12 +416,12 @@ async fn failures_name_their_step_and_bad_input_is_400() {
         .call(
             "POST",
             &format!("/v2/templates/py/builds/{bid}"),
-            Some(json!({"fromImage": "python:3.13", "steps": []})),
+            Some(json!({"fromImage": "Python:3.13", "steps": []})),
         )
         .await;
     assert_eq!(s, 400);
     assert!(
-        v["message"].as_str().unwrap().contains("\"python:3.13\""),
+        v["message"].as_str().unwrap().contains("\"Python:3.13\""),
         "{v}"
     );
     let (s, v) = h

@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+use crate::fsutil;
+
 /// Lines of mmdebstrap output kept for the error message.
 const TAIL_LINES: usize = 40;
 
@@ -326,16 +328,20 @@ pub fn finalize_rootfs(rootfs: &Path) -> Result<(), InjectError> {
             source,
         }
     };
+    // Paths are resolved inside the tree: an image's symlinks (`etc -> /etc`) must not
+    // lead these writes onto the host.
     for dir in [kiln_runtime::GUEST_BIN_DIR, "/run/kiln"] {
-        let path = rootfs.join(dir.trim_start_matches('/'));
-        fs::create_dir_all(&path).map_err(err(path.clone()))?;
+        let rel = Path::new(dir.trim_start_matches('/'));
+        let path = fsutil::resolve_dir(rootfs, rel, true).map_err(err(rootfs.join(rel)))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).map_err(err(path))?;
     }
+    let etc =
+        fsutil::resolve_dir(rootfs, Path::new("etc"), true).map_err(err(rootfs.join("etc")))?;
     for (file, text) in [
-        ("etc/hostname", "kiln\n"),
-        ("etc/resolv.conf", RESOLV_CONF_PLACEHOLDER),
+        ("hostname", "kiln\n"),
+        ("resolv.conf", RESOLV_CONF_PLACEHOLDER),
     ] {
-        let path = rootfs.join(file);
+        let path = etc.join(file);
         // A symlink (e.g. to systemd-resolved's file) is replaced, not followed.
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -372,10 +378,10 @@ pub fn inject_guest_binaries(
     rootfs: &Path,
     guest_bin_dir: &Path,
 ) -> Result<Vec<MissingBinary>, InjectError> {
-    let dest_dir = rootfs.join(kiln_runtime::GUEST_BIN_DIR.trim_start_matches('/'));
-    fs::create_dir_all(&dest_dir).map_err(|source| InjectError {
+    let rel = Path::new(kiln_runtime::GUEST_BIN_DIR.trim_start_matches('/'));
+    let dest_dir = fsutil::resolve_dir(rootfs, rel, true).map_err(|source| InjectError {
         from: guest_bin_dir.to_path_buf(),
-        to: dest_dir.clone(),
+        to: rootfs.join(rel),
         source,
     })?;
     let mut missing = Vec::new();
@@ -515,6 +521,27 @@ Components: main contrib
             fs::read_to_string(r.join("etc/hostname")).unwrap(),
             "kiln\n"
         );
+    }
+
+    #[test]
+    fn finalize_stays_inside_an_image_with_absolute_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, host) = (dir.path().join("root"), dir.path().join("host"));
+        fs::create_dir_all(root.join("real-etc")).unwrap();
+        fs::create_dir_all(host.join("etc")).unwrap();
+        // `etc` and `opt` point at absolute paths that exist on the host side.
+        std::os::unix::fs::symlink("/real-etc", root.join("etc")).unwrap();
+        std::os::unix::fs::symlink(host.join("etc"), root.join("opt")).unwrap();
+        finalize_rootfs(&root).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("real-etc/hostname")).unwrap(),
+            "kiln\n"
+        );
+        assert_eq!(fs::read_dir(host.join("etc")).unwrap().count(), 0);
+        let inner = root
+            .join(host.strip_prefix("/").unwrap())
+            .join("etc/kiln/bin");
+        assert!(inner.is_dir(), "{}", inner.display());
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! rebuilds that step and every later one into fresh layers (their hash also covers
 //! the build id, so a forced rebuild never replaces a layer a template still serves).
 //!
+//! The base is a template of this store (its rootfs and metadata start the build) or an
+//! image pulled from an OCI registry ([`crate::oci`]: its config's `User`, `WorkingDir`
+//! and `Env` start the build, its manifest digest starts the hash chain).
+//!
 //! RUN, USER and WORKDIR run in a sandbox through a [`StepRunner`] (the server's
 //! runtime and envd), whose overlay upper directory becomes the new layer; COPY is
 //! done on the host ([`crate::copy`]); ENV only changes the build state.
@@ -24,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::copy::{self, CopyJob};
 use crate::layer::{self, LayerError};
+use crate::oci::ImageSource;
 use crate::recipe::{self, Base, BuildSpec, BuildState, RecipeError, Step};
 use crate::{fsutil, Template, TemplateError, TemplateMeta, TemplateStore, BASE, META_FORMAT};
 
@@ -37,8 +42,11 @@ pub struct RunRequest<'a> {
     pub lower: &'a Path,
     /// Where the new layer is to be materialized when the command succeeds.
     pub out: &'a Path,
-    /// Run as `bash -l -c cmd`.
+    /// Run as `<shell> -l -c cmd`.
     pub cmd: &'a str,
+    /// `/bin/bash` when the layer has it, else `/bin/sh` (an image such as Alpine's);
+    /// see [`shell_of`].
+    pub shell: &'a str,
     pub user: &'a str,
     /// `None`: the user's home.
     pub cwd: Option<&'a str>,
@@ -86,6 +94,8 @@ pub trait StepRunner: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct ReadyCheck<'a> {
     pub lower: &'a Path,
+    /// As [`RunRequest::shell`].
+    pub shell: &'a str,
     pub start_cmd: Option<&'a str>,
     pub ready_cmd: &'a str,
     pub user: &'a str,
@@ -140,6 +150,8 @@ pub enum BuildError {
     BuiltIn { name: String },
     #[error("base template {name:?} does not exist")]
     NoBaseTemplate { name: String },
+    #[error(transparent)]
+    Pull(#[from] crate::oci::PullError),
     #[error("step {index}: {message}")]
     Step {
         index: usize,
@@ -161,7 +173,9 @@ impl BuildError {
         match self {
             BuildError::Recipe(RecipeError::Step { index, .. })
             | BuildError::Step { index, .. } => Some(index.to_string()),
-            BuildError::Recipe(_) | BuildError::NoBaseTemplate { .. } => Some("base".into()),
+            BuildError::Recipe(_) | BuildError::NoBaseTemplate { .. } | BuildError::Pull(_) => {
+                Some("base".into())
+            }
             BuildError::Finalize { .. } => Some("finalize".into()),
             _ => None,
         }
@@ -190,42 +204,27 @@ impl TemplateStore {
                 name: req.name.clone(),
             });
         }
-        let Base::Template(base_name) = req.spec.base()?;
+        let base = req.spec.base()?;
         let steps = req.spec.parse_steps()?;
         let _lock = self.lock(&req.name).await?;
-        let parent =
-            self.get(&base_name)
-                .ok()
-                .flatten()
-                .ok_or_else(|| BuildError::NoBaseTemplate {
-                    name: base_name.clone(),
-                })?;
-        let mut rootfs = fs::canonicalize(&parent.rootfs).map_err(|source| TemplateError::Io {
-            path: parent.rootfs.clone(),
-            source,
-        })?;
-        let mut hash = recipe::base_hash(&base_name, &parent.meta.build_hash);
-        let from = req
-            .spec
-            .from_image
-            .clone()
-            .unwrap_or_else(|| base_name.clone());
+        let parent = match &base {
+            Base::Template(name) => self.template_parent(name)?,
+            Base::Image(src) => self.image_parent(src, req.spec.force, on_log).await?,
+        };
+        let mut rootfs = parent.rootfs.clone();
+        let mut hash = parent.hash.clone();
+        let from = match (&req.spec.from_image, &base) {
+            (Some(image), _) => image.clone(),
+            (None, Base::Template(name)) => name.clone(),
+            (None, Base::Image(src)) => src.reference.whole(),
+        };
         log(
             on_log,
             LogLevel::Info,
             Some("base"),
             format!("[base] FROM {from} [{hash}]"),
         );
-
-        // The user's home counts as "no WORKDIR" (E2B's base), so that a relative
-        // WORKDIR resolves against `/`.
-        let workdir = Some(parent.meta.default_workdir.clone())
-            .filter(|w| *w != recipe::home_of(&parent.meta.default_user));
-        let mut state = BuildState {
-            user: parent.meta.default_user.clone(),
-            workdir,
-            env: parent.meta.envs.clone(),
-        };
+        let mut state = parent.state.clone();
         let layers = self.layers_dir();
         fs::create_dir_all(&layers).map_err(|source| TemplateError::Io {
             path: layers.clone(),
@@ -290,7 +289,7 @@ impl TemplateStore {
                         &tag,
                         runner,
                         on_log,
-                        parent.meta.id_map_base,
+                        parent.id_map_base,
                     )
                     .await;
                 if let Err(e) = result {
@@ -331,8 +330,12 @@ impl TemplateStore {
             }
             on_log(fin(format!("Waiting for template to be ready: {ready}")));
             let cwd = state.cwd();
+            let shell = shell_of(&rootfs).ok_or_else(|| BuildError::Finalize {
+                message: format!("cannot run the ready command: {NO_SHELL}"),
+            })?;
             let check = ReadyCheck {
                 lower: &rootfs,
+                shell,
                 start_cmd: req.spec.start_cmd.as_deref(),
                 ready_cmd: ready,
                 user: &state.user,
@@ -365,12 +368,12 @@ impl TemplateStore {
             default_workdir: state.cwd(),
             cpu_count: req.cpu_count,
             memory_mb: req.memory_mb,
-            disk_size_mb: parent.meta.disk_size_mb,
+            disk_size_mb: parent.disk_size_mb,
             envd_version: crate::ENVD_VERSION.to_string(),
             kiln_version: env!("CARGO_PKG_VERSION").to_string(),
             build_hash: hash,
-            id_map_base: parent.meta.id_map_base,
-            rootfs_bytes: parent.meta.rootfs_bytes,
+            id_map_base: parent.id_map_base,
+            rootfs_bytes: parent.rootfs_bytes,
             start_cmd: req.spec.start_cmd.clone(),
             ready_cmd: req.spec.ready_cmd.clone(),
             envs: state.env.clone(),
@@ -391,6 +394,72 @@ impl TemplateStore {
             ),
         );
         Ok(template)
+    }
+
+    /// A template of this store as the base.
+    fn template_parent(&self, name: &str) -> Result<Parent, BuildError> {
+        let t = self
+            .get(name)
+            .ok()
+            .flatten()
+            .ok_or_else(|| BuildError::NoBaseTemplate {
+                name: name.to_string(),
+            })?;
+        let rootfs = fs::canonicalize(&t.rootfs).map_err(|source| TemplateError::Io {
+            path: t.rootfs.clone(),
+            source,
+        })?;
+        // The user's home counts as "no WORKDIR" (E2B's base), so that a relative
+        // WORKDIR resolves against `/`.
+        let workdir = Some(t.meta.default_workdir.clone())
+            .filter(|w| *w != recipe::home_of(&t.meta.default_user));
+        Ok(Parent {
+            rootfs,
+            hash: recipe::base_hash(name, &t.meta.build_hash),
+            state: BuildState {
+                user: t.meta.default_user.clone(),
+                workdir,
+                env: t.meta.envs.clone(),
+            },
+            id_map_base: t.meta.id_map_base,
+            disk_size_mb: t.meta.disk_size_mb,
+            rootfs_bytes: t.meta.rootfs_bytes,
+        })
+    }
+
+    /// A pulled image as the base: its config's `User`, `WorkingDir` and `Env` start
+    /// the build.
+    async fn image_parent(
+        &self,
+        src: &ImageSource,
+        refresh: bool,
+        on_log: &mut (dyn FnMut(BuildLog) + Send),
+    ) -> Result<Parent, BuildError> {
+        let image = self.pull_image(src, refresh, on_log).await?;
+        let user = match image.config.start_user(&image.rootfs) {
+            Ok(u) => u,
+            Err(why) => {
+                log(
+                    on_log,
+                    LogLevel::Warn,
+                    Some("base"),
+                    format!("[base] {why}; the build starts as root"),
+                );
+                "root".to_string()
+            }
+        };
+        Ok(Parent {
+            hash: image.base_hash(),
+            state: BuildState {
+                user,
+                workdir: image.config.workdir.clone(),
+                env: image.config.env.clone(),
+            },
+            rootfs: image.rootfs,
+            id_map_base: kiln_runtime::ID_MAP_BASE,
+            disk_size_mb: crate::DEFAULT_DISK_SIZE_MB,
+            rootfs_bytes: image.rootfs_bytes,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -491,6 +560,11 @@ impl TemplateStore {
             }
             Step::Env(_) => return Ok(()),
         };
+        let shell = shell_of(lower).ok_or_else(|| BuildError::Step {
+            index,
+            message: format!("{what}: {NO_SHELL}"),
+            tail: Vec::new(),
+        })?;
         let mut tail: Vec<String> = Vec::new();
         let mut on_line = |line: String| {
             if tail.len() == TAIL_LINES {
@@ -507,6 +581,7 @@ impl TemplateStore {
             lower,
             out,
             cmd: &cmd,
+            shell,
             user: &user,
             cwd: cwd.as_deref(),
             env: &state.env,
@@ -577,6 +652,34 @@ impl TemplateStore {
         fsutil::remove_tree(&dir)?;
         Ok(true)
     }
+}
+
+/// Where a build's steps start.
+struct Parent {
+    /// The base's root filesystem (a resolved path: a later build of the base does not
+    /// move it).
+    rootfs: PathBuf,
+    /// The layer hash of the base, which every step's hash chains from.
+    hash: String,
+    state: BuildState,
+    id_map_base: u32,
+    disk_size_mb: u64,
+    rootfs_bytes: u64,
+}
+
+/// Why a command cannot run in a layer without a shell.
+const NO_SHELL: &str = "the image has neither /bin/bash nor /bin/sh, and Kiln runs RUN, \
+                        USER and WORKDIR steps and the start and ready commands with a shell";
+
+/// The shell build commands run with in the root filesystem `rootfs`: `/bin/bash` when
+/// it has one (as E2B), else `/bin/sh`; `None` when it has neither.
+pub fn shell_of(rootfs: &Path) -> Option<&'static str> {
+    ["/bin/bash", "/bin/sh"].into_iter().find(|sh| {
+        fsutil::resolve_file(rootfs, Path::new(sh))
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.is_file())
+    })
 }
 
 fn salted(hash: &str, salt: &str) -> String {

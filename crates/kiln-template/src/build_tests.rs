@@ -25,6 +25,7 @@ impl StepRunner for FakeRunner {
         on_line: &mut (dyn FnMut(String) + Send),
     ) -> Result<(), RunError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(req.shell, "/bin/bash");
         self.seen.lock().unwrap().push((
             req.cmd.to_string(),
             req.user.to_string(),
@@ -63,7 +64,11 @@ fn store_with_base(dir: &Path) -> TemplateStore {
     let store = TemplateStore::open(dir).unwrap();
     let base = store.templates_dir().join(BASE);
     fs::create_dir_all(base.join("rootfs/etc")).unwrap();
+    fs::create_dir_all(base.join("rootfs/usr/bin")).unwrap();
     fs::write(base.join("rootfs/etc/os-release"), "debian").unwrap();
+    // A shell for RUN steps, behind Debian's /bin -> usr/bin.
+    fs::write(base.join("rootfs/usr/bin/bash"), "").unwrap();
+    std::os::unix::fs::symlink("usr/bin", base.join("rootfs/bin")).unwrap();
     let meta = TemplateMeta {
         format: META_FORMAT,
         name: BASE.into(),
@@ -280,4 +285,32 @@ async fn bad_recipes_fail_before_any_step() {
     assert_eq!(runner.calls.load(Ordering::SeqCst), 0);
     // Removal.
     assert!(!store.remove("mine").unwrap());
+}
+
+#[tokio::test]
+async fn a_base_without_a_shell_fails_at_its_first_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_base(dir.path());
+    let runner = FakeRunner::default();
+    let rootfs = store.templates_dir().join("base/rootfs");
+    fs::remove_file(rootfs.join("bin")).unwrap();
+    // `sh` alone is enough (Alpine, BusyBox).
+    fs::create_dir(rootfs.join("bin")).unwrap();
+    fs::write(rootfs.join("bin/sh"), "").unwrap();
+    assert_eq!(shell_of(&rootfs), Some("/bin/sh"));
+    fs::remove_file(rootfs.join("bin/sh")).unwrap();
+    assert_eq!(shell_of(&rootfs), None);
+    let recipe = r#"{"fromTemplate":"base","steps":[
+        {"type":"ENV","args":["A","1"]},{"type":"RUN","args":["echo hi"]}]}"#;
+    let e = build(&store, &request(dir.path(), recipe), &runner)
+        .await
+        .0
+        .unwrap_err();
+    assert_eq!(e.step().as_deref(), Some("2"));
+    assert!(
+        e.to_string().contains("failed to run command 'echo hi'")
+            && e.to_string().contains("neither /bin/bash nor /bin/sh"),
+        "{e}"
+    );
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 0);
 }

@@ -1,13 +1,21 @@
-//! Removing build directories safely.
+//! Removing build directories safely, and resolving paths inside a root filesystem.
 //!
 //! mmdebstrap (root mode) mounts `/proc`, `/sys` and device nodes inside the tree it
 //! builds. If it is killed, those mounts stay, and a plain recursive delete of the stale
 //! tree would walk into the host's `/sys` or `/dev`. So every mount at or below the tree
 //! is detached first, deepest first, and the delete happens only once none is left.
+//!
+//! A root filesystem from an image may hold symlinks such as `etc -> /etc` or
+//! `lib -> ../../..`. The host writes into such trees (layers, Kiln's own files) only
+//! through [`resolve_dir`] and [`resolve_file`], which follow symlinks as if the tree
+//! were `/` (what the kernel's `RESOLVE_IN_ROOT` does), so nothing lands outside it.
 
+use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{umount2, MntFlags};
 
@@ -137,6 +145,121 @@ fn octal_byte(digits: &[u8]) -> Option<u8> {
     u8::try_from(v).ok()
 }
 
+/// Symlinks followed in one resolution before it fails with `ELOOP` (Linux's limit).
+const MAX_SYMLINKS: u32 = 40;
+
+/// Resolves `rel` inside `root` to a directory, as a process chrooted into `root` would:
+/// symlinks are followed, absolute targets start at `root`, `..` never climbs above it.
+/// Missing components are created (mode 0755) when `create`, else the result is
+/// `NotFound`; a component that is not a directory is `NotADirectory`. No component of
+/// the returned path below `root` is a symlink, so writing below it stays inside `root`
+/// (as long as nothing else changes the tree meanwhile: use it on trees Kiln owns).
+pub fn resolve_dir(root: &Path, rel: &Path, create: bool) -> io::Result<PathBuf> {
+    walk_in_root(
+        root,
+        rel,
+        if create { Walk::CreateDirs } else { Walk::Dirs },
+    )
+}
+
+/// Resolves `rel` inside `root` like [`resolve_dir`], following a final symlink too;
+/// `None` when the final component does not exist. The result may be any kind of file
+/// but a symlink.
+pub fn resolve_file(root: &Path, rel: &Path) -> io::Result<Option<PathBuf>> {
+    match walk_in_root(root, rel, Walk::File) {
+        Ok(p) if fs::symlink_metadata(&p).is_ok() => Ok(Some(p)),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    Dirs,
+    CreateDirs,
+    /// Directories up to the last component, which may be anything or missing.
+    File,
+}
+
+fn walk_in_root(root: &Path, rel: &Path, mode: Walk) -> io::Result<PathBuf> {
+    fn push_components(queue: &mut VecDeque<OsString>, path: &Path) {
+        // Front of the queue, in order: a symlink's target is walked before the rest.
+        let comps: Vec<OsString> = path
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                Component::ParentDir => Some(OsString::from("..")),
+                Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+            })
+            .collect();
+        for c in comps.into_iter().rev() {
+            queue.push_front(c);
+        }
+    }
+    let mut queue = VecDeque::new();
+    push_components(&mut queue, rel);
+    let mut here = root.to_path_buf();
+    let mut depth = 0usize;
+    let mut hops = 0u32;
+    while let Some(name) = queue.pop_front() {
+        if name == ".." {
+            if depth > 0 {
+                here.pop();
+                depth -= 1;
+            }
+            continue;
+        }
+        let last = queue.is_empty();
+        let next = here.join(&name);
+        match fs::symlink_metadata(&next) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > MAX_SYMLINKS {
+                    return Err(io::Error::other(format!(
+                        "too many levels of symbolic links at {}",
+                        next.display()
+                    )));
+                }
+                let target = fs::read_link(&next)?;
+                if target.is_absolute() {
+                    here = root.to_path_buf();
+                    depth = 0;
+                }
+                push_components(&mut queue, &target);
+            }
+            Ok(m) if m.is_dir() => {
+                here = next;
+                depth += 1;
+            }
+            Ok(_) if last && mode == Walk::File => return Ok(next),
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    format!("{} is not a directory", next.display()),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match mode {
+                Walk::File if last => return Ok(next),
+                Walk::CreateDirs => {
+                    fs::create_dir(&next)?;
+                    fs::set_permissions(&next, fs::Permissions::from_mode(0o755))?;
+                    here = next;
+                    depth += 1;
+                }
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{} does not exist", next.display()),
+                    ))
+                }
+            },
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(here)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +293,63 @@ mod tests {
             mounts_below_in(MOUNTINFO, Path::new("/tmp/with space")),
             vec![PathBuf::from("/tmp/with space/x")]
         );
+    }
+
+    #[test]
+    fn resolves_symlinks_inside_the_root() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(root.join("usr/lib")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        // An absolute symlink to a path that also exists on the host.
+        symlink(&outside, root.join("abs")).unwrap();
+        symlink("/usr/lib", root.join("lib")).unwrap();
+        symlink("../../../../../..", root.join("usr/up")).unwrap();
+        symlink("loop2", root.join("loop1")).unwrap();
+        symlink("loop1", root.join("loop2")).unwrap();
+        fs::write(root.join("usr/lib/file"), "x").unwrap();
+        symlink("/usr/lib/file", root.join("file-link")).unwrap();
+
+        assert_eq!(
+            resolve_dir(&root, Path::new("lib"), false).unwrap(),
+            root.join("usr/lib")
+        );
+        assert_eq!(
+            resolve_dir(&root, Path::new("/usr/up/usr/./lib/.."), false).unwrap(),
+            root.join("usr")
+        );
+        // `abs` points at the host's `outside`: resolved in the root, it is created there.
+        let p = resolve_dir(&root, Path::new("abs/sub"), true).unwrap();
+        assert!(p.starts_with(&root), "{}", p.display());
+        assert!(root
+            .join(outside.strip_prefix("/").unwrap())
+            .join("sub")
+            .is_dir());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert_eq!(
+            resolve_dir(&root, Path::new("missing/x"), false)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::NotFound
+        );
+        assert_eq!(
+            resolve_dir(&root, Path::new("usr/lib/file/x"), true)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::NotADirectory
+        );
+        assert!(resolve_dir(&root, Path::new("loop1"), false)
+            .unwrap_err()
+            .to_string()
+            .contains("too many levels"));
+        assert_eq!(
+            resolve_file(&root, Path::new("file-link")).unwrap(),
+            Some(root.join("usr/lib/file"))
+        );
+        assert_eq!(resolve_file(&root, Path::new("lib/nope")).unwrap(), None);
+        assert_eq!(resolve_file(&root, Path::new("nope/nope")).unwrap(), None);
     }
 
     #[test]

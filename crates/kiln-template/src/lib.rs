@@ -7,10 +7,13 @@
 //! templates/<name>/template.json    metadata; written last, so it marks a complete build
 //! templates/<name>/.rootfs.build/   a build in progress (removed on the next build)
 //! templates/.<name>.lock            held while <name> is being built
+//! templates/.layers/<hash>/         build-step layers (see [`build`])
+//! templates/.images/<key>/rootfs/   base images pulled from OCI registries (see [`oci`])
 //! ```
 //!
-//! Only the built-in `base` template is built so far ([`TemplateStore::ensure_base`]).
-//! Progress is reported as typed [`BuildEvent`]s; drawing them is the caller's job.
+//! The built-in `base` is built by [`TemplateStore::ensure_base`]; other templates by
+//! [`TemplateStore::build`] from a recipe. Progress is reported as typed
+//! [`BuildEvent`]s and [`build::BuildLog`]s; drawing them is the caller's job.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +31,7 @@ pub mod dockerfile;
 pub mod fsutil;
 pub mod layer;
 pub mod meta;
+pub mod oci;
 pub mod recipe;
 pub mod shift;
 
@@ -253,21 +257,7 @@ impl TemplateStore {
     }
 
     async fn lock(&self, name: &str) -> Result<Flock<fs::File>, TemplateError> {
-        let path = self.templates_dir.join(format!(".{name}.lock"));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| TemplateError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        tokio::task::spawn_blocking(move || {
-            Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, source)| TemplateError::Lock { path, source })
-        })
-        .await?
+        lock_path(self.templates_dir.join(format!(".{name}.lock"))).await
     }
 
     async fn build_base(
@@ -381,6 +371,25 @@ impl TemplateStore {
             meta,
         })
     }
+}
+
+/// Takes an exclusive `flock` on `path` (created if missing), waiting for it in a
+/// blocking task; released when the returned guard drops.
+pub(crate) async fn lock_path(path: PathBuf) -> Result<Flock<fs::File>, TemplateError> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| TemplateError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    tokio::task::spawn_blocking(move || {
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, source)| TemplateError::Lock { path, source })
+    })
+    .await?
 }
 
 /// Steps of a base build, for [`BuildEvent::Step`].

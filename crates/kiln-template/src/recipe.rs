@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::oci::ImageSource;
+
 /// The start body of a build, as the SDK serializes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -70,6 +72,8 @@ pub enum Step {
 pub enum Base {
     /// An existing template of this store (the built-in `base` for Debian images).
     Template(String),
+    /// An image pulled from an OCI registry ([`crate::oci`]).
+    Image(ImageSource),
 }
 
 /// The recipe is not something Kiln can build.
@@ -78,11 +82,16 @@ pub enum RecipeError {
     #[error("give exactly one of fromImage and fromTemplate")]
     NoBase,
     #[error(
-        "image {image:?} cannot be pulled: this Kiln cannot reach OCI registries; use \
-         fromImage debian:bookworm (or debian:stable, e2bdev/base, kiln/base) or \
-         fromTemplate with an existing template"
+        "fromImage {image:?} is not an image reference ({reason}); use \
+         [registry/]repository[:tag][@sha256:digest], e.g. alpine:3.20 or \
+         ghcr.io/org/app@sha256:..."
     )]
-    ImageUnavailable { image: String },
+    InvalidImage { image: String, reason: String },
+    #[error(
+        "fromImageRegistry of type {kind:?} is not supported: Kiln pulls anonymously or \
+         with {{\"type\": \"registry\", \"username\", \"password\"}}"
+    )]
+    UnsupportedRegistry { kind: String },
     #[error("step {index} ({kind}): {message}")]
     Step {
         index: usize,
@@ -90,12 +99,11 @@ pub enum RecipeError {
         message: String,
     },
 }
-
 impl BuildSpec {
     /// The base the recipe starts from.
     pub fn base(&self) -> Result<Base, RecipeError> {
         match (&self.from_image, &self.from_template) {
-            (Some(image), None) => base_for_image(image),
+            (Some(image), None) => base_for_image(image, self.from_image_registry.as_ref()),
             (None, Some(t)) if !t.trim().is_empty() => {
                 let t = t.strip_prefix("kiln/").unwrap_or(t);
                 let t = t.strip_suffix(":default").unwrap_or(t);
@@ -128,15 +136,13 @@ const DEBIAN_IMAGES: &[&str] = &[
     "kiln/base",
 ];
 
-fn base_for_image(image: &str) -> Result<Base, RecipeError> {
+fn base_for_image(image: &str, registry: Option<&serde_json::Value>) -> Result<Base, RecipeError> {
     let short = image.strip_prefix("docker.io/").unwrap_or(image);
     let short = short.strip_prefix("library/").unwrap_or(short);
     if DEBIAN_IMAGES.contains(&short) {
         Ok(Base::Template(crate::BASE.to_string()))
     } else {
-        Err(RecipeError::ImageUnavailable {
-            image: image.to_string(),
-        })
+        ImageSource::parse(image, registry).map(Base::Image)
     }
 }
 
@@ -425,9 +431,38 @@ mod tests {
             spec(r#"{"fromImage":"e2bdev/base"}"#).base().unwrap(),
             Base::Template("base".into())
         );
-        let e = spec(r#"{"fromImage":"python:3.13"}"#).base().unwrap_err();
-        assert!(e.to_string().contains("\"python:3.13\""), "{e}");
-        assert!(e.to_string().contains("registries"), "{e}");
+        let Base::Image(src) = spec(r#"{"fromImage":"python:3.13"}"#).base().unwrap() else {
+            panic!("python:3.13 is pulled")
+        };
+        assert_eq!(src.reference.whole(), "docker.io/library/python:3.13");
+        assert_eq!(src.credentials, None);
+        let Base::Image(src) = spec(
+            r#"{"fromImage":"127.0.0.1:5000/team/app:1",
+                "fromImageRegistry":{"type":"registry","username":"u","password":"s3cret"}}"#,
+        )
+        .base()
+        .unwrap() else {
+            panic!("pulled")
+        };
+        assert_eq!(src.reference.registry(), "127.0.0.1:5000");
+        let creds = src.credentials.unwrap();
+        assert_eq!(
+            (creds.username.as_str(), creds.password.as_str()),
+            ("u", "s3cret")
+        );
+        assert!(
+            !format!("{creds:?}").contains("s3cret"),
+            "the password stays out of logs"
+        );
+        let e = spec(r#"{"fromImage":"Not A Reference"}"#)
+            .base()
+            .unwrap_err();
+        assert!(matches!(e, RecipeError::InvalidImage { .. }), "{e}");
+        assert!(e.to_string().contains("\"Not A Reference\""), "{e}");
+        let e = spec(r#"{"fromImage":"app:1","fromImageRegistry":{"type":"aws","awsRegion":"x"}}"#)
+            .base()
+            .unwrap_err();
+        assert_eq!(e, RecipeError::UnsupportedRegistry { kind: "aws".into() });
         assert_eq!(spec("{}").base().unwrap_err(), RecipeError::NoBase);
         assert_eq!(
             spec(r#"{"fromTemplate":"mine"}"#).base().unwrap(),
