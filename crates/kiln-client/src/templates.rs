@@ -97,15 +97,13 @@ impl Client {
         let path = format!("/v2/templates/{tid}/builds/{}", created.build_id);
         self.call(Method::POST, &path, Some(spec.clone())).await?;
         // Kiln streams the log (the SDK polls `/status`; the outcome is the same).
-        let path = format!(
-            "/templates/{tid}/builds/{}/logs/stream",
-            created.build_id
-        );
+        let path = format!("/templates/{tid}/builds/{}/logs/stream", created.build_id);
         let resp = self.call(Method::GET, &path, None).await?;
         let mut stream = resp.bytes_stream();
         let mut pending: Vec<u8> = Vec::new();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ClientError::Protocol(format!("log stream broke: {e}")))?;
+            let chunk =
+                chunk.map_err(|e| ClientError::Protocol(format!("log stream broke: {e}")))?;
             pending.extend_from_slice(&chunk);
             while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=nl).collect();

@@ -14,6 +14,7 @@ use tokio::sync::Mutex;
 use crate::kernel::{Kernel, KernelError, LaunchOptions};
 use crate::kernelspec::{KernelspecError, SearchPath};
 use crate::language::Language;
+use crate::tslab;
 
 /// Code run silently in every new Python kernel: E2B's extra display formats
 /// (`e2b/data`, `e2b/chart`, JSON for dicts and lists), plain tracebacks, PIL images shown
@@ -51,6 +52,9 @@ pub struct Launcher {
     pub search: SearchPath,
     pub options: LaunchOptions,
     pub python_setup: bool,
+    /// The script preloaded into JavaScript/TypeScript kernels ([`crate::tslab`]);
+    /// `None` if it could not be written.
+    pub tslab_preload: Option<PathBuf>,
 }
 
 impl Launcher {
@@ -60,7 +64,7 @@ impl Launcher {
         language: &Language,
         cwd: &Path,
     ) -> Result<Kernel, ContextError> {
-        let kernel = Kernel::launch(spec, cwd, &self.options)
+        let kernel = Kernel::launch(spec, cwd, &self.options, &self.kernel_env(spec))
             .await
             .map_err(|source| ContextError::Launch {
                 language: language.to_string(),
@@ -75,6 +79,26 @@ impl Launcher {
             }
         }
         Ok(kernel)
+    }
+
+    /// Environment variables a kernel gets on top of its kernelspec's `env`.
+    fn kernel_env(&self, spec: &KernelspecDir) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(preload) = &self.tslab_preload {
+            if tslab::applies_to(&spec.kernelspec.language) {
+                let existing = spec
+                    .kernelspec
+                    .env
+                    .as_ref()
+                    .and_then(|e| e.get("NODE_OPTIONS").cloned())
+                    .or_else(|| std::env::var("NODE_OPTIONS").ok());
+                env.push((
+                    "NODE_OPTIONS".to_owned(),
+                    tslab::node_options(existing.as_deref(), preload),
+                ));
+            }
+        }
+        env
     }
 }
 
@@ -242,5 +266,65 @@ impl Registry {
         for context in contexts {
             context.shutdown().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(language: &str, env: Option<&[(&str, &str)]>) -> KernelspecDir {
+        let mut json = serde_json::json!({
+            "argv": ["/usr/local/bin/tslab", "kernel", "--config-path", "{connection_file}"],
+            "display_name": "test",
+            "language": language,
+        });
+        if let Some(env) = env {
+            json["env"] = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        KernelspecDir {
+            kernel_name: "test".to_owned(),
+            path: PathBuf::from("/nonexistent"),
+            kernelspec: serde_json::from_value(json).unwrap(),
+        }
+    }
+
+    fn launcher(preload: Option<&str>) -> Launcher {
+        Launcher {
+            search: SearchPath::default(),
+            options: LaunchOptions {
+                runtime_dir: PathBuf::from("/nonexistent"),
+                startup_timeout: Duration::from_secs(1),
+            },
+            python_setup: true,
+            tslab_preload: preload.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn javascript_kernels_get_the_preload() {
+        let l = launcher(Some("/run/ki/tslab-preload.js"));
+        let flag = r#"--require "/run/ki/tslab-preload.js""#;
+        for language in ["javascript", "typescript"] {
+            let env = l.kernel_env(&spec(language, None));
+            assert_eq!(env.len(), 1, "{language}");
+            assert_eq!(env[0].0, "NODE_OPTIONS");
+            assert!(env[0].1.ends_with(flag), "{}", env[0].1);
+        }
+        // The kernelspec's own NODE_OPTIONS are kept.
+        let env = l.kernel_env(&spec(
+            "typescript",
+            Some(&[("NODE_OPTIONS", "--max-old-space-size=256")]),
+        ));
+        assert_eq!(env[0].1, format!("--max-old-space-size=256 {flag}"));
+        assert!(l.kernel_env(&spec("python", None)).is_empty());
+        assert!(l.kernel_env(&spec("bash", None)).is_empty());
+        assert!(launcher(None)
+            .kernel_env(&spec("javascript", None))
+            .is_empty());
     }
 }

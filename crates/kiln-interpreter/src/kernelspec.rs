@@ -149,6 +149,53 @@ mod tests {
         assert!(err.contains("'cobol'") && err.contains("python3"), "{err}");
     }
 
+    #[tokio::test]
+    async fn tslab_kernels_serve_javascript_and_typescript() {
+        let resolve = |search: SearchPath, raw: &'static str| async move {
+            search
+                .resolve(&Language::normalize(Some(raw)))
+                .await
+                .map(|s| s.kernel_name)
+        };
+        // What the template installs: `tslab install` names them jslab and tslab.
+        let tmp = tempfile::tempdir().unwrap();
+        write_spec(tmp.path(), "jslab", "javascript");
+        write_spec(tmp.path(), "tslab", "typescript");
+        let search = SearchPath {
+            dirs: vec![tmp.path().to_path_buf()],
+        };
+        assert_eq!(resolve(search.clone(), "js").await.unwrap(), "jslab");
+        assert_eq!(
+            resolve(search.clone(), "javascript").await.unwrap(),
+            "jslab"
+        );
+        assert_eq!(resolve(search.clone(), "ts").await.unwrap(), "tslab");
+        assert_eq!(
+            resolve(search.clone(), "TypeScript").await.unwrap(),
+            "tslab"
+        );
+
+        // E2B's own kernel name wins for JavaScript; TypeScript prefers tslab to it.
+        write_spec(tmp.path(), "javascript", "javascript");
+        assert_eq!(resolve(search.clone(), "js").await.unwrap(), "javascript");
+        assert_eq!(resolve(search.clone(), "ts").await.unwrap(), "tslab");
+
+        // With only a JavaScript kernel, TypeScript falls back to E2B's `javascript`
+        // (ijavascript transpiles TypeScript) but never to jslab, which rejects types.
+        let only_js = tempfile::tempdir().unwrap();
+        write_spec(only_js.path(), "jslab", "javascript");
+        let search = SearchPath {
+            dirs: vec![only_js.path().to_path_buf()],
+        };
+        let err = resolve(search.clone(), "ts").await.unwrap_err().to_string();
+        assert!(
+            err.contains("'typescript'") && err.contains("jslab"),
+            "{err}"
+        );
+        write_spec(only_js.path(), "javascript", "javascript");
+        assert_eq!(resolve(search, "ts").await.unwrap(), "javascript");
+    }
+
     #[test]
     fn extra_kernels_dir_is_turned_into_its_data_dir() {
         let search = SearchPath::from_env(&[PathBuf::from("/opt/x/kernels")]);

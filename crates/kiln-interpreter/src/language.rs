@@ -34,14 +34,21 @@ impl Language {
         self.0 == Self::PYTHON
     }
 
-    /// Kernel names to try, best first. The kernel name is the language, except that
-    /// TypeScript runs on the `javascript` kernel (E2B's ijavascript transpiles TS) and
-    /// Jupyter's own alias `python` → `python3`. Kernelspecs that merely declare the
-    /// language are a further fallback (see [`crate::kernelspec`]).
+    /// Kernel names to try, best first. The kernel name is the language (E2B's
+    /// convention), with these additions:
+    /// - `python` → also Jupyter's own alias `python3`;
+    /// - `javascript` → also `jslab`, tslab's JavaScript kernel (what Kiln's template
+    ///   installs; E2B's ijavascript fork is named `javascript`);
+    /// - `typescript` → `tslab`, tslab's TypeScript kernel, then `javascript` (E2B's
+    ///   ijavascript transpiles TypeScript). Never `jslab`: it rejects type annotations.
+    ///
+    /// Kernelspecs that merely declare the language are a further fallback (see
+    /// [`crate::kernelspec`]).
     pub fn kernel_names(&self) -> Vec<&str> {
         match self.0.as_str() {
             "python" => vec!["python", "python3"],
-            "typescript" => vec!["typescript", "javascript"],
+            "javascript" => vec!["javascript", "jslab"],
+            "typescript" => vec!["typescript", "tslab", "javascript"],
             other => vec![other],
         }
     }
@@ -195,9 +202,14 @@ mod tests {
     fn kernel_names() {
         assert_eq!(Language::python().kernel_names(), ["python", "python3"]);
         assert_eq!(
-            Language::normalize(Some("ts")).kernel_names(),
-            ["typescript", "javascript"]
+            Language::normalize(Some("js")).kernel_names(),
+            ["javascript", "jslab"]
         );
+        assert_eq!(
+            Language::normalize(Some("ts")).kernel_names(),
+            ["typescript", "tslab", "javascript"]
+        );
+        assert_eq!(Language::normalize(Some("bash")).kernel_names(), ["bash"]);
         assert_eq!(Language::normalize(Some("r")).kernel_names(), ["r"]);
     }
 

@@ -13,6 +13,7 @@
 //! - [`kernel`]: a kernel process, its sockets and message router; [`kernelspec`]: discovery.
 //! - [`output`]: NDJSON line and Result shapes; [`language`]: names and env snippets.
 //! - [`envd`]: sandbox-level env vars from envd's `GET /envs`.
+//! - [`tslab`]: the script preloaded into JavaScript/TypeScript (tslab) kernels.
 //!
 //! Tests: unit tests beside the code; `tests/api.rs` starts the binary against a real
 //! ipykernel (skips without one, fails under `CI`); `tests/sdk_smoke.py` drives it with the
@@ -27,6 +28,7 @@ pub mod kernelspec;
 pub mod language;
 pub mod output;
 pub mod server;
+pub mod tslab;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,8 +59,16 @@ pub struct Args {
 
     /// Languages whose default context is started before serving, comma-separated (a
     /// language without an installed kernel is skipped with a log line). Empty: none.
-    #[arg(long, value_delimiter = ',', default_value = "python,javascript")]
+    /// `/health` answers once they are ready, so a sandbox's first run_code is fast.
+    #[arg(long, value_delimiter = ',', default_value = "python")]
     pub warm: Vec<String>,
+
+    /// Languages whose default context is started in the background once the server
+    /// listens, comma-separated; a run in one of them meanwhile waits for it. For
+    /// kernels too slow to hold up a sandbox's readiness: tslab's JavaScript kernel
+    /// takes seconds (its TypeScript compiler). Empty: none.
+    #[arg(long, value_delimiter = ',', default_value = "javascript")]
+    pub warm_background: Vec<String>,
 
     /// Working directory of contexts created without one.
     #[arg(long, default_value = "/home/user")]
@@ -112,16 +122,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|k| k.kernel_name)
         .collect();
     tracing::info!(?kernels, "kernelspecs found");
+    let runtime_dir = args
+        .runtime_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("kiln-interpreter"));
+    let tslab_preload = match tslab::install(&runtime_dir) {
+        Ok(path) => Some(path),
+        Err(e) => {
+            // JavaScript still runs, with tslab's own (less E2B-like) results and errors.
+            tracing::warn!(error = %error::chain(&e), "JavaScript kernels start without Kiln's tslab preload");
+            None
+        }
+    };
     let launcher = Launcher {
         search,
         options: LaunchOptions {
-            runtime_dir: args
-                .runtime_dir
-                .clone()
-                .unwrap_or_else(|| std::env::temp_dir().join("kiln-interpreter")),
+            runtime_dir,
             startup_timeout: Duration::from_secs(args.kernel_startup_secs.max(1)),
         },
         python_setup: !args.no_python_setup,
+        tslab_preload,
     };
     let registry = Arc::new(Registry::new(launcher, args.default_cwd.clone()));
     let settings = Arc::new(ExecSettings {
@@ -136,19 +156,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     // Warm before serving: `/health` answering means the first run_code is fast.
-    for language in args.warm.iter().filter(|l| !l.trim().is_empty()) {
-        let language = Language::normalize(Some(language));
-        let started = std::time::Instant::now();
-        match registry.default_for(&language).await {
-            Ok(context) => {
-                tracing::info!(%language, context = %context.id, ms = started.elapsed().as_millis() as u64, "default context ready")
-            }
-            Err(e) => {
-                tracing::warn!(%language, error = %error::chain(&e), "default context not started")
-            }
-        }
-    }
+    warm(&registry, &args.warm).await;
     tracing::info!(addr = %listener.local_addr()?, "kiln-interpreter listening");
+    tokio::spawn({
+        let registry = registry.clone();
+        let languages = args.warm_background.clone();
+        async move { warm(&registry, &languages).await }
+    });
     let app = server::router(server::AppState {
         registry: registry.clone(),
         settings,
@@ -168,6 +182,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("serving")?;
     registry.shutdown_all().await;
     Ok(())
+}
+
+/// Starts the default context of each of `languages`, one after another (they compete
+/// for the same CPUs), logging how long each took.
+async fn warm(registry: &Registry, languages: &[String]) {
+    for language in languages.iter().filter(|l| !l.trim().is_empty()) {
+        let language = Language::normalize(Some(language));
+        let started = std::time::Instant::now();
+        match registry.default_for(&language).await {
+            Ok(context) => {
+                tracing::info!(%language, context = %context.id, ms = started.elapsed().as_millis() as u64, "default context ready")
+            }
+            Err(context::ContextError::NoKernel(e)) => {
+                tracing::info!(%language, reason = %e, "default context not started")
+            }
+            Err(e) => {
+                tracing::warn!(%language, error = %error::chain(&e), "default context not started")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

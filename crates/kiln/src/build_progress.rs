@@ -85,9 +85,7 @@ impl BuildProgress {
         };
         if let Some(title) = parse_title(&entry.message) {
             f.finish_step();
-            let bar = f
-                .multi
-                .insert_before(&f.tail, ProgressBar::new_spinner());
+            let bar = f.multi.insert_before(&f.tail, ProgressBar::new_spinner());
             bar.set_style(
                 ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {msg} {elapsed:.dim}")
                     .expect("static template"),

@@ -169,12 +169,14 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// Starts the kernel in `cwd` and waits until it answers `kernel_info` and its iopub
-    /// messages reach us (so no output of the first cell is lost to ZeroMQ's slow join).
+    /// Starts the kernel in `cwd`, with `env` on top of the kernelspec's environment,
+    /// and waits until it answers `kernel_info` and its iopub messages reach us (so no
+    /// output of the first cell is lost to ZeroMQ's slow join).
     pub async fn launch(
         spec: &KernelspecDir,
         cwd: &Path,
         opts: &LaunchOptions,
+        env: &[(String, String)],
     ) -> Result<Kernel, KernelError> {
         let name = spec.kernel_name.clone();
         std::fs::DirBuilder::new()
@@ -233,7 +235,8 @@ impl Kernel {
             .process_group(0)
             .kill_on_drop(true)
             // debugpy warns on stderr about frozen modules in every new kernel.
-            .env("PYDEVD_DISABLE_FILE_VALIDATION", "1");
+            .env("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)));
         // SAFETY: the closure runs in the forked child between fork and exec, where only
         // async-signal-safe calls are allowed; it makes a single prctl(2) call, allocates
         // nothing and touches no state shared with the parent. It makes the kernel die

@@ -1,9 +1,11 @@
-//! Test harness: starts the real `kiln-interpreter` binary on a free local port with a
-//! temporary kernelspec for a real ipykernel.
+//! Test harness: starts the real `kiln-interpreter` binary on a free local port with
+//! temporary kernelspecs for real kernels.
 //!
 //! Privilege tier: unprivileged, but needs `python3` with `ipykernel` (or
 //! `KILN_TEST_PYTHON=/path/to/python` with it). Without one the tests print SKIP and pass,
-//! except under `CI`, where they fail and say what to install.
+//! except under `CI`, where they fail and say what to install. The tslab tests need
+//! tslab's `tslab` command from a global npm install (`npm install -g tslab@1.0.22`, or
+//! `KILN_TEST_TSLAB=/path/to/bin/tslab`) and skip without it, except under `CI`.
 
 #![allow(dead_code)]
 
@@ -47,19 +49,78 @@ pub struct Interpreter {
     pub http: reqwest::Client,
 }
 
+/// tslab's `tslab` command, or `None` (after printing why) when the test should skip.
+pub fn tslab_bin(test: &str) -> Option<PathBuf> {
+    let candidate = std::env::var_os("KILN_TEST_TSLAB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("tslab"));
+    let ok = Command::new(&candidate)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(candidate);
+    }
+    let why = format!(
+        "{} does not run (install with `npm install -g tslab@1.0.22`, or set KILN_TEST_TSLAB \
+         to its bin/tslab; scripts/test installs it)",
+        candidate.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("CI is set and {test} needs tslab: {why}");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+    None
+}
+
 impl Interpreter {
     /// Starts the interpreter with an ipykernel `python3` kernelspec; `None` = skip.
     pub async fn start(test: &str, extra: &[&str]) -> Option<Self> {
         let python = python_with_ipykernel(test)?;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spec_dir = dir.path().join("jupyter/kernels/python3");
-        std::fs::create_dir_all(&spec_dir).unwrap();
         let spec = json!({
             "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python 3 (test)",
             "language": "python",
         });
-        std::fs::write(spec_dir.join("kernel.json"), spec.to_string()).unwrap();
+        let mut args = vec!["--warm", "python", "--warm-background", ""];
+        args.extend_from_slice(extra);
+        Some(Self::start_with(&[("python3", spec)], &args).await)
+    }
+
+    /// Starts the interpreter with tslab's `jslab` and `tslab` kernelspecs (as
+    /// `tslab install` writes them) and no warm contexts; `None` = skip.
+    pub async fn start_tslab(test: &str) -> Option<Self> {
+        let tslab = tslab_bin(test)?;
+        let spec = |js: bool| {
+            let mut argv = vec![
+                json!(tslab),
+                json!("kernel"),
+                json!("--config-path"),
+                json!("{connection_file}"),
+            ];
+            if js {
+                argv.push(json!("--js"));
+            }
+            json!({
+                "argv": argv,
+                "display_name": if js { "JavaScript" } else { "TypeScript" },
+                "language": if js { "javascript" } else { "typescript" },
+            })
+        };
+        let specs = [("jslab", spec(true)), ("tslab", spec(false))];
+        Some(Self::start_with(&specs, &["--warm", "", "--warm-background", ""]).await)
+    }
+
+    /// Starts the interpreter with these kernelspecs (name, kernel.json) and only them.
+    pub async fn start_with(specs: &[(&str, Value)], extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, spec) in specs {
+            let spec_dir = dir.path().join("jupyter/kernels").join(name);
+            std::fs::create_dir_all(&spec_dir).unwrap();
+            std::fs::write(spec_dir.join("kernel.json"), spec.to_string()).unwrap();
+        }
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
         let port = free_port();
@@ -72,7 +133,7 @@ impl Interpreter {
             .arg(&home)
             .arg("--runtime-dir")
             .arg(dir.path().join("run"))
-            .args(["--envd", "off", "--warm", "python"])
+            .args(["--envd", "off"])
             .args(extra)
             // Only the test's kernelspec: no user or system kernels.
             .env("JUPYTER_PATH", dir.path().join("jupyter"))
@@ -104,7 +165,7 @@ impl Interpreter {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Some(interp)
+        interp
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -147,8 +208,15 @@ impl Interpreter {
 
     /// Runs `code` in the default context and returns the lines.
     pub async fn run(&self, code: &str) -> Vec<Value> {
+        self.run_in(None, code).await
+    }
+
+    /// Runs `code` in the default context of `language` (`None`: Python's).
+    pub async fn run_in(&self, language: Option<&str>, code: &str) -> Vec<Value> {
         let (status, lines) = self
-            .execute(json!({"code": code, "context_id": null, "language": null, "env_vars": null}))
+            .execute(
+                json!({"code": code, "context_id": null, "language": language, "env_vars": null}),
+            )
             .await;
         assert_eq!(status, 200, "{lines:?}");
         lines
