@@ -48,6 +48,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/templates/{id}/files/{id}"),
     ("POST", "/v2/templates/{id}/builds/{id}"),
     ("GET", "/templates/{id}/builds/{id}/status"),
+    ("GET", "/templates/{id}/builds/{id}/logs/stream"),
+    ("POST", "/templates/tags"),
+    ("DELETE", "/templates/tags"),
+    ("GET", "/templates/{id}/tags"),
+    ("POST", "/templates/gc"),
 ];
 
 /// `POST /sandboxes` body.

@@ -23,6 +23,21 @@ pub struct BuildLogEntry {
     pub step: Option<String>,
 }
 
+/// What `POST /templates/gc` removed and kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GcReport {
+    pub removed_layers: u64,
+    pub removed_uploads: u64,
+    pub removed_images: u64,
+    pub removed_bases: u64,
+    pub removed_temporary: u64,
+    pub freed_bytes: u64,
+    pub kept_layers: u64,
+    pub kept_recent: u64,
+    pub failed: u64,
+}
+
 /// How a build ended.
 #[derive(Debug, Clone)]
 pub struct BuildOutcome {
@@ -140,6 +155,18 @@ impl Client {
         self.call(Method::DELETE, &format!("/templates/{}", enc(name)), None)
             .await
             .map(|_| ())
+    }
+
+    /// Collects the server's template caches now (`POST /templates/gc`, Kiln's own):
+    /// removes layers, uploads, images and bases no template needs and nobody used in
+    /// the last `keep_unused_days` days (`None`: the server's policy). Waits for builds
+    /// in progress.
+    pub async fn gc_templates(
+        &self,
+        keep_unused_days: Option<f64>,
+    ) -> Result<GcReport, ClientError> {
+        let body = keep_unused_days.map(|d| serde_json::json!({"keepUnusedDays": d}));
+        Self::json(self.call(Method::POST, "/templates/gc", body).await?).await
     }
 }
 

@@ -11,6 +11,8 @@
 //! reported as failed, with that reason). A finished build is registered in
 //! [`Templates`] at once. Besides the SDK's polling, `GET
 //! /templates/{id}/builds/{buildID}/logs/stream` streams a build's log as NDJSON.
+//! After each successful build and each delete, and on `POST /templates/gc`, the
+//! template caches are garbage-collected ([`kiln_template::gc`]).
 
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -26,11 +28,11 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use kiln_template::build::{BuildError, BuildLog, BuildRequest, LogLevel, StepRunner};
 use kiln_template::recipe::{is_files_hash, BuildSpec};
-use kiln_template::{Template, TemplateStore};
+use kiln_template::{GcPolicy, Template, TemplateStore};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use crate::api::{Body, QueryParams};
+use crate::api::{Body, OptionalBody, QueryParams};
 use crate::app::AppState;
 use crate::error::{chain, AppError};
 use crate::manager::SandboxManager;
@@ -325,6 +327,7 @@ impl TemplateBuilds {
                 let _ = self.with_build(&id, |b| b.status = Status::Ready);
                 self.persist(&id);
                 tracing::info!(template = %t.name, build = %id, "template built");
+                self.collect_garbage("build").await;
             }
             Err(e) => {
                 let message = failure_message(&e);
@@ -441,6 +444,36 @@ impl TemplateBuilds {
     }
 }
 
+impl TemplateBuilds {
+    /// Removes the layers, uploads, images and bases no template needs any more
+    /// ([`TemplateStore::gc`], policy from `KILN_TEMPLATE_CACHE_DAYS`); failures are
+    /// only logged.
+    async fn collect_garbage(&self, after: &str) {
+        match self.store.gc(&gc_policy()).await {
+            Ok(r) => tracing::info!(
+                after,
+                removed_layers = r.removed_layers,
+                removed_uploads = r.removed_uploads,
+                removed_images = r.removed_images,
+                removed_bases = r.removed_bases,
+                freed_bytes = r.freed_bytes,
+                "template cache collected"
+            ),
+            Err(e) => {
+                tracing::warn!(after, error = %chain(&e), "collecting the template cache failed")
+            }
+        }
+    }
+}
+
+/// The configured garbage-collection policy (the default when the setting is bad).
+fn gc_policy() -> GcPolicy {
+    GcPolicy::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "{}: using the default", kiln_template::gc::KEEP_DAYS_ENV);
+        GcPolicy::default()
+    })
+}
+
 /// The client's message for a failed build: the step, the cause, the output's tail.
 fn failure_message(e: &BuildError) -> String {
     match e {
@@ -486,6 +519,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
         .route("/templates/tags", post(assign_tags).delete(remove_tags))
         .route("/templates/{id}/tags", get(get_tags))
+        .route("/templates/gc", post(gc))
 }
 
 /// Routes without the API key: the upload links.
@@ -1015,7 +1049,33 @@ async fn remove(
     b.templates.remove(&name);
     b.update_tags(&name, |t| t.clear())?;
     state.manager.discard_pool(&name).await;
+    let builds = Arc::clone(b);
+    tokio::spawn(async move { builds.collect_garbage("delete").await });
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /templates/gc` body (Kiln's own endpoint; empty: the configured policy).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GcRequest {
+    /// Keep unreachable cache entries used within this many days.
+    #[serde(default)]
+    keep_unused_days: Option<f64>,
+}
+
+/// Collects the template caches now (after builds in progress finish) and answers
+/// what was removed and freed.
+async fn gc(
+    State(state): State<Arc<AppState>>,
+    OptionalBody(req): OptionalBody<GcRequest>,
+) -> Result<Response, AppError> {
+    let b = builds(&state)?;
+    let policy = match req.keep_unused_days {
+        Some(days) => GcPolicy::days(days).map_err(|e| AppError::BadRequest(e.to_string()))?,
+        None => gc_policy(),
+    };
+    let report = b.store.gc(&policy).await.map_err(store_err)?;
+    Ok(Json(report).into_response())
 }
 
 #[cfg(test)]

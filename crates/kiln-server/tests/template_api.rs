@@ -566,3 +566,72 @@ async fn tags_are_assigned_listed_and_removed() {
     assert_eq!(h.call("DELETE", "/templates/tagged", None).await.0, 204);
     assert_eq!(h.call("GET", "/templates/tagged/tags", None).await.0, 404);
 }
+
+#[tokio::test]
+async fn gc_removes_what_no_template_needs() {
+    let h = start().await;
+    let layers = h._dir.path().join("templates/.layers");
+    let count = || std::fs::read_dir(&layers).map(|d| d.count()).unwrap_or(0);
+    let spec = |cmd: &str| {
+        json!({"fromTemplate": "base", "steps": [
+            {"type": "RUN", "args": ["echo one"]}, {"type": "RUN", "args": [cmd]}]})
+    };
+    let (tid, bid) = h.build("gcd", spec("echo two")).await;
+    assert_eq!(h.wait(&tid, &bid).await.0["status"], "ready");
+    assert_eq!(count(), 2);
+    // A new version: the old second layer is unreachable but recently used, so the
+    // collection after the build (default policy: 7 days) keeps it.
+    let (tid, bid) = h.build("gcd", spec("echo three")).await;
+    assert_eq!(h.wait(&tid, &bid).await.0["status"], "ready");
+    assert_eq!(count(), 3);
+
+    // Behind the API key like every route.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/templates/gc", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    for bad in [json!({"keepUnusedDays": -1}), json!({"keepDays": 1})] {
+        let (s, v) = h.call("POST", "/templates/gc", Some(bad.clone())).await;
+        assert_eq!(s, 400, "{bad}: {v}");
+    }
+    // No body: the configured policy, which keeps the recent layer.
+    let (s, v) = h.call("POST", "/templates/gc", None).await;
+    assert_eq!(s, 200, "{v}");
+    for k in [
+        "removedLayers",
+        "removedUploads",
+        "removedImages",
+        "removedBases",
+        "freedBytes",
+        "keptLayers",
+    ] {
+        assert!(v.get(k).is_some(), "{k} missing: {v}");
+    }
+    assert_eq!(
+        (v["removedLayers"].as_u64(), v["keptLayers"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(count(), 3);
+
+    // Keeping nothing unused: the old layer goes, the template is still served.
+    let (s, v) = h
+        .call("POST", "/templates/gc", Some(json!({"keepUnusedDays": 0})))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["removedLayers"], 1, "{v}");
+    assert!(v["freedBytes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(count(), 2);
+    let (s, _) = h.call("GET", "/templates/gcd", None).await;
+    assert_eq!(s, 200);
+
+    // Deleted, its layers are garbage.
+    let (s, _) = h.call("DELETE", "/templates/gcd", None).await;
+    assert_eq!(s, 204);
+    let (s, v) = h
+        .call("POST", "/templates/gc", Some(json!({"keepUnusedDays": 0})))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(count(), 0, "{v}");
+}

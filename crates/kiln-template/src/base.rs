@@ -1,5 +1,7 @@
-//! The built-in `base` template: a Debian bookworm root filesystem made by mmdebstrap,
-//! with the E2B-style user `user` and the Kiln guest binaries.
+//! The Debian base templates: root filesystems made by mmdebstrap, with the E2B-style
+//! user `user` and the Kiln guest binaries. [`BOOKWORM`] is the built-in `base` (built
+//! at server start); [`TRIXIE`] is built the same way on the first build that asks for
+//! it (`fromImage: "debian:trixie"`) and cached as the internal template `base-trixie`.
 
 use std::collections::VecDeque;
 use std::fs;
@@ -17,9 +19,42 @@ use crate::fsutil;
 /// Lines of mmdebstrap output kept for the error message.
 const TAIL_LINES: usize = 40;
 
-/// Debian suite of the base template.
-pub const SUITE: &str = "bookworm";
-/// Mirror used when the machine's apt sources name none for [`SUITE`].
+/// A Debian release Kiln builds a base template from with mmdebstrap. Everything
+/// except the suite (packages, hooks, user, finalize, uid shift) is shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DebianBase {
+    /// Name of the template in the store (`base`, `base-trixie`).
+    pub template: &'static str,
+    /// Debian suite (codename) given to mmdebstrap.
+    pub suite: &'static str,
+    /// Debian major version.
+    pub version: &'static str,
+}
+
+/// Debian 12, the built-in `base` template.
+pub const BOOKWORM: DebianBase = DebianBase {
+    template: crate::BASE,
+    suite: "bookworm",
+    version: "12",
+};
+/// Debian 13, the internal template `base-trixie` (built on first use).
+pub const TRIXIE: DebianBase = DebianBase {
+    template: "base-trixie",
+    suite: "trixie",
+    version: "13",
+};
+/// Every Debian base Kiln builds.
+pub const DEBIAN_BASES: &[DebianBase] = &[BOOKWORM, TRIXIE];
+
+/// The Debian base whose template is named `template`.
+pub fn debian_base(template: &str) -> Option<DebianBase> {
+    DEBIAN_BASES
+        .iter()
+        .copied()
+        .find(|b| b.template == template)
+}
+
+/// Mirror used when the machine's apt sources name none for the suite.
 pub const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
 /// Packages installed on top of `--variant=minbase` (E2B's base image has the same
 /// tools: a shell, Python with pip and venv, Node with npm, git, curl, sudo).
@@ -104,13 +139,50 @@ pub fn dir_digest(dir: &Path) -> String {
     hex::encode(h.finalize())
 }
 
-/// Hash of everything that decides the content of the base root filesystem (the host's
-/// local CAs included), except the mirror (a machine's mirror choice should not force a
-/// rebuild) and the guest binaries (the runtime binds the current ones at start).
-pub fn recipe_hash() -> String {
+impl DebianBase {
+    /// Hash of everything that decides the content of the root filesystem (the host's
+    /// local CAs included), except the mirror (a machine's mirror choice should not
+    /// force a rebuild) and the guest binaries (the runtime binds the current ones at
+    /// start). Bookworm's is the same as before suites were a parameter.
+    pub fn recipe_hash(&self) -> String {
+        recipe_hash_for(self.suite)
+    }
+
+    /// One-line apt source entries (`deb URI SUITE COMPONENTS`) for the suite and its
+    /// `-updates`/`-security` suites, as the machine's apt configuration names them;
+    /// [`FALLBACK_MIRROR`] for the suite itself when it names none (a bookworm host
+    /// building trixie).
+    pub fn configured_mirrors(&self) -> Vec<String> {
+        let deb822 =
+            fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+        let one_line = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+        mirrors_from(self.suite, &deb822, &one_line)
+    }
+
+    /// The mmdebstrap arguments for building this base's root filesystem into `target`.
+    pub fn mmdebstrap_args(&self, target: &Path, mirrors: &[String]) -> Vec<String> {
+        let mut args = vec![
+            "--variant=minbase".to_string(),
+            "--mode=root".to_string(),
+            "--format=directory".to_string(),
+            format!("--include={}", PACKAGES.join(",")),
+        ];
+        args.extend(
+            customize_hooks()
+                .into_iter()
+                .map(|h| format!("--customize-hook={h}")),
+        );
+        args.push(self.suite.to_string());
+        args.push(target.display().to_string());
+        args.extend(mirrors.iter().cloned());
+        args
+    }
+}
+
+fn recipe_hash_for(suite: &str) -> String {
     let mut h = Sha256::new();
     h.update(b"kiln base template recipe v1\n");
-    h.update(format!("suite={SUITE}\nvariant=minbase\n"));
+    h.update(format!("suite={suite}\nvariant=minbase\n"));
     h.update(format!("packages={}\n", PACKAGES.join(",")));
     for hook in customize_hooks() {
         h.update(format!("hook={hook}\n"));
@@ -121,20 +193,11 @@ pub fn recipe_hash() -> String {
     hex::encode(h.finalize())
 }
 
-/// Where mmdebstrap fetches packages from: one-line apt source entries
-/// (`deb URI SUITE COMPONENTS`) for [`SUITE`] and its `-updates`/`-security` suites, as
-/// the machine's apt configuration names them.
-pub fn configured_mirrors() -> Vec<String> {
-    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
-    let one_line = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    mirrors_from(&deb822, &one_line)
-}
-
-fn mirrors_from(deb822: &str, one_line: &str) -> Vec<String> {
+fn mirrors_from(wanted_suite: &str, deb822: &str, one_line: &str) -> Vec<String> {
     let wanted = |suite: &str| {
-        suite == SUITE
+        suite == wanted_suite
             || suite
-                .strip_prefix(SUITE)
+                .strip_prefix(wanted_suite)
                 .is_some_and(|rest| matches!(rest, "-updates" | "-security" | "/updates"))
     };
     let mut out = Vec::new();
@@ -182,9 +245,9 @@ fn mirrors_from(deb822: &str, one_line: &str) -> Vec<String> {
     }
     let has_main_suite = out
         .iter()
-        .any(|l| l.split_whitespace().nth(2) == Some(SUITE));
+        .any(|l| l.split_whitespace().nth(2) == Some(wanted_suite));
     if !has_main_suite {
-        out.insert(0, format!("deb {FALLBACK_MIRROR} {SUITE} main"));
+        out.insert(0, format!("deb {FALLBACK_MIRROR} {wanted_suite} main"));
     }
     out.dedup();
     out
@@ -218,35 +281,17 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
-/// The mmdebstrap arguments for building the base root filesystem into `target`.
-pub fn mmdebstrap_args(target: &Path, mirrors: &[String]) -> Vec<String> {
-    let mut args = vec![
-        "--variant=minbase".to_string(),
-        "--mode=root".to_string(),
-        "--format=directory".to_string(),
-        format!("--include={}", PACKAGES.join(",")),
-    ];
-    args.extend(
-        customize_hooks()
-            .into_iter()
-            .map(|h| format!("--customize-hook={h}")),
-    );
-    args.push(SUITE.to_string());
-    args.push(target.display().to_string());
-    args.extend(mirrors.iter().cloned());
-    args
-}
-
-/// Runs `program` (mmdebstrap) into `target` (which must not exist or be empty), passing
-/// each line it prints to `on_line`.
+/// Runs `program` (mmdebstrap) for `base` into `target` (which must not exist or be
+/// empty), passing each line it prints to `on_line`.
 pub async fn run_mmdebstrap(
     program: &Path,
+    base: &DebianBase,
     target: &Path,
     mirrors: &[String],
     on_line: &mut (dyn FnMut(String) + Send),
 ) -> Result<(), MmdebstrapError> {
     let mut child = Command::new(program)
-        .args(mmdebstrap_args(target, mirrors))
+        .args(base.mmdebstrap_args(target, mirrors))
         .env("LC_ALL", "C.UTF-8")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -429,7 +474,7 @@ Components: main contrib
     #[test]
     fn mirrors_from_deb822() {
         assert_eq!(
-            mirrors_from(DEB822, ""),
+            mirrors_from("bookworm", DEB822, ""),
             vec![
                 "deb http://mirror.example/debian bookworm main",
                 "deb http://mirror.example/debian bookworm-updates main",
@@ -443,16 +488,26 @@ Components: main contrib
         let list = "# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main non-free\n\
                     deb http://m.example/debian trixie main\n";
         assert_eq!(
-            mirrors_from("", list),
+            mirrors_from("bookworm", "", list),
             vec!["deb http://m.example/debian bookworm main non-free"]
         );
         assert_eq!(
-            mirrors_from("", "deb http://m.example/debian trixie main\n"),
+            mirrors_from("bookworm", "", "deb http://m.example/debian trixie main\n"),
             vec![format!("deb {FALLBACK_MIRROR} bookworm main")]
+        );
+        // A bookworm host building trixie: only the fallback for trixie itself.
+        assert_eq!(
+            mirrors_from("trixie", DEB822, ""),
+            vec![format!("deb {FALLBACK_MIRROR} trixie main")]
+        );
+        assert_eq!(
+            mirrors_from("trixie", "", list),
+            vec!["deb http://m.example/debian trixie main"]
         );
         // Only a security suite configured: the main suite still comes from the fallback.
         assert_eq!(
             mirrors_from(
+                "bookworm",
                 "",
                 "deb http://s.example/debian-security bookworm-security main\n"
             )[0],
@@ -462,7 +517,7 @@ Components: main contrib
 
     #[test]
     fn args_and_hash_are_stable() {
-        let args = mmdebstrap_args(
+        let args = BOOKWORM.mmdebstrap_args(
             Path::new("/t"),
             &["deb http://m/debian bookworm main".into()],
         );
@@ -475,8 +530,24 @@ Components: main contrib
             &args[n - 3..],
             ["bookworm", "/t", "deb http://m/debian bookworm main"]
         );
-        assert_eq!(recipe_hash(), recipe_hash());
-        assert_eq!(recipe_hash().len(), 64);
+        assert_eq!(BOOKWORM.recipe_hash(), BOOKWORM.recipe_hash());
+        assert_eq!(BOOKWORM.recipe_hash().len(), 64);
+    }
+
+    #[test]
+    fn trixie_args_name_trixie_and_share_everything_else() {
+        let mirrors = ["deb http://deb.debian.org/debian trixie main".to_string()];
+        let args = TRIXIE.mmdebstrap_args(Path::new("/t"), &mirrors);
+        let n = args.len();
+        assert_eq!(&args[n - 3..], ["trixie", "/t", mirrors[0].as_str()]);
+        assert!(!args.iter().any(|a| a == "bookworm"), "{args:?}");
+        let book = BOOKWORM.mmdebstrap_args(Path::new("/t"), &mirrors);
+        // Same packages, hooks (user, sudo, CAs) and options; only the suite differs.
+        assert_eq!(args[..n - 3], book[..n - 3]);
+        assert_ne!(TRIXIE.recipe_hash(), BOOKWORM.recipe_hash());
+        assert_eq!(debian_base("base-trixie"), Some(TRIXIE));
+        assert_eq!(debian_base("base"), Some(BOOKWORM));
+        assert_eq!(debian_base("mine"), None);
     }
 
     #[test]

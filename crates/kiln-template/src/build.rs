@@ -16,8 +16,13 @@
 //! The finished template is installed by pointing `templates/<name>/rootfs` (a
 //! symlink, replaced atomically) at the last layer and writing `template.json`.
 //! Nothing is touched in `templates/<name>/` before every step succeeded, so a failed
-//! build leaves the previous version served. Layers are never deleted (no garbage
-//! collection yet); sandboxes of an older version keep their lower layer.
+//! build leaves the previous version served. The template's metadata records the
+//! layers, uploads and base it was made from ([`crate::LayerChain`]); what no installed
+//! template records is removed by [`crate::gc`] once unused for a while. Every cache
+//! entry a build uses gets its mtime set to now ("last used"), and so does the layer a
+//! new version replaces, so that sandboxes of the older version keep their lower layer
+//! for the whole grace period. Builds hold the store lock shared, so `gc` never removes
+//! a layer under one.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -27,10 +32,12 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::copy::{self, CopyJob};
+use crate::gc::{touch, touch_rootfs_target};
 use crate::layer::{self, LayerError};
-use crate::oci::ImageSource;
 use crate::recipe::{self, Base, BuildSpec, BuildState, RecipeError, Step};
-use crate::{fsutil, Template, TemplateError, TemplateMeta, TemplateStore, BASE, META_FORMAT};
+use crate::{
+    fsutil, LayerChain, Template, TemplateError, TemplateMeta, TemplateStore, META_FORMAT,
+};
 
 /// Directory of the layer cache inside the templates directory.
 pub const LAYERS_DIR: &str = ".layers";
@@ -150,6 +157,12 @@ pub enum BuildError {
     BuiltIn { name: String },
     #[error("base template {name:?} does not exist")]
     NoBaseTemplate { name: String },
+    #[error("building the Debian {suite} base")]
+    DebianBase {
+        suite: &'static str,
+        #[source]
+        source: TemplateError,
+    },
     #[error(transparent)]
     Pull(#[from] crate::oci::PullError),
     #[error("step {index}: {message}")]
@@ -173,9 +186,10 @@ impl BuildError {
         match self {
             BuildError::Recipe(RecipeError::Step { index, .. })
             | BuildError::Step { index, .. } => Some(index.to_string()),
-            BuildError::Recipe(_) | BuildError::NoBaseTemplate { .. } | BuildError::Pull(_) => {
-                Some("base".into())
-            }
+            BuildError::Recipe(_)
+            | BuildError::NoBaseTemplate { .. }
+            | BuildError::DebianBase { .. }
+            | BuildError::Pull(_) => Some("base".into()),
             BuildError::Finalize { .. } => Some("finalize".into()),
             _ => None,
         }
@@ -199,23 +213,46 @@ impl TemplateStore {
     ) -> Result<Template, BuildError> {
         let started = Instant::now();
         crate::validate_name(&req.name)?;
-        if req.name == BASE {
+        if crate::base::debian_base(&req.name).is_some() {
             return Err(BuildError::BuiltIn {
                 name: req.name.clone(),
             });
         }
         let base = req.spec.base()?;
         let steps = req.spec.parse_steps()?;
+        // Held until the build is installed: `gc` waits for it.
+        let _store = self.lock_store(false).await?;
         let _lock = self.lock(&req.name).await?;
         let parent = match &base {
             Base::Template(name) => self.template_parent(name)?,
-            Base::Image(src) => self.image_parent(src, req.spec.force, on_log).await?,
+            Base::Debian(d) => self.debian_parent(d, on_log).await?,
+            Base::Image(src) => match self.image_parent(src, req.spec.force, on_log).await {
+                Ok(p) => p,
+                Err(e) => {
+                    if src.reference.repository() == "library/ubuntu" {
+                        log(
+                            on_log,
+                            LogLevel::Warn,
+                            Some("base"),
+                            "[base] Kiln builds Debian bases (debian:bookworm, debian:trixie) \
+                             from Debian's packages; Ubuntu images are pulled from their \
+                             registry, which must be reachable"
+                                .into(),
+                        );
+                    }
+                    return Err(e);
+                }
+            },
         };
+        if let Some(entry) = &parent.cache_entry {
+            touch(entry);
+        }
         let mut rootfs = parent.rootfs.clone();
         let mut hash = parent.hash.clone();
         let from = match (&req.spec.from_image, &base) {
             (Some(image), _) => image.clone(),
             (None, Base::Template(name)) => name.clone(),
+            (None, Base::Debian(d)) => format!("debian:{}", d.suite),
             (None, Base::Image(src)) => src.reference.whole(),
         };
         log(
@@ -235,6 +272,9 @@ impl TemplateStore {
         // Layers of forced steps are never a cache hit again (their hash covers this
         // build's id): all but the last are removed once the build is installed.
         let mut one_off: Vec<PathBuf> = Vec::new();
+        // Every step layer and upload the template is made of, for its metadata.
+        let mut chain_layers: Vec<PathBuf> = Vec::new();
+        let mut chain_files: Vec<String> = Vec::new();
         for (i, (spec, step)) in req.spec.steps.iter().zip(&steps).enumerate() {
             let index = i + 1;
             let tag = index.to_string();
@@ -261,8 +301,14 @@ impl TemplateStore {
                 );
                 continue;
             }
+            if let Step::Copy { files_hash, .. } = step {
+                if !chain_files.contains(files_hash) {
+                    chain_files.push(files_hash.clone());
+                }
+            }
             let dir = layers.join(&hash);
             if dir.is_dir() {
+                touch(&dir);
                 log(
                     on_log,
                     LogLevel::Info,
@@ -304,6 +350,7 @@ impl TemplateStore {
             if forced {
                 one_off.push(dir.clone());
             }
+            chain_layers.push(dir.clone());
             rootfs = dir;
             match step {
                 Step::User(u) => state.user = u.clone(),
@@ -377,6 +424,16 @@ impl TemplateStore {
             start_cmd: req.spec.start_cmd.clone(),
             ready_cmd: req.spec.ready_cmd.clone(),
             envs: state.env.clone(),
+            chain: Some(LayerChain {
+                layers: chain_layers
+                    .iter()
+                    .filter(|l| !one_off.contains(l) || **l == rootfs)
+                    .filter_map(|l| l.file_name()?.to_str().map(str::to_string))
+                    .collect(),
+                files: chain_files,
+                image: parent.image_key.clone(),
+                base: parent.debian_base.clone(),
+            }),
         };
         let template = self.install_layer(&req.name, &req.build_id, &rootfs, meta)?;
         for layer in one_off.iter().filter(|l| **l != rootfs) {
@@ -394,72 +451,6 @@ impl TemplateStore {
             ),
         );
         Ok(template)
-    }
-
-    /// A template of this store as the base.
-    fn template_parent(&self, name: &str) -> Result<Parent, BuildError> {
-        let t = self
-            .get(name)
-            .ok()
-            .flatten()
-            .ok_or_else(|| BuildError::NoBaseTemplate {
-                name: name.to_string(),
-            })?;
-        let rootfs = fs::canonicalize(&t.rootfs).map_err(|source| TemplateError::Io {
-            path: t.rootfs.clone(),
-            source,
-        })?;
-        // The user's home counts as "no WORKDIR" (E2B's base), so that a relative
-        // WORKDIR resolves against `/`.
-        let workdir = Some(t.meta.default_workdir.clone())
-            .filter(|w| *w != recipe::home_of(&t.meta.default_user));
-        Ok(Parent {
-            rootfs,
-            hash: recipe::base_hash(name, &t.meta.build_hash),
-            state: BuildState {
-                user: t.meta.default_user.clone(),
-                workdir,
-                env: t.meta.envs.clone(),
-            },
-            id_map_base: t.meta.id_map_base,
-            disk_size_mb: t.meta.disk_size_mb,
-            rootfs_bytes: t.meta.rootfs_bytes,
-        })
-    }
-
-    /// A pulled image as the base: its config's `User`, `WorkingDir` and `Env` start
-    /// the build.
-    async fn image_parent(
-        &self,
-        src: &ImageSource,
-        refresh: bool,
-        on_log: &mut (dyn FnMut(BuildLog) + Send),
-    ) -> Result<Parent, BuildError> {
-        let image = self.pull_image(src, refresh, on_log).await?;
-        let user = match image.config.start_user(&image.rootfs) {
-            Ok(u) => u,
-            Err(why) => {
-                log(
-                    on_log,
-                    LogLevel::Warn,
-                    Some("base"),
-                    format!("[base] {why}; the build starts as root"),
-                );
-                "root".to_string()
-            }
-        };
-        Ok(Parent {
-            hash: image.base_hash(),
-            state: BuildState {
-                user,
-                workdir: image.config.workdir.clone(),
-                env: image.config.env.clone(),
-            },
-            rootfs: image.rootfs,
-            id_map_base: kiln_runtime::ID_MAP_BASE,
-            disk_size_mb: crate::DEFAULT_DISK_SIZE_MB,
-            rootfs_bytes: image.rootfs_bytes,
-        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -526,6 +517,7 @@ impl TemplateStore {
                     *mode,
                 );
                 let id_base = id_map_base;
+                touch(req.files_dir.join(files_hash));
                 let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
                     let (lower, out, archive, src, dest, owner, mode) = job;
                     if !archive.is_file() {
@@ -614,6 +606,11 @@ impl TemplateStore {
         };
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let rootfs = dir.join(crate::ROOTFS_DIR);
+        // The version being replaced may still serve sandboxes: its layer's grace
+        // period in `gc` starts now.
+        if let Ok(old) = fs::read_link(&rootfs) {
+            touch_rootfs_target(&old);
+        }
         // A real directory (not one of our symlinks) is moved aside, not deleted: a
         // sandbox may run on it.
         if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.is_dir()) {
@@ -647,24 +644,15 @@ impl TemplateStore {
         TemplateMeta::remove(&dir)?;
         let rootfs = dir.join(crate::ROOTFS_DIR);
         if fs::symlink_metadata(&rootfs).is_ok_and(|m| m.file_type().is_symlink()) {
+            // Sandboxes of the template may still run on its layer (see `gc`).
+            if let Ok(layer) = fs::read_link(&rootfs) {
+                touch_rootfs_target(&layer);
+            }
             let _ = fs::remove_file(&rootfs);
         }
         fsutil::remove_tree(&dir)?;
         Ok(true)
     }
-}
-
-/// Where a build's steps start.
-struct Parent {
-    /// The base's root filesystem (a resolved path: a later build of the base does not
-    /// move it).
-    rootfs: PathBuf,
-    /// The layer hash of the base, which every step's hash chains from.
-    hash: String,
-    state: BuildState,
-    id_map_base: u32,
-    disk_size_mb: u64,
-    rootfs_bytes: u64,
 }
 
 /// Why a command cannot run in a layer without a shell.
@@ -714,6 +702,9 @@ fn tempfile_dir(layer: &Path) -> Result<PathBuf, String> {
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)
 }
+
+#[path = "build_parent.rs"]
+mod parent;
 
 #[cfg(test)]
 #[path = "build_tests.rs"]

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::*;
+use crate::BASE;
 
 /// What one run was asked: command, user, cwd, env.
 type Seen = (String, String, Option<String>, BTreeMap<String, String>);
@@ -86,6 +87,7 @@ fn store_with_base(dir: &Path) -> TemplateStore {
         start_cmd: None,
         ready_cmd: None,
         envs: Default::default(),
+        chain: None,
     };
     meta.write(&base).unwrap();
     store
@@ -313,4 +315,207 @@ async fn a_base_without_a_shell_fails_at_its_first_command() {
         "{e}"
     );
     assert_eq!(runner.calls.load(Ordering::SeqCst), 0);
+}
+
+fn sorted(v: &[String]) -> Vec<String> {
+    let mut v = v.to_vec();
+    v.sort();
+    v
+}
+
+fn layer_names(store: &TemplateStore) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(store.layers_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn chains_are_recorded_and_gc_keeps_what_templates_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_base(dir.path());
+    let runner = FakeRunner::default();
+    let zero = crate::GcPolicy::days(0.0).unwrap();
+    let (t, _) = build(&store, &request(dir.path(), RECIPE), &runner).await;
+    let first = t.unwrap().meta.chain.unwrap();
+    // RUN, USER, WORKDIR, RUN make layers; ENV does not.
+    assert_eq!(first.layers.len(), 4);
+    assert_eq!(sorted(&first.layers), layer_names(&store));
+    assert_eq!((first.image.clone(), first.base.clone()), (None, None));
+
+    // A new version shares the first three layers; the old fourth is unreachable.
+    let changed = RECIPE.replace("echo two", "echo three");
+    let (t, _) = build(&store, &request(dir.path(), &changed), &runner).await;
+    let second = t.unwrap().meta.chain.unwrap();
+    assert_eq!(first.layers[..3], second.layers[..3]);
+    assert_ne!(first.layers[3], second.layers[3]);
+    // Within the default period it stays (a sandbox of the old version may run on it).
+    let report = store.gc(&crate::GcPolicy::default()).await.unwrap();
+    assert_eq!((report.removed_layers, report.kept_recent), (0, 1));
+    let report = store.gc(&zero).await.unwrap();
+    assert_eq!(report.removed_layers, 1, "{report:?}");
+    assert_eq!(report.kept_layers, 4, "{report:?}");
+    assert_eq!(layer_names(&store), sorted(&second.layers));
+    // The template is still served and rebuilds from the cache.
+    assert!(store.get("mine").unwrap().unwrap().rootfs.is_dir());
+    let calls = runner.calls.load(Ordering::SeqCst);
+    let (r, _) = build(&store, &request(dir.path(), &changed), &runner).await;
+    r.unwrap();
+    assert_eq!(runner.calls.load(Ordering::SeqCst), calls);
+
+    // A template from an older Kiln (no chain) keeps only its final layer.
+    let meta_dir = store.templates_dir().join("mine");
+    let mut legacy = TemplateMeta::read(&meta_dir).unwrap().unwrap();
+    legacy.chain = None;
+    legacy.write(&meta_dir).unwrap();
+    let report = store.gc(&zero).await.unwrap();
+    assert_eq!(report.removed_layers, 3, "{report:?}");
+    assert_eq!(layer_names(&store), second.layers[3..]);
+
+    // Deleted, nothing of it is left.
+    assert!(store.remove("mine").unwrap());
+    let report = store.gc(&zero).await.unwrap();
+    assert_eq!(report.removed_layers, 1, "{report:?}");
+    assert!(report.freed_bytes > 0);
+    assert!(layer_names(&store).is_empty());
+}
+
+/// A stand-in for mmdebstrap: logs its arguments (and each run into `runs`), builds a
+/// tiny tree with a shell after the suite argument, or fails when the suite is not
+/// trixie.
+const FAKE_TRIXIE_MMDEBSTRAP: &str = r#"#!/bin/sh
+echo "fake mmdebstrap $*"
+echo run >> "$(dirname "$0")/runs"
+prev=""
+for a in "$@"; do
+  [ "$prev" = "trixie" ] && target="$a"
+  prev="$a"
+done
+[ -n "$target" ] || { echo "E: no trixie suite" >&2; exit 2; }
+[ -e "$(dirname "$0")/fail" ] && { echo "E: cannot reach the mirror" >&2; exit 1; }
+mkdir -p "$target/usr/bin" "$target/etc" "$target/home/user"
+echo 13.0 > "$target/etc/debian_version"
+: > "$target/usr/bin/bash"
+ln -s usr/bin "$target/bin"
+"#;
+
+fn fake_mmdebstrap(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let tools = dir.join("tools");
+    fs::create_dir_all(&tools).unwrap();
+    let path = tools.join("mmdebstrap");
+    fs::write(&path, FAKE_TRIXIE_MMDEBSTRAP).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+const TRIXIE_RECIPE: &str = r#"{"fromImage":"debian:trixie","steps":[
+  {"type":"RUN","args":["echo on trixie"]}]}"#;
+
+#[tokio::test]
+async fn a_failing_trixie_base_fails_the_base_step_with_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with_base(dir.path());
+    let tool = fake_mmdebstrap(dir.path());
+    fs::write(tool.with_file_name("fail"), "").unwrap();
+    store.mmdebstrap = Some(tool);
+    let runner = FakeRunner::default();
+    let (r, logs) = build(&store, &request(dir.path(), TRIXIE_RECIPE), &runner).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.step().as_deref(), Some("base"));
+    let chain = crate::ErrorChain(&e).to_string();
+    assert!(
+        chain.starts_with("building the Debian trixie base"),
+        "{chain}"
+    );
+    assert!(chain.contains("E: cannot reach the mirror"), "{chain}");
+    // mmdebstrap's output is streamed in the base step's log, and it was asked for trixie.
+    let base_lines: Vec<&str> = logs
+        .iter()
+        .filter(|l| l.step.as_deref() == Some("base"))
+        .map(|l| l.message.as_str())
+        .collect();
+    assert!(
+        base_lines
+            .iter()
+            .any(|m| m.starts_with("[base] building the Debian 13 (trixie) base base-trixie")),
+        "{base_lines:?}"
+    );
+    let all = base_lines.join("\n");
+    assert!(
+        all.contains("[base] fake mmdebstrap --variant=minbase") && all.contains(" trixie /"),
+        "{all}"
+    );
+    assert!(base_lines.iter().any(|m| m.contains("apt source: deb ")));
+    assert!(store.debian_template_for_tests().is_none());
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 0);
+    // The internal base's name is not a user template's.
+    let mut req = request(dir.path(), RECIPE);
+    req.name = "base-trixie".into();
+    assert!(matches!(
+        build(&store, &req, &runner).await.0,
+        Err(BuildError::BuiltIn { .. })
+    ));
+}
+
+/// Privilege tier: root (the base's ownership shift chowns with real `lchown`).
+#[tokio::test]
+async fn a_trixie_base_is_built_on_first_use_then_cached() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_trixie_base_is_built_on_first_use_then_cached: needs root (CAP_CHOWN)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_with_base(dir.path());
+    let tool = fake_mmdebstrap(dir.path());
+    store.mmdebstrap = Some(tool.clone());
+    let runner = FakeRunner::default();
+    let (r, logs) = build(&store, &request(dir.path(), TRIXIE_RECIPE), &runner).await;
+    let t = r.unwrap_or_else(|e| panic!("{}: {logs:?}", crate::ErrorChain(&e)));
+    assert_eq!(
+        fs::read_to_string(t.rootfs.join("etc/debian_version")).unwrap(),
+        "13.0\n"
+    );
+    assert_eq!(runner.seen.lock().unwrap()[0].1, "user");
+    assert_eq!(
+        t.meta.chain.as_ref().unwrap().base.as_deref(),
+        Some("base-trixie")
+    );
+    let base = store
+        .debian_template_for_tests()
+        .expect("base-trixie built");
+    assert_eq!(base.meta.build_hash, crate::base::TRIXIE.recipe_hash());
+    assert_eq!(base.dir, store.templates_dir().join(".bases/base-trixie"));
+    assert!(logs.iter().any(|l| l.step.as_deref() == Some("base")
+        && l.message.starts_with("[base] [base-trixie] 5/5 install")));
+    // Internal: not a listed template.
+    let names: Vec<_> = store.list().unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, vec!["base".to_string(), "mine".to_string()]);
+
+    // A second template on trixie: the base is cached, mmdebstrap does not run again.
+    let mut req = request(dir.path(), TRIXIE_RECIPE);
+    req.name = "mine2".into();
+    let (r, logs) = build(&store, &req, &runner).await;
+    r.unwrap();
+    assert!(!logs
+        .iter()
+        .any(|l| l.message.contains("building the Debian")));
+    let runs = fs::read_to_string(tool.with_file_name("runs")).unwrap();
+    assert_eq!(runs.lines().count(), 1);
+
+    // The base stays while a template names it, and goes (after the period) when none does.
+    let zero = crate::GcPolicy::days(0.0).unwrap();
+    assert_eq!(store.gc(&zero).await.unwrap().removed_bases, 0);
+    assert!(store.remove("mine").unwrap() && store.remove("mine2").unwrap());
+    assert_eq!(store.gc(&zero).await.unwrap().removed_bases, 1);
+    assert!(store.debian_template_for_tests().is_none());
+}
+
+impl TemplateStore {
+    fn debian_template_for_tests(&self) -> Option<Template> {
+        let b = crate::base::TRIXIE;
+        crate::read_template(self.debian_dir(&b), b.template).unwrap()
+    }
 }

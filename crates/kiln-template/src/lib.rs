@@ -9,11 +9,17 @@
 //! templates/.<name>.lock            held while <name> is being built
 //! templates/.layers/<hash>/         build-step layers (see [`build`])
 //! templates/.images/<key>/rootfs/   base images pulled from OCI registries (see [`oci`])
+//! templates/.bases/<name>/          internal Debian bases other than `base` (e.g.
+//!                                   `base-trixie`), laid out like a template
+//! templates/.files/<hash>           uploaded COPY contexts
+//! templates/.store.lock             shared by builds, exclusive for [`gc`]
 //! ```
 //!
-//! The built-in `base` is built by [`TemplateStore::ensure_base`]; other templates by
-//! [`TemplateStore::build`] from a recipe. Progress is reported as typed
-//! [`BuildEvent`]s and [`build::BuildLog`]s; drawing them is the caller's job.
+//! The built-in `base` is built by [`TemplateStore::ensure_base`], the other Debian
+//! bases ([`base::DEBIAN_BASES`]) by [`TemplateStore::ensure_debian`] when a build
+//! first asks for one; other templates by [`TemplateStore::build`] from a recipe.
+//! [`TemplateStore::gc`] removes what no installed template needs. Progress is reported
+//! as typed [`BuildEvent`]s and [`build::BuildLog`]s; drawing them is the caller's job.
 
 #![forbid(unsafe_code)]
 
@@ -29,13 +35,15 @@ pub mod build;
 pub mod copy;
 pub mod dockerfile;
 pub mod fsutil;
+pub mod gc;
 pub mod layer;
 pub mod meta;
 pub mod oci;
 pub mod recipe;
 pub mod shift;
 
-pub use meta::{MetaError, TemplateMeta, META_FILE, META_FORMAT};
+pub use gc::{GcPolicy, GcReport};
+pub use meta::{LayerChain, MetaError, TemplateMeta, META_FILE, META_FORMAT};
 
 /// Name of the built-in template every sandbox starts from unless told otherwise.
 pub const BASE: &str = "base";
@@ -50,6 +58,10 @@ pub const DEFAULT_DISK_SIZE_MB: u64 = 4096;
 
 pub(crate) const ROOTFS_DIR: &str = "rootfs";
 const BUILD_DIR: &str = ".rootfs.build";
+/// Directory of the internal Debian bases (all but `base`) in the templates directory.
+pub const BASES_DIR: &str = ".bases";
+/// Lock file held shared by every build and exclusively by [`TemplateStore::gc`].
+const STORE_LOCK: &str = ".store.lock";
 
 /// A complete, servable template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +140,11 @@ pub enum TemplateError {
 #[derive(Debug, Clone)]
 pub struct TemplateStore {
     templates_dir: PathBuf,
+    /// Where the guest binaries copied into a Debian base built during a template build
+    /// come from; `None`: the running binary's directory (`kiln serve`'s default).
+    guest_bin_dir: Option<PathBuf>,
+    /// mmdebstrap to run instead of the one on `PATH` (tests use a fake one).
+    mmdebstrap: Option<PathBuf>,
 }
 
 impl TemplateStore {
@@ -138,7 +155,18 @@ impl TemplateStore {
             path: templates_dir.clone(),
             source,
         })?;
-        Ok(Self { templates_dir })
+        Ok(Self {
+            templates_dir,
+            guest_bin_dir: None,
+            mmdebstrap: None,
+        })
+    }
+
+    /// Copies the guest binaries from `dir` into Debian bases built during template
+    /// builds (the runtime binds the current ones at start in any case).
+    pub fn with_guest_bin_dir(mut self, dir: PathBuf) -> Self {
+        self.guest_bin_dir = Some(dir);
+        self
     }
 
     /// The directory holding all templates (`<data_dir>/templates`).
@@ -149,20 +177,17 @@ impl TemplateStore {
     /// The complete template `name`, or `None` when it is missing or half-built.
     pub fn get(&self, name: &str) -> Result<Option<Template>, TemplateError> {
         validate_name(name)?;
-        let dir = self.templates_dir.join(name);
-        let Some(meta) = TemplateMeta::read(&dir)? else {
-            return Ok(None);
-        };
-        let rootfs = dir.join(ROOTFS_DIR);
-        if !rootfs.is_dir() {
-            return Ok(None);
+        read_template(self.templates_dir.join(name), name)
+    }
+
+    /// Where the Debian base `b` lives: `templates/base` for the built-in one, else
+    /// `templates/.bases/<name>` (internal: not listed, not a sandbox template).
+    pub fn debian_dir(&self, b: &base::DebianBase) -> PathBuf {
+        if b.template == BASE {
+            self.templates_dir.join(BASE)
+        } else {
+            self.templates_dir.join(BASES_DIR).join(b.template)
         }
-        Ok(Some(Template {
-            name: name.to_string(),
-            dir,
-            rootfs,
-            meta,
-        }))
     }
 
     /// Every complete template, sorted by name. Entries that are half-built or whose
@@ -208,7 +233,8 @@ impl TemplateStore {
         guest_bin_dir: &Path,
         on_event: impl FnMut(BuildEvent) + Send,
     ) -> Result<Template, TemplateError> {
-        self.ensure_base_with(None, guest_bin_dir, on_event).await
+        self.ensure_base_with(self.mmdebstrap.as_deref(), guest_bin_dir, on_event)
+            .await
     }
 
     /// [`Self::ensure_base`] with an explicit mmdebstrap program (tests use a fake one).
@@ -216,28 +242,55 @@ impl TemplateStore {
         &self,
         mmdebstrap: Option<&Path>,
         guest_bin_dir: &Path,
+        on_event: impl FnMut(BuildEvent) + Send,
+    ) -> Result<Template, TemplateError> {
+        self.ensure_debian_with(&base::BOOKWORM, mmdebstrap, guest_bin_dir, on_event)
+            .await
+    }
+
+    /// [`Self::ensure_base`] for any of [`base::DEBIAN_BASES`]: returns the Debian base
+    /// `b`, building it first (one build at a time per base, across processes) if it is
+    /// missing or from another recipe. A rebuild replaces its root filesystem in place:
+    /// templates built on it do not notice (their layers are hard-link farms), and
+    /// builds in progress hold the store lock.
+    pub async fn ensure_debian(
+        &self,
+        b: &base::DebianBase,
+        guest_bin_dir: &Path,
+        on_event: impl FnMut(BuildEvent) + Send,
+    ) -> Result<Template, TemplateError> {
+        self.ensure_debian_with(b, self.mmdebstrap.as_deref(), guest_bin_dir, on_event)
+            .await
+    }
+
+    async fn ensure_debian_with(
+        &self,
+        b: &base::DebianBase,
+        mmdebstrap: Option<&Path>,
+        guest_bin_dir: &Path,
         mut on_event: impl FnMut(BuildEvent) + Send,
     ) -> Result<Template, TemplateError> {
-        let hash = base::recipe_hash();
-        if let Some(t) = self.current(BASE, &hash)? {
+        let hash = b.recipe_hash();
+        let dir = self.debian_dir(b);
+        if let Some(t) = current(&dir, b.template, &hash)? {
             return Ok(t);
         }
-        let _lock = self.lock(BASE).await?;
+        let _lock = self.lock(b.template).await?;
         // Someone else may have built it while we waited for the lock.
-        let reason = match self.get(BASE) {
+        let reason = match read_template(dir.clone(), b.template) {
             Ok(Some(t)) if t.meta.build_hash == hash => return Ok(t),
             Ok(Some(_)) => "the base recipe changed".to_string(),
             Ok(None) => "not built yet".to_string(),
             Err(e) => format!("unreadable metadata ({})", ErrorChain(&e)),
         };
         on_event(BuildEvent::Started {
-            template: BASE.to_string(),
+            template: b.template.to_string(),
             build_hash: hash.clone(),
             reason,
         });
         let started = Instant::now();
         let template = self
-            .build_base(mmdebstrap, guest_bin_dir, &hash, &mut on_event)
+            .build_base(b, mmdebstrap, guest_bin_dir, &hash, &mut on_event)
             .await?;
         on_event(BuildEvent::Finished {
             secs: started.elapsed().as_secs_f64(),
@@ -245,34 +298,37 @@ impl TemplateStore {
         Ok(template)
     }
 
-    /// The template if it is complete and built from the recipe with `hash`.
-    fn current(&self, name: &str, hash: &str) -> Result<Option<Template>, TemplateError> {
-        match self.get(name) {
-            Ok(Some(t)) if t.meta.build_hash == hash => Ok(Some(t)),
-            Ok(_) => Ok(None),
-            // Corrupt metadata is rebuilt, not fatal.
-            Err(TemplateError::Meta(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
     async fn lock(&self, name: &str) -> Result<Flock<fs::File>, TemplateError> {
         lock_path(self.templates_dir.join(format!(".{name}.lock"))).await
     }
 
+    /// The store lock: shared while a build runs, exclusive while [`Self::gc`] runs.
+    pub(crate) async fn lock_store(
+        &self,
+        exclusive: bool,
+    ) -> Result<Flock<fs::File>, TemplateError> {
+        let arg = if exclusive {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockShared
+        };
+        lock_path_as(self.templates_dir.join(STORE_LOCK), arg).await
+    }
+
     async fn build_base(
         &self,
+        b: &base::DebianBase,
         mmdebstrap: Option<&Path>,
         guest_bin_dir: &Path,
         hash: &str,
         on_event: &mut (dyn FnMut(BuildEvent) + Send),
     ) -> Result<Template, TemplateError> {
-        let dir = self.templates_dir.join(BASE);
+        let dir = self.debian_dir(b);
         let build = dir.join(BUILD_DIR);
         let rootfs = dir.join(ROOTFS_DIR);
 
         let mmdebstrap_err = |source| TemplateError::Mmdebstrap {
-            template: BASE.to_string(),
+            template: b.template.to_string(),
             source,
         };
         let program = match mmdebstrap {
@@ -289,22 +345,26 @@ impl TemplateStore {
         })?;
         // Metadata goes first: from here until the end the template is incomplete.
         TemplateMeta::remove(&dir)?;
-        let (b, r) = (build.clone(), rootfs.clone());
+        let (stale_build, stale_rootfs) = (build.clone(), rootfs.clone());
         tokio::task::spawn_blocking(move || {
-            fsutil::remove_tree(&b)?;
-            fsutil::remove_tree(&r)
+            fsutil::remove_tree(&stale_build)?;
+            fsutil::remove_tree(&stale_rootfs)
         })
         .await??;
 
-        step(on_event, 2, "mmdebstrap (Debian bookworm, minbase)");
-        let mirrors = base::configured_mirrors();
+        step(
+            on_event,
+            2,
+            &format!("mmdebstrap (Debian {} {}, minbase)", b.version, b.suite),
+        );
+        let mirrors = b.configured_mirrors();
         for m in &mirrors {
             on_event(BuildEvent::Log {
                 line: format!("apt source: {m}"),
             });
         }
         let mut on_line = |line: String| on_event(BuildEvent::Log { line });
-        base::run_mmdebstrap(&program, &build, &mirrors, &mut on_line)
+        base::run_mmdebstrap(&program, b, &build, &mirrors, &mut on_line)
             .await
             .map_err(mmdebstrap_err)?;
 
@@ -321,10 +381,10 @@ impl TemplateStore {
         }
 
         step(on_event, 4, "shift ownership into the sandbox id range");
-        let b = build.clone();
+        let tree = build.clone();
         let stats = tokio::task::spawn_blocking(move || {
             shift::shift_ids(
-                &b,
+                &tree,
                 kiln_runtime::ID_MAP_BASE,
                 kiln_runtime::ID_MAP_LEN,
                 &mut shift::HostChown,
@@ -347,7 +407,7 @@ impl TemplateStore {
         })?;
         let meta = TemplateMeta {
             format: META_FORMAT,
-            name: BASE.to_string(),
+            name: b.template.to_string(),
             created_at: chrono::Utc::now(),
             default_user: base::USER.to_string(),
             default_workdir: base::USER_HOME.to_string(),
@@ -362,10 +422,11 @@ impl TemplateStore {
             start_cmd: None,
             ready_cmd: None,
             envs: Default::default(),
+            chain: None,
         };
         install(&dir, &meta)?;
         Ok(Template {
-            name: BASE.to_string(),
+            name: b.template.to_string(),
             dir,
             rootfs,
             meta,
@@ -373,9 +434,43 @@ impl TemplateStore {
     }
 }
 
+/// The complete template in `dir` (named `name`), or `None` when it is missing or
+/// half-built.
+fn read_template(dir: PathBuf, name: &str) -> Result<Option<Template>, TemplateError> {
+    let Some(meta) = TemplateMeta::read(&dir)? else {
+        return Ok(None);
+    };
+    let rootfs = dir.join(ROOTFS_DIR);
+    if !rootfs.is_dir() {
+        return Ok(None);
+    }
+    Ok(Some(Template {
+        name: name.to_string(),
+        dir,
+        rootfs,
+        meta,
+    }))
+}
+
+/// The template in `dir` if it is complete and built from the recipe with `hash`.
+fn current(dir: &Path, name: &str, hash: &str) -> Result<Option<Template>, TemplateError> {
+    match read_template(dir.to_path_buf(), name) {
+        Ok(Some(t)) if t.meta.build_hash == hash => Ok(Some(t)),
+        Ok(_) => Ok(None),
+        // Corrupt metadata is rebuilt, not fatal.
+        Err(TemplateError::Meta(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Takes an exclusive `flock` on `path` (created if missing), waiting for it in a
 /// blocking task; released when the returned guard drops.
 pub(crate) async fn lock_path(path: PathBuf) -> Result<Flock<fs::File>, TemplateError> {
+    lock_path_as(path, FlockArg::LockExclusive).await
+}
+
+/// [`lock_path`] with the lock's kind (shared or exclusive).
+async fn lock_path_as(path: PathBuf, arg: FlockArg) -> Result<Flock<fs::File>, TemplateError> {
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -386,8 +481,7 @@ pub(crate) async fn lock_path(path: PathBuf) -> Result<Flock<fs::File>, Template
             source,
         })?;
     tokio::task::spawn_blocking(move || {
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, source)| TemplateError::Lock { path, source })
+        Flock::lock(file, arg).map_err(|(_, source)| TemplateError::Lock { path, source })
     })
     .await?
 }

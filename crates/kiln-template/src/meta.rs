@@ -53,6 +53,31 @@ pub struct TemplateMeta {
     /// Environment variables set by the recipe's ENV steps, given to every sandbox.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub envs: std::collections::BTreeMap<String, String>,
+    /// What the build used from the caches, for [`crate::gc`]. `None` for the Debian
+    /// bases and for templates built before it was recorded (then only the layer the
+    /// `rootfs` symlink points at counts as used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<LayerChain>,
+}
+
+/// The cache entries a built template was made from: kept by [`crate::gc`] while the
+/// template is installed, so rebuilding it (or a recipe sharing its first steps) hits
+/// the cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerChain {
+    /// Hashes of its step layers under `templates/.layers/`, first to last (ENV steps
+    /// make none; the one-off layers of forced steps are left out, they are removed).
+    #[serde(default)]
+    pub layers: Vec<String>,
+    /// Files hashes of its COPY contexts under `templates/.files/`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// Cache key of its pulled base image under `templates/.images/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Name of its internal Debian base under `templates/.bases/` (e.g. `base-trixie`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 /// Reading or writing `template.json` failed.
@@ -160,6 +185,7 @@ mod tests {
             start_cmd: None,
             ready_cmd: None,
             envs: Default::default(),
+            chain: None,
         }
     }
 
@@ -184,6 +210,20 @@ mod tests {
             TemplateMeta::read(dir.path()).unwrap().unwrap().cpu_count,
             4
         );
+        // The layer chain round-trips; a file without one (older Kiln) reads as None.
+        let mut chained = sample();
+        chained.chain = Some(LayerChain {
+            layers: vec!["a".repeat(64)],
+            files: vec!["f".repeat(64)],
+            image: Some("v1-sha256-00".into()),
+            base: None,
+        });
+        chained.write(dir.path()).unwrap();
+        assert_eq!(TemplateMeta::read(dir.path()).unwrap(), Some(chained));
+        let mut old = serde_json::to_value(sample()).unwrap();
+        old.as_object_mut().unwrap().remove("chain");
+        fs::write(dir.path().join(META_FILE), old.to_string()).unwrap();
+        assert_eq!(TemplateMeta::read(dir.path()).unwrap().unwrap().chain, None);
         TemplateMeta::remove(dir.path()).unwrap();
         TemplateMeta::remove(dir.path()).unwrap();
         assert_eq!(TemplateMeta::read(dir.path()).unwrap(), None);

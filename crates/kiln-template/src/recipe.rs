@@ -70,8 +70,11 @@ pub enum Step {
 /// Where a build starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Base {
-    /// An existing template of this store (the built-in `base` for Debian images).
+    /// An existing template of this store (`fromTemplate`).
     Template(String),
+    /// A Debian image Kiln builds from Debian's packages instead of pulling it: the
+    /// built-in `base` for bookworm, an internal base built on first use for trixie.
+    Debian(crate::base::DebianBase),
     /// An image pulled from an OCI registry ([`crate::oci`]).
     Image(ImageSource),
 }
@@ -123,25 +126,43 @@ impl BuildSpec {
     }
 }
 
-/// Images whose userland the built-in `base` template provides.
-const DEBIAN_IMAGES: &[&str] = &[
+/// Images whose userland the built-in `base` template (Debian 12) provides. `stable`
+/// stays here although Docker Hub's `debian:stable` has been trixie since August 2025:
+/// moving it would silently change the OS of every template built with the SDK's
+/// `from_debian_image()` default.
+const BOOKWORM_IMAGES: &[&str] = &[
     "debian:bookworm",
     "debian:stable",
     "debian:12",
     "debian:bookworm-slim",
     "debian:stable-slim",
+    "debian:12-slim",
     "debian",
     "e2bdev/base",
     "e2bdev/base:latest",
     "kiln/base",
 ];
 
+/// Images the internal `base-trixie` (Debian 13) stands for (`from_debian_image("trixie")`
+/// sends `debian:trixie`). Not `debian:testing`: that is forky now.
+const TRIXIE_IMAGES: &[&str] = &[
+    "debian:trixie",
+    "debian:13",
+    "debian:trixie-slim",
+    "debian:13-slim",
+];
+
 fn base_for_image(image: &str, registry: Option<&serde_json::Value>) -> Result<Base, RecipeError> {
-    let short = image.strip_prefix("docker.io/").unwrap_or(image);
+    let trimmed = image.trim();
+    let short = trimmed.strip_prefix("docker.io/").unwrap_or(trimmed);
     let short = short.strip_prefix("library/").unwrap_or(short);
-    if DEBIAN_IMAGES.contains(&short) {
-        Ok(Base::Template(crate::BASE.to_string()))
+    if BOOKWORM_IMAGES.contains(&short) {
+        Ok(Base::Debian(crate::base::BOOKWORM))
+    } else if TRIXIE_IMAGES.contains(&short) {
+        Ok(Base::Debian(crate::base::TRIXIE))
     } else {
+        // Everything else, Ubuntu included (no Ubuntu archive is reachable to build it
+        // from packages), is pulled from its registry.
         ImageSource::parse(image, registry).map(Base::Image)
     }
 }
@@ -381,7 +402,7 @@ mod tests {
             {"type":"WORKDIR","args":["/app"],"force":false}],
             "startCmd":"sleep infinity","readyCmd":"true"}"#,
         );
-        assert_eq!(s.base().unwrap(), Base::Template("base".into()));
+        assert_eq!(s.base().unwrap(), Base::Debian(crate::base::BOOKWORM));
         let steps = s.parse_steps().unwrap();
         assert_eq!(steps[0], Step::User("root".into()));
         assert_eq!(
@@ -429,8 +450,31 @@ mod tests {
     fn bases() {
         assert_eq!(
             spec(r#"{"fromImage":"e2bdev/base"}"#).base().unwrap(),
-            Base::Template("base".into())
+            Base::Debian(crate::base::BOOKWORM)
         );
+        for trixie in [
+            "debian:trixie",
+            "debian:13",
+            "docker.io/library/debian:trixie-slim",
+        ] {
+            assert_eq!(
+                spec(&format!(r#"{{"fromImage":"{trixie}"}}"#))
+                    .base()
+                    .unwrap(),
+                Base::Debian(crate::base::TRIXIE),
+                "{trixie}"
+            );
+        }
+        // Ubuntu is pulled (the error then names its registry), as is debian:testing.
+        for pulled in ["ubuntu:22.04", "ubuntu:24.04", "debian:testing"] {
+            let Base::Image(src) = spec(&format!(r#"{{"fromImage":"{pulled}"}}"#))
+                .base()
+                .unwrap()
+            else {
+                panic!("{pulled} is pulled")
+            };
+            assert_eq!(src.registry(), "index.docker.io", "{pulled}");
+        }
         let Base::Image(src) = spec(r#"{"fromImage":"python:3.13"}"#).base().unwrap() else {
             panic!("python:3.13 is pulled")
         };

@@ -23,6 +23,7 @@ fn meta(hash: &str) -> TemplateMeta {
         start_cmd: None,
         ready_cmd: None,
         envs: Default::default(),
+        chain: None,
     }
 }
 
@@ -116,7 +117,7 @@ async fn complete_base_is_returned_without_building() {
     let store = TemplateStore::open(data.path()).unwrap();
     let dir = store.templates_dir().join(BASE);
     fs::create_dir_all(dir.join(ROOTFS_DIR)).unwrap();
-    install(&dir, &meta(&base::recipe_hash())).unwrap();
+    install(&dir, &meta(&base::BOOKWORM.recipe_hash())).unwrap();
     let mut events = Vec::new();
     let t = store
         .ensure_base_with(
@@ -220,7 +221,7 @@ async fn fake_build_installs_atomically() {
         .any(|e| matches!(e, BuildEvent::Warning { message } if message.contains("kiln-init"))));
 
     assert_eq!(store.get(BASE).unwrap().as_ref(), Some(&t));
-    assert_eq!(t.meta.build_hash, base::recipe_hash());
+    assert_eq!(t.meta.build_hash, base::BOOKWORM.recipe_hash());
     assert_eq!(t.meta.default_user, "user");
     assert!(!dir.join(BUILD_DIR).exists());
     assert!(!t.rootfs.join("old").exists());

@@ -73,6 +73,16 @@ enum TemplateCommand {
         remote: Remote,
         names: Vec<String>,
     },
+    /// Free disk space: remove build layers, uploads, pulled images and Debian bases
+    /// that no template needs and no build used recently (waits for running builds).
+    Gc {
+        #[command(flatten)]
+        remote: Remote,
+        /// Keep unneeded entries used within this many days (default: the server's
+        /// KILN_TEMPLATE_CACHE_DAYS, else 7; 0 removes all of them).
+        #[arg(long)]
+        keep_days: Option<f64>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -528,6 +538,31 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
             }
             if failed {
                 bail!("some templates could not be removed");
+            }
+            Ok(())
+        }
+        TemplateCommand::Gc { remote, keep_days } => {
+            let client = Client::new(&remote.url, &remote.api_key);
+            let r = client.gc_templates(keep_days).await?;
+            println!(
+                "removed {} layers, {} uploads, {} images, {} Debian bases, {} leftovers; \
+                 freed {:.1} MiB",
+                r.removed_layers,
+                r.removed_uploads,
+                r.removed_images,
+                r.removed_bases,
+                r.removed_temporary,
+                r.freed_bytes as f64 / 1_048_576.0
+            );
+            println!(
+                "kept {} layers templates use, {} recently used entries",
+                r.kept_layers, r.kept_recent
+            );
+            if r.failed > 0 {
+                bail!(
+                    "{} entries could not be removed (see the server log)",
+                    r.failed
+                );
             }
             Ok(())
         }
