@@ -307,16 +307,9 @@ pub(crate) fn collect(
     };
 
     for (name, path, meta) in entries(&templates_dir.join(LAYERS_DIR))? {
-        if is_hash(&name) && meta.is_dir() {
-            if reach.layers.contains(&name) {
-                sweep.report.kept_layers += 1;
-            } else if sweep.expired(&meta, policy.keep_unused) {
-                sweep.remove(&path, Kind::Layer);
-            } else {
-                sweep.report.kept_recent += 1;
-            }
-        } else if name.starts_with(".old-") {
-            // A real rootfs directory moved aside by an install (sandboxes may run on it).
+        // `.old-*`: a real rootfs directory moved aside by an install (sandboxes may
+        // run on it).
+        if (is_hash(&name) && meta.is_dir()) || name.starts_with(".old-") {
             if reach.layers.contains(&name) {
                 sweep.report.kept_layers += 1;
             } else if sweep.expired(&meta, policy.keep_unused) {

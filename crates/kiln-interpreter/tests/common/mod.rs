@@ -21,8 +21,30 @@ pub fn python_with_ipykernel(test: &str) -> Option<PathBuf> {
     let candidate = std::env::var_os("KILN_TEST_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("python3"));
+    let why = format!(
+        "{} cannot import ipykernel (install it with `pip install ipykernel`, or set KILN_TEST_PYTHON to a python that has it)",
+        candidate.display()
+    );
+    runs_or_skip(
+        test,
+        candidate,
+        &["-c", "import ipykernel"],
+        "a real Jupyter kernel",
+        &why,
+    )
+}
+
+/// `candidate` when `candidate args` exits 0; otherwise `None` after printing SKIP and
+/// `why` (a panic under `CI`, where nothing may skip).
+fn runs_or_skip(
+    test: &str,
+    candidate: PathBuf,
+    args: &[&str],
+    needs: &str,
+    why: &str,
+) -> Option<PathBuf> {
     let ok = Command::new(&candidate)
-        .args(["-c", "import ipykernel"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -30,12 +52,8 @@ pub fn python_with_ipykernel(test: &str) -> Option<PathBuf> {
     if ok {
         return Some(candidate);
     }
-    let why = format!(
-        "{} cannot import ipykernel (install it with `pip install ipykernel`, or set KILN_TEST_PYTHON to a python that has it)",
-        candidate.display()
-    );
     if std::env::var_os("CI").is_some() {
-        panic!("CI is set and {test} needs a real Jupyter kernel: {why}");
+        panic!("CI is set and {test} needs {needs}: {why}");
     }
     // Straight to stderr: libtest would swallow eprintln! output of a passing test.
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
@@ -54,25 +72,12 @@ pub fn tslab_bin(test: &str) -> Option<PathBuf> {
     let candidate = std::env::var_os("KILN_TEST_TSLAB")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("tslab"));
-    let ok = Command::new(&candidate)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(candidate);
-    }
     let why = format!(
         "{} does not run (install with `npm install -g tslab@1.0.22`, or set KILN_TEST_TSLAB \
          to its bin/tslab; scripts/test installs it)",
         candidate.display()
     );
-    if std::env::var_os("CI").is_some() {
-        panic!("CI is set and {test} needs tslab: {why}");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
-    None
+    runs_or_skip(test, candidate, &["--version"], "tslab", &why)
 }
 
 impl Interpreter {
