@@ -8,13 +8,15 @@
 //! - `commands.run("true")` round trip through the proxy and envd, M times on one
 //!   sandbox. Floor: fork+exec of `/bin/true`.
 //!
-//! `--suite code` measures the code interpreter instead (see [`code`]).
+//! `--suite code` measures the code interpreter instead (see [`code`]); `syscalls`,
+//! `memory` and `pause` measure the runtime (see [`runtime`]).
 //!
 //! Prints a Markdown table for `docs/BENCHMARKS.md`.
 
 #![forbid(unsafe_code)]
 
 mod code;
+mod runtime;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -30,6 +32,12 @@ enum Suite {
     Sandbox,
     /// The code interpreter: `run_code("1+1")` (use a code-interpreter template).
     Code,
+    /// A stat-heavy command (`find /usr | wc -l`) in a sandbox and on the host.
+    Syscalls,
+    /// Host memory per idle sandbox (`--creates` sandboxes; run the server without pools).
+    Memory,
+    /// Pause and resume times for sandboxes holding 0, 64 and 256 MiB.
+    Pause,
 }
 
 #[derive(Parser)]
@@ -48,6 +56,9 @@ pub(crate) struct Args {
     round_trips: usize,
     #[arg(long, default_value = "base")]
     template: String,
+    /// Host directory the `syscalls` floor walks (the template's `rootfs/usr`).
+    #[arg(long, default_value = "/usr")]
+    floor_dir: std::path::PathBuf,
     /// Pause between create samples (not timed), e.g. to let a warm pool refill.
     #[arg(long, default_value_t = 0)]
     create_interval_ms: u64,
@@ -172,8 +183,12 @@ pub(crate) fn row(name: &str, n: usize, s: &Summary) {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let client = Client::new(&args.url, &args.api_key);
-    if args.suite == Suite::Code {
-        return code::run(&client, &args).await;
+    match args.suite {
+        Suite::Sandbox => {}
+        Suite::Code => return code::run(&client, &args).await,
+        Suite::Syscalls => return runtime::syscalls(&client, &args).await,
+        Suite::Memory => return runtime::memory(&client, &args).await,
+        Suite::Pause => return runtime::pause(&client, &args).await,
     }
 
     let creates = summarize(create_to_first_output(&client, &args).await?);

@@ -164,6 +164,14 @@ impl Client {
         .map(drop)
     }
 
+    /// Pause a sandbox (`POST /sandboxes/{id}/pause`); [`connect`](Self::connect)
+    /// resumes it.
+    pub async fn pause(&self, id: &str) -> Result<(), ClientError> {
+        self.call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+            .await
+            .map(drop)
+    }
+
     /// Connect to a sandbox: its identity, including the envd access token.
     pub async fn connect(&self, id: &str, timeout: i64) -> Result<Sandbox, ClientError> {
         let body = serde_json::json!({ "timeout": timeout });
