@@ -17,9 +17,9 @@ from e2b import Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
 
 SHORT_TIMEOUT = 15
-# Pause is implemented on the jail (cgroup freezer); on gVisor it needs checkpoint and
-# restore, which runsc 2022 cannot do with envd's host socket (docs/gvisor.md).
-PAUSE = os.environ.get("KILN_E2E_RUNTIME", "jail") in ("", "jail")
+# Pause keeps the sandbox's memory on every runtime: the jail freezes its cgroup, gVisor
+# runs `runsc pause` (docs/gvisor.md).
+PAUSE = os.environ.get("KILN_E2E_RUNTIME", "jail") in ("", "jail", "gvisor", "auto")
 
 
 def before() -> None:

@@ -132,6 +132,12 @@ impl RuntimeError {
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
 
+    /// The backend as the server's start banner names it: the kind, plus what an
+    /// operator wants to know about it (gVisor: which runsc, which platform).
+    fn describe(&self) -> String {
+        self.kind().as_str().to_string()
+    }
+
     /// Start a sandbox. Returns once envd accepts connections on its socket.
     async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError>;
 
@@ -165,6 +171,14 @@ pub trait Runtime: Send + Sync {
             "the {} runtime cannot resume sandbox {id}",
             self.kind().as_str()
         )))
+    }
+
+    /// The host directory that holds what the sandbox wrote to its root filesystem
+    /// (its overlay's upper layer, with overlayfs whiteouts): template builds turn it
+    /// into a layer. `None` when the backend keeps no such directory.
+    fn upper_dir(&self, id: &str) -> Option<PathBuf> {
+        let _ = id;
+        None
     }
 
     /// Whether a paused sandbox outlives a reboot of the host (a snapshot on disk)

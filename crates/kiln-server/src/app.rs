@@ -260,9 +260,8 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         );
     }
 
-    let runner = Arc::new(crate::template_runner::JailStepRunner {
+    let runner = Arc::new(crate::template_runner::SandboxStepRunner {
         runtime: runtime.clone(),
-        sandbox_state_dir: data.join("sandboxes"),
     });
     let builds = crate::template_api::TemplateBuilds::open(data, runner, templates.clone())
         .map_err(ServeError::Template)?;
@@ -327,7 +326,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     templates.set_building(kiln_template::BASE, false);
     manager.fill_pool(&base);
 
-    print_banner(addr, runtime.kind().as_str(), &key_notice);
+    print_banner(addr, &runtime.describe(), &key_notice);
     if !config.builtins.is_empty() {
         println!(
             "Building the built-in templates {} in the background (the first start takes \

@@ -1,7 +1,8 @@
-//! Build steps in jail sandboxes: the [`StepRunner`] of template builds. Each RUN
-//! (and USER, WORKDIR) gets a fresh sandbox on the parent layer; when its command
-//! exits 0, the sandbox's overlay upper directory is applied to a hard-link farm of
-//! the parent (see `kiln_template::layer`) before the sandbox is removed.
+//! Build steps in sandboxes of the server's runtime (jail or gVisor): the
+//! [`StepRunner`] of template builds. Each RUN (and USER, WORKDIR) gets a fresh
+//! sandbox on the parent layer; when its command exits 0, the sandbox's overlay upper
+//! directory ([`Runtime::upper_dir`]) is applied to a hard-link farm of the parent
+//! (see `kiln_template::layer`) before the sandbox is removed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,15 +19,12 @@ use kiln_template::build::{ReadyCheck, RunError, RunRequest, StepRunner};
 use crate::error::chain;
 
 /// Runs build steps with the server's runtime.
-pub struct JailStepRunner {
+pub struct SandboxStepRunner {
     pub runtime: Arc<dyn Runtime>,
-    /// The jail runtime's state directory (`<data>/sandboxes`): where a sandbox's
-    /// upper directory is (`<dir>/<id>/upper`).
-    pub sandbox_state_dir: PathBuf,
 }
 
 #[async_trait::async_trait]
-impl StepRunner for JailStepRunner {
+impl StepRunner for SandboxStepRunner {
     async fn run(
         &self,
         req: RunRequest<'_>,
@@ -52,7 +50,7 @@ impl StepRunner for JailStepRunner {
     }
 }
 
-impl JailStepRunner {
+impl SandboxStepRunner {
     async fn start(
         &self,
         lower: &Path,
@@ -134,7 +132,7 @@ impl JailStepRunner {
     }
 }
 
-impl JailStepRunner {
+impl SandboxStepRunner {
     async fn run_in(
         &self,
         socket: &Path,
@@ -159,8 +157,12 @@ impl JailStepRunner {
         if code != 0 {
             return Err(RunError::Exit { code });
         }
-        let upper =
-            kiln_runtime::jail::spec::SandboxPaths::new(&self.sandbox_state_dir, id).upper();
+        let upper = self.runtime.upper_dir(id).ok_or_else(|| {
+            RunError::Failed(format!(
+                "the {} runtime keeps no upper directory to build a layer from",
+                self.runtime.kind().as_str()
+            ))
+        })?;
         let (lower, out) = (req.lower.to_path_buf(), req.out.to_path_buf());
         tokio::task::spawn_blocking(move || {
             kiln_template::layer::link_tree(&lower, &out)?;

@@ -106,6 +106,13 @@ struct ServeArgs {
     /// Isolation runtime.
     #[arg(long, value_enum, default_value = "jail")]
     runtime: RuntimeChoice,
+    /// The runsc binary of the gvisor runtime (default: the first `runsc` on PATH).
+    #[arg(long, env = "KILN_RUNSC")]
+    runsc: Option<PathBuf>,
+    /// gVisor platform: systrap, ptrace or kvm (default: systrap if it works here,
+    /// else ptrace; kvm is refused on PVM hosts).
+    #[arg(long, env = "KILN_RUNSC_PLATFORM")]
+    runsc_platform: Option<String>,
     /// Base domain for `{port}-{id}.{domain}` routing of sandbox traffic.
     #[arg(long, env = "KILN_DOMAIN")]
     domain: Option<String>,
@@ -284,10 +291,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ))
     };
     let gvisor = || {
-        kiln_runtime::gvisor::GvisorRuntime::new(kiln_runtime::gvisor::GvisorOptions::new(
+        let mut opts = kiln_runtime::gvisor::GvisorOptions::new(
             args.data_dir.join("sandboxes-gvisor"),
             bin_dir.clone(),
-        ))
+        );
+        opts.runsc = args.runsc.clone();
+        opts.platform = args.runsc_platform.clone();
+        kiln_runtime::gvisor::GvisorRuntime::new(opts)
     };
     let runtime: Arc<dyn kiln_runtime::Runtime> = match args.runtime {
         RuntimeChoice::Jail => jail()?,

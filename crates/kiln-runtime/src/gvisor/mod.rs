@@ -6,7 +6,7 @@
 //! from [`bundle`], the `run/` directory envd's socket appears in), for Internet
 //! sandboxes a named network namespace with a veth ([`host`]), then runs
 //! `runsc run` as a supervising child ([`runsc`]). envd's Unix socket reaches the host
-//! through runsc's `--host-uds=create`. Written down in `docs/gvisor.md`.
+//! through runsc's `--host-uds=all`. Written down in `docs/gvisor.md`.
 
 pub mod bundle;
 pub mod host;
@@ -35,9 +35,11 @@ pub struct GvisorOptions {
     /// Host directory holding the static `kiln-init` and `kiln-envd`, bind-mounted
     /// read-only at `/opt/kiln/bin`.
     pub guest_bin_dir: PathBuf,
-    /// The `runsc` binary (Debian: `/usr/bin/runsc`).
-    pub runsc: PathBuf,
-    /// `--platform`; `None` = ptrace (see [`runsc::choose_platform`]).
+    /// The `runsc` binary; `None`: the first `runsc` on `PATH` (so an install in
+    /// `/usr/local/bin` wins over Debian's `/usr/bin/runsc`).
+    pub runsc: Option<PathBuf>,
+    /// `--platform`; `None`: the first of [`runsc::PLATFORM_PREFERENCE`] (systrap,
+    /// ptrace) whose probe passes.
     pub platform: Option<String>,
     /// Command kiln-init runs instead of envd (tests); `None` in production.
     pub envd_command: Option<Vec<String>>,
@@ -52,7 +54,7 @@ impl GvisorOptions {
         GvisorOptions {
             state_dir,
             guest_bin_dir,
-            runsc: PathBuf::from("/usr/bin/runsc"),
+            runsc: None,
             platform: None,
             envd_command: None,
             start_timeout: Duration::from_secs(20),
@@ -113,24 +115,20 @@ impl GvisorRuntime {
                 )));
             }
         }
-        let platform = runsc::choose_platform(opts.platform.as_deref())
+        let candidates = runsc::platform_candidates(opts.platform.as_deref())
             .map_err(|e| unsupported("runsc platform", &e))?;
-        let version =
-            runsc::version(&opts.runsc).map_err(|e| unsupported("runsc --version", &e))?;
+        let exe = runsc::locate(opts.runsc.as_deref()).map_err(|e| unsupported("runsc", &e))?;
+        let version = runsc::version(&exe)
+            .map_err(|e| unsupported(&format!("{} --version", exe.display()), &e))?;
         std::fs::create_dir_all(&opts.state_dir)
             .map_err(|e| RuntimeError::io(format!("creating {}", opts.state_dir.display()), e))?;
-        runsc::probe(
-            &opts.runsc,
-            &platform,
-            &version,
-            &opts.state_dir.join("runsc-probe"),
-        )
-        .map_err(|e| unsupported("runsc probe", &e))?;
+        let platform = runsc::choose_platform(&exe, &candidates, &version, &opts.state_dir)
+            .map_err(|e| unsupported(&format!("{} probe", exe.display()), &e))?;
         let cgroups = cgroup::detect(Path::new(crate::jail::helper::CGROUP_ROOT))
             .map_err(|e| unsupported("cgroups", &e))?;
         net::install_host_rules().map_err(|e| unsupported("host network setup", &e))?;
         let runsc = Runsc {
-            exe: opts.runsc.clone(),
+            exe,
             root: opts.state_dir.join("runsc-root"),
             platform,
             debug_log_dir: opts.debug_log_dir.clone(),
@@ -159,6 +157,11 @@ impl GvisorRuntime {
     /// `runsc --version`'s first line and the platform in use.
     pub fn runsc_info(&self) -> (&str, &str) {
         (&self.inner.version, &self.inner.runsc.platform)
+    }
+
+    /// The `runsc` binary in use.
+    pub fn runsc_path(&self) -> &Path {
+        &self.inner.runsc.exe
     }
 
     pub fn paths(&self, id: &str) -> BundlePaths {
@@ -254,23 +257,25 @@ impl GvisorRuntime {
             .map_err(|e| start_err("writing config.json", &e))
     }
 
-    /// Start `runsc run` as a supervising child (it stays until the sandbox ends and
-    /// reaps the Sentry and gofer); its output goes to the log file, never a pipe.
-    fn spawn_runsc(&self, id: &str, network: Network) -> Result<(), RuntimeError> {
-        // Loopback only: `run` stays as the parent of the Sentry and gofer and reaps them.
+    /// Start `runsc run` (or, with `image`, `runsc restore` from that checkpoint) as
+    /// a supervising child: it stays until the sandbox ends and reaps the Sentry and
+    /// gofer. Its output goes to the log file, never a pipe. Loopback sandboxes only
+    /// (Internet ones: [`Self::create_and_start`]).
+    fn spawn_runsc(&self, id: &str, image: Option<&Path>) -> Result<(), RuntimeError> {
         let paths = self.paths(id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(paths.log())
-            .map_err(|e| RuntimeError::io(format!("opening {}", paths.log().display()), e))?;
+        let log = self.open_log(id)?;
         let log2 = log
             .try_clone()
             .map_err(|e| RuntimeError::io("duplicating the log fd", e))?;
         let mut cmd = tokio::process::Command::new(&self.inner.runsc.exe);
-        cmd.args(self.inner.runsc.global_args(network))
-            .arg("run")
-            .arg(format!("--bundle={}", paths.dir.display()))
+        cmd.args(self.inner.runsc.global_args(Network::None));
+        match image {
+            None => cmd.arg("run"),
+            Some(dir) => cmd
+                .arg("restore")
+                .arg(format!("--image-path={}", dir.display())),
+        };
+        cmd.arg(format!("--bundle={}", paths.dir.display()))
             .arg(id)
             .stdin(Stdio::null())
             .stdout(log)
@@ -286,19 +291,23 @@ impl GvisorRuntime {
         Ok(())
     }
 
-    /// Internet sandboxes: `runsc create`, then `runsc start` from a mount namespace
-    /// that hides `/proc/sys/net` (see [`hide_net_core_on_exec`]). The Sentry and
-    /// gofer are children of `create`, which exits: they are re-parented to the host's
-    /// init (or the nearest subreaper), which reaps them (docs/gvisor.md).
-    async fn create_and_start(&self, id: &str) -> Result<(), RuntimeError> {
+    fn open_log(&self, id: &str) -> Result<std::fs::File, RuntimeError> {
+        let log = self.paths(id).log();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| RuntimeError::io(format!("opening {}", log.display()), e))
+    }
+
+    /// Internet sandboxes: `runsc create`, then `runsc start` (or, with `image`,
+    /// `runsc restore --detach` from that checkpoint) from a mount namespace that
+    /// hides `/proc/sys/net` (see [`hide_net_core_on_exec`]): `start` and `restore`
+    /// set up the network, `create` starts the Sentry and gofer. Those are children
+    /// of `create`, which exits: they are re-parented to the host's init (or the
+    /// nearest subreaper), which reaps them (docs/gvisor.md).
+    async fn create_and_start(&self, id: &str, image: Option<&Path>) -> Result<(), RuntimeError> {
         let paths = self.paths(id);
-        let open_log = || {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(paths.log())
-                .map_err(|e| RuntimeError::io(format!("opening {}", paths.log().display()), e))
-        };
         let global = self.inner.runsc.global_args(Network::Sandbox);
         let mut create = tokio::process::Command::new(&self.inner.runsc.exe);
         create
@@ -307,19 +316,32 @@ impl GvisorRuntime {
             .arg(format!("--bundle={}", paths.dir.display()))
             .arg(id)
             .stdin(Stdio::null())
-            .stdout(open_log()?)
-            .stderr(open_log()?)
+            .stdout(self.open_log(id)?)
+            .stderr(self.open_log(id)?)
             .process_group(0);
         let mut start = tokio::process::Command::new(&self.inner.runsc.exe);
+        start.args(&global);
+        let second = match image {
+            None => {
+                start.arg("start");
+                "start"
+            }
+            Some(dir) => {
+                start
+                    .arg("restore")
+                    .arg("--detach")
+                    .arg(format!("--image-path={}", dir.display()))
+                    .arg(format!("--bundle={}", paths.dir.display()));
+                "restore"
+            }
+        };
         start
-            .args(&global)
-            .arg("start")
             .arg(id)
             .stdin(Stdio::null())
-            .stdout(open_log()?)
-            .stderr(open_log()?);
+            .stdout(self.open_log(id)?)
+            .stderr(self.open_log(id)?);
         hide_net_core_on_exec(&mut start);
-        for (what, mut cmd) in [("create", create), ("start", start)] {
+        for (what, mut cmd) in [("create", create), (second, start)] {
             let run = async {
                 cmd.status()
                     .await
@@ -356,7 +378,7 @@ impl GvisorRuntime {
                     .await
                     .map_err(|e| RuntimeError::io("state task", std::io::Error::other(e)))?
                     .map_err(|e| io_other(format!("sandbox {id}: runsc state"), &e))?;
-                return Ok(state.map(|s| s.pid).unwrap_or(0));
+                return Ok(state.and_then(|s| s.sentry_pid()).unwrap_or(0));
             }
             if Instant::now() >= deadline {
                 return Err(RuntimeError::Start {
@@ -418,9 +440,12 @@ impl GvisorRuntime {
     /// `runsc checkpoint`: save the sandbox's memory and state to `image_dir` (the
     /// sandbox stops). Restore it with [`GvisorRuntime::restore`].
     ///
-    /// runsc 2022 cannot serialize a listening host-UDS socket, which envd's socket is
-    /// (`encoding error at object transport.connectionedEndpoint{… /run/kiln/envd.sock`),
-    /// so this fails for a sandbox running the real envd (docs/gvisor.md).
+    /// Fails, and leaves the sandbox stopped, while the guest holds a host-UDS socket:
+    /// envd's listening socket (runsc 2024: `Cannot save endpoint with bound host
+    /// socket`; 2022: `encoding error at object transport.connectionedEndpoint`) or a
+    /// connection accepted on it. So it does not work with the real envd; a guest
+    /// that closed them first is saved and restored with its memory (docs/gvisor.md).
+    /// [`Runtime::pause`] uses `runsc pause` instead.
     pub async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError> {
         validate_id(id).map_err(RuntimeError::InvalidConfig)?;
         std::fs::create_dir_all(image_dir)
@@ -439,8 +464,9 @@ impl GvisorRuntime {
         .map_err(|e| io_other(format!("sandbox {id}: runsc checkpoint"), &e))
     }
 
-    /// Restore a checkpointed sandbox `id` (whose bundle directory still exists) from
-    /// `image_dir`, supervised like a fresh start; returns once envd answers.
+    /// Restore a checkpointed sandbox `id` (whose bundle directory, overlay mount and,
+    /// for Internet sandboxes, network namespace still exist) from `image_dir`,
+    /// launched like a fresh start; returns once envd's socket accepts.
     pub async fn restore(
         &self,
         id: &str,
@@ -450,14 +476,6 @@ impl GvisorRuntime {
         let state = self
             .read_state(id)
             .ok_or_else(|| RuntimeError::NotFound { id: id.to_string() })?;
-        if state.slot.is_some() {
-            // `restore` starts a new Sentry, which must not come from the namespace
-            // that `hide_net_core_on_exec` builds, and without it runsc 2022 refuses
-            // `--network=sandbox` on current kernels.
-            return Err(RuntimeError::Unsupported(
-                "restoring an Internet sandbox needs a runsc newer than 2022-12".into(),
-            ));
-        }
         let this = self.clone();
         let id2 = id.to_string();
         // The checkpointed container is stopped; runsc wants the id free again.
@@ -465,37 +483,12 @@ impl GvisorRuntime {
             .await
             .map_err(|e| RuntimeError::io("delete task", std::io::Error::other(e)))?
             .map_err(|e| io_other(format!("sandbox {id}: runsc delete"), &e))?;
-        let _ = std::fs::remove_file(self.paths(id).envd_socket());
-        let network = if state.slot.is_some() {
-            Network::Sandbox
-        } else {
-            Network::None
-        };
         let paths = self.paths(id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(paths.log())
-            .map_err(|e| RuntimeError::io(format!("opening {}", paths.log().display()), e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| RuntimeError::io("duplicating the log fd", e))?;
-        let mut cmd = tokio::process::Command::new(&self.inner.runsc.exe);
-        cmd.args(self.inner.runsc.global_args(network))
-            .arg("restore")
-            .arg(format!("--image-path={}", image_dir.display()))
-            .arg(format!("--bundle={}", paths.dir.display()))
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RuntimeError::io("spawning runsc restore", e))?;
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
+        let _ = std::fs::remove_file(paths.envd_socket());
+        match state.slot {
+            None => self.spawn_runsc(id, Some(image_dir))?,
+            Some(_) => self.create_and_start(id, Some(image_dir)).await?,
+        }
         let pid = self.wait_for_envd(id).await?;
         Ok(SandboxInstance {
             id: id.to_string(),
@@ -552,6 +545,21 @@ impl Runtime for GvisorRuntime {
         RuntimeKind::Gvisor
     }
 
+    fn describe(&self) -> String {
+        let r = &self.inner.runsc;
+        let version = self.inner.version.trim_start_matches("runsc version ");
+        format!(
+            "gvisor with {} {version}, platform {}",
+            r.exe.display(),
+            r.platform
+        )
+    }
+
+    fn upper_dir(&self, id: &str) -> Option<PathBuf> {
+        // `--overlay2=none`: the Sentry writes through to the host overlay.
+        Some(self.paths(id).upper())
+    }
+
     async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError> {
         validate(config)?;
         let paths = self.paths(&config.id);
@@ -574,8 +582,8 @@ impl Runtime for GvisorRuntime {
                 .await
                 .map_err(|e| RuntimeError::io("prepare task", std::io::Error::other(e)))??;
             match network {
-                Network::None => self.spawn_runsc(&config.id, network)?,
-                Network::Sandbox => self.create_and_start(&config.id).await?,
+                Network::None => self.spawn_runsc(&config.id, None)?,
+                Network::Sandbox => self.create_and_start(&config.id, None).await?,
             }
             self.wait_for_envd(&config.id).await
         }
@@ -655,7 +663,8 @@ impl Runtime for GvisorRuntime {
             .await
             .map_err(|e| RuntimeError::io("state task", std::io::Error::other(e)))?
             .map_err(|e| io_other(format!("sandbox {id}: runsc state"), &e))?;
-        let Some(cs) = cs.filter(|c| c.status == "running") else {
+        // A paused sandbox (`runsc pause`) is alive too: its Sentry holds its memory.
+        let Some(cs) = cs.filter(|c| c.status == "running" || c.status == "paused") else {
             return Ok(None);
         };
         if let Some(slot) = state.slot {
@@ -663,9 +672,41 @@ impl Runtime for GvisorRuntime {
         }
         Ok(Some(SandboxInstance {
             id: id.to_string(),
-            pid: cs.pid,
+            pid: cs.sentry_pid().unwrap_or(0),
             envd_socket: self.paths(id).envd_socket(),
         }))
+    }
+
+    /// `runsc pause`: the Sentry stops every task of the sandbox and keeps its memory
+    /// (in RAM, like the jail's frozen cgroup) until [`Runtime::resume`]. A
+    /// checkpoint to disk (`runsc checkpoint`) is not used: runsc refuses to save
+    /// envd's listening host-UDS socket and stops the sandbox (docs/gvisor.md).
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.pause_or_resume(id, "pause").await
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.pause_or_resume(id, "resume").await
+    }
+}
+
+impl GvisorRuntime {
+    async fn pause_or_resume(&self, id: &str, verb: &'static str) -> Result<(), RuntimeError> {
+        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        if self.read_state(id).is_none() {
+            return Err(RuntimeError::NotFound { id: id.to_string() });
+        }
+        let this = self.clone();
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            this.inner
+                .runsc
+                .output(&[verb, &id2], Duration::from_secs(30))
+        })
+        .await
+        .map_err(|e| RuntimeError::io(format!("{verb} task"), std::io::Error::other(e)))?
+        .map(|_| ())
+        .map_err(|e| io_other(format!("sandbox {id}: runsc {verb}"), &e))
     }
 }
 

@@ -1,13 +1,16 @@
-//! Driving the `runsc` binary: global flags, platform choice, the start-up probe, and
-//! the short commands (`state`, `delete`, `checkpoint`, `restore`).
+//! Driving the `runsc` binary: finding it, global flags, platform choice, the
+//! start-up probe, and the short commands (`state`, `delete`, `checkpoint`, `restore`).
 
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Platform used unless the options name another. `kvm` hangs on PVM hosts and
-/// `systrap` does not exist in the 2022 runsc Debian ships.
-pub const DEFAULT_PLATFORM: &str = "ptrace";
+/// Platforms tried in order when none is requested: `systrap` (seccomp traps, runsc
+/// ≥ 2023; faster than ptrace) then `ptrace`. `kvm` is never chosen on its own: it
+/// hangs on PVM hosts (see [`kvm_unusable`]).
+pub const PLATFORM_PREFERENCE: [&str; 2] = ["systrap", "ptrace"];
 const PLATFORMS: [&str; 3] = ["ptrace", "kvm", "systrap"];
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,10 @@ pub enum RunscError {
     UnknownPlatform(String),
     #[error("platform kvm is unusable here: {0}")]
     KvmUnusable(String),
+    #[error("no runsc on PATH (install it with scripts/install-deps.sh, or set KILN_RUNSC)")]
+    NotOnPath,
+    #[error("no platform works ({0})")]
+    NoPlatform(String),
 }
 
 /// Why the KVM platform cannot be used, if it cannot. Opening `/dev/kvm` proves
@@ -46,10 +53,11 @@ pub fn kvm_unusable(sys_module: &Path, dev_kvm: &Path) -> Option<String> {
     None
 }
 
-/// The platform to run with: `requested`, checked, or [`DEFAULT_PLATFORM`].
-pub fn choose_platform(requested: Option<&str>) -> Result<String, RunscError> {
+/// The platforms to probe, best first: the `requested` one (checked), else
+/// [`PLATFORM_PREFERENCE`].
+pub fn platform_candidates(requested: Option<&str>) -> Result<Vec<String>, RunscError> {
     let Some(p) = requested else {
-        return Ok(DEFAULT_PLATFORM.to_string());
+        return Ok(PLATFORM_PREFERENCE.iter().map(|p| p.to_string()).collect());
     };
     if !PLATFORMS.contains(&p) {
         return Err(RunscError::UnknownPlatform(p.to_string()));
@@ -59,7 +67,30 @@ pub fn choose_platform(requested: Option<&str>) -> Result<String, RunscError> {
             return Err(RunscError::KvmUnusable(why));
         }
     }
-    Ok(p.to_string())
+    Ok(vec![p.to_string()])
+}
+
+/// The first executable `name` in the directories of `path` (a `PATH` value), as
+/// a shell would find it: `/usr/local/bin/runsc` before `/usr/bin/runsc`.
+pub fn find_in_path(name: &str, path: Option<&OsStr>) -> Option<PathBuf> {
+    std::env::split_paths(path?)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// The `runsc` to use: `explicit` (an option or `KILN_RUNSC`), else the first on `PATH`.
+pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, RunscError> {
+    match explicit {
+        Some(p) => Ok(p.to_path_buf()),
+        None => {
+            find_in_path("runsc", std::env::var_os("PATH").as_deref()).ok_or(RunscError::NotOnPath)
+        }
+    }
 }
 
 /// What `runsc state` reports about a container.
@@ -68,9 +99,16 @@ pub struct ContainerState {
     pub id: String,
     /// `created`, `running`, `stopped`, ...
     pub status: String,
-    /// Host pid of the sandbox process (the gVisor Sentry).
+    /// Host pid of the sandbox process (the gVisor Sentry); `-1` once stopped.
     #[serde(default)]
-    pub pid: u32,
+    pub pid: i64,
+}
+
+impl ContainerState {
+    /// The Sentry's pid, if it has one.
+    pub fn sentry_pid(&self) -> Option<u32> {
+        u32::try_from(self.pid).ok().filter(|p| *p > 0)
+    }
 }
 
 /// One `runsc` installation with a state root and a platform.
@@ -87,13 +125,17 @@ impl Runsc {
     /// Global flags of every invocation. `--host-uds=all` lets the sandbox create
     /// Unix sockets on gofer-backed mounts as real host sockets (that is how envd's
     /// socket reaches the host) and open them again (envd chmods its socket; with
-    /// `create` alone that walk fails with EPERM). See docs/gvisor.md.
+    /// `create` alone that walk fails with EPERM). `--overlay2=none`: the root is
+    /// already the host overlay whose upper directory holds the sandbox's writes
+    /// (template builds and disk usage read it); runsc ≥ 2023 would otherwise keep
+    /// them in a Sentry-internal overlay (default `root:self`). See docs/gvisor.md.
     pub fn global_args(&self, network: Network) -> Vec<String> {
         let mut args = vec![
             format!("--root={}", self.root.display()),
             format!("--platform={}", self.platform),
             format!("--network={}", network.flag()),
             "--host-uds=all".into(),
+            "--overlay2=none".into(),
         ];
         if let Some(dir) = &self.debug_log_dir {
             args.push("--debug".into());
@@ -203,8 +245,22 @@ pub fn run(exe: &Path, args: &[String], timeout: Duration) -> Result<String, Run
     Err(RunscError::Failed {
         args: joined,
         status: out.status.to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        stderr: clip(String::from_utf8_lossy(&out.stderr).trim()),
     })
+}
+
+/// runsc's errors can carry goroutine dumps of many KiB (a failed `checkpoint`);
+/// the first lines say what went wrong.
+fn clip(stderr: &str) -> String {
+    const MAX: usize = 2048;
+    if stderr.len() <= MAX {
+        return stderr.to_string();
+    }
+    let mut end = MAX;
+    while !stderr.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} […{} more bytes]", &stderr[..end], stderr.len() - end)
 }
 
 /// `runsc --version`, first line.
@@ -221,11 +277,17 @@ pub fn version(exe: &Path) -> Result<String, RunscError> {
 }
 
 /// Whether runsc can run a process on `platform` here: `runsc do /bin/true` with the
-/// host root (≈ 200 ms with ptrace). The result is cached in `cache` (keyed by the
-/// version line and the platform) so later server starts skip it.
-pub fn probe(exe: &Path, platform: &str, version: &str, cache: &Path) -> Result<(), RunscError> {
+/// host root (≈ 200 ms). A success is cached in `state_dir/runsc-probe-<platform>`
+/// (keyed by the version line and the platform) so later server starts skip it.
+pub fn probe(
+    exe: &Path,
+    platform: &str,
+    version: &str,
+    state_dir: &Path,
+) -> Result<(), RunscError> {
+    let cache = state_dir.join(format!("runsc-probe-{platform}"));
     let key = format!("{version}\nplatform={platform}\nok\n");
-    if std::fs::read_to_string(cache).ok().as_deref() == Some(key.as_str()) {
+    if std::fs::read_to_string(&cache).ok().as_deref() == Some(key.as_str()) {
         return Ok(());
     }
     let root = cache.with_extension("root");
@@ -240,8 +302,28 @@ pub fn probe(exe: &Path, platform: &str, version: &str, cache: &Path) -> Result<
     let _ = std::fs::remove_dir_all(&root);
     result?;
     // A failed cache write only costs the next start another probe.
-    let _ = std::fs::write(cache, key);
+    let _ = std::fs::write(&cache, key);
     Ok(())
+}
+
+/// The first of `candidates` that passes [`probe`]; every failure in the error.
+pub fn choose_platform(
+    exe: &Path,
+    candidates: &[String],
+    version: &str,
+    state_dir: &Path,
+) -> Result<String, RunscError> {
+    let mut failures = Vec::new();
+    for p in candidates {
+        match probe(exe, p, version, state_dir) {
+            Ok(()) => return Ok(p.clone()),
+            Err(e) => {
+                tracing::debug!(platform = %p, error = %e, "runsc platform probe failed");
+                failures.push(format!("{p}: {e}"));
+            }
+        }
+    }
+    Err(RunscError::NoPlatform(failures.join("; ")))
 }
 
 #[cfg(test)]
@@ -249,13 +331,77 @@ mod tests {
     use super::*;
 
     #[test]
-    fn platform_choice() {
-        assert_eq!(choose_platform(None).unwrap(), "ptrace");
-        assert_eq!(choose_platform(Some("ptrace")).unwrap(), "ptrace");
+    fn platform_candidates_prefer_systrap_and_check_requests() {
+        assert_eq!(platform_candidates(None).unwrap(), ["systrap", "ptrace"]);
+        assert_eq!(platform_candidates(Some("ptrace")).unwrap(), ["ptrace"]);
         assert!(matches!(
-            choose_platform(Some("bogus")),
+            platform_candidates(Some("bogus")),
             Err(RunscError::UnknownPlatform(_))
         ));
+    }
+
+    #[test]
+    fn path_lookup_takes_the_first_executable() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+        for d in [&a, &b, &c] {
+            std::fs::create_dir(d).unwrap();
+        }
+        // Not executable: skipped, as a shell would.
+        std::fs::write(a.join("runsc"), "").unwrap();
+        for d in [&b, &c] {
+            std::fs::write(d.join("runsc"), "").unwrap();
+            std::fs::set_permissions(d.join("runsc"), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+        }
+        let path = std::env::join_paths([&a, &b, &c]).unwrap();
+        assert_eq!(find_in_path("runsc", Some(&path)), Some(b.join("runsc")));
+        let path = std::env::join_paths([&c, &b]).unwrap();
+        assert_eq!(find_in_path("runsc", Some(&path)), Some(c.join("runsc")));
+        assert_eq!(find_in_path("runsc", Some(OsStr::new("relative:"))), None);
+        assert_eq!(find_in_path("runsc", None), None);
+        assert_eq!(
+            locate(Some(Path::new("/opt/runsc"))).unwrap(),
+            Path::new("/opt/runsc")
+        );
+    }
+
+    #[test]
+    fn platform_choice_falls_back_and_caches_successes() {
+        let t = tempfile::tempdir().unwrap();
+        // A fake runsc that knows only ptrace and counts its runs.
+        let exe = t.path().join("runsc");
+        let count = t.path().join("count");
+        std::fs::write(
+            &exe,
+            format!(
+                "#!/bin/sh\necho x >> {}\ncase \"$*\" in *--platform=ptrace*) exit 0;; esac\n\
+                 echo 'unknown platform' >&2; exit 1\n",
+                count.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runs = || {
+            std::fs::read_to_string(&count)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let all = platform_candidates(None).unwrap();
+        let v = "runsc version test";
+        assert_eq!(choose_platform(&exe, &all, v, t.path()).unwrap(), "ptrace");
+        assert_eq!(runs(), 2);
+        // ptrace's success is cached; systrap is probed again.
+        assert_eq!(choose_platform(&exe, &all, v, t.path()).unwrap(), "ptrace");
+        assert_eq!(runs(), 3);
+        // Another version is probed afresh.
+        let only = vec!["ptrace".to_string()];
+        choose_platform(&exe, &only, "runsc version other", t.path()).unwrap();
+        assert_eq!(runs(), 4);
+        let only = vec!["systrap".to_string()];
+        let err = choose_platform(&exe, &only, v, t.path()).unwrap_err();
+        assert!(err.to_string().contains("systrap"), "{err}");
     }
 
     #[test]
@@ -283,7 +429,8 @@ mod tests {
                 "--root=/d/runsc-root",
                 "--platform=ptrace",
                 "--network=none",
-                "--host-uds=all"
+                "--host-uds=all",
+                "--overlay2=none"
             ]
         );
         assert_eq!(r.global_args(Network::Sandbox)[2], "--network=sandbox");
@@ -295,8 +442,11 @@ mod tests {
             r#"{"ociVersion":"1.0.2","id":"a1","status":"running","pid":42,"bundle":"/b"}"#,
         )
         .unwrap();
-        assert_eq!(s.pid, 42);
+        assert_eq!(s.sentry_pid(), Some(42));
         assert_eq!(s.status, "running");
+        let s: ContainerState =
+            serde_json::from_str(r#"{"id":"a1","status":"stopped","pid":-1}"#).unwrap();
+        assert_eq!(s.sentry_pid(), None);
     }
 
     #[test]
@@ -316,5 +466,11 @@ mod tests {
             Duration::from_millis(50),
         );
         assert!(matches!(slow, Err(RunscError::Timeout { .. })));
+        let long = "é".repeat(3000);
+        let clipped = clip(&long);
+        assert!(
+            clipped.len() < 2100 && clipped.ends_with("more bytes]"),
+            "{clipped}"
+        );
     }
 }

@@ -410,6 +410,10 @@ impl Runtime for JailRuntime {
         RuntimeKind::Jail
     }
 
+    fn upper_dir(&self, id: &str) -> Option<PathBuf> {
+        Some(self.paths(id).upper())
+    }
+
     async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError> {
         validate(config)?;
         let paths = self.paths(&config.id);
