@@ -217,11 +217,16 @@ if [ -n "$leaked_mounts" ]; then
   failed+=("mounts left")
 fi
 
-if [ -d "$DATA_REAL/sandboxes" ] && [ -n "$(ls -A "$DATA_REAL/sandboxes")" ]; then
-  echo "sandbox directories left in $DATA_REAL/sandboxes:" >&2
-  ls -la "$DATA_REAL/sandboxes" >&2
-  failed+=("sandbox directories left")
-fi
+# The jail's and gVisor's state dirs; gVisor keeps runsc's own files (runsc-root/,
+# runsc-probe-*) beside the sandboxes.
+for dir in "$DATA_REAL/sandboxes" "$DATA_REAL/sandboxes-gvisor"; do
+  [ -d "$dir" ] || continue
+  left_dirs="$(ls -A "$dir" | grep -v -E '^(runsc-root|runsc-probe-.*)$' || true)"
+  if [ -n "$left_dirs" ]; then
+    echo "sandbox directories left in $dir: $left_dirs" >&2
+    failed+=("sandbox directories left")
+  fi
+done
 
 # Informational: what else the data dir holds (layout is the server's business).
 echo "data dir after the run: $(ls -A "$DATA_REAL" | tr '\n' ' ')" >&2

@@ -110,6 +110,11 @@ impl UserDb {
         self.users.iter().find(|u| u.name == name)
     }
 
+    /// One group by name.
+    pub fn group(&self, name: &str) -> Option<&Group> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
     /// The name of `uid`, or the number as text when it has none (as Go's envd does).
     pub fn user_name(&self, uid: u32) -> String {
         match self.uid_names.get(&uid) {
@@ -209,6 +214,8 @@ mod tests {
         let db = UserDb::parse(PASSWD, GROUP);
         assert_eq!(db.group_name(27), "sudo");
         assert_eq!(db.group_name(5), "5");
+        assert_eq!(db.group("docker").map(|g| g.gid), Some(999));
+        assert!(db.group("nope").is_none());
         let user = db.user("user").unwrap();
         assert_eq!(db.groups_of(user), vec![1000, 27, 999]);
         assert_eq!(db.groups_of(db.user("root").unwrap()), vec![0]);

@@ -1,8 +1,10 @@
 //! `kiln-init`: PID 1 of a Kiln sandbox.
 //!
 //! It starts envd (`/opt/kiln/bin/kiln-envd --socket /run/kiln/envd.sock`, or the
-//! command given after `--`), reaps every process that is re-parented to it, forwards
-//! SIGTERM, SIGINT, SIGHUP and SIGQUIT to envd, and exits with envd's status when envd
+//! command given after `--`), with `--sudo-broker` then Kiln's sudo broker
+//! (`/opt/kiln/bin/kiln-sudo --kiln-broker`, for kernels that ignore setuid bits),
+//! reaps every process that is re-parented to it, forwards SIGTERM, SIGINT, SIGHUP
+//! and SIGQUIT to envd, and exits with envd's status when envd
 //! exits (which ends the sandbox: the kernel kills the rest of the pid namespace).
 //!
 //! Signals are handled synchronously: they are blocked before envd starts and taken
@@ -19,6 +21,8 @@ use nix::unistd::Pid;
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEFAULT_ENVD: [&str; 3] = ["/opt/kiln/bin/kiln-envd", "--socket", "/run/kiln/envd.sock"];
+const SUDO_BROKER: [&str; 2] = ["/opt/kiln/bin/kiln-sudo", "--kiln-broker"];
+const SUDO_FLAG: &str = "--sudo-broker";
 const FORWARDED: [Signal; 4] = [
     Signal::SIGTERM,
     Signal::SIGINT,
@@ -27,7 +31,11 @@ const FORWARDED: [Signal; 4] = [
 ];
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let sudo_broker = args.first().map(String::as_str) == Some(SUDO_FLAG);
+    if sudo_broker {
+        args.remove(0);
+    }
     let command = match envd_command(&args) {
         Ok(command) => command,
         Err(message) => {
@@ -35,7 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&command) {
+    match run(&command, sudo_broker) {
         Ok(code) => ExitCode::from(code),
         Err(message) => {
             eprintln!("kiln-init: {message}");
@@ -49,14 +57,14 @@ fn envd_command(args: &[String]) -> Result<Vec<String>, String> {
     match args.iter().position(|a| a == "--") {
         None if args.is_empty() => Ok(DEFAULT_ENVD.iter().map(|s| s.to_string()).collect()),
         None => Err(format!(
-            "unexpected arguments {args:?}; usage: kiln-init [-- COMMAND...]"
+            "unexpected arguments {args:?}; usage: kiln-init [{SUDO_FLAG}] [-- COMMAND...]"
         )),
         Some(0) if args.len() > 1 => Ok(args[1..].to_vec()),
         Some(_) => Err("usage: kiln-init [-- COMMAND...] (the command must not be empty)".into()),
     }
 }
 
-fn run(command: &[String]) -> Result<u8, String> {
+fn run(command: &[String], sudo_broker: bool) -> Result<u8, String> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     for sig in FORWARDED {
@@ -65,6 +73,30 @@ fn run(command: &[String]) -> Result<u8, String> {
     mask.thread_set_mask()
         .map_err(|e| format!("blocking signals: {e}"))?;
 
+    let envd = start(command)?;
+    if sudo_broker {
+        // After envd, so envd keeps pid 2. Without the broker only `sudo` fails.
+        let broker: Vec<String> = SUDO_BROKER.iter().map(|s| s.to_string()).collect();
+        if let Err(message) = start(&broker) {
+            eprintln!("kiln-init: {message}");
+        }
+    }
+
+    loop {
+        let sig = mask.wait().map_err(|e| format!("sigwait: {e}"))?;
+        if sig != Signal::SIGCHLD {
+            // envd may already be gone; ESRCH is fine.
+            let _ = kill(envd, sig);
+            continue;
+        }
+        if let Some(code) = reap(envd)? {
+            return Ok(code);
+        }
+    }
+}
+
+/// Starts a child with an empty signal mask and the sandbox's PATH.
+fn start(command: &[String]) -> Result<Pid, String> {
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]).env("PATH", PATH);
     // std resets the mask on its fork/exec path, but not on every spawn path of every
@@ -86,19 +118,7 @@ fn run(command: &[String]) -> Result<u8, String> {
     let child = cmd
         .spawn()
         .map_err(|e| format!("starting {:?}: {e}", command[0]))?;
-    let envd = Pid::from_raw(child.id() as i32);
-
-    loop {
-        let sig = mask.wait().map_err(|e| format!("sigwait: {e}"))?;
-        if sig != Signal::SIGCHLD {
-            // envd may already be gone; ESRCH is fine.
-            let _ = kill(envd, sig);
-            continue;
-        }
-        if let Some(code) = reap(envd)? {
-            return Ok(code);
-        }
-    }
+    Ok(Pid::from_raw(child.id() as i32))
 }
 
 /// Reaps every exited child. Returns envd's exit code once envd has exited.

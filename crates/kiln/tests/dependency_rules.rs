@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-const GUEST_CRATES: &[&str] = &["kiln-envd", "kiln-init", "kiln-interpreter"];
+const GUEST_CRATES: &[&str] = &["kiln-envd", "kiln-init", "kiln-interpreter", "kiln-sudo"];
 const HOST_CRATES: &[&str] = &[
     "kiln",
     "kiln-api",

@@ -47,7 +47,14 @@ pub struct BundleSpec<'a> {
     pub netns: Option<&'a Path>,
     /// Replaces kiln-init's envd command (`kiln-init -- <command>`).
     pub envd_command: Option<&'a [String]>,
+    /// Where the template keeps `sudo` (`/usr/bin/sudo`): Kiln's `kiln-sudo` is
+    /// bind-mounted there and kiln-init starts its broker, because gVisor ignores
+    /// set-user-ID bits. `None`: no sudo in the template (or no kiln-sudo binary).
+    pub sudo: Option<&'a str>,
 }
+
+/// Where templates keep sudo.
+pub const SUDO_PATH: &str = "/usr/bin/sudo";
 
 /// Cgroup path of a sandbox, relative to each controller's root (`kiln/<id>`, the
 /// same layout as the jail's, so [`crate::jail::cgroup`] reads its usage).
@@ -79,6 +86,9 @@ fn capabilities() -> Result<std::collections::HashSet<Capability>, BundleError> 
 pub fn build(b: &BundleSpec<'_>) -> Result<Spec, BundleError> {
     let e = BundleError::Spec;
     let mut args = vec![format!("{GUEST_BIN_DIR}/kiln-init")];
+    if b.sudo.is_some() {
+        args.push("--sudo-broker".into());
+    }
     if let Some(cmd) = b.envd_command {
         args.push("--".into());
         args.extend(cmd.iter().cloned());
@@ -108,7 +118,7 @@ pub fn build(b: &BundleSpec<'_>) -> Result<Spec, BundleError> {
         // promise, and a setuid binary can only reach the sandbox's own root, inside
         // gVisor's kernel, which every SDK caller already gets with `user="root"`.
         // runsc (through 2024-07-29) ignores this and never honours set-user-ID bits,
-        // so `sudo` fails under gVisor anyway (docs/gvisor.md).
+        // hence kiln-sudo in place of the template's sudo (docs/gvisor.md).
         .no_new_privileges(false)
         .build()
         .map_err(e)?;
@@ -119,7 +129,7 @@ pub fn build(b: &BundleSpec<'_>) -> Result<Spec, BundleError> {
         .parent()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "/run/kiln".into());
-    let mounts = vec![
+    let mut mounts = vec![
         mount(
             "/proc",
             "proc",
@@ -177,6 +187,14 @@ pub fn build(b: &BundleSpec<'_>) -> Result<Spec, BundleError> {
             &["rbind", "rw", "nosuid", "nodev", "noexec"],
         )?,
     ];
+    if let Some(sudo) = b.sudo {
+        mounts.push(mount(
+            sudo,
+            "bind",
+            &b.guest_bin_dir.join("kiln-sudo"),
+            &["bind", "ro", "nodev"],
+        )?);
+    }
 
     let mut namespaces = Vec::new();
     for typ in [
@@ -267,6 +285,10 @@ mod tests {
     use serde_json::Value;
 
     fn spec_json(netns: Option<&Path>, cmd: Option<&[String]>) -> Value {
+        spec_json_sudo(netns, cmd, None)
+    }
+
+    fn spec_json_sudo(netns: Option<&Path>, cmd: Option<&[String]>, sudo: Option<&str>) -> Value {
         let s = build(&BundleSpec {
             id: "sb1",
             rootfs: Path::new("/data/sb1/rootfs"),
@@ -279,6 +301,7 @@ mod tests {
             },
             netns,
             envd_command: cmd,
+            sudo,
         })
         .unwrap();
         serde_json::to_value(&s).unwrap()
@@ -363,6 +386,28 @@ mod tests {
         assert_eq!(find("/dev/shm")["type"], "tmpfs");
         assert_eq!(find("/proc")["type"], "proc");
         assert_eq!(find("/dev/pts")["type"], "devpts");
+    }
+
+    #[test]
+    fn sudo_is_kiln_sudo_and_init_starts_its_broker() {
+        let v = spec_json(None, None);
+        assert!(v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["destination"] != SUDO_PATH));
+        let v = spec_json_sudo(None, None, Some(SUDO_PATH));
+        let mounts = v["mounts"].as_array().unwrap();
+        let sudo = mounts
+            .iter()
+            .find(|m| m["destination"] == SUDO_PATH)
+            .unwrap();
+        assert_eq!(sudo["source"], "/usr/lib/kiln/guest/kiln-sudo");
+        assert_eq!(sudo["options"], serde_json::json!(["bind", "ro", "nodev"]));
+        assert_eq!(
+            v["process"]["args"],
+            serde_json::json!(["/opt/kiln/bin/kiln-init", "--sudo-broker"])
+        );
     }
 
     #[test]

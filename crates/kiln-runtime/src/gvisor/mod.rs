@@ -106,6 +106,7 @@ impl GvisorRuntime {
         let mut needed = vec![opts.guest_bin_dir.join("kiln-init")];
         if opts.envd_command.is_none() {
             needed.push(opts.guest_bin_dir.join("kiln-envd"));
+            needed.push(opts.guest_bin_dir.join("kiln-sudo"));
         }
         for path in needed {
             if !path.is_file() {
@@ -243,6 +244,13 @@ impl GvisorRuntime {
         };
         let rootfs = paths.rootfs();
         let run_dir = paths.run();
+        // kiln-sudo stands in for the template's sudo (setuid is ignored by gVisor).
+        let sudo = (self.inner.opts.guest_bin_dir.join("kiln-sudo").is_file()
+            && rootfs
+                .join(bundle::SUDO_PATH.trim_start_matches('/'))
+                .symlink_metadata()
+                .is_ok())
+        .then_some(bundle::SUDO_PATH);
         let spec = bundle::build(&BundleSpec {
             id,
             rootfs: &rootfs,
@@ -251,6 +259,7 @@ impl GvisorRuntime {
             limits: config.limits,
             netns: netns.as_deref(),
             envd_command: self.inner.opts.envd_command.as_deref(),
+            sudo,
         })
         .map_err(|e| start_err("config.json", &e))?;
         spec.save(paths.config())

@@ -1,0 +1,285 @@
+//! sudo's command line: the subset Kiln's sudo understands.
+
+use serde::{Deserialize, Serialize};
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Run a command (or a shell) as another user.
+    Run(Invocation),
+    /// `-v`, `-k`/`-K` without a command: succeed when the caller may use sudo.
+    Validate,
+    Version,
+    Help,
+}
+
+/// One `sudo ... [VAR=value...] [command...]`, as the broker receives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invocation {
+    /// `-u`: a user name or `#uid`; `None` is root.
+    pub user: Option<String>,
+    /// `-g`: a group name or `#gid` for the primary group.
+    pub group: Option<String>,
+    /// `-E`: keep the caller's environment.
+    pub preserve_env: bool,
+    /// `--preserve-env=A,B`: keep these variables too.
+    pub preserve_vars: Vec<String>,
+    /// `-H`: HOME is the target's (already so unless `-E`).
+    pub set_home: bool,
+    /// `-i`: the target's login shell, in its home directory.
+    pub login: bool,
+    /// `-s`: a shell (`$SHELL` or the target's).
+    pub shell: bool,
+    /// `-D`: working directory of the command.
+    pub chdir: Option<String>,
+    /// `VAR=value` words before the command.
+    pub assignments: Vec<(String, String)>,
+    pub command: Vec<String>,
+}
+
+pub const USAGE: &str =
+    "usage: sudo [-EHiknsSv] [-D directory] [-g group] [-u user] [VAR=value] [command [arg ...]]";
+
+const SUPPORTED: &str = "Kiln's sudo supports -A -D -E -g -H -i -k -K -n -p -s -S -u -v -V -h, --preserve-env[=list], --, VAR=value";
+
+/// Parses the arguments after `sudo`.
+pub fn parse(args: &[String]) -> Result<Action, String> {
+    let mut inv = Invocation::default();
+    let mut validate = false;
+    let mut i = 0;
+    while i < args.len() {
+        let arg = args[i].as_str();
+        if arg == "--" {
+            i += 1;
+            break;
+        }
+        if let Some(long) = arg.strip_prefix("--") {
+            let (name, value) = match long.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (long, None),
+            };
+            let mut take = || -> Result<String, String> {
+                match &value {
+                    Some(v) => Ok(v.clone()),
+                    None => {
+                        i += 1;
+                        args.get(i)
+                            .cloned()
+                            .ok_or_else(|| format!("sudo: option '--{name}' requires an argument"))
+                    }
+                }
+            };
+            match name {
+                "user" => inv.user = Some(take()?),
+                "group" => inv.group = Some(take()?),
+                "chdir" => inv.chdir = Some(take()?),
+                "prompt" => {
+                    take()?;
+                }
+                "preserve-env" => match &value {
+                    Some(list) => inv
+                        .preserve_vars
+                        .extend(list.split(',').filter(|v| !v.is_empty()).map(str::to_owned)),
+                    None => inv.preserve_env = true,
+                },
+                "set-home" => inv.set_home = true,
+                "login" => inv.login = true,
+                "shell" => inv.shell = true,
+                "non-interactive" | "stdin" | "askpass" | "reset-timestamp" => {}
+                "remove-timestamp" | "validate" => validate = true,
+                "version" => return Ok(Action::Version),
+                "help" => return Ok(Action::Help),
+                _ => return Err(format!("sudo: unsupported option '--{name}' ({SUPPORTED})")),
+            }
+            i += 1;
+            continue;
+        }
+        let Some(flags) = arg.strip_prefix('-').filter(|f| !f.is_empty()) else {
+            break;
+        };
+        // Short flags, possibly bundled (`-nE`); one taking a value ends the bundle
+        // (`-uroot` or `-u root`).
+        for (pos, flag) in flags.char_indices() {
+            let rest = &flags[pos + flag.len_utf8()..];
+            let mut value = || -> Result<String, String> {
+                if !rest.is_empty() {
+                    return Ok(rest.to_owned());
+                }
+                i += 1;
+                args.get(i)
+                    .cloned()
+                    .ok_or_else(|| format!("sudo: option requires an argument -- '{flag}'"))
+            };
+            match flag {
+                'u' => inv.user = Some(value()?),
+                'g' => inv.group = Some(value()?),
+                'D' => inv.chdir = Some(value()?),
+                'p' => {
+                    value()?;
+                }
+                'E' => inv.preserve_env = true,
+                'H' => inv.set_home = true,
+                'i' => inv.login = true,
+                's' => inv.shell = true,
+                'n' | 'S' | 'A' | 'k' => {}
+                'v' | 'K' => validate = true,
+                'V' => return Ok(Action::Version),
+                'h' => return Ok(Action::Help),
+                _ => return Err(format!("sudo: unsupported option '-{flag}' ({SUPPORTED})")),
+            }
+            if matches!(flag, 'u' | 'g' | 'D' | 'p') {
+                break;
+            }
+        }
+        i += 1;
+    }
+    while let Some((name, value)) = args.get(i).and_then(|a| assignment(a)) {
+        inv.assignments.push((name, value));
+        i += 1;
+    }
+    inv.command = args[i.min(args.len())..].to_vec();
+    if inv.login && inv.shell {
+        return Err("sudo: you may not specify both the -i and -s options".into());
+    }
+    let asked_to_run = !inv.command.is_empty() || inv.login || inv.shell;
+    if validate && !asked_to_run {
+        return Ok(Action::Validate);
+    }
+    if !asked_to_run {
+        // `sudo -k` alone only forgets a cached password, which Kiln's sudo never has.
+        if args.iter().any(|a| a == "-k" || a == "--reset-timestamp") {
+            return Ok(Action::Validate);
+        }
+        return Err(USAGE.into());
+    }
+    Ok(Action::Run(inv))
+}
+
+/// `NAME=value` with a shell-variable name.
+fn assignment(word: &str) -> Option<(String, String)> {
+    let (name, value) = word.split_once('=')?;
+    let mut chars = name.chars();
+    let first = chars.next()?;
+    let valid = (first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    valid.then(|| (name.to_owned(), value.to_owned()))
+}
+
+/// The command as one `sh -c` string for `-i`/`-s`, escaped as sudo does: every
+/// character other than letters, digits, `_`, `-` and `$` gets a backslash.
+pub fn shell_command(command: &[String]) -> String {
+    let mut out = String::new();
+    for (n, word) in command.iter().enumerate() {
+        if n > 0 {
+            out.push(' ');
+        }
+        for c in word.chars() {
+            if !(c.is_alphanumeric() || matches!(c, '_' | '-' | '$')) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Action, String> {
+        parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    fn run(args: &[&str]) -> Invocation {
+        match p(args).unwrap() {
+            Action::Run(inv) => inv,
+            other => panic!("{args:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_command() {
+        let inv = run(&["-n", "whoami"]);
+        assert_eq!(inv.command, ["whoami"]);
+        assert_eq!(inv.user, None);
+        assert!(!inv.preserve_env);
+    }
+
+    #[test]
+    fn options_stop_at_the_command() {
+        let inv = run(&["-u", "user", "ls", "-la", "-u"]);
+        assert_eq!(inv.user.as_deref(), Some("user"));
+        assert_eq!(inv.command, ["ls", "-la", "-u"]);
+    }
+
+    #[test]
+    fn bundled_and_attached_values() {
+        let inv = run(&["-nEuuser", "id"]);
+        assert!(inv.preserve_env);
+        assert_eq!(inv.user.as_deref(), Some("user"));
+        let inv = run(&["--user=nobody", "-D", "/tmp", "--", "-x"]);
+        assert_eq!(inv.user.as_deref(), Some("nobody"));
+        assert_eq!(inv.chdir.as_deref(), Some("/tmp"));
+        assert_eq!(inv.command, ["-x"]);
+    }
+
+    #[test]
+    fn assignments_before_the_command() {
+        let inv = run(&["-E", "A=1", "_B2=x=y", "env", "C=3"]);
+        assert_eq!(
+            inv.assignments,
+            [("A".into(), "1".into()), ("_B2".into(), "x=y".into())]
+        );
+        assert_eq!(inv.command, ["env", "C=3"]);
+        assert_eq!(run(&["1A=x"]).command, ["1A=x"]);
+    }
+
+    #[test]
+    fn preserve_env_list() {
+        let inv = run(&["--preserve-env=FOO,BAR", "env"]);
+        assert!(!inv.preserve_env);
+        assert_eq!(inv.preserve_vars, ["FOO", "BAR"]);
+    }
+
+    #[test]
+    fn shells_need_no_command() {
+        assert!(run(&["-i"]).login);
+        assert!(run(&["-s", "echo", "hi"]).shell);
+        assert!(p(&["-i", "-s"]).is_err());
+    }
+
+    #[test]
+    fn validate_version_help_usage() {
+        assert_eq!(p(&["-v"]).unwrap(), Action::Validate);
+        assert_eq!(p(&["-k"]).unwrap(), Action::Validate);
+        assert_eq!(p(&["-K"]).unwrap(), Action::Validate);
+        assert_eq!(p(&["-V"]).unwrap(), Action::Version);
+        assert_eq!(p(&["-h"]).unwrap(), Action::Help);
+        assert_eq!(p(&[]).unwrap_err(), USAGE);
+        assert_eq!(p(&["-n"]).unwrap_err(), USAGE);
+        assert!(matches!(p(&["-k", "true"]).unwrap(), Action::Run(_)));
+    }
+
+    #[test]
+    fn clear_errors() {
+        let e = p(&["-b", "sleep", "1"]).unwrap_err();
+        assert!(e.contains("unsupported option '-b'"), "{e}");
+        assert!(e.contains("-u"), "{e}");
+        let e = p(&["-u"]).unwrap_err();
+        assert!(e.contains("requires an argument"), "{e}");
+        let e = p(&["--frobnicate", "x"]).unwrap_err();
+        assert!(e.contains("'--frobnicate'"), "{e}");
+    }
+
+    #[test]
+    fn shell_escaping_matches_sudo() {
+        let cmd = [
+            "echo".to_string(),
+            "a b".into(),
+            "$HOME".into(),
+            "x;y".into(),
+        ];
+        assert_eq!(shell_command(&cmd), r"echo a\ b $HOME x\;y");
+    }
+}
