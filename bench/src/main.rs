@@ -59,6 +59,10 @@ pub(crate) struct Args {
     /// Host directory the `syscalls` floor walks (the template's `rootfs/usr`).
     #[arg(long, default_value = "/usr")]
     floor_dir: std::path::PathBuf,
+    /// Another floor for the create, run through `sh -c` as often as creates are
+    /// sampled (e.g. `runsc --network=none do /bin/true` for the gVisor runtime).
+    #[arg(long)]
+    create_floor: Option<String>,
     /// Pause between create samples (not timed), e.g. to let a warm pool refill.
     #[arg(long, default_value_t = 0)]
     create_interval_ms: u64,
@@ -208,6 +212,14 @@ async fn main() -> Result<()> {
             "/bin/true",
         ],
     )?);
+    let extra = match &args.create_floor {
+        Some(cmd) => Some(summarize(time_command(
+            args.creates,
+            "/bin/sh",
+            &["-c", cmd],
+        )?)),
+        None => None,
+    };
     let rtt = summarize(round_trips(&client, &args).await?);
     let fork_exec = summarize(time_command(args.round_trips, "/bin/true", &[])?);
     // The SDK always runs `bash -l -c <cmd>`; bash's own start-up (without the host's
@@ -230,6 +242,9 @@ async fn main() -> Result<()> {
         args.creates,
         &unshare,
     );
+    if let (Some(cmd), Some(extra)) = (&args.create_floor, &extra) {
+        row(&format!("floor: `{cmd}`"), args.creates, extra);
+    }
     row(
         "`commands.run(\"true\")` round trip",
         args.round_trips,

@@ -3,7 +3,7 @@
 # (Python e2b==2.45.1 with pytest, JS e2b 2.45.0 with node --test), then stops it and
 # fails if any sandbox process, mount or directory is left behind.
 #
-# Privilege tier: root (the jail runtime), network to PyPI/npm for the first setup and
+# Privilege tier: root (both runtimes), network to PyPI/npm for the first setup and
 # to a Debian mirror for the first base-template build (~2 min, cached in the data dir).
 #
 # Usage: tests/e2e/run.sh [pytest args...]      e.g. tests/e2e/run.sh -k files
@@ -13,7 +13,9 @@
 #   KILN_BIN                 kiln binary (default target/x86_64-unknown-linux-gnu/debug/kiln)
 #   KILN_E2E_SKIP_BUILD=1    do not run `cargo build` first
 #   KILN_E2E_SKIP_JS=1       skip the JS SDK test
-#   KILN_E2E_RUNTIME         passed as --runtime (default: the server's default)
+#   KILN_E2E_RUNTIME         passed as --runtime (default: the server's default, auto)
+#   KILN_E2E_EXPECT_RUNTIME  fail unless the start banner names this runtime (e.g. gvisor:
+#                            proves that `auto` picked it)
 #   KILN_E2E_HEALTH_TIMEOUT  seconds to wait for /healthz (default 900)
 #   KILN_E2E_BUILTIN_TIMEOUT seconds to wait for the built-in templates the server builds
 #                            in the background (code-interpreter-v1; default 1800: the
@@ -151,6 +153,13 @@ wait_for_builtins() {
   echo "built-in templates ready after $((SECONDS - started)) s" >&2
 }
 wait_for_builtins
+if [ -n "${KILN_E2E_EXPECT_RUNTIME:-}" ]; then
+  banner="$(grep -m1 'Kiln is ready on' "$SERVER_LOG" || true)"
+  case "$banner" in
+    *"(runtime: $KILN_E2E_EXPECT_RUNTIME"*) echo "runtime as expected: ${banner#*runtime: }" >&2 ;;
+    *) die "expected runtime $KILN_E2E_EXPECT_RUNTIME; the banner says: ${banner:-nothing}" ;;
+  esac
+fi
 for var in E2B_API_URL E2B_SANDBOX_URL E2B_API_KEY; do
   grep -q "export $var=" "$SERVER_LOG" || echo "warning: the start banner has no 'export $var=' line" >&2
 done

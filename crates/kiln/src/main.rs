@@ -103,8 +103,8 @@ struct ServeArgs {
     /// Where Kiln keeps its database, templates and sandboxes.
     #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
     data_dir: PathBuf,
-    /// Isolation runtime.
-    #[arg(long, value_enum, default_value = "jail")]
+    /// Isolation runtime (`auto`: gVisor when it works on this host, else the jail).
+    #[arg(long, value_enum, default_value = "auto", env = "KILN_RUNTIME")]
     runtime: RuntimeChoice,
     /// The runsc binary of the gvisor runtime (default: the first `runsc` on PATH).
     #[arg(long, env = "KILN_RUNSC")]
@@ -309,7 +309,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
             }
             Err(e) => {
                 eprintln!(
-                    "runtime auto: gVisor is not usable here ({e}); falling back to the jail"
+                    "WARNING: runtime auto: gVisor is not usable here ({e}); falling back to \
+                     the jail, a container boundary (namespaces, cgroups, seccomp) that shares \
+                     the host's kernel with every sandbox. Install runsc (scripts/install-deps.sh) \
+                     for a user-space kernel between sandboxes and the host."
                 );
                 jail()?
             }
