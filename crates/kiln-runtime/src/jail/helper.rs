@@ -409,6 +409,14 @@ fn child_steps(ctx: &ChildCtx) -> Result<std::convert::Infallible, HelperError> 
     nix::unistd::sethostname(&ctx.id).map_err(sys_err("sethostname"))?;
     mounts::enter_rootfs(ctx.memory_mb)?;
     sys::loopback_up().map_err(io_err("bringing up", Path::new("lo")))?;
+    // `ping` through unprivileged ICMP echo sockets for every group of the sandbox: the
+    // sandbox keeps no CAP_NET_RAW (a raw socket could forge any packet on its eth0).
+    // The range is in the sandbox's gids (beyond the id map the kernel says EINVAL).
+    // Best effort: without it only ping fails.
+    let _ = std::fs::write(
+        "/proc/sys/net/ipv4/ping_group_range",
+        format!("0 {}", crate::ID_MAP_LEN - 1),
+    );
 
     let null = File::open("/dev/null").map_err(io_err("opening", Path::new("/dev/null")))?;
     nix::unistd::dup2_stdin(&null).map_err(sys_err("dup2 stdin"))?;

@@ -5,9 +5,9 @@ use std::io;
 use std::os::fd::RawFd;
 
 /// Capabilities kept in the bounding set of every sandbox process (Docker's default
-/// set plus CAP_SYS_PTRACE for debuggers; all of them act only inside the sandbox's
-/// user namespace). Everything else (SYS_ADMIN, NET_ADMIN, SYS_MODULE, SYS_TIME, ...)
-/// is dropped. Numbers from `linux/capability.h`.
+/// set without CAP_NET_RAW, plus CAP_SYS_PTRACE for debuggers; all of them act only
+/// inside the sandbox's user namespace). Everything else (SYS_ADMIN, NET_ADMIN,
+/// NET_RAW, SYS_MODULE, SYS_TIME, ...) is dropped. Numbers from `linux/capability.h`.
 pub const KEEP_CAPS: &[(&str, u32)] = &[
     ("CAP_CHOWN", 0),
     ("CAP_DAC_OVERRIDE", 1),
@@ -18,7 +18,6 @@ pub const KEEP_CAPS: &[(&str, u32)] = &[
     ("CAP_SETUID", 7),
     ("CAP_SETPCAP", 8),
     ("CAP_NET_BIND_SERVICE", 10),
-    ("CAP_NET_RAW", 13),
     ("CAP_SYS_CHROOT", 18),
     ("CAP_SYS_PTRACE", 19),
     ("CAP_MKNOD", 27),
