@@ -8,6 +8,8 @@
 //! - [`filesystem`]: `filesystem.Filesystem` (entries, listing, watchers).
 //! - [`files`]: `GET/POST /files`. [`system`]: `/health`, `/init`, `/envs`, `/metrics`.
 //! - [`tunnel`]: `GET /_kiln/tunnel/{port}` upgrades to a raw TCP stream.
+//! - [`quiesce`]: SIGUSR1/SIGUSR2 let go of the socket and every connection around a
+//!   gVisor checkpoint, and bind it again after the restore.
 //! - [`users`], [`paths`], [`env`], [`auth`]: identity, path and environment rules.
 //!
 //! Tests: unit tests beside the code; `tests/*.rs` start the real binary on a temporary
@@ -22,6 +24,7 @@ pub mod files;
 pub mod filesystem;
 pub mod paths;
 pub mod process;
+pub mod quiesce;
 pub mod rpc;
 pub mod server;
 pub mod state;

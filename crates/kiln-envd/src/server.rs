@@ -1,9 +1,7 @@
-//! The HTTP/1.1 server: routes, middleware, and the Unix-socket (and optional dev TCP)
-//! listeners.
+//! The HTTP/1.1 server: routes, middleware, and the Unix-socket (quiescing, see
+//! [`quiesce`]) and optional dev TCP listeners.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
 
 use anyhow::Context as _;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -11,9 +9,10 @@ use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 
 use crate::error::HttpError;
+use crate::quiesce::{self, QuiescingListener};
 use crate::state::{AppState, Defaults};
 use crate::users::UserFiles;
 use crate::{auth, files, filesystem, process, system, tunnel, Args};
@@ -88,32 +87,25 @@ pub fn state_from_args(args: &Args) -> AppState {
     )
 }
 
-/// Binds the Unix socket: parent created, a stale socket replaced, mode 0600.
-fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating socket directory {}", parent.display()))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?,
-        Ok(_) => anyhow::bail!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        ),
-        Err(_) => {}
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
-    Ok(listener)
-}
+/// How long a quiesce waits for accepted connections to close before it reports
+/// them (they close at once unless a handler ignores its connection).
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serves until SIGTERM or SIGINT.
+/// Serves until SIGTERM or SIGINT; SIGUSR1/SIGUSR2 quiesce and resume the Unix socket
+/// around a checkpoint ([`quiesce`]).
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let app = router(state_from_args(&args));
-    let unix = bind_socket(&args.socket)?;
+    let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Handlers first: a SIGUSR1 must never find the default action (exit).
+    quiesce::forward_signals(control_tx).context("installing SIGUSR1/SIGUSR2 handlers")?;
+    let unix = QuiescingListener::bind(&args.socket, control_rx, DRAIN_TIMEOUT)?;
+    let pid_file = quiesce::pid_path(&args.socket);
+    // The pid file tells the host this envd can quiesce, and whom to signal.
+    if let Err(e) =
+        quiesce::write_atomically(&pid_file, format!("{}\n", std::process::id()).as_bytes())
+    {
+        tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file; the host will not be able to checkpoint this sandbox");
+    }
     tracing::info!(socket = %args.socket.display(), version = kiln_proto::envd::ENVD_VERSION, "kiln-envd listening");
     let mut servers = tokio::task::JoinSet::new();
     {
@@ -136,6 +128,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             result.context("server task panicked")??;
         }
     }
-    let _ = std::fs::remove_file(&args.socket);
+    for path in [
+        args.socket.clone(),
+        pid_file,
+        quiesce::marker_path(&args.socket),
+    ] {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! Needs: root, `runsc` on PATH (or `KILN_RUNSC`; `KILN_RUNSC_PLATFORM` forces a
 //! platform, else systrap or ptrace, whichever works first), iptables, iproute2, the real
 //! `kiln-init` and `kiln-envd` (found next to this test's target directory, in
-//! `target/x86_64-unknown-linux-gnu/debug/`, or via `KILN_INIT_BIN` / `KILN_ENVD_BIN`),
+//! `target/x86_64-unknown-linux-gnu/debug/`, or via `KILN_INIT_BIN` / `KILN_ENVD_BIN`;
+//! `kiln-sudo` too when built, or `KILN_SUDO_BIN`),
 //! and a Debian root filesystem owned by the mapped id range: `KILN_TEST_DEBIAN_ROOTFS`,
 //! else `/var/lib/kiln-dev-data/templates/base/rootfs` (only read: it is the overlay's
 //! lower layer). Without them every test prints why and passes, unless `CI` is set, in
@@ -114,6 +115,10 @@ impl Fixture {
         ] {
             let src = find_bin(name, env).context(name)?;
             std::fs::copy(&src, bin.join(name)).with_context(|| format!("copying {name}"))?;
+        }
+        // Required by the runtime once built (it stands in for the template's sudo).
+        if let Some(src) = find_bin("kiln-sudo", "KILN_SUDO_BIN") {
+            std::fs::copy(&src, bin.join("kiln-sudo")).context("copying kiln-sudo")?;
         }
         let mut opts = GvisorOptions::new(base.join("sandboxes"), bin);
         opts.runsc = runsc();
@@ -470,65 +475,263 @@ fn host_count(f: &Fixture, id: &str) -> Result<u64> {
     Ok(text.trim().parse()?)
 }
 
+/// Start the counting loop (a shell variable: process memory) in the background;
+/// its pid inside the sandbox.
+fn start_counter(socket: &Path) -> Result<u32> {
+    let out = exec(
+        socket,
+        "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /var/tmp/count.new; \
+         mv /var/tmp/count.new /var/tmp/count; sleep 0.05; done' >/dev/null 2>&1 & echo $!",
+    )?;
+    out.stdout
+        .trim()
+        .parse()
+        .with_context(|| format!("counter pid {:?}", out.stdout))
+}
+
+/// The counter stands still for a while (the sandbox is paused).
+fn assert_still(f: &Fixture, id: &str) -> Result<u64> {
+    let at_pause = host_count(f, id)?;
+    std::thread::sleep(Duration::from_millis(400));
+    let later = host_count(f, id)?;
+    if later != at_pause {
+        bail!("the loop went on while paused: {at_pause} → {later}");
+    }
+    Ok(at_pause)
+}
+
+/// After a resume: the same process goes on counting from where it stopped, and envd
+/// answers.
+fn assert_continues(
+    f: &Fixture,
+    inst_socket: &Path,
+    id: &str,
+    at_pause: u64,
+    pid: u32,
+) -> Result<()> {
+    std::thread::sleep(Duration::from_millis(500));
+    let after = host_count(f, id)?;
+    if after <= at_pause || after > at_pause + 20 {
+        bail!("count {at_pause} at pause, {after} 0.5 s after resume: not continued");
+    }
+    let out = exec(
+        inst_socket,
+        &format!("test -d /proc/{pid} && echo same-process"),
+    )?;
+    if out.stdout.trim() != "same-process" {
+        bail!("the counting process {pid} is gone: {:?}", out.stdout);
+    }
+    Ok(())
+}
+
+/// The process exists and is not a zombie.
+fn sentry_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // `pid (comm) S ...`: the state follows the last ')'.
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .trim_start()
+        .chars()
+        .next();
+    pid > 0 && !matches!(state, None | Some('Z') | Some('X'))
+}
+
+fn state_json(f: &Fixture, id: &str) -> Result<Value> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        f.rt.paths(id).state(),
+    )?)?)
+}
+
 #[test]
-fn pause_keeps_memory_and_checkpoint_refuses_envds_socket() {
-    if !runnable("pause_keeps_memory_and_checkpoint_refuses_envds_socket") {
+fn pause_checkpoints_to_disk_and_resume_restores() {
+    if !runnable("pause_checkpoints_to_disk_and_resume_restores") {
         return;
     }
     let f = Fixture::new("pause").expect("fixture");
     let cfg = f.config("gp", NetworkMode::Loopback, 256);
     let result = (|| -> Result<()> {
         let (inst, _) = f.start(&cfg)?;
-        // A shell variable (process memory) counts; the file only reports it.
-        exec(
-            &inst.envd_socket,
-            "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /var/tmp/count.new; \
-             mv /var/tmp/count.new /var/tmp/count; sleep 0.05; done' >/dev/null 2>&1 &",
-        )?;
+        let pid = start_counter(&inst.envd_socket)?;
         std::thread::sleep(Duration::from_millis(500));
+        // A connection held open across the pause: envd cuts it.
+        let mut held = UnixStream::connect(&inst.envd_socket)?;
+        held.set_read_timeout(Some(Duration::from_secs(10)))?;
         let t = Instant::now();
         f.tokio.block_on(f.rt.pause(&cfg.id))?;
-        eprintln!("pause: {:?}", t.elapsed());
-        let at_pause = host_count(&f, &cfg.id)?;
-        std::thread::sleep(Duration::from_millis(500));
-        if host_count(&f, &cfg.id)? != at_pause {
-            bail!("the loop went on while paused");
+        eprintln!("pause (checkpoint): {:?}", t.elapsed());
+        let mut buf = [0u8; 8];
+        if held.read(&mut buf).unwrap_or(0) != 0 {
+            bail!("the held connection got data instead of being closed");
         }
-        // A paused sandbox is still adoptable (a restarted server keeps it).
+        let state = state_json(&f, &cfg.id)?;
+        if state["paused"] != "checkpoint" {
+            bail!("state.json after pause: {state}");
+        }
+        let image = f.rt.snapshot_dir(&cfg.id).join("checkpoint.img");
+        let size = std::fs::metadata(&image)
+            .with_context(|| image.display().to_string())?
+            .len();
+        eprintln!("checkpoint image: {size} bytes");
+        // No Sentry: memory released.
+        if sentry_alive(inst.pid) {
+            bail!("the Sentry {} still runs after the checkpoint", inst.pid);
+        }
+        let stats = f.tokio.block_on(f.rt.stats(&cfg.id))?;
+        if stats.mem_used_bytes != 0 || stats.mem_total_bytes != 256 * 1024 * 1024 {
+            bail!("stats of a checkpointed sandbox: {stats:?}");
+        }
+        let at_pause = assert_still(&f, &cfg.id)?;
         if f.tokio.block_on(f.rt.adopt(&cfg.id))?.is_none() {
-            bail!("adopt lost the paused sandbox");
+            bail!("adopt lost the checkpointed sandbox");
         }
         let t = Instant::now();
         f.tokio.block_on(f.rt.resume(&cfg.id))?;
-        eprintln!("resume: {:?}", t.elapsed());
-        std::thread::sleep(Duration::from_millis(500));
-        let after = host_count(&f, &cfg.id)?;
-        if after <= at_pause || after > at_pause + 20 {
-            bail!("count {at_pause} at pause, {after} 0.5 s after resume: not continued");
+        eprintln!("resume (restore): {:?}", t.elapsed());
+        assert_continues(&f, &inst.envd_socket, &cfg.id, at_pause, pid)?;
+        if f.rt.snapshot_dir(&cfg.id).exists() || !state_json(&f, &cfg.id)?["paused"].is_null() {
+            bail!("snapshot or paused state left after the resume");
         }
-        let out = exec(&inst.envd_socket, "echo alive")?;
-        if out.stdout.trim() != "alive" {
-            bail!("envd after resume: {:?}", out.stdout);
+        if f.tokio
+            .block_on(f.rt.adopt(&cfg.id))?
+            .is_none_or(|a| !sentry_alive(a.pid))
+        {
+            bail!("adopt does not find the restored Sentry");
         }
-        // runsc cannot save envd's listening host-UDS socket (docs/gvisor.md). When a
-        // runsc can, this fails: pause could then use checkpoint/restore.
-        let image = f.base.join("image");
-        match f.tokio.block_on(f.rt.checkpoint(&cfg.id, &image)) {
-            Ok(()) => bail!("runsc checkpointed envd's host socket: update docs/gvisor.md"),
-            Err(e) => {
-                let msg = format!("{:?}", e);
-                eprintln!("checkpoint refused: {}", msg.lines().next().unwrap_or(""));
-                // runsc 2024: "Cannot save endpoint with bound host socket"; 2022:
-                // "encoding error at object transport.connectionedEndpoint".
-                if !msg.contains("host socket") && !msg.contains("connectionedEndpoint") {
-                    bail!("checkpoint failed for another reason: {msg}");
-                }
-            }
+
+        // A second cycle, then an envd that cannot quiesce (no pid file): runsc pause.
+        f.tokio.block_on(f.rt.pause(&cfg.id))?;
+        let at_pause = assert_still(&f, &cfg.id)?;
+        f.tokio.block_on(f.rt.resume(&cfg.id))?;
+        assert_continues(&f, &inst.envd_socket, &cfg.id, at_pause, pid)?;
+        std::fs::remove_file(f.rt.paths(&cfg.id).run().join("envd.pid"))?;
+        let t = Instant::now();
+        f.tokio.block_on(f.rt.pause(&cfg.id))?;
+        eprintln!("pause (fallback, runsc pause): {:?}", t.elapsed());
+        if state_json(&f, &cfg.id)?["paused"] != "frozen" {
+            bail!("fallback not recorded: {}", state_json(&f, &cfg.id)?);
         }
+        let at_pause = assert_still(&f, &cfg.id)?;
+        if f.tokio.block_on(f.rt.adopt(&cfg.id))?.is_none() {
+            bail!("adopt lost the frozen sandbox");
+        }
+        f.tokio.block_on(f.rt.resume(&cfg.id))?;
+        assert_continues(&f, &inst.envd_socket, &cfg.id, at_pause, pid)?;
         Ok(())
     })();
     let killed = f.kill(&cfg.id);
     result.expect("pause and resume");
+    killed.expect("kill");
+    f.assert_clean(&cfg.id).expect("nothing left behind");
+}
+
+/// A server restart (a new runtime object adopts the checkpointed sandbox) and a host
+/// reboot as far as the host side goes (overlay unmounted, network namespace and
+/// cgroups gone), on an Internet sandbox (`create` + `restore --detach`); and `kill`
+/// of a checkpointed sandbox leaves nothing.
+#[test]
+fn checkpointed_sandbox_survives_restart_and_lost_host_side() {
+    if !runnable("checkpointed_sandbox_survives_restart_and_lost_host_side") {
+        return;
+    }
+    let f = Fixture::new("reboot").expect("fixture");
+    let cfg = f.config("gr", NetworkMode::Internet, 256);
+    let second = f.config("gk", NetworkMode::Loopback, 256);
+    let result = (|| -> Result<()> {
+        let (inst, _) = f.start(&cfg)?;
+        let pid = start_counter(&inst.envd_socket)?;
+        std::thread::sleep(Duration::from_millis(300));
+        f.tokio.block_on(f.rt.pause(&cfg.id))?;
+        if state_json(&f, &cfg.id)?["paused"] != "checkpoint" {
+            bail!("not checkpointed: {}", state_json(&f, &cfg.id)?);
+        }
+        let at_pause = assert_still(&f, &cfg.id)?;
+        // The host forgets everything outside the sandbox's directory.
+        let paths = f.rt.paths(&cfg.id);
+        nix::mount::umount2(&paths.rootfs(), nix::mount::MntFlags::MNT_DETACH)?;
+        let netns = format!("kiln-{}", cfg.id);
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "del", &netns])
+            .status()?
+            .success();
+        if !ok {
+            bail!("ip netns del {netns}");
+        }
+        for d in f.rt.cgroup_dirs(&cfg.id) {
+            let _ = std::fs::remove_dir(d);
+        }
+        // The server restarts: a new runtime object.
+        let rt = GvisorRuntime::new(f.rt.options().clone())?;
+        let adopted = f.tokio.block_on(rt.adopt(&cfg.id))?;
+        if adopted.is_none() {
+            bail!("a new runtime does not adopt the checkpointed sandbox");
+        }
+        let t = Instant::now();
+        f.tokio.block_on(rt.resume(&cfg.id))?;
+        eprintln!(
+            "resume (restore, Internet, host side re-made): {:?}",
+            t.elapsed()
+        );
+        assert_continues(&f, &inst.envd_socket, &cfg.id, at_pause, pid)?;
+        let out = exec(
+            &inst.envd_socket,
+            "getent hosts deb.debian.org >/dev/null && echo dns-ok",
+        )?;
+        if !out.stdout.contains("dns-ok") {
+            bail!("no DNS after the restore: {:?}", out.stdout);
+        }
+
+        // Killing a checkpointed sandbox removes its snapshot and everything else.
+        let (inst2, _) = f.start(&second)?;
+        f.tokio.block_on(f.rt.pause(&second.id))?;
+        if !f.rt.is_checkpointed(&second.id) {
+            bail!("{} is not checkpointed", second.id);
+        }
+        drop(inst2);
+        f.kill(&second.id)?;
+        f.assert_clean(&second.id)?;
+        Ok(())
+    })();
+    let killed = f.kill(&cfg.id);
+    let _ = f.kill(&second.id);
+    result.expect("restart and reboot");
+    killed.expect("kill");
+    f.assert_clean(&cfg.id).expect("nothing left behind");
+}
+
+/// A socket a user binds on the root filesystem is a host socket (`--host-uds`),
+/// which runsc cannot save: pause keeps the sandbox in RAM instead of losing it.
+#[test]
+fn a_user_host_socket_makes_pause_fall_back() {
+    if !runnable("a_user_host_socket_makes_pause_fall_back") {
+        return;
+    }
+    let f = Fixture::new("usock").expect("fixture");
+    let cfg = f.config("gu", NetworkMode::Loopback, 256);
+    let result = (|| -> Result<()> {
+        let (inst, _) = f.start(&cfg)?;
+        exec(
+            &inst.envd_socket,
+            "nohup python3 -c 'import socket, time; s = socket.socket(socket.AF_UNIX); \
+             s.bind(\"/var/tmp/user.sock\"); s.listen(); time.sleep(1000)' >/dev/null 2>&1 &",
+        )?;
+        let pid = start_counter(&inst.envd_socket)?;
+        std::thread::sleep(Duration::from_millis(500));
+        f.tokio.block_on(f.rt.pause(&cfg.id))?;
+        if state_json(&f, &cfg.id)?["paused"] != "frozen" {
+            bail!(
+                "expected the runsc pause fallback: {}",
+                state_json(&f, &cfg.id)?
+            );
+        }
+        let at_pause = assert_still(&f, &cfg.id)?;
+        f.tokio.block_on(f.rt.resume(&cfg.id))?;
+        assert_continues(&f, &inst.envd_socket, &cfg.id, at_pause, pid)?;
+        Ok(())
+    })();
+    let killed = f.kill(&cfg.id);
+    result.expect("fallback");
     killed.expect("kill");
     f.assert_clean(&cfg.id).expect("nothing left behind");
 }

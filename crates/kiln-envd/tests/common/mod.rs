@@ -92,6 +92,11 @@ impl Envd {
         }
     }
 
+    /// The envd process's pid (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
@@ -189,14 +194,22 @@ pub struct EventReader {
 impl EventReader {
     /// The next data message; `None` after the end-of-stream envelope.
     pub async fn next(&mut self) -> Option<Value> {
+        match self.try_next().await {
+            Ok(v) => v,
+            Err(e) => panic!("stream error: {e}"),
+        }
+    }
+
+    /// Like `next`, but a broken stream is an `Err` instead of a panic.
+    pub async fn try_next(&mut self) -> Result<Option<Value>, hyper::Error> {
         loop {
             if let Some(env) = self.decoder.next_envelope().expect("valid envelopes") {
                 let value: Value = serde_json::from_slice(&env.payload).expect("json payload");
                 if env.is_end_stream() {
                     self.end = Some(value);
-                    return None;
+                    return Ok(None);
                 }
-                return Some(value);
+                return Ok(Some(value));
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {
@@ -204,8 +217,8 @@ impl EventReader {
                         self.decoder.push(&data);
                     }
                 }
-                Some(Err(e)) => panic!("stream error: {e}"),
-                None => return None,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(None),
             }
         }
     }

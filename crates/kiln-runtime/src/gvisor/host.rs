@@ -73,24 +73,8 @@ pub fn prepare_rootfs(
     mkdir(&paths.work(), 0o700, None)?;
     mkdir(&paths.rootfs(), 0o755, None)?;
     mkdir(&paths.run(), 0o700, Some(ID_MAP_BASE))?;
-    // Same upper/work layout as the jail's.
-    let jail_paths = crate::jail::spec::SandboxPaths {
-        dir: paths.dir.clone(),
-    };
-    let opts = mounts::overlay_options(lower, &jail_paths)?;
+    mount_overlay(lower, paths)?;
     let root = paths.rootfs();
-    // nodev: a template must not smuggle in device nodes.
-    mount(
-        Some("overlay"),
-        &root,
-        Some("overlay"),
-        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
-        Some(opts.as_str()),
-    )
-    .map_err(|source| HostError::Overlay {
-        target: root.clone(),
-        source,
-    })?;
     let run_dir = Path::new(GUEST_ENVD_SOCKET)
         .parent()
         .unwrap_or(Path::new("/run/kiln"));
@@ -108,6 +92,39 @@ pub fn prepare_rootfs(
         write_etc(&root, name, content)?;
     }
     Ok(())
+}
+
+/// Mount the overlay `lowerdir=<lower>,upperdir=upper,workdir=work` at `rootfs/`
+/// (again, after a reboot, for a checkpointed sandbox: `upper/` keeps its writes).
+pub fn mount_overlay(lower: &Path, paths: &BundlePaths) -> Result<(), HostError> {
+    // Same upper/work layout as the jail's.
+    let jail_paths = crate::jail::spec::SandboxPaths {
+        dir: paths.dir.clone(),
+    };
+    let opts = mounts::overlay_options(lower, &jail_paths)?;
+    let root = paths.rootfs();
+    // nodev: a template must not smuggle in device nodes.
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        Some(opts.as_str()),
+    )
+    .map_err(|source| HostError::Overlay {
+        target: root.clone(),
+        source,
+    })
+}
+
+/// Whether something is mounted at `rootfs/` (it lies on another device than the
+/// sandbox directory holding it).
+pub fn rootfs_mounted(paths: &BundlePaths) -> Result<bool, HostError> {
+    use std::os::unix::fs::MetadataExt;
+    let root = paths.rootfs();
+    let inner = fs::metadata(&root).map_err(io_err("stat", &root))?;
+    let outer = fs::metadata(&paths.dir).map_err(io_err("stat", &paths.dir))?;
+    Ok(inner.dev() != outer.dev())
 }
 
 /// The `/etc` files every sandbox gets.

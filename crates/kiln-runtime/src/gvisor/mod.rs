@@ -6,10 +6,12 @@
 //! from [`bundle`], the `run/` directory envd's socket appears in), for Internet
 //! sandboxes a named network namespace with a veth ([`host`]), then runs
 //! `runsc run` as a supervising child ([`runsc`]). envd's Unix socket reaches the host
-//! through runsc's `--host-uds=all`. Written down in `docs/gvisor.md`.
+//! through runsc's `--host-uds=all`. Pause is a checkpoint to disk (`pause`).
+//! Written down in `docs/gvisor.md`.
 
 pub mod bundle;
 pub mod host;
+mod pause;
 pub mod runsc;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +71,23 @@ pub struct GvisorState {
     pub id: String,
     pub limits: Limits,
     pub slot: Option<net::Slot>,
+    /// The template root filesystem (the overlay's lower layer), to mount the overlay
+    /// again for a restore after a reboot. `None` in state written before it was kept.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
+    /// How the sandbox is paused, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<PauseKind>,
+}
+
+/// The two ways a gVisor sandbox is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PauseKind {
+    /// `runsc checkpoint` into `snapshot/`: no Sentry runs; survives a reboot.
+    Checkpoint,
+    /// `runsc pause` (envd could not quiesce): the Sentry keeps the memory in RAM.
+    Frozen,
 }
 
 /// The gVisor backend of [`Runtime`]. Needs root.
@@ -184,6 +203,17 @@ impl GvisorRuntime {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Replace `state.json` (through a rename: a crash leaves the old or the new one).
+    fn write_state(&self, state: &GvisorState) -> Result<(), RuntimeError> {
+        let path = self.paths(&state.id).state();
+        let tmp = path.with_extension("json.tmp");
+        let json = serde_json::to_vec(state)
+            .map_err(|e| RuntimeError::io("encoding state.json", std::io::Error::other(e)))?;
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| RuntimeError::io(format!("writing {}", path.display()), e))
+    }
+
     fn slots(&self) -> std::sync::MutexGuard<'_, net::Allocator> {
         // A panic while holding this lock cannot leave the set inconsistent.
         self.inner.slots.lock().unwrap_or_else(|p| p.into_inner())
@@ -227,14 +257,13 @@ impl GvisorRuntime {
         let etc = host::etc_files(id, slot).map_err(|e| start_err("etc files", &e))?;
         host::prepare_rootfs(&config.rootfs, &paths, &etc)
             .map_err(|e| start_err("preparing the root filesystem", &e))?;
-        let state = GvisorState {
+        self.write_state(&GvisorState {
             id: id.clone(),
             limits: config.limits,
             slot,
-        };
-        let json = serde_json::to_vec(&state).map_err(|e| start_err("encoding state", &e))?;
-        std::fs::write(paths.state(), json)
-            .map_err(|e| RuntimeError::io(format!("writing {}", paths.state().display()), e))?;
+            rootfs: Some(config.rootfs.clone()),
+            paused: None,
+        })?;
         let netns = match slot {
             Some(slot) => {
                 host::setup_netns(id, slot).map_err(|e| start_err("network namespace", &e))?;
@@ -445,66 +474,6 @@ impl GvisorRuntime {
             None => Ok(()),
         }
     }
-
-    /// `runsc checkpoint`: save the sandbox's memory and state to `image_dir` (the
-    /// sandbox stops). Restore it with [`GvisorRuntime::restore`].
-    ///
-    /// Fails, and leaves the sandbox stopped, while the guest holds a host-UDS socket:
-    /// envd's listening socket (runsc 2024: `Cannot save endpoint with bound host
-    /// socket`; 2022: `encoding error at object transport.connectionedEndpoint`) or a
-    /// connection accepted on it. So it does not work with the real envd; a guest
-    /// that closed them first is saved and restored with its memory (docs/gvisor.md).
-    /// [`Runtime::pause`] uses `runsc pause` instead.
-    pub async fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<(), RuntimeError> {
-        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
-        std::fs::create_dir_all(image_dir)
-            .map_err(|e| RuntimeError::io(format!("creating {}", image_dir.display()), e))?;
-        let arg = format!("--image-path={}", image_dir.display());
-        let this = self.clone();
-        let id2 = id.to_string();
-        tokio::task::spawn_blocking(move || {
-            this.inner
-                .runsc
-                .output(&["checkpoint", &arg, &id2], Duration::from_secs(120))
-        })
-        .await
-        .map_err(|e| RuntimeError::io("checkpoint task", std::io::Error::other(e)))?
-        .map(|_| ())
-        .map_err(|e| io_other(format!("sandbox {id}: runsc checkpoint"), &e))
-    }
-
-    /// Restore a checkpointed sandbox `id` (whose bundle directory, overlay mount and,
-    /// for Internet sandboxes, network namespace still exist) from `image_dir`,
-    /// launched like a fresh start; returns once envd's socket accepts.
-    pub async fn restore(
-        &self,
-        id: &str,
-        image_dir: &Path,
-    ) -> Result<SandboxInstance, RuntimeError> {
-        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
-        let state = self
-            .read_state(id)
-            .ok_or_else(|| RuntimeError::NotFound { id: id.to_string() })?;
-        let this = self.clone();
-        let id2 = id.to_string();
-        // The checkpointed container is stopped; runsc wants the id free again.
-        tokio::task::spawn_blocking(move || this.inner.runsc.delete(&id2))
-            .await
-            .map_err(|e| RuntimeError::io("delete task", std::io::Error::other(e)))?
-            .map_err(|e| io_other(format!("sandbox {id}: runsc delete"), &e))?;
-        let paths = self.paths(id);
-        let _ = std::fs::remove_file(paths.envd_socket());
-        match state.slot {
-            None => self.spawn_runsc(id, Some(image_dir))?,
-            Some(_) => self.create_and_start(id, Some(image_dir)).await?,
-        }
-        let pid = self.wait_for_envd(id).await?;
-        Ok(SandboxInstance {
-            id: id.to_string(),
-            pid,
-            envd_socket: paths.envd_socket(),
-        })
-    }
 }
 
 /// runsc 2022 decides it runs "in the root network namespace" when
@@ -635,11 +604,18 @@ impl Runtime for GvisorRuntime {
         let this = self.clone();
         let id = id.to_string();
         tokio::task::spawn_blocking(move || {
-            let cg = this
-                .inner
-                .cgroups
-                .stats(&id)
-                .map_err(|e| cgroup_err(&id, "reading its cgroup stats", e))?;
+            let cg = if state.paused == Some(PauseKind::Checkpoint) {
+                // No Sentry, no memory in use: only the limit and the disk are left.
+                cgroup::CgroupStats {
+                    mem_limit_bytes: state.limits.memory_mb.saturating_mul(1024 * 1024),
+                    ..Default::default()
+                }
+            } else {
+                this.inner
+                    .cgroups
+                    .stats(&id)
+                    .map_err(|e| cgroup_err(&id, "reading its cgroup stats", e))?
+            };
             let vfs = nix::sys::statvfs::statvfs(&this.inner.opts.state_dir).map_err(|e| {
                 RuntimeError::io("statvfs of the state directory", std::io::Error::from(e))
             })?;
@@ -666,6 +642,32 @@ impl Runtime for GvisorRuntime {
         let Some(state) = self.read_state(id) else {
             return Ok(None);
         };
+        if state.paused == Some(PauseKind::Checkpoint) {
+            // No Sentry runs: the sandbox is its snapshot on disk.
+            if !self.is_checkpointed(id) {
+                tracing::warn!(%id, "checkpointed, but its snapshot is missing");
+                return Ok(None);
+            }
+            if let Some(slot) = state.slot {
+                self.slots().reserve(slot.index);
+            }
+            // After a reboot: mount its overlay again now, so its template layer is
+            // in use (template garbage collection keeps mounted lower layers).
+            let this = self.clone();
+            let st = state.clone();
+            match tokio::task::spawn_blocking(move || this.ensure_host_side(&st)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%id, error = %chain(&e), "setting up a checkpointed sandbox's host side; resume will try again")
+                }
+                Err(e) => tracing::warn!(%id, error = %e, "host setup task"),
+            }
+            return Ok(Some(SandboxInstance {
+                id: id.to_string(),
+                pid: 0,
+                envd_socket: self.paths(id).envd_socket(),
+            }));
+        }
         let this = self.clone();
         let id2 = id.to_string();
         let cs = tokio::task::spawn_blocking(move || this.inner.runsc.state(&id2))
@@ -686,36 +688,25 @@ impl Runtime for GvisorRuntime {
         }))
     }
 
-    /// `runsc pause`: the Sentry stops every task of the sandbox and keeps its memory
-    /// (in RAM, like the jail's frozen cgroup) until [`Runtime::resume`]. A
-    /// checkpoint to disk (`runsc checkpoint`) is not used: runsc refuses to save
-    /// envd's listening host-UDS socket and stops the sandbox (docs/gvisor.md).
+    /// `runsc checkpoint` to `state_dir/<id>/snapshot/` after envd let go of its
+    /// socket: processes, kernel state and memory go to disk and the Sentry exits
+    /// (memory released). Falls back to `runsc pause` (memory kept in RAM) when envd
+    /// cannot quiesce. See [`pause`] and docs/gvisor.md.
     async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
-        self.pause_or_resume(id, "pause").await
+        self.pause_sandbox(id).await
     }
 
+    /// `runsc restore` from the snapshot, then envd listens again (or `runsc resume`
+    /// after the fallback).
     async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
-        self.pause_or_resume(id, "resume").await
+        self.resume_sandbox(id).await
     }
-}
 
-impl GvisorRuntime {
-    async fn pause_or_resume(&self, id: &str, verb: &'static str) -> Result<(), RuntimeError> {
-        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
-        if self.read_state(id).is_none() {
-            return Err(RuntimeError::NotFound { id: id.to_string() });
-        }
-        let this = self.clone();
-        let id2 = id.to_string();
-        tokio::task::spawn_blocking(move || {
-            this.inner
-                .runsc
-                .output(&[verb, &id2], Duration::from_secs(30))
-        })
-        .await
-        .map_err(|e| RuntimeError::io(format!("{verb} task"), std::io::Error::other(e)))?
-        .map(|_| ())
-        .map_err(|e| io_other(format!("sandbox {id}: runsc {verb}"), &e))
+    /// A checkpoint is on disk with the overlay's upper layer: after a reboot the
+    /// overlay is mounted and the network namespace made again before the restore.
+    /// (A sandbox that fell back to `runsc pause` is lost with the host's RAM.)
+    fn pause_survives_reboot(&self) -> bool {
+        true
     }
 }
 
@@ -733,9 +724,18 @@ mod tests {
                 pids_max: 64,
             },
             slot: net::Slot::new(3),
+            rootfs: Some("/t/rootfs".into()),
+            paused: Some(PauseKind::Checkpoint),
         };
         let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""paused":"checkpoint""#), "{json}");
         assert_eq!(serde_json::from_str::<GvisorState>(&json).unwrap(), s);
+        // state.json written before pauses and the template were recorded.
+        let old: GvisorState = serde_json::from_str(
+            r#"{"id":"g1","limits":{"memory_mb":1,"cpu_count":1,"pids_max":1},"slot":null}"#,
+        )
+        .unwrap();
+        assert_eq!((old.rootfs, old.paused), (None, None));
     }
 
     #[test]

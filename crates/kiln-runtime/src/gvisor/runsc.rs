@@ -174,6 +174,14 @@ impl Runsc {
             Err(e) => Err(e),
         }
     }
+
+    /// `runsc kill --pid=<pid> <id> <signal>`: signal one process of the sandbox
+    /// (`pid` in the sandbox's own pid namespace).
+    pub fn kill(&self, id: &str, pid: u32, signal: &str) -> Result<(), RunscError> {
+        let pid = format!("--pid={pid}");
+        self.output(&["kill", &pid, id, signal], Duration::from_secs(10))
+            .map(|_| ())
+    }
 }
 
 fn not_found(stderr: &str) -> bool {
