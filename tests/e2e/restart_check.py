@@ -18,7 +18,7 @@ from e2b.exceptions import NotFoundException, SandboxException
 
 SHORT_TIMEOUT = 15
 # Pause keeps the sandbox's memory on every runtime: the jail freezes its cgroup, gVisor
-# runs `runsc pause` (docs/gvisor.md).
+# checkpoints it to disk (docs/gvisor.md, "Pause and resume").
 PAUSE = os.environ.get("KILN_E2E_RUNTIME", "jail") in ("", "jail", "gvisor", "auto")
 
 

@@ -1,7 +1,8 @@
 """Pause and resume with the SDK: `sbx.pause()` then `Sandbox.connect(id)`.
 
-On the jail runtime a pause freezes the sandbox's cgroup: processes stop where they are
-and keep their memory, so a counting background process goes on from where it stood.
+On the jail runtime a pause freezes the sandbox's cgroup; on gVisor it checkpoints the
+sandbox to disk and the resume restores it. Either way processes stop where they are and
+keep their memory, so a counting background process goes on from where it stood.
 """
 
 import time
