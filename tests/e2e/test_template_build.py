@@ -144,6 +144,48 @@ def test_failing_run_names_the_step_and_keeps_the_previous_version(new_sandbox, 
         assert probe(sbx, "cat /opt/version") == "v3"
 
 
+def sandbox_runtime(sandbox_id: str) -> str:
+    """Kiln's `runtime` extension of `GET /sandboxes/{id}`."""
+    r = httpx.get(
+        f"{os.environ['E2B_API_URL']}/sandboxes/{sandbox_id}",
+        headers={"X-API-KEY": os.environ["E2B_API_KEY"]},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return r.json()["runtime"]
+
+
+def test_kiln_toml_pins_the_templates_runtime(tmp_path, new_sandbox, template_name):
+    """`runtime` in kiln.toml: the template's sandboxes run on that runtime whatever the
+    server's default is (CI runs this once with each default)."""
+    from conftest import kiln_bin
+
+    plain = new_sandbox()
+    default = sandbox_runtime(plain.sandbox_id)
+    other = {"jail": "gvisor", "gvisor": "jail"}[default]
+    (tmp_path / "Dockerfile").write_text("FROM e2bdev/base\nRUN echo pinned > /opt/pinned\n")
+    (tmp_path / "kiln.toml").write_text(f'name = "{template_name}"\nruntime = "{other}"\n')
+    out = subprocess.run(
+        [kiln_bin(), "template", "build", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ),
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    pinned = new_sandbox(template=template_name)
+    assert sandbox_runtime(pinned.sandbox_id) == other
+    assert probe(pinned, "cat /opt/pinned") == "pinned"
+    # gVisor's kernel says so itself: its own version string, not the host's.
+    kernels = {probe(plain, "uname -r"), probe(pinned, "uname -r")}
+    assert len(kernels) == 2, kernels
+
+    (tmp_path / "kiln.toml").write_text('runtime = "kvm"\n')
+    out = subprocess.run(
+        [kiln_bin(), "template", "build", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ),
+    )
+    assert out.returncode != 0
+    assert "not one of jail, gvisor" in out.stderr
+
+
 def test_unknown_user_and_unreachable_image(template_name):
     with pytest.raises(BuildException) as exc:
         build(Template().from_template("base").run_cmd("true", user="root123"), template_name)

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 
 pub mod gvisor;
 pub mod jail;
+pub mod multi;
 
 /// First host uid (and gid) of the range that sandbox ids 0.. map to. Template root
 /// filesystems are stored already shifted into this range (see `docs/jail.md`).
@@ -35,6 +36,15 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Jail => "jail",
             RuntimeKind::Gvisor => "gvisor",
+        }
+    }
+
+    /// `jail` or `gvisor`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "jail" => Some(RuntimeKind::Jail),
+            "gvisor" => Some(RuntimeKind::Gvisor),
+            _ => None,
         }
     }
 }
@@ -140,6 +150,39 @@ pub trait Runtime: Send + Sync {
 
     /// Start a sandbox. Returns once envd accepts connections on its socket.
     async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError>;
+
+    /// Start a sandbox on the backend a template asks for (`None`: the default). A
+    /// single backend starts its own kind and refuses another;
+    /// [`multi::MultiRuntime`] picks among its backends.
+    async fn start_on(
+        &self,
+        kind: Option<RuntimeKind>,
+        config: &SandboxConfig,
+    ) -> Result<SandboxInstance, RuntimeError> {
+        match kind {
+            Some(k) if k != self.kind() => Err(multi::unavailable(k, &[self.kind()])),
+            _ => self.start(config).await,
+        }
+    }
+
+    /// Whether `id`'s state is this backend's (its directory exists).
+    fn owns(&self, id: &str) -> bool {
+        let _ = id;
+        true
+    }
+
+    /// The backend that runs `id`.
+    fn kind_of(&self, id: &str) -> RuntimeKind {
+        let _ = id;
+        self.kind()
+    }
+
+    /// [`pause_survives_reboot`](Runtime::pause_survives_reboot) for the backend
+    /// that runs `id`.
+    fn pause_of_survives_reboot(&self, id: &str) -> bool {
+        let _ = id;
+        self.pause_survives_reboot()
+    }
 
     /// Kill a sandbox and remove everything it created on the host: processes,
     /// mounts, cgroups, network devices and rules, directories. Idempotent: killing an

@@ -224,6 +224,11 @@ fn template_info(t: &kiln_template::Template) -> TemplateInfo {
             start_cmd: None,
             ready_cmd: None,
             envs: Default::default(),
+            runtime: t
+                .meta
+                .runtime
+                .as_deref()
+                .and_then(kiln_runtime::RuntimeKind::parse),
         },
     }
 }

@@ -377,6 +377,7 @@ impl TemplateBuilds {
         let spec: BuildSpec = serde_json::from_value(project.recipe.spec)
             .map_err(|e| format!("the recipe is not a build spec: {e}"))?;
         spec.base().map_err(|e| e.to_string())?;
+        spec.runtime().map_err(|e| e.to_string())?;
         spec.parse_steps().map_err(|e| e.to_string())?;
         let build_id = uuid::Uuid::new_v4().to_string();
         self.builds
@@ -499,6 +500,11 @@ pub fn info_of(t: &Template) -> TemplateInfo {
             start_cmd: t.meta.start_cmd.clone(),
             ready_cmd: t.meta.ready_cmd.clone(),
             envs: t.meta.envs.clone(),
+            runtime: t
+                .meta
+                .runtime
+                .as_deref()
+                .and_then(kiln_runtime::RuntimeKind::parse),
         },
     }
 }

@@ -29,6 +29,8 @@ pub struct TemplateDefaults {
     pub ready_cmd: Option<String>,
     /// Environment variables of the template (its ENV steps), under the create's own.
     pub envs: BTreeMap<String, String>,
+    /// The runtime the template's sandboxes run on; `None`: the server's default.
+    pub runtime: Option<kiln_runtime::RuntimeKind>,
 }
 
 #[derive(Default)]

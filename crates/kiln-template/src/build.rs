@@ -219,6 +219,7 @@ impl TemplateStore {
             });
         }
         let base = req.spec.base()?;
+        req.spec.runtime()?;
         let steps = req.spec.parse_steps()?;
         // Held until the build is installed: `gc` waits for it.
         let _store = self.lock_store(false).await?;
@@ -423,6 +424,7 @@ impl TemplateStore {
             rootfs_bytes: parent.rootfs_bytes,
             start_cmd: req.spec.start_cmd.clone(),
             ready_cmd: req.spec.ready_cmd.clone(),
+            runtime: req.spec.runtime()?.map(str::to_owned),
             envs: state.env.clone(),
             chain: Some(LayerChain {
                 layers: chain_layers

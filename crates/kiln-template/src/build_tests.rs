@@ -86,6 +86,7 @@ fn store_with_base(dir: &Path) -> TemplateStore {
         rootfs_bytes: 0,
         start_cmd: None,
         ready_cmd: None,
+        runtime: None,
         envs: Default::default(),
         chain: None,
     };

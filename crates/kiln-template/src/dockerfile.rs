@@ -9,6 +9,7 @@
 //! unknown instruction is an error naming its line.
 //!
 //! `kiln.toml` (optional; flat `key = value`): `name`, `cpu_count`, `memory_mb`,
+//! `runtime` (`jail` or `gvisor`: where the template's sandboxes run),
 //! `ready_cmd`, `start_cmd`.
 
 use std::collections::BTreeMap;
@@ -337,10 +338,19 @@ pub fn parse_kiln_toml(text: &str) -> Result<BTreeMap<String, String>> {
             .split_once('=')
             .with_context(|| format!("kiln.toml line {}: expected key = value", i + 1))?;
         let k = k.trim();
-        if !["name", "cpu_count", "memory_mb", "ready_cmd", "start_cmd"].contains(&k) {
+        if ![
+            "name",
+            "cpu_count",
+            "memory_mb",
+            "ready_cmd",
+            "start_cmd",
+            "runtime",
+        ]
+        .contains(&k)
+        {
             bail!(
                 "kiln.toml line {}: unknown key {k:?} (known: name, cpu_count, memory_mb, \
-                 ready_cmd, start_cmd)",
+                 ready_cmd, start_cmd, runtime)",
                 i + 1
             );
         }
@@ -393,6 +403,12 @@ pub fn load_project(dir: &Path, name: Option<String>, skip_cache: bool) -> Resul
     }
     if let Some(c) = toml.get("ready_cmd") {
         recipe.spec["readyCmd"] = c.clone().into();
+    }
+    if let Some(r) = toml.get("runtime") {
+        if !crate::recipe::RUNTIMES.contains(&r.as_str()) {
+            bail!("kiln.toml: runtime {r:?} is not one of jail, gvisor");
+        }
+        recipe.spec["runtime"] = r.clone().into();
     }
     recipe.spec["force"] = skip_cache.into();
     let cpu_count = match toml.get("cpu_count") {
@@ -469,5 +485,31 @@ mod tests {
         assert_eq!(t["name"], "web");
         assert_eq!(t["cpu_count"], "4");
         assert!(parse_kiln_toml("colour = 1").is_err());
+    }
+
+    #[test]
+    fn kiln_toml_runtime_goes_into_the_recipe() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Dockerfile"),
+            "FROM e2bdev/base\nRUN true\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("kiln.toml"), "runtime = \"jail\"\n").unwrap();
+        let p = load_project(dir.path(), Some("t".into()), false).unwrap();
+        assert_eq!(p.recipe.spec["runtime"], "jail");
+        let spec: crate::recipe::BuildSpec = serde_json::from_value(p.recipe.spec).unwrap();
+        assert_eq!(spec.runtime().unwrap(), Some("jail"));
+
+        std::fs::write(dir.path().join("kiln.toml"), "runtime = \"kvm\"\n").unwrap();
+        let e = load_project(dir.path(), Some("t".into()), false)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not one of jail, gvisor"), "{e}");
+        let spec = crate::recipe::BuildSpec {
+            runtime: Some("docker".into()),
+            ..Default::default()
+        };
+        assert!(spec.runtime().is_err());
     }
 }

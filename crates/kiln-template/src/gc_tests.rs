@@ -46,6 +46,7 @@ fn meta(name: &str, chain: Option<LayerChain>) -> TemplateMeta {
         rootfs_bytes: 0,
         start_cmd: None,
         ready_cmd: None,
+        runtime: None,
         envs: Default::default(),
         chain,
     }

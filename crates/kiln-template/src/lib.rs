@@ -421,6 +421,7 @@ impl TemplateStore {
             rootfs_bytes: stats.bytes,
             start_cmd: None,
             ready_cmd: None,
+            runtime: None,
             envs: Default::default(),
             chain: None,
         };

@@ -53,6 +53,10 @@ pub struct TemplateMeta {
     /// Environment variables set by the recipe's ENV steps, given to every sandbox.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub envs: std::collections::BTreeMap<String, String>,
+    /// The runtime the template's sandboxes run on (`jail`, `gvisor`); `None`: the
+    /// server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
     /// What the build used from the caches, for [`crate::gc`]. `None` for the Debian
     /// bases and for templates built before it was recorded (then only the layer the
     /// `rootfs` symlink points at counts as used).
@@ -184,6 +188,7 @@ mod tests {
             rootfs_bytes: 42,
             start_cmd: None,
             ready_cmd: None,
+            runtime: None,
             envs: Default::default(),
             chain: None,
         }

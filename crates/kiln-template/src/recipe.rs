@@ -27,7 +27,15 @@ pub struct BuildSpec {
     pub start_cmd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_cmd: Option<String>,
+    /// Kiln's extension (the SDKs never send it; `kiln.toml`'s `runtime` does): the
+    /// isolation runtime this template's sandboxes run on, one of [`RUNTIMES`];
+    /// `None` is the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
+
+/// The runtimes a template may ask for.
+pub const RUNTIMES: [&str; 2] = ["jail", "gvisor"];
 
 /// One step as sent: `{"type": "RUN", "args": [...], "force": false, "filesHash"?}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +103,8 @@ pub enum RecipeError {
          with {{\"type\": \"registry\", \"username\", \"password\"}}"
     )]
     UnsupportedRegistry { kind: String },
+    #[error("runtime {0:?} is not one of jail, gvisor")]
+    UnknownRuntime(String),
     #[error("step {index} ({kind}): {message}")]
     Step {
         index: usize,
@@ -103,6 +113,14 @@ pub enum RecipeError {
     },
 }
 impl BuildSpec {
+    /// The runtime the recipe asks for, checked.
+    pub fn runtime(&self) -> Result<Option<&str>, RecipeError> {
+        match self.runtime.as_deref() {
+            Some(r) if !RUNTIMES.contains(&r) => Err(RecipeError::UnknownRuntime(r.to_owned())),
+            other => Ok(other),
+        }
+    }
+
     /// The base the recipe starts from.
     pub fn base(&self) -> Result<Base, RecipeError> {
         match (&self.from_image, &self.from_template) {

@@ -22,6 +22,7 @@ fn meta(hash: &str) -> TemplateMeta {
         rootfs_bytes: 0,
         start_cmd: None,
         ready_cmd: None,
+        runtime: None,
         envs: Default::default(),
         chain: None,
     }

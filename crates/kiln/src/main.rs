@@ -299,25 +299,37 @@ async fn serve(args: ServeArgs) -> Result<()> {
         opts.platform = args.runsc_platform.clone();
         kiln_runtime::gvisor::GvisorRuntime::new(opts)
     };
-    let runtime: Arc<dyn kiln_runtime::Runtime> = match args.runtime {
-        RuntimeChoice::Jail => jail()?,
-        RuntimeChoice::Gvisor => Arc::new(gvisor().context("setting up the gvisor runtime")?),
+    // The default runtime, then the other one when it can be set up too: templates may
+    // ask for either (`runtime` in kiln.toml).
+    let (default, other): (
+        Arc<dyn kiln_runtime::Runtime>,
+        Option<Arc<dyn kiln_runtime::Runtime>>,
+    ) = match args.runtime {
+        RuntimeChoice::Jail => (jail()?, gvisor().ok().map(|g| Arc::new(g) as _)),
+        RuntimeChoice::Gvisor => (
+            Arc::new(gvisor().context("setting up the gvisor runtime")?),
+            jail().ok(),
+        ),
         RuntimeChoice::Auto => match gvisor() {
             Ok(g) => {
                 eprintln!("runtime auto: gVisor works on this host; using it");
-                Arc::new(g)
+                (Arc::new(g), jail().ok())
             }
             Err(e) => {
                 eprintln!(
-                    "WARNING: runtime auto: gVisor is not usable here ({e}); falling back to \
-                     the jail, a container boundary (namespaces, cgroups, seccomp) that shares \
-                     the host's kernel with every sandbox. Install runsc (scripts/install-deps.sh) \
-                     for a user-space kernel between sandboxes and the host."
-                );
-                jail()?
+                        "WARNING: runtime auto: gVisor is not usable here ({e}); falling back to \
+                         the jail, a container boundary (namespaces, cgroups, seccomp) that shares \
+                         the host's kernel with every sandbox. Install runsc (scripts/install-deps.sh) \
+                         for a user-space kernel between sandboxes and the host."
+                    );
+                (jail()?, None)
             }
         },
     };
+    let runtime: Arc<dyn kiln_runtime::Runtime> = Arc::new(kiln_runtime::multi::MultiRuntime::new(
+        default,
+        other.into_iter().collect(),
+    ));
     let config = kiln_server::ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir,

@@ -538,6 +538,10 @@ impl Runtime for GvisorRuntime {
         Some(self.paths(id).upper())
     }
 
+    fn owns(&self, id: &str) -> bool {
+        crate::jail::spec::validate_id(id).is_ok() && self.paths(id).dir.is_dir()
+    }
+
     async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError> {
         validate(config)?;
         let paths = self.paths(&config.id);

@@ -256,7 +256,7 @@ impl SandboxManager {
             id: id.clone(),
             template_id: template.name.clone(),
             state: RecordState::Running,
-            runtime: self.runtime.kind().as_str().to_string(),
+            runtime: self.runtime.kind_of(&id).as_str().to_string(),
             started_at: now,
             end_at: now + ttl,
             cpu_count,
@@ -482,13 +482,13 @@ impl SandboxManager {
             } else {
                 None
             };
-            if alive.is_none() && paused && !self.runtime.pause_survives_reboot() {
+            if alive.is_none() && paused && !self.runtime.pause_of_survives_reboot(&rec.id) {
                 let message = format!(
                     "sandbox \"{}\" was paused on the {} runtime, whose pause keeps a \
                      sandbox only while the host runs; the host restarted, so it cannot be \
                      resumed. Kill it and create a new one.",
                     rec.id,
-                    self.runtime.kind().as_str()
+                    self.runtime.kind_of(&rec.id).as_str()
                 );
                 tracing::warn!(id = %rec.id, "{message}");
                 if let Err(e) = self.runtime.kill(&rec.id).await {

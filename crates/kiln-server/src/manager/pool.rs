@@ -109,7 +109,10 @@ impl SandboxManager {
             let template = template.clone();
             tokio::spawn(async move {
                 let config = manager.sandbox_config(super::new_id(), &template, true);
-                let started = manager.runtime.start(&config).await;
+                let started = manager
+                    .runtime
+                    .start_on(template.meta.runtime, &config)
+                    .await;
                 let instance = match started {
                     Ok(instance) => match super::prepare_pooled(&instance, &template).await {
                         Ok(()) => Some(Pooled {
@@ -194,7 +197,7 @@ impl SandboxManager {
             }
         }
         let config: SandboxConfig = self.sandbox_config(super::new_id(), template, internet);
-        let instance = self.runtime.start(&config).await;
+        let instance = self.runtime.start_on(template.meta.runtime, &config).await;
         if internet && self.limits.pool_size > 0 {
             self.fill_pool(template);
         }
