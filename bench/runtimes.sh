@@ -72,8 +72,8 @@ for rt in $RUNTIMES; do
   stop
 
   echo
-  echo "## $rt, warm pool of 2 (1 s between creates so the pool refills)"
+  echo "## $rt, warm pool of 2 (2 s between creates: the last sandbox's kill and the refill finish)"
   serve "$rt" 2
-  bench --creates "$CREATES" --round-trips 20 --create-interval-ms 1000
+  bench --creates "$CREATES" --round-trips 50 --create-interval-ms 2000
   stop
 done

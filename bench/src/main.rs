@@ -1,9 +1,9 @@
 //! `kiln-bench`: latency of a running Kiln server, each figure beside the floor it
 //! cannot beat, measured in the same run on the same machine.
 //!
-//! - create → first output: `POST /sandboxes`, then `echo ready` until its first
-//!   stdout chunk arrives (the create a user waits for), N times; each sandbox is
-//!   killed after its sample (kill time not counted).
+//! - create: `POST /sandboxes` answered (what `Sandbox.create()` waits for), and
+//!   create → first output: then `echo ready` until its first stdout chunk arrives,
+//!   N times; each sandbox is killed after its sample (kill time not counted).
 //!   Floor: `unshare` of the same namespaces running `/bin/true`.
 //! - `commands.run("true")` round trip through the proxy and envd, M times on one
 //!   sandbox. Floor: fork+exec of `/bin/true`.
@@ -122,11 +122,18 @@ pub(crate) fn new_sandbox(template: &str) -> kiln_api::NewSandbox {
     }
 }
 
-async fn create_to_first_output(client: &Client, args: &Args) -> Result<Vec<Duration>> {
+/// Per sample: `POST /sandboxes` answered (what `Sandbox.create()` waits for), and the
+/// first output of `echo ready` after it began.
+async fn create_to_first_output(
+    client: &Client,
+    args: &Args,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let mut samples = Vec::with_capacity(args.creates);
+    let mut creates = Vec::with_capacity(args.creates);
     for _ in 0..args.creates {
         let t = Instant::now();
         let sbx = client.create(&new_sandbox(&args.template)).await?;
+        creates.push(t.elapsed());
         let mut first: Option<Duration> = None;
         client
             .exec_with_token(
@@ -145,7 +152,7 @@ async fn create_to_first_output(client: &Client, args: &Args) -> Result<Vec<Dura
         client.kill(&sbx.sandbox_id).await?;
         tokio::time::sleep(Duration::from_millis(args.create_interval_ms)).await;
     }
-    Ok(samples)
+    Ok((creates, samples))
 }
 
 async fn round_trips(client: &Client, args: &Args) -> Result<Vec<Duration>> {
@@ -195,7 +202,8 @@ async fn main() -> Result<()> {
         Suite::Pause => return runtime::pause(&client, &args).await,
     }
 
-    let creates = summarize(create_to_first_output(&client, &args).await?);
+    let (create_only, creates) = create_to_first_output(&client, &args).await?;
+    let (create_only, creates) = (summarize(create_only), summarize(creates));
     let unshare = summarize(time_command(
         args.creates,
         "unshare",
@@ -233,6 +241,11 @@ async fn main() -> Result<()> {
     println!("| measurement | samples | p50 ms | p99 ms | mean ms |");
     println!("|---|---|---|---|---|");
     row(
+        "create (`POST /sandboxes` answered)",
+        args.creates,
+        &create_only,
+    );
+    row(
         "create → first output of `echo ready`",
         args.creates,
         &creates,
@@ -264,5 +277,44 @@ async fn main() -> Result<()> {
         "\nround trip above the floor: p50 {} ms",
         ms(rtt.p50.saturating_sub(fork_exec.p50))
     );
+    let inside = inside_process_costs(&client, &args).await?;
+    println!("inside the sandbox (its own kernel's cost, mean of 50 each): {inside}");
     Ok(())
+}
+
+/// fork+exec of `/bin/true` and of `bash -l -c true` timed by the sandbox itself: what
+/// every command costs there before envd and the proxy add anything.
+async fn inside_process_costs(client: &Client, args: &Args) -> Result<String> {
+    let sbx = client.create(&new_sandbox(&args.template)).await?;
+    let script = "t() { s=$(date +%s%N); for i in $(seq 50); do \"$@\"; done; \
+                  e=$(date +%s%N); echo $(( (e - s) / 50000 )); }; \
+                  echo \"$(t /bin/true) $(t bash -l -c true)\"";
+    let mut out = Vec::new();
+    client
+        .exec_with_token(
+            &sbx.sandbox_id,
+            sbx.envd_access_token.as_deref(),
+            script,
+            None,
+            |e| {
+                if let ExecEvent::Stdout(b) = e {
+                    out.extend(b)
+                }
+            },
+        )
+        .await?;
+    client.kill(&sbx.sandbox_id).await?;
+    let text = String::from_utf8_lossy(&out);
+    let us: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let [true_us, bash_us] = us[..] else {
+        bail!("unexpected timing output {text:?}");
+    };
+    Ok(format!(
+        "fork+exec of /bin/true {:.2} ms, `bash -l -c true` {:.2} ms",
+        true_us / 1000.0,
+        bash_us / 1000.0
+    ))
 }
