@@ -155,20 +155,24 @@ def sandbox_runtime(sandbox_id: str) -> str:
     return r.json()["runtime"]
 
 
+def kiln_template_build(project: Path, timeout: float) -> subprocess.CompletedProcess:
+    from conftest import kiln_bin
+
+    return subprocess.run(
+        [kiln_bin(), "template", "build", str(project)],
+        capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+    )
+
+
 def test_kiln_toml_pins_the_templates_runtime(tmp_path, new_sandbox, template_name):
     """`runtime` in kiln.toml: the template's sandboxes run on that runtime whatever the
     server's default is (CI runs this once with each default)."""
-    from conftest import kiln_bin
-
     plain = new_sandbox()
     default = sandbox_runtime(plain.sandbox_id)
     other = {"jail": "gvisor", "gvisor": "jail"}[default]
     (tmp_path / "Dockerfile").write_text("FROM e2bdev/base\nRUN echo pinned > /opt/pinned\n")
     (tmp_path / "kiln.toml").write_text(f'name = "{template_name}"\nruntime = "{other}"\n')
-    out = subprocess.run(
-        [kiln_bin(), "template", "build", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ),
-    )
+    out = kiln_template_build(tmp_path, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     pinned = new_sandbox(template=template_name)
     assert sandbox_runtime(pinned.sandbox_id) == other
@@ -178,10 +182,7 @@ def test_kiln_toml_pins_the_templates_runtime(tmp_path, new_sandbox, template_na
     assert len(kernels) == 2, kernels
 
     (tmp_path / "kiln.toml").write_text('runtime = "kvm"\n')
-    out = subprocess.run(
-        [kiln_bin(), "template", "build", str(tmp_path)],
-        capture_output=True, text=True, timeout=60, env=dict(os.environ),
-    )
+    out = kiln_template_build(tmp_path, timeout=60)
     assert out.returncode != 0
     assert "not one of jail, gvisor" in out.stderr
 

@@ -410,13 +410,7 @@ impl GvisorRuntime {
         let mut delay = Duration::from_millis(2);
         loop {
             if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-                let this = self.clone();
-                let id2 = id.to_string();
-                let state = tokio::task::spawn_blocking(move || this.inner.runsc.state(&id2))
-                    .await
-                    .map_err(|e| RuntimeError::io("state task", std::io::Error::other(e)))?
-                    .map_err(|e| io_other(format!("sandbox {id}: runsc state"), &e))?;
-                return Ok(state.and_then(|s| s.sentry_pid()).unwrap_or(0));
+                return self.sentry_pid(id).await;
             }
             if Instant::now() >= deadline {
                 return Err(RuntimeError::Start {

@@ -248,7 +248,8 @@ impl GvisorRuntime {
             .map_err(|e| io_other(format!("sandbox {id}: runsc kill {signal}"), &e))
     }
 
-    async fn sentry_pid(&self, id: &str) -> Result<u32, RuntimeError> {
+    /// The host pid of `id`'s Sentry (`runsc state`), 0 when it has none.
+    pub(super) async fn sentry_pid(&self, id: &str) -> Result<u32, RuntimeError> {
         let this = self.clone();
         let id2 = id.to_string();
         let state = tokio::task::spawn_blocking(move || this.inner.runsc.state(&id2))
