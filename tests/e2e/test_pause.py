@@ -9,7 +9,7 @@ import time
 
 from e2b import Sandbox, SandboxQuery, SandboxState
 
-from helpers import probe
+from helpers import probe, wait_until
 
 
 def _count(sbx: Sandbox) -> int:
@@ -42,3 +42,24 @@ def test_pause_keeps_processes_and_memory(new_sandbox):
     assert after > at_resume, "the counting process did not go on after resume"
     assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
     assert resumed.commands.run("echo alive").stdout.strip() == "alive"
+
+
+def test_timeout_pauses_when_the_create_asked_for_it(new_sandbox):
+    """`lifecycle={"on_timeout": "pause"}` (the API's autoPause): at its deadline the
+    sandbox is paused, not killed, and `Sandbox.connect` picks it up with its process
+    and memory."""
+    sbx = new_sandbox(timeout=6, lifecycle={"on_timeout": "pause"})
+    sbx.commands.run(
+        "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done'",
+        background=True,
+        timeout=0,
+    )
+    sbx.files.write("/home/user/note.txt", "kept")
+    assert wait_until(
+        lambda: Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED, 30
+    ), "the sandbox was not paused at its deadline"
+    resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
+    at_resume = _count(resumed)
+    time.sleep(0.5)
+    assert _count(resumed) > at_resume, "the counting process did not go on"
+    assert resumed.files.read("/home/user/note.txt") == "kept"
