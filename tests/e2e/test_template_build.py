@@ -170,7 +170,9 @@ def test_kiln_toml_pins_the_templates_runtime(tmp_path, new_sandbox, template_na
     plain = new_sandbox()
     default = sandbox_runtime(plain.sandbox_id)
     other = {"jail": "gvisor", "gvisor": "jail"}[default]
-    (tmp_path / "Dockerfile").write_text("FROM e2bdev/base\nRUN echo pinned > /opt/pinned\n")
+    (tmp_path / "Dockerfile").write_text(
+        "FROM e2bdev/base\nRUN echo pinned > /opt/pinned && uname -r > /opt/built-on\n"
+    )
     (tmp_path / "kiln.toml").write_text(f'name = "{template_name}"\nruntime = "{other}"\n')
     out = kiln_template_build(tmp_path, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -180,6 +182,8 @@ def test_kiln_toml_pins_the_templates_runtime(tmp_path, new_sandbox, template_na
     # gVisor's kernel says so itself: its own version string, not the host's.
     kernels = {probe(plain, "uname -r"), probe(pinned, "uname -r")}
     assert len(kernels) == 2, kernels
+    # The build's steps ran on the template's runtime too.
+    assert probe(pinned, "cat /opt/built-on") == probe(pinned, "uname -r")
 
     (tmp_path / "kiln.toml").write_text('runtime = "kvm"\n')
     out = kiln_template_build(tmp_path, timeout=60)

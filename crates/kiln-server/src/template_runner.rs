@@ -30,7 +30,9 @@ impl StepRunner for SandboxStepRunner {
         req: RunRequest<'_>,
         on_line: &mut (dyn FnMut(String) + Send),
     ) -> Result<(), RunError> {
-        let (id, socket) = self.start(req.lower, req.cpu_count, req.memory_mb).await?;
+        let (id, socket) = self
+            .start(req.lower, req.cpu_count, req.memory_mb, req.runtime)
+            .await?;
         let result = self.run_in(&socket, &id, &req, on_line).await;
         self.remove(&id).await;
         result
@@ -42,7 +44,7 @@ impl StepRunner for SandboxStepRunner {
         on_line: &mut (dyn FnMut(String) + Send),
     ) -> Result<(), RunError> {
         let (id, socket) = self
-            .start(check.lower, check.cpu_count, check.memory_mb)
+            .start(check.lower, check.cpu_count, check.memory_mb, check.runtime)
             .await?;
         let result = Self::wait_ready(&socket, &check, on_line).await;
         self.remove(&id).await;
@@ -56,6 +58,7 @@ impl SandboxStepRunner {
         lower: &Path,
         cpu_count: u32,
         memory_mb: u64,
+        runtime: Option<&str>,
     ) -> Result<(String, PathBuf), RunError> {
         let id = format!("build{}", hex::encode(rand::random::<[u8; 6]>()));
         let config = SandboxConfig {
@@ -68,8 +71,10 @@ impl SandboxStepRunner {
             },
             network: NetworkMode::Internet,
         };
+        // The template's own runtime when it names one (validated with the recipe).
+        let kind = runtime.and_then(kiln_runtime::RuntimeKind::parse);
         let instance =
-            self.runtime.start(&config).await.map_err(|e| {
+            self.runtime.start_on(kind, &config).await.map_err(|e| {
                 RunError::Failed(format!("build sandbox did not start: {}", chain(&e)))
             })?;
         Ok((id, instance.envd_socket))

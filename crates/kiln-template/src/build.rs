@@ -60,6 +60,8 @@ pub struct RunRequest<'a> {
     pub env: &'a BTreeMap<String, String>,
     pub cpu_count: u32,
     pub memory_mb: u64,
+    /// The runtime the template asks for (`jail`, `gvisor`); `None`: the server's.
+    pub runtime: Option<&'a str>,
 }
 
 /// A command in a build sandbox did not succeed.
@@ -111,6 +113,8 @@ pub struct ReadyCheck<'a> {
     pub cpu_count: u32,
     pub memory_mb: u64,
     pub timeout: std::time::Duration,
+    /// As [`RunRequest::runtime`].
+    pub runtime: Option<&'a str>,
 }
 
 /// How long the finalize phase waits for the ready command.
@@ -392,6 +396,7 @@ impl TemplateStore {
                 cpu_count: req.cpu_count,
                 memory_mb: req.memory_mb,
                 timeout: READY_TIMEOUT,
+                runtime: req.spec.runtime.as_deref(),
             };
             let mut on_line = |line: String| on_log(fin(line));
             runner
@@ -581,6 +586,7 @@ impl TemplateStore {
             env: &state.env,
             cpu_count: req.cpu_count,
             memory_mb: req.memory_mb,
+            runtime: req.spec.runtime.as_deref(),
         };
         runner
             .run(run, &mut on_line)
