@@ -266,6 +266,11 @@ impl TemplateStore {
             Some("base"),
             format!("[base] FROM {from} [{hash}]"),
         );
+        // The steps of a template pinned to a runtime run on it, so its layers are its
+        // own: a command can tell runtimes apart (`uname -r` says gVisor's 4.4.0).
+        if let Some(rt) = req.spec.runtime()? {
+            hash = mixed(&hash, &format!("runtime {rt}"));
+        }
         let mut state = parent.state.clone();
         let layers = self.layers_dir();
         fs::create_dir_all(&layers).map_err(|source| TemplateError::Io {
@@ -679,7 +684,12 @@ pub fn shell_of(rootfs: &Path) -> Option<&'static str> {
 }
 
 fn salted(hash: &str, salt: &str) -> String {
-    hex::encode(Sha256::digest(format!("{hash}\nforce {salt}")))
+    mixed(hash, &format!("force {salt}"))
+}
+
+/// A layer-chain hash with something else the layers depend on.
+fn mixed(hash: &str, what: &str) -> String {
+    hex::encode(Sha256::digest(format!("{hash}\n{what}")))
 }
 
 fn log(

@@ -206,6 +206,37 @@ async fn builds_caches_and_forces() {
 }
 
 #[tokio::test]
+async fn a_pinned_runtime_has_layers_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_base(dir.path());
+    let runner = FakeRunner::default();
+    let (plain, _) = build(&store, &request(dir.path(), RECIPE), &runner).await;
+    let plain = plain.unwrap();
+    assert_eq!(plain.meta.runtime, None);
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 4);
+
+    // The same steps pinned to gVisor run again (on it), and the runtime is recorded.
+    let pinned = RECIPE.replace("\"steps\"", "\"runtime\":\"gvisor\",\"steps\"");
+    let (t, _) = build(&store, &request(dir.path(), &pinned), &runner).await;
+    let t = t.unwrap();
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 8);
+    assert_eq!(t.meta.runtime.as_deref(), Some("gvisor"));
+    assert_ne!(t.meta.build_hash, plain.meta.build_hash);
+    // ... and are cached for the next build pinned the same way.
+    let (again, _) = build(&store, &request(dir.path(), &pinned), &runner).await;
+    assert_eq!(again.unwrap().meta.build_hash, t.meta.build_hash);
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 8);
+
+    let bad = RECIPE.replace("\"steps\"", "\"runtime\":\"kvm\",\"steps\"");
+    let (r, _) = build(&store, &request(dir.path(), &bad), &runner).await;
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("runtime \"kvm\" is not one of jail, gvisor"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn a_failing_run_names_the_step_and_keeps_the_old_version() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_base(dir.path());
