@@ -16,7 +16,7 @@ pub mod runsc;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -102,7 +102,6 @@ struct Inner {
     runsc: Runsc,
     version: String,
     cgroups: Box<dyn Cgroups>,
-    slots: Mutex<net::Allocator>,
 }
 
 fn io_other(context: String, e: &dyn std::error::Error) -> RuntimeError {
@@ -159,12 +158,11 @@ impl GvisorRuntime {
                 runsc,
                 version,
                 cgroups,
-                slots: Mutex::new(net::Allocator::default()),
             }),
         };
         for id in rt.ids()? {
             if let Some(slot) = rt.read_state(&id).and_then(|s| s.slot) {
-                rt.slots().reserve(slot.index);
+                net::slots().reserve(slot.index);
             }
         }
         Ok(rt)
@@ -212,11 +210,6 @@ impl GvisorRuntime {
         std::fs::write(&tmp, json)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| RuntimeError::io(format!("writing {}", path.display()), e))
-    }
-
-    fn slots(&self) -> std::sync::MutexGuard<'_, net::Allocator> {
-        // A panic while holding this lock cannot leave the set inconsistent.
-        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn ids(&self) -> Result<Vec<String>, RuntimeError> {
@@ -446,7 +439,7 @@ impl GvisorRuntime {
         match host::remove_netns(id, slot) {
             Ok(()) => {
                 if let Some(slot) = slot {
-                    self.slots().release(slot.index);
+                    net::slots().release(slot.index);
                 }
             }
             Err(e) => failures.push(io_other(format!("sandbox {id}: removing its network"), &e)),
@@ -545,7 +538,7 @@ impl Runtime for GvisorRuntime {
                 config.id
             )));
         }
-        let slot = net::allocate_for(&mut self.slots(), &config.id, config.network)?;
+        let slot = net::allocate_for(&mut net::slots(), &config.id, config.network)?;
         let network = if slot.is_some() {
             Network::Sandbox
         } else {
@@ -578,7 +571,7 @@ impl Runtime for GvisorRuntime {
                     tracing::warn!(id = %config.id, error = %chain(&cleanup), "cleanup after a failed start");
                 }
                 if let Some(slot) = slot {
-                    self.slots().release(slot.index);
+                    net::slots().release(slot.index);
                 }
                 Err(e)
             }
@@ -647,7 +640,7 @@ impl Runtime for GvisorRuntime {
                 return Ok(None);
             }
             if let Some(slot) = state.slot {
-                self.slots().reserve(slot.index);
+                net::slots().reserve(slot.index);
             }
             // After a reboot: mount its overlay again now, so its template layer is
             // in use (template garbage collection keeps mounted lower layers).
@@ -677,7 +670,7 @@ impl Runtime for GvisorRuntime {
             return Ok(None);
         };
         if let Some(slot) = state.slot {
-            self.slots().reserve(slot.index);
+            net::slots().reserve(slot.index);
         }
         Ok(Some(SandboxInstance {
             id: id.to_string(),

@@ -16,7 +16,7 @@ mod sys;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -66,7 +66,6 @@ pub struct JailRuntime {
 struct Inner {
     opts: JailOptions,
     cgroups: Box<dyn Cgroups>,
-    slots: Mutex<net::Allocator>,
 }
 
 /// The whole error chain on one line (for messages that cross the API boundary).
@@ -137,15 +136,11 @@ impl JailRuntime {
         net::install_host_rules()
             .map_err(|e| RuntimeError::Unsupported(format!("host network setup: {}", chain(&e))))?;
         let rt = JailRuntime {
-            inner: Arc::new(Inner {
-                opts,
-                cgroups,
-                slots: Mutex::new(net::Allocator::default()),
-            }),
+            inner: Arc::new(Inner { opts, cgroups }),
         };
         for id in rt.ids()? {
             if let Some(slot) = rt.read_state(&id).and_then(|s| s.slot) {
-                rt.slots().reserve(slot.index);
+                net::slots().reserve(slot.index);
             }
         }
         Ok(rt)
@@ -169,11 +164,6 @@ impl JailRuntime {
     pub fn read_state(&self, id: &str) -> Option<SandboxState> {
         let bytes = std::fs::read(self.paths(id).state()).ok()?;
         serde_json::from_slice(&bytes).ok()
-    }
-
-    fn slots(&self) -> std::sync::MutexGuard<'_, net::Allocator> {
-        // A panic while holding this lock cannot leave the set inconsistent.
-        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn ids(&self) -> Result<Vec<String>, RuntimeError> {
@@ -328,7 +318,7 @@ impl JailRuntime {
             wait_helper_gone(s.helper_pid, id, Duration::from_secs(2));
             if let Some(slot) = s.slot {
                 match net::remove_host_side(slot) {
-                    Ok(()) => self.slots().release(slot.index),
+                    Ok(()) => net::slots().release(slot.index),
                     Err(e) => {
                         failures.push(io("removing its veth", std::io::Error::other(chain(&e))))
                     }
@@ -427,7 +417,7 @@ impl Runtime for JailRuntime {
                 config.id
             )));
         }
-        let slot = net::allocate_for(&mut self.slots(), &config.id, config.network)?;
+        let slot = net::allocate_for(&mut net::slots(), &config.id, config.network)?;
         let spec = HelperSpec {
             id: config.id.clone(),
             rootfs: config.rootfs.clone(),
@@ -457,7 +447,7 @@ impl Runtime for JailRuntime {
                     tracing::warn!(id = %config.id, error = %chain(&cleanup), "cleanup after a failed start");
                 }
                 if let Some(slot) = slot {
-                    self.slots().release(slot.index);
+                    net::slots().release(slot.index);
                 }
                 Err(e)
             }
@@ -516,7 +506,7 @@ impl Runtime for JailRuntime {
             return Ok(None);
         }
         if let Some(slot) = state.slot {
-            self.slots().reserve(slot.index);
+            net::slots().reserve(slot.index);
         }
         Ok(Some(self.instance(&state)))
     }

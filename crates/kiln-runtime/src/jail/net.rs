@@ -108,8 +108,8 @@ impl Slot {
     }
 }
 
-/// Slot allocator: lowest free index. The runtime keeps one behind a mutex and seeds
-/// it from the state files of sandboxes it finds at startup.
+/// Slot allocator: lowest free index. One per process ([`slots`]), seeded from the
+/// state files of sandboxes the runtimes find at startup.
 #[derive(Debug, Default)]
 pub struct Allocator {
     used: BTreeSet<u32>,
@@ -336,6 +336,17 @@ pub fn sandbox_resolv_conf() -> Result<String, NetError> {
     })
 }
 
+/// The slots of every runtime of this process: the jail and gVisor backends of one
+/// server share the 10.77.0.0/16 plan, so they allocate from one set (other processes'
+/// slots are seen through their `kv<n>` devices).
+pub(crate) fn slots() -> std::sync::MutexGuard<'static, Allocator> {
+    static SLOTS: std::sync::Mutex<Allocator> = std::sync::Mutex::new(Allocator {
+        used: BTreeSet::new(),
+    });
+    // A panic while holding this lock cannot leave the set inconsistent.
+    SLOTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A network slot for a sandbox that asks for internet access (none for loopback only).
 /// Slots whose host interface exists are skipped: another process may hold them.
 pub(crate) fn allocate_for(
@@ -381,6 +392,16 @@ mod tests {
         assert!(Slot::new(SLOTS).is_none());
         // Interface names must fit IFNAMSIZ (15 bytes).
         assert!(last.host_if().len() <= 15);
+    }
+
+    #[test]
+    fn the_process_has_one_set_of_slots() {
+        // What the jail and gVisor backends of one server both call.
+        let a = slots().allocate(|_| false).unwrap();
+        let b = slots().allocate(|_| false).unwrap();
+        assert_ne!(a.index, b.index);
+        slots().release(a.index);
+        slots().release(b.index);
     }
 
     #[test]
