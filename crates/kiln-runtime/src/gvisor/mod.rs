@@ -162,7 +162,7 @@ impl GvisorRuntime {
         };
         for id in rt.ids()? {
             if let Some(slot) = rt.read_state(&id).and_then(|s| s.slot) {
-                net::slots().reserve(slot.index);
+                net::reserve(slot.index);
             }
         }
         Ok(rt)
@@ -439,7 +439,7 @@ impl GvisorRuntime {
         match host::remove_netns(id, slot) {
             Ok(()) => {
                 if let Some(slot) = slot {
-                    net::slots().release(slot.index);
+                    net::release(slot.index);
                 }
             }
             Err(e) => failures.push(io_other(format!("sandbox {id}: removing its network"), &e)),
@@ -571,7 +571,7 @@ impl Runtime for GvisorRuntime {
                     tracing::warn!(id = %config.id, error = %chain(&cleanup), "cleanup after a failed start");
                 }
                 if let Some(slot) = slot {
-                    net::slots().release(slot.index);
+                    net::release(slot.index);
                 }
                 Err(e)
             }
@@ -640,7 +640,7 @@ impl Runtime for GvisorRuntime {
                 return Ok(None);
             }
             if let Some(slot) = state.slot {
-                net::slots().reserve(slot.index);
+                net::reserve(slot.index);
             }
             // After a reboot: mount its overlay again now, so its template layer is
             // in use (template garbage collection keeps mounted lower layers).
@@ -670,7 +670,7 @@ impl Runtime for GvisorRuntime {
             return Ok(None);
         };
         if let Some(slot) = state.slot {
-            net::slots().reserve(slot.index);
+            net::reserve(slot.index);
         }
         Ok(Some(SandboxInstance {
             id: id.to_string(),

@@ -140,7 +140,7 @@ impl JailRuntime {
         };
         for id in rt.ids()? {
             if let Some(slot) = rt.read_state(&id).and_then(|s| s.slot) {
-                net::slots().reserve(slot.index);
+                net::reserve(slot.index);
             }
         }
         Ok(rt)
@@ -318,7 +318,7 @@ impl JailRuntime {
             wait_helper_gone(s.helper_pid, id, Duration::from_secs(2));
             if let Some(slot) = s.slot {
                 match net::remove_host_side(slot) {
-                    Ok(()) => net::slots().release(slot.index),
+                    Ok(()) => net::release(slot.index),
                     Err(e) => {
                         failures.push(io("removing its veth", std::io::Error::other(chain(&e))))
                     }
@@ -447,7 +447,7 @@ impl Runtime for JailRuntime {
                     tracing::warn!(id = %config.id, error = %chain(&cleanup), "cleanup after a failed start");
                 }
                 if let Some(slot) = slot {
-                    net::slots().release(slot.index);
+                    net::release(slot.index);
                 }
                 Err(e)
             }
@@ -506,7 +506,7 @@ impl Runtime for JailRuntime {
             return Ok(None);
         }
         if let Some(slot) = state.slot {
-            net::slots().reserve(slot.index);
+            net::reserve(slot.index);
         }
         Ok(Some(self.instance(&state)))
     }

@@ -347,8 +347,65 @@ pub(crate) fn slots() -> std::sync::MutexGuard<'static, Allocator> {
     SLOTS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Host-wide claims on slots, one file per slot, so that processes (two servers, or
+/// tests running in parallel) never pick the same slot between the allocation and the
+/// creation of its `kv<n>` device. `/run` is emptied by a reboot.
+const CLAIMS_DIR: &str = "/run/kiln-net-slots";
+/// A claim whose device still does not exist after this long was left by a process
+/// that died between the two (creating the device takes well under a second).
+const STALE_CLAIM: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Claims `slot` in `dir` (`O_EXCL`); a stale claim without its device is taken over.
+fn claim(dir: &Path, slot: Slot, device_exists: bool) -> bool {
+    let path = dir.join(slot.index.to_string());
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{}", std::process::id()))
+    };
+    if std::fs::create_dir_all(dir).is_err() {
+        return !device_exists;
+    }
+    match create() {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            !device_exists
+                && age > STALE_CLAIM
+                && std::fs::remove_file(&path).is_ok()
+                && create().is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Marks `index` as used by a sandbox found at startup: in this process's set, and on
+/// the host unless a claim is there already (after a reboot a checkpointed gVisor
+/// sandbox gets its slot's devices back at resume).
+pub(crate) fn reserve(index: u32) {
+    slots().reserve(index);
+    let dir = Path::new(CLAIMS_DIR);
+    let _ = std::fs::create_dir_all(dir);
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.join(index.to_string()));
+}
+
+/// Gives `index` back: to this process's set and on the host.
+pub(crate) fn release(index: u32) {
+    slots().release(index);
+    let _ = std::fs::remove_file(Path::new(CLAIMS_DIR).join(index.to_string()));
+}
+
 /// A network slot for a sandbox that asks for internet access (none for loopback only).
-/// Slots whose host interface exists are skipped: another process may hold them.
+/// Slots whose host interface exists or that another process claimed are skipped.
 pub(crate) fn allocate_for(
     slots: &mut Allocator,
     id: &str,
@@ -357,7 +414,10 @@ pub(crate) fn allocate_for(
     match network {
         crate::NetworkMode::Loopback => Ok(None),
         crate::NetworkMode::Internet => {
-            let taken = |s: Slot| Path::new("/sys/class/net").join(s.host_if()).exists();
+            let taken = |s: Slot| {
+                let exists = Path::new("/sys/class/net").join(s.host_if()).exists();
+                exists || !claim(Path::new(CLAIMS_DIR), s, exists)
+            };
             slots
                 .allocate(taken)
                 .map(Some)
@@ -392,6 +452,26 @@ mod tests {
         assert!(Slot::new(SLOTS).is_none());
         // Interface names must fit IFNAMSIZ (15 bytes).
         assert!(last.host_if().len() <= 15);
+    }
+
+    #[test]
+    fn claims_are_exclusive_and_stale_ones_are_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Slot::new(5).unwrap();
+        assert!(claim(dir.path(), s, false));
+        // Held by someone (here: us) and fresh: not again, device or not.
+        assert!(!claim(dir.path(), s, false));
+        assert!(!claim(dir.path(), s, true));
+        // Old and without its device: the claimant died before creating it.
+        let file = std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("5"))
+            .unwrap();
+        file.set_modified(std::time::SystemTime::now() - STALE_CLAIM * 2)
+            .unwrap();
+        assert!(!claim(dir.path(), s, true), "its device exists: in use");
+        assert!(claim(dir.path(), s, false));
+        assert!(!claim(dir.path(), s, false), "the new claim is fresh");
     }
 
     #[test]
