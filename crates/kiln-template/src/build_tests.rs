@@ -70,26 +70,7 @@ fn store_with_base(dir: &Path) -> TemplateStore {
     // A shell for RUN steps, behind Debian's /bin -> usr/bin.
     fs::write(base.join("rootfs/usr/bin/bash"), "").unwrap();
     std::os::unix::fs::symlink("usr/bin", base.join("rootfs/bin")).unwrap();
-    let meta = TemplateMeta {
-        format: META_FORMAT,
-        name: BASE.into(),
-        created_at: chrono::Utc::now(),
-        default_user: "user".into(),
-        default_workdir: "/home/user".into(),
-        cpu_count: 2,
-        memory_mb: 512,
-        disk_size_mb: 4096,
-        envd_version: crate::ENVD_VERSION.into(),
-        kiln_version: "test".into(),
-        build_hash: "b".repeat(64),
-        id_map_base: kiln_runtime::ID_MAP_BASE,
-        rootfs_bytes: 0,
-        start_cmd: None,
-        ready_cmd: None,
-        runtime: None,
-        envs: Default::default(),
-        chain: None,
-    };
+    let meta = crate::meta::test_meta(BASE, &"b".repeat(64));
     meta.write(&base).unwrap();
     store
 }

@@ -4,7 +4,7 @@
 use std::os::unix::fs::symlink;
 
 use super::*;
-use crate::{LayerChain, META_FORMAT};
+use crate::LayerChain;
 
 const DAY: Duration = Duration::from_secs(86400);
 
@@ -31,24 +31,9 @@ fn layer(t: &Path, name: &str, ago: Duration) -> PathBuf {
 
 fn meta(name: &str, chain: Option<LayerChain>) -> TemplateMeta {
     TemplateMeta {
-        format: META_FORMAT,
-        name: name.into(),
-        created_at: chrono::Utc::now(),
-        default_user: "user".into(),
-        default_workdir: "/home/user".into(),
-        cpu_count: 2,
-        memory_mb: 512,
-        disk_size_mb: 4096,
-        envd_version: crate::ENVD_VERSION.into(),
-        kiln_version: "test".into(),
-        build_hash: "h".into(),
         id_map_base: 0,
-        rootfs_bytes: 0,
-        start_cmd: None,
-        ready_cmd: None,
-        runtime: None,
-        envs: Default::default(),
         chain,
+        ..crate::meta::test_meta(name, "h")
     }
 }
 

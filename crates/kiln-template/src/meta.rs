@@ -165,6 +165,32 @@ impl TemplateMeta {
     }
 }
 
+/// A template's metadata as the crate's tests need it: `name`, `build_hash`, defaults
+/// for the rest (override with struct-update syntax).
+#[cfg(test)]
+pub(crate) fn test_meta(name: &str, build_hash: &str) -> TemplateMeta {
+    TemplateMeta {
+        format: META_FORMAT,
+        name: name.into(),
+        created_at: Utc::now(),
+        default_user: "user".into(),
+        default_workdir: "/home/user".into(),
+        cpu_count: 2,
+        memory_mb: 512,
+        disk_size_mb: 4096,
+        envd_version: crate::ENVD_VERSION.into(),
+        kiln_version: "test".into(),
+        build_hash: build_hash.into(),
+        id_map_base: kiln_runtime::ID_MAP_BASE,
+        rootfs_bytes: 0,
+        start_cmd: None,
+        ready_cmd: None,
+        runtime: None,
+        envs: Default::default(),
+        chain: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,26 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use super::*;
 
 fn meta(hash: &str) -> TemplateMeta {
-    TemplateMeta {
-        format: META_FORMAT,
-        name: BASE.into(),
-        created_at: chrono::Utc::now(),
-        default_user: "user".into(),
-        default_workdir: "/home/user".into(),
-        cpu_count: 2,
-        memory_mb: 512,
-        disk_size_mb: 4096,
-        envd_version: ENVD_VERSION.into(),
-        kiln_version: "test".into(),
-        build_hash: hash.into(),
-        id_map_base: kiln_runtime::ID_MAP_BASE,
-        rootfs_bytes: 0,
-        start_cmd: None,
-        ready_cmd: None,
-        runtime: None,
-        envs: Default::default(),
-        chain: None,
-    }
+    crate::meta::test_meta(BASE, hash)
 }
 
 fn is_root() -> bool {
