@@ -21,6 +21,23 @@ def probe_exit(sbx: Sandbox, cmd: str, **kwargs) -> int:
         return e.exit_code
 
 
+# A background process whose shell variable (process memory) counts up; each value is
+# renamed into place, so a reader never sees the file empty between a truncate and a write
+# (nor a pause or checkpoint taken at that moment).
+COUNTER = (
+    "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
+    "mv /tmp/count.new /tmp/count; sleep 0.05; done'"
+)
+
+
+def start_counter(sbx: Sandbox) -> None:
+    sbx.commands.run(COUNTER, background=True, timeout=0)
+
+
+def read_counter(sbx: Sandbox) -> int:
+    return int(probe(sbx, "cat /tmp/count"))
+
+
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

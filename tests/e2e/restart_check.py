@@ -16,6 +16,8 @@ import time
 from e2b import Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
 
+from helpers import read_counter, start_counter
+
 SHORT_TIMEOUT = 15
 # Pause keeps the sandbox's memory on every runtime: the jail freezes its cgroup, gVisor
 # checkpoints it to disk (docs/gvisor.md, "Pause and resume").
@@ -29,12 +31,7 @@ def before() -> None:
     short = Sandbox.create(timeout=SHORT_TIMEOUT, metadata={"e2e": "restart"})
     paused = Sandbox.create(timeout=300, metadata={"e2e": "restart"}) if PAUSE else None
     if paused:
-        paused.commands.run(
-            "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
-        "mv /tmp/count.new /tmp/count; sleep 0.05; done'",
-            background=True,
-            timeout=0,
-        )
+        start_counter(paused)
         time.sleep(0.3)
         assert paused.pause() is True
     json.dump(
@@ -70,9 +67,9 @@ def after() -> None:
         time.sleep(1)
     if state["paused"]:
         paused = Sandbox.connect(state["paused"])
-        first = int(paused.commands.run("cat /tmp/count").stdout)
+        first = read_counter(paused)
         time.sleep(0.3)
-        assert int(paused.commands.run("cat /tmp/count").stdout) > first, "did not resume"
+        assert read_counter(paused) > first, "did not resume"
         paused.kill()
     keep.kill()
     print(

@@ -9,24 +9,15 @@ import time
 
 from e2b import Sandbox, SandboxQuery, SandboxState
 
-from helpers import probe, wait_until
-
-
-def _count(sbx: Sandbox) -> int:
-    return int(probe(sbx, "cat /tmp/count"))
+from helpers import read_counter, start_counter, wait_until
 
 
 def test_pause_keeps_processes_and_memory(new_sandbox):
     sbx = new_sandbox()
     # A shell variable (process memory) counts; the file only reports it.
-    sbx.commands.run(
-        "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
-        "mv /tmp/count.new /tmp/count; sleep 0.05; done'",
-        background=True,
-        timeout=0,
-    )
+    start_counter(sbx)
     time.sleep(0.5)
-    assert _count(sbx) > 0
+    assert read_counter(sbx) > 0
 
     assert sbx.pause() is True
     assert sbx.pause() is False, "a second pause reports 'already paused'"
@@ -36,9 +27,9 @@ def test_pause_keeps_processes_and_memory(new_sandbox):
     assert sbx.sandbox_id in [s.sandbox_id for s in paused]
 
     resumed = Sandbox.connect(sbx.sandbox_id)
-    at_resume = _count(resumed)
+    at_resume = read_counter(resumed)
     time.sleep(0.5)
-    after = _count(resumed)
+    after = read_counter(resumed)
     assert after > at_resume, "the counting process did not go on after resume"
     assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
     assert resumed.commands.run("echo alive").stdout.strip() == "alive"
@@ -49,17 +40,13 @@ def test_timeout_pauses_when_the_create_asked_for_it(new_sandbox):
     sandbox is paused, not killed, and `Sandbox.connect` picks it up with its process
     and memory."""
     sbx = new_sandbox(timeout=6, lifecycle={"on_timeout": "pause"})
-    sbx.commands.run(
-        "bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done'",
-        background=True,
-        timeout=0,
-    )
+    start_counter(sbx)
     sbx.files.write("/home/user/note.txt", "kept")
     assert wait_until(
         lambda: Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED, 30
     ), "the sandbox was not paused at its deadline"
     resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
-    at_resume = _count(resumed)
+    at_resume = read_counter(resumed)
     time.sleep(0.5)
-    assert _count(resumed) > at_resume, "the counting process did not go on"
+    assert read_counter(resumed) > at_resume, "the counting process did not go on"
     assert resumed.files.read("/home/user/note.txt") == "kept"
