@@ -29,7 +29,7 @@ KILN_BIN="${KILN_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/debug/kiln}"
 HEALTH_TIMEOUT="${KILN_E2E_HEALTH_TIMEOUT:-900}"
 BUILTIN_TIMEOUT="${KILN_E2E_BUILTIN_TIMEOUT:-1800}"
 LOG_DIR="$HERE/.logs"
-SERVER_LOG="$LOG_DIR/serve-$(date -u +%Y%m%dT%H%M%SZ).log"
+SERVER_LOG="$LOG_DIR/serve-$(date -u +%Y%m%dT%H%M%SZ)-$$.log"
 SERVER_PID=""
 
 log() { printf '\n=== %s\n' "$*" >&2; }
@@ -181,7 +181,7 @@ fi
 
 # --- restart: sandboxes survive a server restart and their deadlines still hold --------
 log "restart (re-adoption and persisted deadlines)"
-RESTART_STATE="$LOG_DIR/restart-state.json"
+RESTART_STATE="${SERVER_LOG%.log}.restart-state.json"
 if (cd "$HERE" && .venv/bin/python restart_check.py before >"$RESTART_STATE"); then
   stop_server
   start_server
