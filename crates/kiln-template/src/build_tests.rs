@@ -476,8 +476,10 @@ async fn a_failing_trixie_base_fails_the_base_step_with_its_output() {
 /// Privilege tier: root (the base's ownership shift chowns with real `lchown`).
 #[tokio::test]
 async fn a_trixie_base_is_built_on_first_use_then_cached() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP a_trixie_base_is_built_on_first_use_then_cached: needs root (CAP_CHOWN)");
+    if !crate::tests::has_root(
+        "a_trixie_base_is_built_on_first_use_then_cached",
+        "CAP_CHOWN",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -359,17 +359,10 @@ mod tests {
         assert_eq!(unescape_mount_path("/x\\999"), "/x\\999");
     }
 
-    fn is_root() -> bool {
-        fs::read_to_string("/proc/self/status")
-            .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
-            .unwrap_or(false)
-    }
-
     /// Privilege tier: root (mounts a tmpfs). Skips, saying so, without root.
     #[test]
     fn remove_tree_unmounts_first() {
-        if !is_root() {
-            eprintln!("SKIP remove_tree_unmounts_first: needs root (mount)");
+        if !crate::tests::has_root("remove_tree_unmounts_first", "mount") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -224,8 +224,7 @@ mod tests {
     #[test]
     fn whiteouts_and_opaque_dirs() {
         // Creating a 0/0 char device and setting trusted.* xattrs needs root.
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipping: needs root (mknod, trusted.* xattrs)");
+        if !crate::tests::has_root("whiteouts_and_opaque_dirs", "mknod, trusted.* xattrs") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -296,17 +296,10 @@ mod tests {
         assert!(matches!(err, ShiftError::BadRange { .. }));
     }
 
-    fn is_root() -> bool {
-        fs::read_to_string("/proc/self/status")
-            .map(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")))
-            .unwrap_or(false)
-    }
-
     /// Privilege tier: root (real `lchown` to other ids). Skips, saying so, without root.
     #[test]
     fn real_shift_as_root() {
-        if !is_root() {
-            eprintln!("SKIP real_shift_as_root: needs root (CAP_CHOWN)");
+        if !crate::tests::has_root("real_shift_as_root", "CAP_CHOWN") {
             return;
         }
         let (dir, outside) = tree();
