@@ -12,6 +12,7 @@ use async_trait::async_trait;
 pub mod gvisor;
 pub mod jail;
 pub mod multi;
+pub mod userns;
 
 /// First host uid (and gid) of the range that sandbox ids 0.. map to. Template root
 /// filesystems are stored already shifted into this range (see `docs/jail.md`).

@@ -36,6 +36,7 @@ pub mod copy;
 pub mod dockerfile;
 pub mod fsutil;
 pub mod gc;
+pub mod image;
 pub mod layer;
 pub mod meta;
 pub mod oci;

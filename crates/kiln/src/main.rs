@@ -73,6 +73,21 @@ enum TemplateCommand {
         remote: Remote,
         names: Vec<String>,
     },
+    /// Write an ext4 disk image of a template's root filesystem, with the ids the
+    /// sandbox sees (for a runtime that boots a disk; needs root). Reads the data
+    /// directory directly: no server needed.
+    Image {
+        #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The template.
+        name: String,
+        /// Where to write the image (default: NAME.ext4 in the current directory).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Size of the disk in MiB (default: the template's disk size).
+        #[arg(long)]
+        size_mb: Option<u64>,
+    },
     /// Free disk space: remove build layers, uploads, pulled images and Debian bases
     /// that no template needs and no build used recently (waits for running builds).
     Gc {
@@ -564,6 +579,38 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
             if failed {
                 bail!("some templates could not be removed");
             }
+            Ok(())
+        }
+        TemplateCommand::Image {
+            data_dir,
+            name,
+            out,
+            size_mb,
+        } => {
+            let store = kiln_template::TemplateStore::open(&data_dir)?;
+            let Some(t) = store.get(&name)? else {
+                bail!(
+                    "no template {name:?} in {} (see `kiln template list`)",
+                    data_dir.display()
+                );
+            };
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.ext4")));
+            let opts = kiln_template::image::Ext4Options::for_template(
+                &name,
+                size_mb.unwrap_or(t.meta.disk_size_mb),
+            );
+            let r = tokio::task::spawn_blocking(move || {
+                kiln_template::image::write_ext4(&t.rootfs, &out, &opts).map(|r| (r, out))
+            })
+            .await??;
+            let (report, out) = r;
+            println!(
+                "{}: ext4, {} MiB disk, {} inodes, {:.1} MiB of files",
+                out.display(),
+                report.size_mb,
+                report.inodes,
+                report.used_bytes as f64 / 1_048_576.0
+            );
             Ok(())
         }
         TemplateCommand::Gc { remote, keep_days } => {
