@@ -390,7 +390,10 @@ mod tests {
 
         let report = write_ext4(&rootfs, &image, &opts(64)).unwrap();
         assert_eq!(report.size_mb, 64);
-        assert_eq!(report.inodes, 12, "7 directories, 5 inodes of files (one hard-linked twice)");
+        assert_eq!(
+            report.inodes, 12,
+            "7 directories, 5 inodes of files (one hard-linked twice)"
+        );
 
         let meta = fs::metadata(&image).unwrap();
         assert_eq!(meta.len(), 64 << 20);
