@@ -6,7 +6,7 @@ import time
 import pytest
 from e2b import CommandExitException, InvalidArgumentException, TimeoutException
 
-from helpers import probe, wait_until
+from helpers import probe, probe_exit, wait_until
 
 
 def count_procs(sbx, args: str) -> int:
@@ -135,6 +135,26 @@ def test_cwd(sbx):
     assert probe(sbx, "pwd", cwd="sub/dir") == "/home/user/sub/dir"
     with pytest.raises(InvalidArgumentException):
         sbx.commands.run("pwd", cwd="/does/not/exist")
+
+
+def test_sudo(sbx):
+    """sudo as E2B's templates grant it (`user ALL=(ALL:ALL) NOPASSWD: ALL`). On gVisor,
+    which ignores setuid bits, this is Kiln's sudo (kiln-sudo), so the same assertions
+    check that it behaves like Debian's sudo on the jail."""
+    assert probe(sbx, "sudo sh -c 'echo $(whoami) $SUDO_USER $SUDO_UID $HOME'") == (
+        "root user 1000 /root"
+    )
+    assert probe(sbx, "echo piped | sudo cat") == "piped"
+    assert probe(sbx, "sudo -u user whoami") == "user"
+    assert probe(sbx, "sudo -i pwd") == "/root"
+    assert probe_exit(sbx, "sudo -n sh -c 'exit 7'") == 7
+    listing = probe(sbx, "sudo -n -l")
+    assert "User user may run the following commands on" in listing, listing
+    assert "NOPASSWD: ALL" in listing, listing
+    assert probe(sbx, "sudo -n -l whoami") == "/usr/bin/whoami"
+    # A user the rules do not name gets nothing.
+    assert probe_exit(sbx, "sudo -u nobody sudo -n true") == 1
+    assert probe_exit(sbx, "sudo -n nosuchcommand") == 1
 
 
 def test_users(sbx):

@@ -25,7 +25,7 @@ use nix::unistd::{Gid, Pid, Uid};
 
 use crate::options::shell_command;
 use crate::policy::{self, Grant};
-use crate::proto::{self, Control, Reply, Request, SOCKET_NAME};
+use crate::proto::{self, Control, Mode, Reply, Request, SOCKET_NAME};
 
 /// sudo's `secure_path` on Debian: the command's PATH, and where commands are found.
 pub const SECURE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -105,12 +105,23 @@ fn serve(stream: &UnixStream) -> io::Result<()> {
         Err(e) => return proto::send_line(stream, &refuse(format!("sudo: {e}"))),
     };
     let sudoers = policy::read_sudoers(Path::new("/"));
-    if request.validate_only {
-        let reply = match authorize(&request, uid, &db, &sudoers) {
-            Ok(_) => Reply::Exited(0),
-            Err(reply) => reply,
-        };
-        return proto::send_line(stream, &reply);
+    match request.mode {
+        Mode::Run => {}
+        Mode::Validate => {
+            let reply = match authorize(&request, uid, &db, &sudoers) {
+                Ok(_) => Reply::Exited(0),
+                Err(reply) => reply,
+            };
+            return proto::send_line(stream, &reply);
+        }
+        Mode::List => {
+            let host = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            let reply = listing(&request, uid, &db, &sudoers, &host, &|p| p.is_file())
+                .unwrap_or_else(|refusal| refusal);
+            return proto::send_line(stream, &reply);
+        }
     }
     let plan = match plan(&request, uid, &db, &sudoers, &|p| p.is_file()) {
         Ok(plan) => plan,
@@ -227,12 +238,7 @@ pub fn authorize(
     if caller.uid == 0 {
         return Ok((caller, target));
     }
-    let groups: Vec<String> = db
-        .groups_of(&caller)
-        .into_iter()
-        .map(|g| db.group_name(g))
-        .collect();
-    let grant = policy::grant(sudoers, &caller.name, &groups);
+    let grant = caller_grant(db, &caller, sudoers);
     match grant {
         Grant::NotInSudoers => Err(refuse(format!(
             "sudo: {} is not in the sudoers file (Kiln's sudo runs the NOPASSWD: ALL rules of /etc/sudoers and /etc/sudoers.d)",
@@ -248,6 +254,42 @@ pub fn authorize(
         ))),
         Grant::NoPassword { .. } => Ok((caller, target)),
     }
+}
+
+/// What the sudoers rules give `caller` (through its name or one of its groups).
+fn caller_grant(db: &UserDb, caller: &User, sudoers: &[String]) -> Grant {
+    let groups: Vec<String> = db
+        .groups_of(caller)
+        .into_iter()
+        .map(|g| db.group_name(g))
+        .collect();
+    policy::grant(sudoers, &caller.name, &groups)
+}
+
+/// `sudo -l`: the caller's rule, as sudo prints it; `sudo -l command`: the command line
+/// that would run (its full path), when the caller may run it.
+pub fn listing(
+    req: &Request,
+    caller_uid: u32,
+    db: &UserDb,
+    sudoers: &[String],
+    host: &str,
+    is_file: &dyn Fn(&Path) -> bool,
+) -> Result<Reply, Reply> {
+    let inv = &req.invocation;
+    if !inv.command.is_empty() || inv.login || inv.shell {
+        let plan = plan(req, caller_uid, db, sudoers, is_file)?;
+        return Ok(Reply::Listing(format!("{}\n", plan.env["SUDO_COMMAND"])));
+    }
+    let (caller, _) = authorize(req, caller_uid, db, sudoers)?;
+    let runas = match caller_grant(db, &caller, sudoers) {
+        Grant::NoPassword { runas } if caller.uid != 0 => runas.join(", "),
+        _ => "ALL".to_owned(),
+    };
+    Ok(Reply::Listing(format!(
+        "User {} may run the following commands on {host}:\n    ({runas}) NOPASSWD: ALL\n",
+        caller.name
+    )))
 }
 
 /// Decides who runs what where, or the refusal to send.
@@ -419,7 +461,7 @@ mod tests {
         };
         Request {
             invocation,
-            validate_only: false,
+            mode: Mode::Run,
             env: vec![
                 ("TERM".into(), "xterm".into()),
                 ("HOME".into(), "/home/user".into()),
@@ -519,6 +561,33 @@ mod tests {
         assert!(authorize(&r, 1001, &db, &sudoers).is_err());
         let got = plan(&r, 1000, &db, &sudoers, &|_| true);
         assert!(matches!(got, Err(Reply::Error { message, .. }) if message.starts_with("usage:")));
+    }
+
+    #[test]
+    fn listing_shows_the_rule_or_the_command() {
+        let db = UserDb::parse(PASSWD, GROUP);
+        let sudoers = [RULE.to_owned()];
+        let exists = |p: &Path| p == Path::new("/usr/bin/whoami");
+        let text = |r: Result<Reply, Reply>| match r {
+            Ok(Reply::Listing(text)) => text,
+            other => panic!("expected a listing, got {other:?}"),
+        };
+        let mut r = req(&["whoami", "-a"]);
+        assert_eq!(
+            text(listing(&r, 1000, &db, &sudoers, "box", &exists)),
+            "/usr/bin/whoami -a\n"
+        );
+        r.invocation.command.clear();
+        assert_eq!(
+            text(listing(&r, 1000, &db, &sudoers, "box", &exists)),
+            "User user may run the following commands on box:\n    (ALL) NOPASSWD: ALL\n"
+        );
+        assert!(text(listing(&r, 0, &db, &sudoers, "box", &exists)).starts_with("User root may"));
+        let refused = listing(&r, 1001, &db, &sudoers, "box", &exists);
+        assert!(
+            matches!(&refused, Err(Reply::Error { message, .. }) if message.contains("guest is not in the sudoers file")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use nix::sys::signal::{self, SigHandler, SigSet, Signal};
 
 use crate::options::{self, Action, Invocation, USAGE};
-use crate::proto::{self, Control, Reply, Request, SOCKET_NAME};
+use crate::proto::{self, Control, Mode, Reply, Request, SOCKET_NAME};
 
 /// Signals passed on to the command (as sudo relays them).
 const FORWARDED: [Signal; 7] = [
@@ -47,8 +47,9 @@ pub fn run(args: &[String]) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Action::Validate => ask(Invocation::default(), true),
-        Action::Run(invocation) => ask(invocation, false),
+        Action::Validate => ask(Invocation::default(), Mode::Validate),
+        Action::List(invocation) => ask(invocation, Mode::List),
+        Action::Run(invocation) => ask(invocation, Mode::Run),
     }
 }
 
@@ -57,7 +58,7 @@ fn fail(message: String) -> ExitCode {
     ExitCode::from(1)
 }
 
-fn ask(invocation: Invocation, validate_only: bool) -> ExitCode {
+fn ask(invocation: Invocation, mode: Mode) -> ExitCode {
     // Blocked before any other thread exists, so only the relay thread takes them.
     let mut mask = SigSet::empty();
     for sig in FORWARDED {
@@ -78,7 +79,7 @@ fn ask(invocation: Invocation, validate_only: bool) -> ExitCode {
     };
     let request = Request {
         invocation,
-        validate_only,
+        mode,
         env: std::env::vars_os()
             .map(|(k, v)| {
                 (
@@ -120,6 +121,10 @@ fn ask(invocation: Invocation, validate_only: bool) -> ExitCode {
     match serde_json::from_str::<Reply>(&line) {
         Ok(Reply::Exited(code)) => ExitCode::from(code.clamp(0, 255) as u8),
         Ok(Reply::Killed(sig)) => die_by(sig),
+        Ok(Reply::Listing(text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Ok(Reply::Error { message, code }) => {
             eprintln!("{message}");
             ExitCode::from(code.clamp(1, 255) as u8)

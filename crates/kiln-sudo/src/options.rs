@@ -9,6 +9,8 @@ pub enum Action {
     Run(Invocation),
     /// `-v`, `-k`/`-K` without a command: succeed when the caller may use sudo.
     Validate,
+    /// `-l [command]`: the caller's rules, or the command line sudo would run.
+    List(Invocation),
     Version,
     Help,
 }
@@ -38,14 +40,15 @@ pub struct Invocation {
 }
 
 pub const USAGE: &str =
-    "usage: sudo [-EHiknsSv] [-D directory] [-g group] [-u user] [VAR=value] [command [arg ...]]";
+    "usage: sudo [-EHiklnsSv] [-D directory] [-g group] [-u user] [VAR=value] [command [arg ...]]";
 
-const SUPPORTED: &str = "Kiln's sudo supports -A -D -E -g -H -i -k -K -n -p -s -S -u -v -V -h, --preserve-env[=list], --, VAR=value";
+const SUPPORTED: &str = "Kiln's sudo supports -A -D -E -g -H -i -k -K -l -n -p -s -S -u -v -V -h, --preserve-env[=list], --, VAR=value";
 
 /// Parses the arguments after `sudo`.
 pub fn parse(args: &[String]) -> Result<Action, String> {
     let mut inv = Invocation::default();
     let mut validate = false;
+    let mut list = false;
     let mut i = 0;
     while i < args.len() {
         let arg = args[i].as_str();
@@ -87,6 +90,7 @@ pub fn parse(args: &[String]) -> Result<Action, String> {
                 "shell" => inv.shell = true,
                 "non-interactive" | "stdin" | "askpass" | "reset-timestamp" => {}
                 "remove-timestamp" | "validate" => validate = true,
+                "list" => list = true,
                 "version" => return Ok(Action::Version),
                 "help" => return Ok(Action::Help),
                 _ => return Err(format!("sudo: unsupported option '--{name}' ({SUPPORTED})")),
@@ -123,6 +127,7 @@ pub fn parse(args: &[String]) -> Result<Action, String> {
                 's' => inv.shell = true,
                 'n' | 'S' | 'A' | 'k' => {}
                 'v' | 'K' => validate = true,
+                'l' => list = true,
                 'V' => return Ok(Action::Version),
                 'h' => return Ok(Action::Help),
                 _ => return Err(format!("sudo: unsupported option '-{flag}' ({SUPPORTED})")),
@@ -142,6 +147,9 @@ pub fn parse(args: &[String]) -> Result<Action, String> {
         return Err("sudo: you may not specify both the -i and -s options".into());
     }
     let asked_to_run = !inv.command.is_empty() || inv.login || inv.shell;
+    if list {
+        return Ok(Action::List(inv));
+    }
     if validate && !asked_to_run {
         return Ok(Action::Validate);
     }
@@ -259,6 +267,19 @@ mod tests {
         assert_eq!(p(&[]).unwrap_err(), USAGE);
         assert_eq!(p(&["-n"]).unwrap_err(), USAGE);
         assert!(matches!(p(&["-k", "true"]).unwrap(), Action::Run(_)));
+    }
+
+    #[test]
+    fn list_with_and_without_a_command() {
+        let Action::List(inv) = p(&["-l"]).unwrap() else {
+            panic!("-l is a listing");
+        };
+        assert!(inv.command.is_empty());
+        let Action::List(inv) = p(&["-n", "--list", "-u", "guest", "ls", "-l"]).unwrap() else {
+            panic!("--list with a command is a listing");
+        };
+        assert_eq!(inv.user.as_deref(), Some("guest"));
+        assert_eq!(inv.command, ["ls", "-l"]);
     }
 
     #[test]

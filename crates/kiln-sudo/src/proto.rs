@@ -31,12 +31,25 @@ pub const MAX_REQUEST: usize = 1 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {
     pub invocation: Invocation,
-    /// Only ask whether the caller may use sudo (`-v`).
-    pub validate_only: bool,
+    /// Run the command, or only answer a question about it.
+    pub mode: Mode,
     /// The caller's environment.
     pub env: Vec<(String, String)>,
     /// The caller's working directory.
     pub cwd: String,
+}
+
+/// What the client asks of the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Run the command.
+    #[default]
+    Run,
+    /// Only whether the caller may use sudo (`-v`).
+    Validate,
+    /// The caller's rules, or the command line that would run (`-l`).
+    List,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +68,8 @@ pub enum Reply {
     },
     Exited(i32),
     Killed(i32),
+    /// The answer to [`Mode::List`]: print it, exit 0.
+    Listing(String),
 }
 
 /// Sends the request with `fds` attached.
@@ -166,7 +181,7 @@ mod tests {
                 command: vec!["whoami".into()],
                 ..Default::default()
             },
-            validate_only: false,
+            mode: Mode::Run,
             env: vec![("TERM".into(), "xterm".into())],
             cwd: "/home/user".into(),
         };
@@ -205,7 +220,7 @@ mod tests {
     #[test]
     fn requests_without_credentials_are_refused() {
         let (a, b) = UnixStream::pair().unwrap();
-        let body = br#"{"invocation":{},"validate_only":true,"env":[],"cwd":"/"}"#;
+        let body = br#"{"invocation":{},"mode":"validate","env":[],"cwd":"/"}"#;
         let len = (body.len() as u32).to_le_bytes();
         // Sent before the receiver asked for credentials: none are attached.
         socket::sendmsg::<()>(
