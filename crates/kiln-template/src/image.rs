@@ -135,11 +135,15 @@ pub fn write_ext4(rootfs: &Path, out: &Path, opts: &Ext4Options) -> Result<Ext4R
             label: opts.label.clone(),
         });
     }
-    if !fs::symlink_metadata(rootfs).is_ok_and(|m| m.is_dir()) {
-        return Err(ImageError::NotADirectory {
-            path: rootfs.to_path_buf(),
-        });
-    }
+    // A built template's `rootfs` is a symlink to its last layer: follow the top only.
+    let rootfs = &match fs::canonicalize(rootfs) {
+        Ok(dir) if dir.is_dir() => dir,
+        _ => {
+            return Err(ImageError::NotADirectory {
+                path: rootfs.to_path_buf(),
+            })
+        }
+    };
     if fs::symlink_metadata(out).is_ok_and(|m| !m.is_file()) {
         return Err(ImageError::OutputNotAFile {
             path: out.to_path_buf(),
@@ -388,7 +392,10 @@ mod tests {
         let image = out_dir.path().join("unit.ext4");
         fs::write(&image, "an older image").unwrap();
 
-        let report = write_ext4(&rootfs, &image, &opts(64)).unwrap();
+        // Built templates reach their tree through a symlink to the last layer.
+        let link = tree.path().join("current");
+        symlink(&rootfs, &link).unwrap();
+        let report = write_ext4(&link, &image, &opts(64)).unwrap();
         assert_eq!(report.size_mb, 64);
         assert_eq!(
             report.inodes, 12,
