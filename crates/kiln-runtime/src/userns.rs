@@ -64,12 +64,17 @@ pub fn output_as_mapped_root(
     let (pid_r, pid_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
 
+    let mapper_ends = [pid_r.as_raw_fd(), go_w.as_raw_fd()];
     let map = format!("0 {} {}\n", range.base, range.len);
     let mapper = std::thread::spawn(move || write_maps(pid_r, go_w, &map));
 
+    // The mapper holds `pid_r` and `go_w` but cannot close them before the fork: it
+    // waits on `pid_r` until the child writes, and `pid_w` stays open here until
+    // `spawn` returns. So their numbers are still theirs in the forked child.
     let fds = ChildFds {
         pid_w: pid_w.as_raw_fd(),
         go_r: go_r.as_raw_fd(),
+        mapper_ends,
         keep: keep.iter().map(|fd| fd.as_raw_fd()).collect(),
     };
     cmd.stdin(Stdio::null())
@@ -77,7 +82,7 @@ pub fn output_as_mapped_root(
         .stderr(Stdio::piped());
     // SAFETY: the closure runs in the forked child before exec. It only reads `fds`
     // (allocated before the fork, never freed in the child) and makes raw system calls
-    // (unshare, getpid, write, read, fcntl, setgroups, setresgid, setresuid) on
+    // (close, unshare, getpid, write, read, fcntl, setgroups, setresgid, setresuid) on
     // descriptors this process keeps open until `spawn` returns: no allocation, no
     // lock, nothing another thread of the parent could have left half-done.
     unsafe {
@@ -130,6 +135,9 @@ struct ChildFds {
     pid_w: RawFd,
     /// Where the child waits for its id maps.
     go_r: RawFd,
+    /// The mapper's ends, inherited by the fork: closed first, so that the child sees
+    /// EOF on `go_r` when the mapper gives up instead of holding the pipe open itself.
+    mapper_ends: [RawFd; 2],
     /// Descriptors whose close-on-exec flag the child clears.
     keep: Vec<RawFd>,
 }
@@ -141,6 +149,11 @@ struct ChildFds {
 /// Errors are bare errno values: std reports only the errno of a failed `pre_exec`,
 /// and a message would allocate in the forked child.
 fn enter_namespace(fds: &ChildFds) -> io::Result<()> {
+    for &fd in &fds.mapper_ends {
+        // SAFETY: `fd` is the forked copy of a descriptor the mapper thread still held
+        // at the fork (see `output_as_mapped_root`); closing it touches nothing else.
+        unsafe { libc::close(fd) };
+    }
     nix::sched::unshare(CloneFlags::CLONE_NEWUSER)?;
     let pid = nix::unistd::getpid().as_raw().to_ne_bytes();
     // SAFETY: `pid_w` is the write end of a pipe the parent keeps open until spawn
@@ -166,4 +179,62 @@ fn enter_namespace(fds: &ChildFds) -> io::Result<()> {
     nix::unistd::setresgid(gid, gid, gid)?;
     nix::unistd::setresuid(uid, uid, uid)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Privilege tier: root (writes multi-id maps). Skips without it, except under CI,
+    /// which runs as root: there it fails.
+    fn has_root(test: &str) -> bool {
+        if Uid::effective().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} needs root, and CI runs as root"
+        );
+        eprintln!("SKIP {test}: needs root");
+        false
+    }
+
+    #[test]
+    fn the_tool_runs_as_root_of_the_mapped_range() {
+        if !has_root("the_tool_runs_as_root_of_the_mapped_range") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("owned");
+        fs::write(&file, "").unwrap();
+        std::os::unix::fs::chown(&file, Some(100_000 + 1000), Some(100_000 + 1000)).unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "id -u; id -g; id -G; stat -c %u:%g \"$1\"", "sh"])
+            .arg(&file);
+        let range = IdRange {
+            base: 100_000,
+            len: 65_536,
+        };
+        let out = output_as_mapped_root(cmd, range, &[]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n0\n0\n1000:1000\n");
+    }
+
+    /// A map the kernel refuses (an empty range) fails the call with the reason; the
+    /// child must not wait forever for the go-ahead.
+    #[test]
+    fn a_refused_map_is_an_error_not_a_hang() {
+        if !has_root("a_refused_map_is_an_error_not_a_hang") {
+            return;
+        }
+        let range = IdRange {
+            base: 100_000,
+            len: 0,
+        };
+        let err = output_as_mapped_root(Command::new("true"), range, &[]).unwrap_err();
+        assert!(
+            matches!(&err, UsernsError::IdMap { message, .. } if message.contains("uid_map")),
+            "{err}"
+        );
+    }
 }
