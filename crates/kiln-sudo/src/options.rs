@@ -44,11 +44,70 @@ pub const USAGE: &str =
 
 const SUPPORTED: &str = "Kiln's sudo supports -A -D -E -g -H -i -k -K -l -n -p -s -S -u -v -V -h, --preserve-env[=list], --, VAR=value";
 
+/// sudo's long options and the short flag each stands for.
+const LONG: &[(&str, char)] = &[
+    ("user", 'u'),
+    ("group", 'g'),
+    ("chdir", 'D'),
+    ("prompt", 'p'),
+    ("preserve-env", 'E'),
+    ("set-home", 'H'),
+    ("login", 'i'),
+    ("shell", 's'),
+    ("non-interactive", 'n'),
+    ("stdin", 'S'),
+    ("askpass", 'A'),
+    ("reset-timestamp", 'k'),
+    ("remove-timestamp", 'K'),
+    ("validate", 'v'),
+    ("list", 'l'),
+    ("version", 'V'),
+    ("help", 'h'),
+];
+
+/// Short flags that take a value.
+const TAKES_VALUE: &str = "ugDp";
+
+/// What the flags ask for besides the invocation itself.
+#[derive(Default)]
+struct Flags {
+    validate: bool,
+    list: bool,
+}
+
+impl Flags {
+    /// Applies one flag (`value` is set for those in [`TAKES_VALUE`]); `Some` when it
+    /// decides the action on its own (`-V`, `-h`).
+    fn apply(
+        &mut self,
+        flag: char,
+        value: Option<String>,
+        inv: &mut Invocation,
+    ) -> Result<Option<Action>, String> {
+        match flag {
+            'u' => inv.user = value,
+            'g' => inv.group = value,
+            'D' => inv.chdir = value,
+            'p' => {}
+            'E' => inv.preserve_env = true,
+            'H' => inv.set_home = true,
+            'i' => inv.login = true,
+            's' => inv.shell = true,
+            'n' | 'S' | 'A' | 'k' => {}
+            'v' | 'K' => self.validate = true,
+            'l' => self.list = true,
+            'V' => return Ok(Some(Action::Version)),
+            'h' => return Ok(Some(Action::Help)),
+            _ => return Err(format!("sudo: unsupported option '-{flag}' ({SUPPORTED})")),
+        }
+        Ok(None)
+    }
+}
+
 /// Parses the arguments after `sudo`.
 pub fn parse(args: &[String]) -> Result<Action, String> {
     let mut inv = Invocation::default();
-    let mut validate = false;
-    let mut list = false;
+    let mut flags = Flags::default();
     let mut i = 0;
     while i < args.len() {
         let arg = args[i].as_str();
@@ -57,87 +116,69 @@ pub fn parse(args: &[String]) -> Result<Action, String> {
             break;
         }
         if let Some(long) = arg.strip_prefix("--") {
-            let (name, value) = match long.split_once('=') {
+            let (name, attached) = match long.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_owned())),
                 None => (long, None),
             };
-            let mut take = || -> Result<String, String> {
-                match &value {
-                    Some(v) => Ok(v.clone()),
+            let Some(&(_, flag)) = LONG.iter().find(|(n, _)| *n == name) else {
+                return Err(format!("sudo: unsupported option '--{name}' ({SUPPORTED})"));
+            };
+            if flag == 'E' {
+                // `--preserve-env=A,B` keeps a list; bare, it is `-E`.
+                if let Some(list) = attached {
+                    let names = list.split(',').filter(|v| !v.is_empty());
+                    inv.preserve_vars.extend(names.map(str::to_owned));
+                    i += 1;
+                    continue;
+                }
+            }
+            let value = if TAKES_VALUE.contains(flag) {
+                match attached {
+                    Some(v) => Some(v),
                     None => {
                         i += 1;
-                        args.get(i)
-                            .cloned()
-                            .ok_or_else(|| format!("sudo: option '--{name}' requires an argument"))
+                        let v = args.get(i).cloned();
+                        Some(v.ok_or_else(|| {
+                            format!("sudo: option '--{name}' requires an argument")
+                        })?)
                     }
                 }
+            } else {
+                None
             };
-            match name {
-                "user" => inv.user = Some(take()?),
-                "group" => inv.group = Some(take()?),
-                "chdir" => inv.chdir = Some(take()?),
-                "prompt" => {
-                    take()?;
-                }
-                "preserve-env" => match &value {
-                    Some(list) => inv
-                        .preserve_vars
-                        .extend(list.split(',').filter(|v| !v.is_empty()).map(str::to_owned)),
-                    None => inv.preserve_env = true,
-                },
-                "set-home" => inv.set_home = true,
-                "login" => inv.login = true,
-                "shell" => inv.shell = true,
-                "non-interactive" | "stdin" | "askpass" | "reset-timestamp" => {}
-                "remove-timestamp" | "validate" => validate = true,
-                "list" => list = true,
-                "version" => return Ok(Action::Version),
-                "help" => return Ok(Action::Help),
-                _ => return Err(format!("sudo: unsupported option '--{name}' ({SUPPORTED})")),
+            if let Some(action) = flags.apply(flag, value, &mut inv)? {
+                return Ok(action);
             }
             i += 1;
             continue;
         }
-        let Some(flags) = arg.strip_prefix('-').filter(|f| !f.is_empty()) else {
+        let Some(bundle) = arg.strip_prefix('-').filter(|f| !f.is_empty()) else {
             break;
         };
         // Short flags, possibly bundled (`-nE`); one taking a value ends the bundle
         // (`-uroot` or `-u root`).
-        for (pos, flag) in flags.char_indices() {
-            let rest = &flags[pos + flag.len_utf8()..];
-            let mut value = || -> Result<String, String> {
-                if !rest.is_empty() {
-                    return Ok(rest.to_owned());
+        for (pos, flag) in bundle.char_indices() {
+            let rest = &bundle[pos + flag.len_utf8()..];
+            let takes_value = TAKES_VALUE.contains(flag);
+            let value = match (takes_value, rest.is_empty()) {
+                (false, _) => None,
+                (true, false) => Some(rest.to_owned()),
+                (true, true) => {
+                    i += 1;
+                    let v = args.get(i).cloned();
+                    Some(v.ok_or_else(|| format!("sudo: option requires an argument -- '{flag}'"))?)
                 }
-                i += 1;
-                args.get(i)
-                    .cloned()
-                    .ok_or_else(|| format!("sudo: option requires an argument -- '{flag}'"))
             };
-            match flag {
-                'u' => inv.user = Some(value()?),
-                'g' => inv.group = Some(value()?),
-                'D' => inv.chdir = Some(value()?),
-                'p' => {
-                    value()?;
-                }
-                'E' => inv.preserve_env = true,
-                'H' => inv.set_home = true,
-                'i' => inv.login = true,
-                's' => inv.shell = true,
-                'n' | 'S' | 'A' | 'k' => {}
-                'v' | 'K' => validate = true,
-                'l' => list = true,
-                'V' => return Ok(Action::Version),
-                'h' => return Ok(Action::Help),
-                _ => return Err(format!("sudo: unsupported option '-{flag}' ({SUPPORTED})")),
+            if let Some(action) = flags.apply(flag, value, &mut inv)? {
+                return Ok(action);
             }
-            if matches!(flag, 'u' | 'g' | 'D' | 'p') {
+            if takes_value {
                 break;
             }
         }
         i += 1;
     }
+    let (validate, list) = (flags.validate, flags.list);
     while let Some((name, value)) = args.get(i).and_then(|a| assignment(a)) {
         inv.assignments.push((name, value));
         i += 1;
