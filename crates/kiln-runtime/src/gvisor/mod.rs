@@ -659,12 +659,7 @@ impl Runtime for GvisorRuntime {
                 envd_socket: self.paths(id).envd_socket(),
             }));
         }
-        let this = self.clone();
-        let id2 = id.to_string();
-        let cs = tokio::task::spawn_blocking(move || this.inner.runsc.state(&id2))
-            .await
-            .map_err(|e| RuntimeError::io("state task", std::io::Error::other(e)))?
-            .map_err(|e| io_other(format!("sandbox {id}: runsc state"), &e))?;
+        let cs = self.runsc_state(id).await?;
         // A paused sandbox (`runsc pause`) is alive too: its Sentry holds its memory.
         let Some(cs) = cs.filter(|c| c.status == "running" || c.status == "paused") else {
             return Ok(None);

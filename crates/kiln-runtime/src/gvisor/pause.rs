@@ -250,24 +250,26 @@ impl GvisorRuntime {
 
     /// The host pid of `id`'s Sentry (`runsc state`), 0 when it has none.
     pub(super) async fn sentry_pid(&self, id: &str) -> Result<u32, RuntimeError> {
-        let this = self.clone();
-        let id2 = id.to_string();
-        let state = tokio::task::spawn_blocking(move || this.inner.runsc.state(&id2))
-            .await
-            .map_err(|e| RuntimeError::io("state task", std::io::Error::other(e)))?
-            .map_err(|e| io_other(format!("sandbox {id}: runsc state"), &e))?;
+        let state = self.runsc_state(id).await?;
         Ok(state.and_then(|s| s.sentry_pid()).unwrap_or(0))
     }
 
-    /// `runsc state`'s status, `None` when runsc does not know the sandbox or fails.
-    pub(super) async fn runsc_status(&self, id: &str) -> Option<String> {
+    /// `runsc state` of `id`, `None` when runsc does not know the sandbox.
+    pub(super) async fn runsc_state(
+        &self,
+        id: &str,
+    ) -> Result<Option<super::runsc::ContainerState>, RuntimeError> {
         let this = self.clone();
         let id2 = id.to_string();
         tokio::task::spawn_blocking(move || this.inner.runsc.state(&id2))
             .await
-            .ok()?
-            .ok()?
-            .map(|s| s.status)
+            .map_err(|e| RuntimeError::io("state task", std::io::Error::other(e)))?
+            .map_err(|e| io_other(format!("sandbox {id}: runsc state"), &e))
+    }
+
+    /// `runsc state`'s status, `None` when runsc does not know the sandbox or fails.
+    pub(super) async fn runsc_status(&self, id: &str) -> Option<String> {
+        self.runsc_state(id).await.ok()?.map(|s| s.status)
     }
 
     /// `runsc pause`: the Sentry stops every task and keeps the memory in RAM.
