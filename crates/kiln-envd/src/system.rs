@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,7 +17,10 @@ use crate::state::AppState;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(kiln_proto::envd::PATH_HEALTH, get(health))
-        .route(kiln_proto::envd::PATH_INIT, post(init))
+        .route(
+            kiln_proto::envd::PATH_INIT,
+            post(init).layer(DefaultBodyLimit::max(INIT_BODY_LIMIT)),
+        )
         .route(kiln_proto::envd::PATH_ENVS, get(envs))
         .route(kiln_proto::envd::PATH_METRICS, get(metrics))
 }
@@ -30,7 +33,35 @@ async fn health() -> Response {
         .into_response()
 }
 
-async fn init(State(state): State<AppState>, body: Bytes) -> Result<Response, HttpError> {
+/// The largest `/init` body envd reads (environment variables included).
+const INIT_BODY_LIMIT: usize = 1 << 20;
+
+/// Once an access token is set, `/init` is the token holder's alone: a caller who
+/// does not present the current token in `X-Access-Token` gets 409 and changes
+/// nothing (E2B's envd answers 409 to a change of a set token). Without this, anyone
+/// who reached `/init` could clear the token and take the sandbox over.
+fn check_init_allowed(current: Option<&str>, headers: &HeaderMap) -> Result<(), HttpError> {
+    let Some(current) = current else {
+        return Ok(());
+    };
+    let given = headers
+        .get(kiln_proto::envd::HEADER_ACCESS_TOKEN)
+        .map(|v| v.as_bytes());
+    if given.is_some_and(|g| crate::auth::constant_time_eq(g, current.as_bytes())) {
+        return Ok(());
+    }
+    Err(HttpError::new(
+        StatusCode::CONFLICT,
+        "the sandbox is already initialized with an access token; /init needs the current token in X-Access-Token",
+    ))
+}
+
+async fn init(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    check_init_allowed(state.defaults().access_token.as_deref(), &headers)?;
     let req: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
         InitRequest::default()
     } else {
@@ -41,7 +72,14 @@ async fn init(State(state): State<AppState>, body: Bytes) -> Result<Response, Ht
         // The sandbox clock is the host's (shared kernel or synced by the runtime).
         tracing::debug!(%timestamp, "init timestamp received");
     }
+    let mut refused = None;
     state.update_defaults(|d| {
+        // Checked again under the lock: two racing /init calls cannot both pass the
+        // check above with the first one setting a token.
+        if let Err(e) = check_init_allowed(d.access_token.as_deref(), &headers) {
+            refused = Some(e);
+            return;
+        }
         if let Some(env) = req.env_vars {
             d.env_vars = env;
         }
@@ -57,6 +95,9 @@ async fn init(State(state): State<AppState>, body: Bytes) -> Result<Response, Ht
             d.workdir = (!workdir.is_empty()).then_some(workdir);
         }
     });
+    if let Some(e) = refused {
+        return Err(e);
+    }
     let d = state.defaults();
     tracing::info!(user = %d.user, env_vars = d.env_vars.len(), token = d.access_token.is_some(), "initialized");
     Ok((

@@ -76,11 +76,17 @@ async fn tunnel_copies_bytes_both_ways() {
 }
 
 async fn init(envd: &Envd, body: &str) -> u16 {
-    let req = Request::post("/init")
+    init_with(envd, body, None).await
+}
+
+async fn init_with(envd: &Envd, body: &str, token: Option<&str>) -> u16 {
+    let mut req = Request::post("/init")
         .header("host", "envd")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        req = req.header("x-access-token", token);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
     envd.send(req).await.status().as_u16()
 }
 
@@ -195,9 +201,64 @@ async fn access_token_guards_every_route() {
         .unwrap();
     assert_eq!(envd.send(req).await.status(), 200);
 
-    // Clearing the token reopens everything.
-    assert_eq!(init(&envd, r#"{"accessToken":null}"#).await, 204);
+    // Clearing the token, by its holder, reopens everything.
+    assert_eq!(
+        init_with(&envd, r#"{"accessToken":null}"#, Some("s3cret")).await,
+        204
+    );
     assert_eq!(envd.unary("process.Process/List", json!({})).await.0, 200);
+}
+
+/// Attack: a caller without the token posts `/init` to drop or replace it (the
+/// take-over of a sandbox by anyone who could reach `/init`). 409, nothing changes.
+#[tokio::test]
+async fn init_cannot_clear_or_replace_a_set_token_without_it() {
+    let envd = Envd::start();
+    assert_eq!(init(&envd, r#"{"accessToken":"s3cret"}"#).await, 204);
+    for (body, token) in [
+        (r#"{"accessToken":""}"#, None),
+        (r#"{"accessToken":null}"#, None),
+        (r#"{"accessToken":"mine"}"#, None),
+        (r#"{"accessToken":""}"#, Some("wrong")),
+        (r#"{"envVars":{"X":"1"},"defaultUser":"root"}"#, None),
+        ("", None),
+    ] {
+        assert_eq!(init_with(&envd, body, token).await, 409, "{body} {token:?}");
+    }
+    // Still locked with the original token, and the env untouched.
+    assert_eq!(envd.unary("process.Process/List", json!({})).await.0, 401);
+    let req = Request::get("/envs")
+        .header("host", "envd")
+        .header("x-access-token", "s3cret")
+        .body(Full::default())
+        .unwrap();
+    let (status, _, body) = common::collect(envd.send(req).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap(),
+        json!({"E2B_SANDBOX": "true"})
+    );
+    // The holder may replace it.
+    assert_eq!(
+        init_with(&envd, r#"{"accessToken":"next"}"#, Some("s3cret")).await,
+        204
+    );
+    let (status, _) = envd
+        .unary_with(
+            "process.Process/List",
+            json!({}),
+            &[("x-access-token", "next")],
+        )
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// `/init` bodies are bounded: a 2 MiB body is refused, not buffered.
+#[tokio::test]
+async fn init_body_is_limited() {
+    let envd = Envd::start();
+    let big = format!(r#"{{"envVars":{{"X":"{}"}}}}"#, "a".repeat(2 << 20));
+    assert_eq!(init(&envd, &big).await, 413);
 }
 
 #[tokio::test]
