@@ -552,7 +552,7 @@ impl TemplateStore {
                         id_base,
                     });
                     let _ = fs::remove_dir_all(&staging);
-                    r.map_err(|e| e.to_string())
+                    r.map_err(|e| crate::ErrorChain(&e).to_string())
                 })
                 .await
                 .map_err(TemplateError::from)?;

@@ -3,25 +3,60 @@
 //! into `dest/`; a directory's contents are merged into `dest`), owned by the step's
 //! user (shifted into the sandbox id range) and with the step's mode.
 //!
+//! The context is an adversary's archive. It is unpacked in process by the image-layer
+//! walker ([`crate::oci::unpack`] with [`UnpackOptions::CONTEXT`]): paths resolved
+//! inside the staging directory, `..` refused, device nodes refused, entry count and
+//! bytes capped. The COPY source is then resolved inside the staging directory as if it
+//! were `/` (Docker resolves sources inside the build context): a context symlink
+//! `s -> /` makes `s/etc/shadow` the context's own `etc/shadow`, which is not there, so
+//! the COPY fails; the kernel never follows a context symlink to a host path. Files are
+//! read with `O_NOFOLLOW`, symlinks below the source are copied as symlinks.
+//!
 //! Paths inside the layer are resolved with its symlinks interpreted relative to the
 //! layer's root, so an absolute link in a template never points at the host.
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::fsutil;
 use crate::layer::remove_any;
+use crate::oci::unpack::{self, UnpackError, UnpackOptions};
 use crate::recipe::normalize;
 
-/// A COPY step failed; the message is for the user.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CopyError(pub String);
+/// Largest `/etc/passwd` or `/etc/group` of a template read to look up a COPY owner.
+const MAX_ID_FILE: u64 = 16 << 20;
 
-fn io_err<'a>(what: &str, path: &'a Path) -> impl FnOnce(io::Error) -> CopyError + 'a {
-    let what = what.to_string();
-    move |e| CopyError(format!("{what} {}: {e}", path.display()))
+/// A COPY step failed; the message (with its sources) is for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("cannot unpack the uploaded context")]
+    Unpack(#[source] UnpackError),
+    #[error(
+        "COPY source {src:?} is not in the uploaded context (sources resolve inside the \
+         context, symlinks included)"
+    )]
+    NotInContext { src: String },
+    #[error("COPY owner: no {kind} {name:?} in the template")]
+    NoOwner { kind: &'static str, name: String },
+    #[error("COPY destination {dest}: {inside} exists and is not a directory")]
+    NotADirectory { dest: String, inside: String },
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CopyError + 'a {
+    move |source| CopyError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One COPY, resolved against the build state.
@@ -44,15 +79,19 @@ pub struct CopyJob<'a> {
 
 /// Runs a COPY.
 pub fn copy(job: &CopyJob<'_>) -> Result<(), CopyError> {
-    unpack(job.archive, job.staging)?;
+    unpack_context(job.archive, job.staging)?;
     let prefix = static_prefix(job.src);
-    let from = job.staging.join(&prefix);
-    let meta = fs::symlink_metadata(&from).map_err(|_| {
-        CopyError(format!(
-            "COPY source {:?} is not in the uploaded context",
-            job.src
-        ))
-    })?;
+    let not_in_context = || CopyError::NotInContext {
+        src: job.src.to_string(),
+    };
+    // Docker follows a symlink source; inside the context, as everything else.
+    let from = match fsutil::resolve_file(job.staging, Path::new(&prefix)) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(not_in_context()),
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => return Err(not_in_context()),
+        Err(e) => return Err(io_err("resolve the COPY source in", job.staging)(e)),
+    };
+    let meta = fs::symlink_metadata(&from).map_err(|_| not_in_context())?;
     let (uid, gid) = lookup_owner(job.layer, job.owner)?;
     let ids = (job.id_base + uid, job.id_base + gid);
     let dest = normalize(job.dest);
@@ -62,8 +101,10 @@ pub fn copy(job: &CopyJob<'_>) -> Result<(), CopyError> {
         put_dir_contents(job.layer, &from, &dest, ids, job.mode)
     } else {
         let target_is_dir = resolve_in_root(job.layer, &dest)?.is_dir();
-        let name = from
+        // The name in the context (a followed symlink source keeps its own name).
+        let name = Path::new(&prefix)
             .file_name()
+            .or_else(|| from.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let target = if into || target_is_dir {
@@ -75,22 +116,23 @@ pub fn copy(job: &CopyJob<'_>) -> Result<(), CopyError> {
     }
 }
 
-fn unpack(archive: &Path, staging: &Path) -> Result<(), CopyError> {
-    let out = std::process::Command::new("tar")
-        .arg("-xf")
-        .arg(archive)
-        .arg("-C")
-        .arg(staging)
-        .arg("--no-same-owner")
-        .output()
-        .map_err(io_err("cannot run tar for", archive))?;
-    if out.status.success() {
+/// Unpacks the uploaded context (tar, plain or gzip) into the empty `staging`.
+pub fn unpack_context(archive: &Path, staging: &Path) -> Result<(), CopyError> {
+    unpack::unpack_file(staging, archive, &mut KeepModes, &UnpackOptions::CONTEXT)
+        .map(|_| ())
+        .map_err(CopyError::Unpack)
+}
+
+/// The context's owners do not matter (COPY sets its own); its modes do.
+struct KeepModes;
+
+impl crate::shift::Chown for KeepModes {
+    fn lchown(&mut self, _: &Path, _: u32, _: u32) -> io::Result<()> {
         Ok(())
-    } else {
-        Err(CopyError(format!(
-            "the uploaded context is not a readable tar archive: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
+    }
+
+    fn set_mode(&mut self, path: &Path, mode: u32) -> io::Result<()> {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
     }
 }
 
@@ -114,7 +156,7 @@ pub fn lookup_owner(layer: &Path, owner: &str) -> Result<(u32, u32), CopyError> 
         Some((u, g)) => (u, Some(g)),
         None => (owner, None),
     };
-    let passwd = fs::read_to_string(layer.join("etc/passwd")).unwrap_or_default();
+    let passwd = read_layer_file(layer, "etc/passwd");
     let (uid, primary) = match user.parse::<u32>() {
         Ok(n) => (n, n),
         Err(_) => passwd
@@ -122,60 +164,57 @@ pub fn lookup_owner(layer: &Path, owner: &str) -> Result<(u32, u32), CopyError> 
             .map(|l| l.split(':').collect::<Vec<_>>())
             .find(|f| f.len() > 3 && f[0] == user)
             .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-            .ok_or_else(|| CopyError(format!("COPY owner: no user {user:?} in the template")))?,
+            .ok_or_else(|| CopyError::NoOwner {
+                kind: "user",
+                name: user.to_string(),
+            })?,
     };
     let gid = match group {
         None | Some("") => primary,
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => fs::read_to_string(layer.join("etc/group"))
-                .unwrap_or_default()
+            Err(_) => read_layer_file(layer, "etc/group")
                 .lines()
                 .map(|l| l.split(':').collect::<Vec<_>>())
                 .find(|f| f.len() > 2 && f[0] == g)
                 .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| CopyError(format!("COPY owner: no group {g:?} in the template")))?,
+                .ok_or_else(|| CopyError::NoOwner {
+                    kind: "group",
+                    name: g.to_string(),
+                })?,
         },
     };
     Ok((uid, gid))
 }
 
-/// The host path of the absolute in-layer path `path`, following the layer's
-/// symlinks as the sandbox would see them (never leaving `root`).
-pub fn resolve_in_root(root: &Path, path: &str) -> Result<PathBuf, CopyError> {
-    let mut cur: Vec<String> = Vec::new();
-    let mut queue: std::collections::VecDeque<String> =
-        path.split('/').map(str::to_string).collect();
-    let mut follows = 0;
-    while let Some(c) = queue.pop_front() {
-        match c.as_str() {
-            "" | "." => {}
-            ".." => {
-                cur.pop();
-            }
-            name => {
-                let host = root.join(cur.join("/")).join(name);
-                match fs::symlink_metadata(&host) {
-                    Ok(m) if m.file_type().is_symlink() => {
-                        follows += 1;
-                        if follows > 40 {
-                            return Err(CopyError(format!("too many symlinks resolving {path}")));
-                        }
-                        let target = fs::read_link(&host).map_err(io_err("read link", &host))?;
-                        let target = target.to_string_lossy().into_owned();
-                        if target.starts_with('/') {
-                            cur.clear();
-                        }
-                        for (i, t) in target.split('/').enumerate() {
-                            queue.insert(i, t.to_string());
-                        }
-                    }
-                    _ => cur.push(name.to_string()),
-                }
-            }
-        }
+/// A text file of the layer (resolved inside it), when it is a regular file; at most
+/// [`MAX_ID_FILE`] bytes. A template's `/etc/passwd` may be a symlink to `/dev/zero` or
+/// a fifo: neither is read.
+pub(crate) fn read_layer_file(layer: &Path, rel: &str) -> String {
+    let Ok(Some(path)) = fsutil::resolve_file(layer, Path::new(rel)) else {
+        return String::new();
+    };
+    let open = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+        .open(&path);
+    let Ok(f) = open else {
+        return String::new();
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
     }
-    Ok(root.join(cur.join("/")))
+    let mut text = String::new();
+    let _ = f.take(MAX_ID_FILE).read_to_string(&mut text);
+    text
+}
+
+/// The host path of the absolute in-layer path `path`, following the layer's
+/// symlinks as the sandbox would see them (never leaving `root`); the final component
+/// may be missing.
+pub fn resolve_in_root(root: &Path, path: &str) -> Result<PathBuf, CopyError> {
+    fsutil::resolve_path(root, Path::new(path))
+        .map_err(|e| io_err("resolve inside the layer", Path::new(path))(e))
 }
 
 /// Creates the missing directories of `dest` (all of it when `whole`, else its parent).
@@ -194,9 +233,10 @@ fn mkdir_p(root: &Path, dest: &str, ids: (u32, u32), whole: bool) -> Result<(), 
         match fs::symlink_metadata(&host) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                return Err(CopyError(format!(
-                    "COPY destination {dest}: {inside} exists and is not a directory"
-                )))
+                return Err(CopyError::NotADirectory {
+                    dest: dest.to_string(),
+                    inside,
+                })
             }
             Err(_) => {
                 fs::create_dir(&host).map_err(io_err("create directory", &host))?;
@@ -245,7 +285,13 @@ fn put(
     let meta = fs::symlink_metadata(from).map_err(io_err("stat", from))?;
     let src_mode = meta.permissions().mode() & 0o7777;
     let ft = meta.file_type();
-    let unlink = |p: &Path| remove_any(p).map_err(|e| CopyError(format!("{e}")));
+    let unlink = |p: &Path| {
+        remove_any(p).map_err(|e| CopyError::Io {
+            op: "replace",
+            path: e.path,
+            source: e.source,
+        })
+    };
     if ft.is_dir() {
         let existing = resolve_in_root(root, inside)?;
         let dir = if existing.is_dir() {
@@ -265,11 +311,32 @@ fn put(
             .map_err(io_err("chown", &target))
     } else if ft.is_file() {
         unlink(&target)?;
-        fs::copy(from, &target).map_err(io_err("copy to", &target))?;
+        copy_file(from, &target)?;
         own(&target, ids, mode.unwrap_or(src_mode))
     } else {
-        Ok(()) // devices, fifos and sockets are not copied
+        // Fifos and sockets are not copied (the unpack refused devices).
+        debug_assert!(!ft.is_char_device() && !ft.is_block_device());
+        Ok(())
     }
+}
+
+/// Copies the regular file `from` to the new file `to`, following neither.
+fn copy_file(from: &Path, to: &Path) -> Result<(), CopyError> {
+    let nofollow = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+    let mut src = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nofollow)
+        .open(from)
+        .map_err(io_err("open", from))?;
+    let mut dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nofollow)
+        .open(to)
+        .map_err(io_err("create", to))?;
+    io::copy(&mut src, &mut dst).map_err(io_err("copy to", to))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -291,6 +358,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         fs::create_dir_all(root.join("usr/lib")).unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
         std::os::unix::fs::symlink("/usr/lib", root.join("lib")).unwrap();
         std::os::unix::fs::symlink("../../etc", root.join("usr/lib/up")).unwrap();
         assert_eq!(
@@ -397,5 +465,196 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("\"nope\""), "{e}");
+    }
+
+    /// A context archive built in the test; names and link targets are written raw, so
+    /// hostile entries (`s -> /`, device nodes) can be put in.
+    fn context_tar(entries: &[(tar::EntryType, &str, &str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (kind, name, link, data) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(*kind);
+            let old = h.as_old_mut();
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_600_000_000);
+            h.set_size(data.len() as u64);
+            if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+                h.set_device_major(1).unwrap();
+                h.set_device_minor(3).unwrap();
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        layer: PathBuf,
+        archive: PathBuf,
+    }
+
+    impl Fixture {
+        fn new(tar: &[u8]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let layer = dir.path().join("layer");
+            fs::create_dir_all(layer.join("etc")).unwrap();
+            let me = nix::unistd::Uid::effective().as_raw();
+            let gid = nix::unistd::Gid::effective().as_raw();
+            fs::write(layer.join("etc/passwd"), format!("me:x:{me}:{gid}::/:/\n")).unwrap();
+            let archive = dir.path().join("ctx.tar");
+            fs::write(&archive, tar).unwrap();
+            Self {
+                dir,
+                layer,
+                archive,
+            }
+        }
+
+        fn copy(&self, src: &str, dest: &str) -> Result<(), CopyError> {
+            let staging = self.dir.path().join("staging");
+            let _ = fs::remove_dir_all(&staging);
+            fs::create_dir_all(&staging).unwrap();
+            copy(&CopyJob {
+                layer: &self.layer,
+                archive: &self.archive,
+                staging: &staging,
+                src,
+                dest,
+                owner: "me",
+                mode: None,
+                id_base: 0,
+            })
+        }
+
+        /// Every regular file in the layer, with its contents.
+        fn layer_files(&self) -> Vec<(PathBuf, Vec<u8>)> {
+            fn walk(p: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+                for e in fs::read_dir(p).unwrap() {
+                    let e = e.unwrap();
+                    let ft = e.file_type().unwrap();
+                    if ft.is_dir() {
+                        walk(&e.path(), out);
+                    } else if ft.is_file() {
+                        out.push((e.path(), fs::read(e.path()).unwrap()));
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            walk(&self.layer, &mut out);
+            out
+        }
+    }
+
+    use tar::EntryType as T;
+
+    /// The attack: a context symlink `s -> /` and `COPY s/etc/passwd /x`. The old code
+    /// unpacked with the host's tar and let the kernel resolve `staging/s/etc/passwd`,
+    /// copying the host's file. Sources now resolve inside the context: nothing there.
+    #[test]
+    fn copy_source_through_context_symlink_to_root_does_not_read_host_files() {
+        let host_file = "/etc/passwd"; // exists on every host; /etc/shadow on most
+        let host = fs::read(host_file).unwrap();
+        let f = Fixture::new(&context_tar(&[(T::Symlink, "s", "/", b"")]));
+        let e = f.copy("s/etc/passwd", "/x").unwrap_err();
+        assert!(matches!(e, CopyError::NotInContext { .. }), "{e}");
+        let f = Fixture::new(&context_tar(&[(T::Symlink, "s", "../../../../../..", b"")]));
+        assert!(f.copy("s/etc/shadow", "/x").is_err());
+        // A whole-directory COPY through such links copies the links, never host data.
+        let f = Fixture::new(&context_tar(&[
+            (T::Symlink, "s", "/", b""),
+            (T::Symlink, "p", "/etc/passwd", b""),
+            (T::Regular, "ok", "", b"ok"),
+        ]));
+        f.copy(".", "/app/").unwrap();
+        for (path, data) in f.layer_files() {
+            assert_ne!(
+                data,
+                host,
+                "{} holds the host's {host_file}",
+                path.display()
+            );
+        }
+        assert!(fs::symlink_metadata(f.layer.join("app/s"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // A symlink source that names the host's file is followed inside the context.
+        assert!(matches!(
+            f.copy("p", "/y").unwrap_err(),
+            CopyError::NotInContext { .. }
+        ));
+    }
+
+    /// Symlink sources resolve inside the context as if it were `/` (Docker's rule).
+    #[test]
+    fn copy_source_symlinks_resolve_inside_the_context() {
+        let f = Fixture::new(&context_tar(&[
+            (T::Directory, "real/", "", b""),
+            (T::Regular, "real/f", "", b"in context"),
+            (T::Symlink, "abs", "/real", b""),
+            (T::Symlink, "file", "/real/f", b""),
+        ]));
+        f.copy("abs/f", "/a").unwrap();
+        assert_eq!(fs::read(f.layer.join("a")).unwrap(), b"in context");
+        f.copy("file", "/d/").unwrap();
+        assert_eq!(fs::read(f.layer.join("d/file")).unwrap(), b"in context");
+    }
+
+    /// Host `tar` as root created device nodes; the in-process unpack refuses them.
+    #[test]
+    fn copy_context_with_a_device_node_is_refused() {
+        for kind in [T::Char, T::Block] {
+            let f = Fixture::new(&context_tar(&[
+                (T::Regular, "ok", "", b"ok"),
+                (kind, "dev/mem", "", b""),
+            ]));
+            let e = f.copy("ok", "/ok").unwrap_err();
+            let text = crate::ErrorChain(&e).to_string();
+            assert!(
+                matches!(&e, CopyError::Unpack(UnpackError::Device { path }) if path == "dev/mem"),
+                "{text}"
+            );
+            assert!(
+                text.contains("dev/mem") && text.contains("device"),
+                "{text}"
+            );
+            assert!(!f.dir.path().join("staging/dev/mem").exists());
+        }
+    }
+
+    /// `..` and absolute entry names never land outside the staging directory.
+    #[test]
+    fn copy_context_entries_stay_in_the_staging_directory() {
+        let f = Fixture::new(&context_tar(&[(T::Regular, "../escaped", "", b"x")]));
+        let e = f.copy("escaped", "/x").unwrap_err();
+        assert!(
+            matches!(e, CopyError::Unpack(UnpackError::Escape { .. })),
+            "{e}"
+        );
+        assert!(!f.dir.path().join("escaped").exists());
+        let f = Fixture::new(&context_tar(&[
+            (T::Symlink, "l", "/", b""),
+            (T::Regular, "l/tmp/planted", "", b"x"),
+            (T::Link, "h", "/etc/passwd", b""),
+        ]));
+        // The hard link to "/etc/passwd" names the context's own (missing) file.
+        assert!(f.copy("l", "/x").is_err());
+        assert!(!Path::new("/tmp/planted").exists());
+    }
+
+    /// The template's `/etc/passwd` may be a symlink to a host device; it is not read
+    /// (reading `/dev/zero` would never end).
+    #[test]
+    fn copy_owner_lookup_never_reads_through_layer_symlinks() {
+        let f = Fixture::new(&context_tar(&[(T::Regular, "ok", "", b"ok")]));
+        fs::remove_file(f.layer.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", f.layer.join("etc/passwd")).unwrap();
+        let e = f.copy("ok", "/ok").unwrap_err();
+        assert!(matches!(e, CopyError::NoOwner { .. }), "{e}");
     }
 }

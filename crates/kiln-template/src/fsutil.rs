@@ -174,6 +174,12 @@ pub fn resolve_file(root: &Path, rel: &Path) -> io::Result<Option<PathBuf>> {
     }
 }
 
+/// Resolves `rel` inside `root` like [`resolve_file`], except that a missing final
+/// component is fine: its would-be path is returned.
+pub fn resolve_path(root: &Path, rel: &Path) -> io::Result<PathBuf> {
+    walk_in_root(root, rel, Walk::File)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Walk {
     Dirs,

@@ -545,4 +545,6 @@ impl std::fmt::Display for ErrorChain<'_> {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

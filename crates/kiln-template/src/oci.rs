@@ -190,11 +190,8 @@ impl ImageConfig {
         let Ok(uid) = user.parse::<u32>() else {
             return Ok(user.to_string());
         };
-        let passwd = fsutil::resolve_file(rootfs, Path::new("etc/passwd"))
-            .ok()
-            .flatten()
-            .and_then(|p| fs::read_to_string(p).ok())
-            .unwrap_or_default();
+        // The image's own file: a regular file only, capped (never a fifo or a link out).
+        let passwd = crate::copy::read_layer_file(rootfs, "etc/passwd");
         passwd
             .lines()
             .find_map(|l| {

@@ -16,6 +16,12 @@
 //! are refused, and every parent directory is resolved inside the root
 //! ([`fsutil::resolve_dir`]), so a symlink planted by an earlier entry or layer
 //! (`etc -> /etc`, `x -> ../../..`) leads back into the tree, never out of it.
+//!
+//! The same walker unpacks uploaded COPY contexts ([`crate::copy`]) with
+//! [`UnpackOptions::CONTEXT`]: no whiteouts (a `.wh.` name is an ordinary file there),
+//! device nodes refused, tighter [`Limits`]. Every unpack is bounded by its limits (entry
+//! count and bytes of file data), so a decompression bomb fails with an error naming the
+//! cap instead of filling the disk.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -44,11 +50,74 @@ pub struct LayerStats {
     pub skipped_devices: u64,
 }
 
+/// What an unpack may write at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Archive entries (of any kind, whiteouts included).
+    pub max_entries: u64,
+    /// Bytes of regular-file data, as the entries' headers declare them.
+    pub max_bytes: u64,
+}
+
+/// What to do with a character or block device entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Devices {
+    /// Leave it out and count it ([`LayerStats::skipped_devices`]): image layers carry
+    /// `/dev` nodes that sandboxes never need (they get `/dev` from the runtime).
+    Skip,
+    /// Fail the unpack, naming the entry.
+    Refuse,
+}
+
+/// How an archive is unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackOptions {
+    /// Apply `.wh.` whiteouts and opaque markers (image layers); otherwise such names
+    /// are ordinary entries.
+    pub whiteouts: bool,
+    pub devices: Devices,
+    pub limits: Limits,
+}
+
+impl UnpackOptions {
+    /// An OCI image layer: whiteouts, devices skipped, generous limits (a layer of a
+    /// large CUDA image holds ~10 GiB and ~200k files).
+    pub const IMAGE_LAYER: Self = Self {
+        whiteouts: true,
+        devices: Devices::Skip,
+        limits: Limits {
+            max_entries: 4_000_000,
+            max_bytes: 64 << 30,
+        },
+    };
+    /// An uploaded COPY context: no whiteouts, devices refused, tighter limits.
+    pub const CONTEXT: Self = Self {
+        whiteouts: false,
+        devices: Devices::Refuse,
+        limits: Limits {
+            max_entries: 1_000_000,
+            max_bytes: 8 << 30,
+        },
+    };
+}
+
 /// A layer could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
-    #[error("reading the layer archive")]
+    #[error("reading the archive")]
     Read(#[source] io::Error),
+    #[error(
+        "archive entry {path:?} is a device node; device nodes are not allowed here \
+         (only files, directories, links and fifos)"
+    )]
+    Device { path: String },
+    #[error("the archive has more than {limit} entries (the limit); refusing it")]
+    TooManyEntries { limit: u64 },
+    #[error(
+        "archive entry {path:?} takes the archive's file data past {limit} bytes (the \
+         limit); refusing it"
+    )]
+    TooLarge { path: String, limit: u64 },
     #[error(
         "layer entry {path:?} would leave the root filesystem (a `..` component); refusing \
          the layer"
@@ -73,8 +142,19 @@ pub fn apply_layer_file(
     file: &Path,
     chown: &mut dyn Chown,
 ) -> Result<LayerStats, UnpackError> {
+    unpack_file(root, file, chown, &UnpackOptions::IMAGE_LAYER)
+}
+
+/// Unpacks the archive in `file` (compression detected from its first bytes) onto
+/// `root` as `opts` say.
+pub fn unpack_file(
+    root: &Path,
+    file: &Path,
+    chown: &mut dyn Chown,
+    opts: &UnpackOptions,
+) -> Result<LayerStats, UnpackError> {
     let f = fs::File::open(file).map_err(UnpackError::Read)?;
-    apply_layer(root, decompress(BufReader::new(f))?, chown)
+    unpack(root, decompress(BufReader::new(f))?, chown, opts)
 }
 
 /// A reader of the decompressed archive: gzip and zstd are recognized by their magic
@@ -98,16 +178,52 @@ pub fn apply_layer(
     reader: impl Read,
     chown: &mut dyn Chown,
 ) -> Result<LayerStats, UnpackError> {
+    unpack(root, reader, chown, &UnpackOptions::IMAGE_LAYER)
+}
+
+/// Unpacks the (decompressed) archive read from `reader` onto `root` as `opts` say.
+pub fn unpack(
+    root: &Path,
+    reader: impl Read,
+    chown: &mut dyn Chown,
+    opts: &UnpackOptions,
+) -> Result<LayerStats, UnpackError> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = LayerStats::default();
     // Host paths this layer wrote, with all their ancestors: whiteouts and opaque
     // markers apply to the lower layers only.
     let mut written: HashSet<PathBuf> = HashSet::new();
+    let mut budget = Budget {
+        entries: 0,
+        bytes: 0,
+        limits: opts.limits,
+    };
     for entry in archive.entries().map_err(UnpackError::Read)? {
         let mut entry = entry.map_err(UnpackError::Read)?;
-        apply_entry(root, &mut entry, &mut written, chown, &mut stats)?;
+        budget.entries += 1;
+        if budget.entries > opts.limits.max_entries {
+            return Err(UnpackError::TooManyEntries {
+                limit: opts.limits.max_entries,
+            });
+        }
+        apply_entry(
+            root,
+            &mut entry,
+            &mut written,
+            chown,
+            &mut stats,
+            opts,
+            &mut budget,
+        )?;
     }
     Ok(stats)
+}
+
+/// What an unpack has written so far, against its limits.
+struct Budget {
+    entries: u64,
+    bytes: u64,
+    limits: Limits,
 }
 
 /// The normal components of an archive path (a leading `/` or `./` is dropped);
@@ -130,6 +246,8 @@ fn apply_entry<R: Read>(
     written: &mut HashSet<PathBuf>,
     chown: &mut dyn Chown,
     stats: &mut LayerStats,
+    opts: &UnpackOptions,
+    budget: &mut Budget,
 ) -> Result<(), UnpackError> {
     let raw = entry.path().map_err(UnpackError::Read)?.into_owned();
     let shown = raw.display().to_string();
@@ -158,7 +276,23 @@ fn apply_entry<R: Read>(
     // Old (v7) archives mark a directory only by a trailing slash.
     let is_dir = kind.is_dir() || (kind.is_file() && entry.path_bytes().ends_with(b"/"));
 
-    if let Some(target) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
+    if kind.is_character_special() || kind.is_block_special() {
+        return match opts.devices {
+            Devices::Skip => {
+                stats.skipped_devices += 1;
+                Ok(())
+            }
+            Devices::Refuse => Err(UnpackError::Device {
+                path: shown.clone(),
+            }),
+        };
+    }
+    let whiteout = if opts.whiteouts {
+        name.as_bytes().strip_prefix(WHITEOUT_PREFIX)
+    } else {
+        None
+    };
+    if let Some(target) = whiteout {
         let parent = match fsutil::resolve_dir(root, &parent_rel, false) {
             Ok(p) => p,
             // Nothing below to delete.
@@ -200,9 +334,6 @@ fn apply_entry<R: Read>(
             }
             None => fs::create_dir(&path).map_err(io_err("create directory", &path))?,
         }
-    } else if kind.is_character_special() || kind.is_block_special() {
-        stats.skipped_devices += 1;
-        return Ok(());
     } else {
         if existing.is_some() {
             remove(&path).map_err(io_err("replace", &path))?;
@@ -216,7 +347,19 @@ fn apply_entry<R: Read>(
                 .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
                 .open(&path)
                 .map_err(io_err("create file", &path))?;
-            io::copy(entry, &mut f).map_err(io_err("write", &path))?;
+            // Checked before writing, from the header (for a sparse file, its real
+            // size); the copy is bounded by what is left, whatever the header said.
+            let size = entry.size();
+            let left = budget.limits.max_bytes - budget.bytes;
+            if size > left {
+                return Err(UnpackError::TooLarge {
+                    path: shown.clone(),
+                    limit: budget.limits.max_bytes,
+                });
+            }
+            let n =
+                io::copy(&mut entry.by_ref().take(left), &mut f).map_err(io_err("write", &path))?;
+            budget.bytes += n;
         } else if kind.is_symlink() {
             let target = link_name(entry, &shown)?;
             std::os::unix::fs::symlink(&target, &path).map_err(io_err("create symlink", &path))?;
