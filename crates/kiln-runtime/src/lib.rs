@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 
+pub mod guest;
 pub mod gvisor;
 pub mod jail;
 pub mod multi;
@@ -59,6 +60,19 @@ pub struct Limits {
     pub cpu_count: u32,
     /// Maximum number of tasks (processes and threads).
     pub pids_max: u32,
+    /// Cap of the sandbox's writable layer in MiB: everything it writes to its root
+    /// filesystem lives on an ext4 filesystem of this size of its own (a loop-mounted
+    /// sparse image, see `jail::disk`); writing past it is `ENOSPC` inside the sandbox.
+    /// Absent in state written before the cap existed: [`DEFAULT_DISK_MB`].
+    #[serde(default = "default_disk_mb")]
+    pub disk_mb: u64,
+}
+
+/// The writable-layer cap when none is given (MiB): 10 GiB.
+pub const DEFAULT_DISK_MB: u64 = jail::disk::DEFAULT_DISK_MB;
+
+fn default_disk_mb() -> u64 {
+    DEFAULT_DISK_MB
 }
 
 /// What the sandbox's network namespace can reach.
@@ -104,9 +118,10 @@ pub struct SandboxStats {
     pub mem_used_bytes: u64,
     pub mem_cache_bytes: u64,
     pub mem_total_bytes: u64,
-    /// Bytes written to the sandbox's writable layer.
+    /// Bytes in use on the sandbox's disk (its writable layer's own filesystem, as
+    /// `df` counts them: file data plus ext4's metadata).
     pub disk_used_bytes: u64,
-    /// Size of the filesystem that holds the writable layer.
+    /// Size of that filesystem: the cap (`Limits::disk_mb`) less ext4's metadata.
     pub disk_total_bytes: u64,
 }
 
@@ -183,6 +198,19 @@ pub trait Runtime: Send + Sync {
     fn pause_of_survives_reboot(&self, id: &str) -> bool {
         let _ = id;
         self.pause_survives_reboot()
+    }
+
+    /// Kill every process of a sandbox (for gVisor: its Sentry and gofer, and runsc's
+    /// container) but keep its writable layer ([`upper_dir`](Runtime::upper_dir)) on
+    /// the host, readable and no longer changing, until [`kill`](Runtime::kill)
+    /// removes it with the rest. Template builds stop a step's sandbox before reading
+    /// its layer, so a background process the step left cannot change it meanwhile.
+    /// Idempotent; a stopped sandbox is no longer alive for `adopt`.
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(format!(
+            "the {} runtime cannot stop sandbox {id}",
+            self.kind().as_str()
+        )))
     }
 
     /// Kill a sandbox and remove everything it created on the host: processes,

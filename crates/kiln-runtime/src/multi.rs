@@ -83,6 +83,10 @@ impl Runtime for MultiRuntime {
         }
     }
 
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        self.owner(id).stop(id).await
+    }
+
     async fn kill(&self, id: &str) -> Result<(), RuntimeError> {
         self.owner(id).kill(id).await
     }
@@ -210,6 +214,7 @@ mod tests {
                 memory_mb: 64,
                 cpu_count: 1,
                 pids_max: 10,
+                disk_mb: 64,
             },
             network: crate::NetworkMode::Loopback,
         }

@@ -145,6 +145,7 @@ impl Fixture {
                 memory_mb,
                 cpu_count: 1,
                 pids_max: 128,
+                disk_mb: kiln_runtime::DEFAULT_DISK_MB,
             },
             network,
         }
@@ -174,6 +175,14 @@ impl Fixture {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
         if mounts.contains(&paths.dir.display().to_string()) {
             bail!("a mount under {} left behind", paths.dir.display());
+        }
+        let loops = std::process::Command::new("losetup").arg("-a").output()?;
+        let loops = String::from_utf8_lossy(&loops.stdout);
+        if let Some(l) = loops
+            .lines()
+            .find(|l| l.contains(&paths.dir.display().to_string()))
+        {
+            bail!("loop device left behind: {l}");
         }
         if Path::new("/run/netns").join(format!("kiln-{id}")).exists() {
             bail!("network namespace of {id} left behind");
@@ -650,6 +659,13 @@ fn checkpointed_sandbox_survives_restart_and_lost_host_side() {
         // The host forgets everything outside the sandbox's directory.
         let paths = f.rt.paths(&cfg.id);
         nix::mount::umount2(&paths.rootfs(), nix::mount::MntFlags::MNT_DETACH)?;
+        // ... the disk's mount and loop device too (the overlay's upper layer is on it).
+        kiln_runtime::jail::disk::unmount(&paths.disk());
+        if kiln_runtime::jail::disk::is_mounted(&paths.disk())
+            || !kiln_runtime::jail::disk::loop_devices_of(&paths.disk_image()).is_empty()
+        {
+            bail!("the disk of {} is still mounted", cfg.id);
+        }
         let netns = format!("kiln-{}", cfg.id);
         let ok = std::process::Command::new("ip")
             .args(["netns", "del", &netns])
@@ -732,6 +748,142 @@ fn a_user_host_socket_makes_pause_fall_back() {
     })();
     let killed = f.kill(&cfg.id);
     result.expect("fallback");
+    killed.expect("kill");
+    f.assert_clean(&cfg.id).expect("nothing left behind");
+}
+
+fn free_bytes(path: &Path) -> Result<u64> {
+    let v = nix::sys::statvfs::statvfs(path)?;
+    Ok((v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64))
+}
+
+/// A sandbox with a 64 MiB disk cap: `dd` of cap + 50 MiB ends in ENOSPC inside the
+/// Sentry, `stats` shows the disk full (used ≈ total ≤ cap), the data directory lost at
+/// most about the cap, a second sandbox still writes; `kill` leaves no mount, no loop
+/// device (`losetup -a`) and no image.
+#[test]
+fn gvisor_disk_cap_is_enospc_and_spares_the_host() {
+    if !runnable("gvisor_disk_cap_is_enospc_and_spares_the_host") {
+        return;
+    }
+    const CAP_MB: u64 = 64;
+    let f = Fixture::new("disk").expect("fixture");
+    let mut a = f.config("gd", NetworkMode::Loopback, 256);
+    a.limits.disk_mb = CAP_MB;
+    let mut b = f.config("ge", NetworkMode::Loopback, 256);
+    b.limits.disk_mb = CAP_MB;
+    let result = (|| -> Result<()> {
+        let (ia, took_a) = f.start(&a)?;
+        let (ib, took_b) = f.start(&b)?;
+        eprintln!("starts with a {CAP_MB} MiB disk: {took_a:?}, {took_b:?}");
+        let free_before = free_bytes(&f.base)?;
+        let out = exec(
+            &ia.envd_socket,
+            &format!(
+                "dd if=/dev/zero of=/var/tmp/big bs=1M count={} 2>&1; sync",
+                CAP_MB + 50
+            ),
+        )?;
+        eprintln!("dd in a: {:?}", out.stdout);
+        if !out.stdout.contains("No space left on device") {
+            bail!("dd past the cap did not fail with ENOSPC: {:?}", out.stdout);
+        }
+        // What the data directory loses for this sandbox is the image's allocated
+        // blocks (`df` is printed too, but other work on this host moves it).
+        std::process::Command::new("sync").status()?;
+        let lost = free_before.saturating_sub(free_bytes(&f.base)?);
+        let image = f.rt.paths(&a.id).disk_image();
+        let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image)?) * 512;
+        eprintln!(
+            "image allocated {} MiB; data directory free space dropped {} MiB",
+            allocated >> 20,
+            lost >> 20
+        );
+        if !((CAP_MB << 20) * 9 / 10..=CAP_MB << 20).contains(&allocated) {
+            bail!("the image holds {allocated} bytes for a {CAP_MB} MiB cap");
+        }
+        let stats = f.tokio.block_on(f.rt.stats(&a.id))?;
+        eprintln!("stats of a: {stats:?}");
+        if stats.disk_total_bytes > CAP_MB << 20
+            || stats.disk_total_bytes < (CAP_MB << 20) * 9 / 10
+            || stats.disk_used_bytes < stats.disk_total_bytes * 95 / 100
+        {
+            bail!("disk stats after filling a {CAP_MB} MiB disk: {stats:?}");
+        }
+        let (status, _) = http(&ia.envd_socket, "GET", "/health", "text/plain", b"")?;
+        if !(200..300).contains(&status) {
+            bail!("the full sandbox's envd answers {status}");
+        }
+        let out = exec(
+            &ib.envd_socket,
+            "dd if=/dev/zero of=/var/tmp/other bs=1M count=16 2>&1 && sync && echo wrote",
+        )?;
+        if !out.stdout.contains("wrote") {
+            bail!("sandbox b cannot write: {:?}", out.stdout);
+        }
+        Ok(())
+    })();
+    let images = [
+        f.rt.paths(&a.id).disk_image(),
+        f.rt.paths(&b.id).disk_image(),
+    ];
+    // a is killed (and checked) while b still runs: no process of b may hold a's disk.
+    let killed_a = f.kill(&a.id);
+    let clean_a = f.assert_clean(&a.id);
+    let killed_b = f.kill(&b.id);
+    result.expect("disk cap");
+    killed_a.expect("kill a");
+    clean_a.expect("a left nothing behind while b runs");
+    killed_b.expect("kill b");
+    f.assert_clean(&b.id).expect("b left nothing behind");
+    for image in images {
+        assert!(!image.exists(), "{} left behind", image.display());
+    }
+}
+
+/// `stop` kills the Sentry, gofer and workload (a background writer included) and
+/// deletes runsc's container, but keeps the upper layer readable and unchanging on the
+/// host; `adopt` no longer finds the sandbox; `kill` afterwards removes everything.
+#[test]
+fn gvisor_stop_kills_the_sentry_and_keeps_the_layer() {
+    if !runnable("gvisor_stop_kills_the_sentry_and_keeps_the_layer") {
+        return;
+    }
+    let f = Fixture::new("stop").expect("fixture");
+    let cfg = f.config("gs", NetworkMode::Loopback, 256);
+    let result = (|| -> Result<()> {
+        let (inst, _) = f.start(&cfg)?;
+        exec(
+            &inst.envd_socket,
+            "echo kept > /var/tmp/kept; (while :; do date +%s%N >> /var/tmp/bg; sleep 0.01; done) \
+             >/dev/null 2>&1 </dev/null &",
+        )?;
+        let upper = f.rt.upper_dir(&cfg.id).context("no upper dir")?;
+        let bg = upper.join("var/tmp/bg");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !bg.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        f.tokio.block_on(f.rt.stop(&cfg.id))?;
+        if sentry_alive(inst.pid) {
+            bail!("the Sentry survived stop");
+        }
+        let size = std::fs::metadata(&bg)?.len();
+        std::thread::sleep(Duration::from_millis(300));
+        if std::fs::metadata(&bg)?.len() != size {
+            bail!("the upper layer changed after stop");
+        }
+        if std::fs::read_to_string(upper.join("var/tmp/kept"))? != "kept\n" {
+            bail!("written file unreadable after stop");
+        }
+        if f.tokio.block_on(f.rt.adopt(&cfg.id))?.is_some() {
+            bail!("adopt found a stopped sandbox");
+        }
+        f.tokio.block_on(f.rt.stop(&cfg.id))?;
+        Ok(())
+    })();
+    let killed = f.kill(&cfg.id);
+    result.expect("stop");
     killed.expect("kill");
     f.assert_clean(&cfg.id).expect("nothing left behind");
 }

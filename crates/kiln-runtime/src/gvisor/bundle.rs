@@ -298,6 +298,7 @@ mod tests {
                 memory_mb: 256,
                 cpu_count: 2,
                 pids_max: 100,
+                disk_mb: 1024,
             },
             netns,
             envd_command: cmd,

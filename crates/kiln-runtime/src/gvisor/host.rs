@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use super::bundle::BundlePaths;
+use crate::jail::disk::{self, DiskError};
 use crate::jail::mounts::{self, ensure_dir, hosts_file, write_etc, MountError};
 use crate::jail::net::{self, NetError, Slot};
 use crate::{GUEST_BIN_DIR, GUEST_ENVD_SOCKET, ID_MAP_BASE};
@@ -26,6 +27,8 @@ pub enum HostError {
     },
     #[error("root filesystem")]
     Mount(#[from] MountError),
+    #[error("the sandbox's disk")]
+    Disk(#[from] DiskError),
     #[error("mounting the overlay at {target}")]
     Overlay {
         target: PathBuf,
@@ -59,16 +62,21 @@ fn mkdir(path: &Path, mode: u32, owner: Option<u32>) -> Result<(), HostError> {
 
 /// Create `state_dir/<id>/` (`0710 root:<sandbox root group>`: runsc's gofer runs as
 /// the sandbox's mapped root and must traverse it; no other host user can reach
-/// anything below, envd's socket included) with `upper/` and `run/` owned by sandbox
-/// root (host [`ID_MAP_BASE`]), mount the overlay at `rootfs/` and write `/etc` files.
+/// anything below, envd's socket included), the sandbox's disk (`disk.img` of
+/// `disk_mb` MiB mounted at `disk/`, `0700 root`: see [`crate::jail::disk`]) holding
+/// `upper/` (owned by sandbox root, host [`ID_MAP_BASE`]) and `work/`, and `run/`
+/// owned by sandbox root; mount the overlay at `rootfs/` and write `/etc` files.
 pub fn prepare_rootfs(
     lower: &Path,
     paths: &BundlePaths,
+    disk_mb: u64,
     etc_files: &[(&str, String)],
 ) -> Result<(), HostError> {
     mkdir(&paths.dir, 0o710, None)?;
     std::os::unix::fs::chown(&paths.dir, Some(0), Some(ID_MAP_BASE))
         .map_err(io_err("chown", &paths.dir))?;
+    mkdir(&paths.disk(), 0o700, None)?;
+    disk::create(&paths.disk_image(), &paths.disk(), disk_mb)?;
     mkdir(&paths.upper(), 0o755, Some(ID_MAP_BASE))?;
     mkdir(&paths.work(), 0o700, None)?;
     mkdir(&paths.rootfs(), 0o755, None)?;
@@ -95,8 +103,13 @@ pub fn prepare_rootfs(
 }
 
 /// Mount the overlay `lowerdir=<lower>,upperdir=upper,workdir=work` at `rootfs/`
-/// (again, after a reboot, for a checkpointed sandbox: `upper/` keeps its writes).
+/// (again, after a reboot, for a checkpointed sandbox: `upper/` keeps its writes on
+/// the disk image, which is mounted again first if the reboot took its mount).
 pub fn mount_overlay(lower: &Path, paths: &BundlePaths) -> Result<(), HostError> {
+    let image = paths.disk_image();
+    if image.is_file() && !disk::is_mounted(&paths.disk()) {
+        disk::remount(&image, &paths.disk())?;
+    }
     // Same upper/work layout as the jail's.
     let jail_paths = crate::jail::spec::SandboxPaths {
         dir: paths.dir.clone(),
@@ -139,7 +152,8 @@ pub fn etc_files(id: &str, slot: Option<Slot>) -> Result<Vec<(&'static str, Stri
     Ok(files)
 }
 
-/// Unmount the overlay (and anything else left under the sandbox's directory).
+/// Unmount the overlay, then the disk under it (its loop device goes with its last
+/// mount), and anything else left under the sandbox's directory.
 pub fn unmount_rootfs(paths: &BundlePaths) {
     let _ = umount2(&paths.rootfs(), MntFlags::MNT_DETACH);
     crate::jail::unmount_leftovers(&paths.dir);

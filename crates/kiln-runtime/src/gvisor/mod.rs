@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use self::bundle::{BundlePaths, BundleSpec};
 use self::runsc::{Network, Runsc};
 use crate::jail::cgroup::{self, Cgroups};
-use crate::jail::{cgroup_err, chain, dir_usage, net, spec::validate_id, validate};
+use crate::jail::{cgroup_err, chain, disk, net, spec::validate_id, validate};
 use crate::{
     Limits, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
 };
@@ -49,6 +49,9 @@ pub struct GvisorOptions {
     pub start_timeout: Duration,
     /// runsc debug logs (`--debug --debug-log=<dir>/`), for diagnosing start failures.
     pub debug_log_dir: Option<PathBuf>,
+    /// Private ranges Internet sandboxes may reach anyway (`net::parse_egress_allow`);
+    /// host-wide: give the jail runtime the same list.
+    pub egress_allow: Vec<net::Ipv4Cidr>,
 }
 
 impl GvisorOptions {
@@ -61,6 +64,7 @@ impl GvisorOptions {
             envd_command: None,
             start_timeout: Duration::from_secs(20),
             debug_log_dir: None,
+            egress_allow: Vec::new(),
         }
     }
 }
@@ -145,7 +149,8 @@ impl GvisorRuntime {
             .map_err(|e| unsupported(&format!("{} probe", exe.display()), &e))?;
         let cgroups = cgroup::detect(Path::new(crate::jail::helper::CGROUP_ROOT))
             .map_err(|e| unsupported("cgroups", &e))?;
-        net::install_host_rules().map_err(|e| unsupported("host network setup", &e))?;
+        net::install_host_rules(&opts.egress_allow)
+            .map_err(|e| unsupported("host network setup", &e))?;
         let runsc = Runsc {
             exe,
             root: opts.state_dir.join("runsc-root"),
@@ -230,7 +235,8 @@ impl GvisorRuntime {
     }
 
     fn log_tail(&self, id: &str) -> String {
-        let log = std::fs::read_to_string(self.paths(id).log()).unwrap_or_default();
+        // The guest writes this file: read its last 64 KiB, not all of it.
+        let log = crate::guest::tail(&self.paths(id).log(), 64 * 1024);
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
@@ -248,7 +254,7 @@ impl GvisorRuntime {
             reason: format!("{what}: {}", chain(e)),
         };
         let etc = host::etc_files(id, slot).map_err(|e| start_err("etc files", &e))?;
-        host::prepare_rootfs(&config.rootfs, &paths, &etc)
+        host::prepare_rootfs(&config.rootfs, &paths, config.limits.disk_mb, &etc)
             .map_err(|e| start_err("preparing the root filesystem", &e))?;
         self.write_state(&GvisorState {
             id: id.clone(),
@@ -402,7 +408,7 @@ impl GvisorRuntime {
         let deadline = Instant::now() + self.inner.opts.start_timeout;
         let mut delay = Duration::from_millis(2);
         loop {
-            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            if crate::guest::connect_envd(&socket).await.is_ok() {
                 return self.sentry_pid(id).await;
             }
             if Instant::now() >= deadline {
@@ -421,11 +427,13 @@ impl GvisorRuntime {
         }
     }
 
-    fn kill_blocking(&self, id: &str) -> Result<(), RuntimeError> {
-        let paths = self.paths(id);
-        let state = self.read_state(id);
-        // Every step runs even when an earlier one failed; the first failure is reported.
+    /// The Sentry, gofer and every workload process gone, runsc's container deleted;
+    /// the overlay and the disk with `upper/` stay mounted. Every step runs; the
+    /// first failure is reported.
+    fn stop_blocking(&self, id: &str) -> Vec<RuntimeError> {
         let mut failures: Vec<RuntimeError> = Vec::new();
+        // A sandbox `runsc pause` froze takes SIGKILL only once thawed.
+        let _ = self.inner.cgroups.request_frozen(id, false);
         // runsc put the Sentry and gofer into kiln/<id>: SIGKILL them there first.
         // (`runsc delete --force` on a live sandbox tries a graceful stop that times
         // out here; on a dead one it only removes runsc's state.)
@@ -435,6 +443,14 @@ impl GvisorRuntime {
         if let Err(e) = self.inner.runsc.delete(id) {
             failures.push(io_other(format!("sandbox {id}: runsc delete"), &e));
         }
+        failures
+    }
+
+    fn kill_blocking(&self, id: &str) -> Result<(), RuntimeError> {
+        let paths = self.paths(id);
+        let state = self.read_state(id);
+        // Every step runs even when an earlier one failed; the first failure is reported.
+        let mut failures = self.stop_blocking(id);
         let slot = state.as_ref().and_then(|s| s.slot);
         match host::remove_netns(id, slot) {
             Ok(()) => {
@@ -445,6 +461,9 @@ impl GvisorRuntime {
             Err(e) => failures.push(io_other(format!("sandbox {id}: removing its network"), &e)),
         }
         host::unmount_rootfs(&paths);
+        if !disk::wait_detached(&paths.disk_image(), Duration::from_secs(2)) {
+            tracing::warn!(%id, "its disk's loop device is still attached (a user is left)");
+        }
         if let Err(e) = self.inner.cgroups.remove(id) {
             failures.push(cgroup_err(id, "removing its cgroups", e));
         }
@@ -578,6 +597,31 @@ impl Runtime for GvisorRuntime {
         }
     }
 
+    /// SIGKILL everything in the sandbox's cgroups (Sentry, gofer, workload) and
+    /// `runsc delete` its container; the overlay and the disk with `upper/` stay
+    /// mounted, unchanging, until `kill`. A checkpointed sandbox has no process: its
+    /// stopped container is deleted, and it can no longer be resumed.
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let failures = this.stop_blocking(&id);
+            // Not paused any more: adopt must not take it for a live checkpoint.
+            if let Some(mut st) = this.read_state(&id).filter(|s| s.paused.is_some()) {
+                st.paused = None;
+                let _ = std::fs::remove_dir_all(this.snapshot_dir(&id));
+                this.write_state(&st)?;
+            }
+            match failures.into_iter().next() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::io("stop task", std::io::Error::other(e)))?
+    }
+
     async fn kill(&self, id: &str) -> Result<(), RuntimeError> {
         validate_id(id).map_err(RuntimeError::InvalidConfig)?;
         let this = self.clone();
@@ -607,17 +651,17 @@ impl Runtime for GvisorRuntime {
                     .stats(&id)
                     .map_err(|e| cgroup_err(&id, "reading its cgroup stats", e))?
             };
-            let vfs = nix::sys::statvfs::statvfs(&this.inner.opts.state_dir).map_err(|e| {
-                RuntimeError::io("statvfs of the state directory", std::io::Error::from(e))
-            })?;
+            let paths = this.paths(&id);
+            let (disk_used, disk_total) = disk::usage(&paths.disk_image(), &paths.disk())
+                .map_err(|e| io_other(format!("sandbox {id}: its disk usage"), &e))?;
             Ok(SandboxStats {
                 cpu_usage_ns: cg.cpu_usage_ns,
                 cpu_count: state.limits.cpu_count,
                 mem_used_bytes: cg.mem_used_bytes,
                 mem_cache_bytes: cg.mem_cache_bytes,
                 mem_total_bytes: cg.mem_limit_bytes,
-                disk_used_bytes: dir_usage(&this.paths(&id).upper()),
-                disk_total_bytes: (vfs.blocks() as u64).saturating_mul(vfs.fragment_size() as u64),
+                disk_used_bytes: disk_used,
+                disk_total_bytes: disk_total,
             })
         })
         .await
@@ -708,6 +752,7 @@ mod tests {
                 memory_mb: 128,
                 cpu_count: 1,
                 pids_max: 64,
+                disk_mb: 256,
             },
             slot: net::Slot::new(3),
             rootfs: Some("/t/rootfs".into()),

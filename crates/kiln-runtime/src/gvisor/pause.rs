@@ -151,7 +151,8 @@ impl GvisorRuntime {
             .map_err(|e| format!("signalling envd: {}", chain(&e)))?;
         let deadline = Instant::now() + QUIESCE_TIMEOUT;
         let answer = loop {
-            if let Ok(text) = std::fs::read_to_string(&marker) {
+            // Guest-writable: opened beneath `run/`, never through a link, capped.
+            if let Ok(text) = crate::guest::read_capped_string(&run, ENVD_QUIESCED_FILE, 256) {
                 break text;
             }
             if Instant::now() >= deadline {
@@ -220,7 +221,7 @@ impl GvisorRuntime {
             }
             let round = Instant::now() + round;
             while Instant::now() < round {
-                if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                if crate::guest::connect_envd(&socket).await.is_ok() {
                     return self.sentry_pid(id).await;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -436,15 +437,27 @@ async fn wait_for_exit(pid: u32, timeout: Duration) {
 }
 
 /// envd's pid inside the sandbox, from `run/envd.pid`; `Err` says why there is none.
+/// The file is guest-writable: read beneath `run/` without following links, at most a
+/// few bytes (a link to `/dev/zero` or a FIFO is an error, not a hang).
 fn envd_pid(run: &Path) -> Result<u32, String> {
-    let path = run.join(ENVD_PID_FILE);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("{}: {e} (an envd that cannot quiesce)", path.display()))?;
+    let text = crate::guest::read_capped_string(run, ENVD_PID_FILE, 32).map_err(|e| {
+        format!(
+            "{}: {} (an envd that cannot quiesce)",
+            run.join(ENVD_PID_FILE).display(),
+            chain(&e)
+        )
+    })?;
     text.trim()
         .parse::<u32>()
         .ok()
         .filter(|p| *p > 0)
-        .ok_or_else(|| format!("{}: not a pid: {:?}", path.display(), text.trim()))
+        .ok_or_else(|| {
+            format!(
+                "{}: not a pid: {:?}",
+                run.join(ENVD_PID_FILE).display(),
+                text.trim()
+            )
+        })
 }
 
 /// Create `dir` as an empty `0700` directory (root only: the image is the sandbox's
@@ -478,6 +491,18 @@ mod tests {
             std::fs::write(t.path().join(ENVD_PID_FILE), bad).unwrap();
             assert!(envd_pid(t.path()).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_guest_link_to_dev_zero_as_envd_pid_is_refused_not_read() {
+        // Attack: root in the sandbox replaces /run/kiln/envd.pid by a link to
+        // /dev/zero (or a FIFO, or a huge file); the host must not follow or read it.
+        let t = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/zero", t.path().join(ENVD_PID_FILE)).unwrap();
+        assert!(envd_pid(t.path()).unwrap_err().contains("cannot quiesce"));
+        std::fs::remove_file(t.path().join(ENVD_PID_FILE)).unwrap();
+        std::fs::write(t.path().join(ENVD_PID_FILE), "1".repeat(1 << 20)).unwrap();
+        assert!(envd_pid(t.path()).unwrap_err().contains("more than"));
     }
 
     #[test]

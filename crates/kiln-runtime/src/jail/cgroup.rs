@@ -455,6 +455,7 @@ mod tests {
         memory_mb: 512,
         cpu_count: 2,
         pids_max: 256,
+        disk_mb: 1024,
     };
 
     fn read_trim(p: PathBuf) -> String {

@@ -23,6 +23,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
 use super::cgroup::{self, CgroupError};
+use super::disk::{self, DiskError};
 use super::mounts::{self, MountError};
 use super::net::{self, NetError};
 use super::seccomp::{self, SeccompError};
@@ -61,6 +62,8 @@ pub enum HelperError {
     Cgroup(#[from] CgroupError),
     #[error("root filesystem")]
     Mount(#[from] MountError),
+    #[error("the sandbox's disk")]
+    Disk(#[from] DiskError),
     #[error("network")]
     Net(#[from] NetError),
     #[error("seccomp")]
@@ -120,7 +123,7 @@ fn start(id: &str) -> Result<(), HelperError> {
     // restart (and a Ctrl-C in the server's terminal). Fails only if already a leader.
     let _ = nix::unistd::setsid();
     let paths = SandboxPaths::new(&spec.state_dir, &spec.id);
-    make_dirs(&paths)?;
+    make_dirs(&paths, spec.limits.disk_mb)?;
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -139,7 +142,7 @@ fn start(id: &str) -> Result<(), HelperError> {
     Ok(())
 }
 
-fn make_dirs(paths: &SandboxPaths) -> Result<(), HelperError> {
+fn make_dirs(paths: &SandboxPaths, disk_mb: u64) -> Result<(), HelperError> {
     let mut b = fs::DirBuilder::new();
     if let Some(parent) = paths.dir.parent() {
         fs::DirBuilder::new()
@@ -159,20 +162,24 @@ fn make_dirs(paths: &SandboxPaths) -> Result<(), HelperError> {
     fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700))
         .map_err(io_err("chmod", &paths.dir))?;
     let root = spec::host_root_id();
-    for (dir, mode, owner) in [
-        (paths.upper(), 0o755, Some(root)),
-        (paths.work(), 0o700, None),
-        (paths.rootfs(), 0o755, None),
-        // Only sandbox root may talk to envd (it runs commands as any user).
-        (paths.run(), 0o700, Some(root)),
-    ] {
-        fs::create_dir(&dir).map_err(io_err("mkdir", &dir))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
-            .map_err(io_err("chmod", &dir))?;
+    let made = |dir: &Path, mode: u32, owner: Option<u32>| -> Result<(), HelperError> {
+        fs::create_dir(dir).map_err(io_err("mkdir", dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", dir))?;
         if owner.is_some() {
-            std::os::unix::fs::lchown(&dir, owner, owner).map_err(io_err("chown", &dir))?;
+            std::os::unix::fs::lchown(dir, owner, owner).map_err(io_err("chown", dir))?;
         }
-    }
+        Ok(())
+    };
+    made(&paths.rootfs(), 0o755, None)?;
+    // Only sandbox root may talk to envd (it runs commands as any user).
+    made(&paths.run(), 0o700, Some(root))?;
+    // The writable layer's own filesystem, mounted in the host's namespace (before
+    // this helper unshares its own), so the kernel caps what the sandbox can write
+    // and the layer outlives the sandbox's processes until `kill` (`disk.rs`).
+    made(&paths.disk(), 0o700, None)?;
+    disk::create(&paths.disk_image(), &paths.disk(), disk_mb)?;
+    made(&paths.upper(), 0o755, Some(root))?;
+    made(&paths.work(), 0o700, None)?;
     Ok(())
 }
 
@@ -207,6 +214,9 @@ fn build(spec: &HelperSpec, paths: &SandboxPaths, log: &File) -> Result<u32, Hel
     cg.create(&spec.id, &spec.limits)?;
 
     // 2. The root filesystem, in a mount namespace private to this helper.
+    // The host's mount namespace, to return to once the sandbox runs (see below).
+    let host_ns = File::open("/proc/self/ns/mnt")
+        .map_err(io_err("opening", Path::new("/proc/self/ns/mnt")))?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(sys_err("unshare(CLONE_NEWNS)"))?;
     let mut etc = vec![
         ("hostname", format!("{}\n", spec.id)),
@@ -278,7 +288,14 @@ fn build(spec: &HelperSpec, paths: &SandboxPaths, log: &File) -> Result<u32, Hel
         .map_err(sys_err("clone"))?;
     let pid = child.as_raw() as u32;
 
-    let result = configure_child(spec, &*cg, pid, go_w, rep_r);
+    let result = configure_child(spec, &*cg, pid, go_w, rep_r).and_then(|()| {
+        // The sandbox has its own copy of what it needs (and pivoted away from the
+        // rest). Leave this private namespace, so it dies now: it holds a copy of every
+        // mount the host had at the unshare, other sandboxes' disks included, and
+        // would keep their filesystems and loop devices alive after their `kill`.
+        nix::sched::setns(&host_ns, CloneFlags::CLONE_NEWNS)
+            .map_err(sys_err("setns back to the host mount namespace"))
+    });
     if let Err(e) = result {
         let _ = kill(child, Signal::SIGKILL);
         let _ = waitpid(child, None);

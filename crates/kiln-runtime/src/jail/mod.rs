@@ -7,6 +7,7 @@
 //! order it runs, in `docs/jail.md`.
 
 pub mod cgroup;
+pub mod disk;
 pub mod helper;
 pub mod mounts;
 pub mod net;
@@ -42,6 +43,9 @@ pub struct JailOptions {
     pub envd_command: Option<Vec<String>>,
     /// How long `start` waits for envd's socket.
     pub start_timeout: Duration,
+    /// Private ranges Internet sandboxes may reach anyway (`net::parse_egress_allow`);
+    /// host-wide: give the gVisor runtime the same list.
+    pub egress_allow: Vec<net::Ipv4Cidr>,
 }
 
 impl JailOptions {
@@ -52,6 +56,7 @@ impl JailOptions {
             helper_exe,
             envd_command: None,
             start_timeout: Duration::from_secs(10),
+            egress_allow: Vec::new(),
         }
     }
 }
@@ -90,10 +95,15 @@ pub(crate) fn cgroup_err(id: &str, what: &str, e: cgroup::CgroupError) -> Runtim
 pub(crate) fn validate(config: &SandboxConfig) -> Result<(), RuntimeError> {
     spec::validate_id(&config.id).map_err(RuntimeError::InvalidConfig)?;
     let l = &config.limits;
-    if l.memory_mb < 16 || l.cpu_count == 0 || l.pids_max < 8 {
+    if l.memory_mb < 16 || l.cpu_count == 0 || l.pids_max < 8 || l.disk_mb < disk::MIN_DISK_MB {
         return Err(RuntimeError::InvalidConfig(format!(
-            "limits too small: memory_mb {} (min 16), cpu_count {} (min 1), pids_max {} (min 8)",
-            l.memory_mb, l.cpu_count, l.pids_max
+            "limits too small: memory_mb {} (min 16), cpu_count {} (min 1), pids_max {} (min 8), \
+             disk_mb {} (min {})",
+            l.memory_mb,
+            l.cpu_count,
+            l.pids_max,
+            l.disk_mb,
+            disk::MIN_DISK_MB
         )));
     }
     if !config.rootfs.is_absolute() || !config.rootfs.is_dir() {
@@ -133,7 +143,7 @@ impl JailRuntime {
             .map_err(|e| RuntimeError::Unsupported(chain(&e)))?;
         std::fs::create_dir_all(&opts.state_dir)
             .map_err(|e| RuntimeError::io(format!("creating {}", opts.state_dir.display()), e))?;
-        net::install_host_rules()
+        net::install_host_rules(&opts.egress_allow)
             .map_err(|e| RuntimeError::Unsupported(format!("host network setup: {}", chain(&e))))?;
         let rt = JailRuntime {
             inner: Arc::new(Inner { opts, cgroups }),
@@ -192,7 +202,8 @@ impl JailRuntime {
     }
 
     fn log_tail(&self, id: &str) -> String {
-        let log = std::fs::read_to_string(self.paths(id).log()).unwrap_or_default();
+        // The guest writes this file: read its last 64 KiB, not all of it.
+        let log = crate::guest::tail(&self.paths(id).log(), 64 * 1024);
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
@@ -269,7 +280,7 @@ impl JailRuntime {
         let deadline = Instant::now() + self.inner.opts.start_timeout;
         let mut delay = Duration::from_millis(1);
         loop {
-            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            if crate::guest::connect_envd(&socket).await.is_ok() {
                 return Ok(());
             }
             let dead = paths.exit().exists() || spec::pid_start_time(reply.pid).is_none();
@@ -293,29 +304,39 @@ impl JailRuntime {
         }
     }
 
-    fn kill_blocking(&self, id: &str) -> Result<(), RuntimeError> {
-        let paths = self.paths(id);
-        let state = self.read_state(id);
-        let io =
-            |what: &str, e: std::io::Error| RuntimeError::io(format!("sandbox {id}: {what}"), e);
+    /// Every process of the sandbox killed, the helper gone with its mount namespace
+    /// (and so the overlay); the disk with `upper/` stays mounted on the host.
+    fn stop_blocking(&self, id: &str, state: Option<&SandboxState>) -> Result<(), RuntimeError> {
         // A frozen task takes SIGKILL only once thawed; thawing a cgroup that is not
         // frozen (or gone) is harmless.
         let _ = self.inner.cgroups.request_frozen(id, false);
-        if let Some(s) = state.as_ref().filter(|s| s.is_alive()) {
+        if let Some(s) = state.filter(|s| s.is_alive()) {
             // Killing PID 1 of the pid namespace kills every process in it.
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(s.pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        let killed = cgroup::kill_all(&*self.inner.cgroups, id, Duration::from_secs(5))
+            .map_err(|e| cgroup_err(id, "killing its processes", e));
+        if let Some(s) = state {
+            wait_helper_gone(s.helper_pid, id, Duration::from_secs(2));
+        }
+        killed
+    }
+
+    fn kill_blocking(&self, id: &str) -> Result<(), RuntimeError> {
+        let paths = self.paths(id);
+        let state = self.read_state(id);
+        let io =
+            |what: &str, e: std::io::Error| RuntimeError::io(format!("sandbox {id}: {what}"), e);
         // Every step runs even when an earlier one failed, so one stuck resource does
         // not leave the others behind; the first failure is reported.
         let mut failures: Vec<RuntimeError> = Vec::new();
-        if let Err(e) = cgroup::kill_all(&*self.inner.cgroups, id, Duration::from_secs(5)) {
-            failures.push(cgroup_err(id, "killing its processes", e));
+        if let Err(e) = self.stop_blocking(id, state.as_ref()) {
+            failures.push(e);
         }
         if let Some(s) = &state {
-            wait_helper_gone(s.helper_pid, id, Duration::from_secs(2));
             if let Some(slot) = s.slot {
                 match net::remove_host_side(slot) {
                     Ok(()) => net::release(slot.index),
@@ -326,6 +347,9 @@ impl JailRuntime {
             }
         }
         unmount_leftovers(&paths.dir);
+        if !disk::wait_detached(&paths.disk_image(), Duration::from_secs(2)) {
+            tracing::warn!(%id, "its disk's loop device is still attached (a user is left)");
+        }
         if let Err(e) = self.inner.cgroups.remove(id) {
             failures.push(cgroup_err(id, "removing its cgroups", e));
         }
@@ -358,40 +382,31 @@ fn wait_helper_gone(pid: u32, id: &str, timeout: Duration) {
     }
 }
 
-/// Mounts live in the helper's and the sandbox's private namespaces and vanish with
-/// them; this only catches anything that leaked into the host namespace (defensive).
+/// Unmount everything at or under `dir` in the host's mount table, deepest first:
+/// the sandbox's disk (and gVisor's overlay on it); the jail's other mounts live in
+/// the helper's and the sandbox's private namespaces and vanish with them. A busy
+/// mount is detached lazily. Unmounting the disk's last mount releases its loop
+/// device (autoclear).
 pub(crate) fn unmount_leftovers(dir: &Path) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    let prefix = dir.to_string_lossy().to_string();
     let mut targets: Vec<&str> = info
         .lines()
         .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|t| t.starts_with(&prefix))
+        .filter(|t| under(Path::new(t), dir))
         .collect();
     targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
     for t in targets {
-        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        if nix::mount::umount2(t, nix::mount::MntFlags::empty()).is_err() {
+            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
-pub(crate) fn dir_usage(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0u64;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        total = total.saturating_add(meta.blocks().saturating_mul(512));
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&p) {
-                stack.extend(entries.filter_map(Result::ok).map(|e| e.path()));
-            }
-        }
-    }
-    total
+/// `path` is `dir` or below it, by whole components (`.../ab1` is not under `.../ab`).
+fn under(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir)
 }
 
 #[async_trait]
@@ -454,6 +469,20 @@ impl Runtime for JailRuntime {
         }
     }
 
+    /// SIGKILL PID 1 and everything in the cgroup, wait for the helper; the disk
+    /// with `upper/`, the cgroups, the veth and the directory stay until `kill`.
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        spec::validate_id(id).map_err(RuntimeError::InvalidConfig)?;
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let state = this.read_state(&id);
+            this.stop_blocking(&id, state.as_ref())
+        })
+        .await
+        .map_err(|e| RuntimeError::io("stop task", std::io::Error::other(e.to_string())))?
+    }
+
     async fn kill(&self, id: &str) -> Result<(), RuntimeError> {
         spec::validate_id(id).map_err(RuntimeError::InvalidConfig)?;
         let this = self.clone();
@@ -476,17 +505,22 @@ impl Runtime for JailRuntime {
                 .cgroups
                 .stats(&id)
                 .map_err(|e| cgroup_err(&id, "reading its cgroup stats", e))?;
-            let vfs = nix::sys::statvfs::statvfs(&this.inner.opts.state_dir).map_err(|e| {
-                RuntimeError::io("statvfs of the state directory", std::io::Error::from(e))
-            })?;
+            let paths = this.paths(&id);
+            let (disk_used, disk_total) =
+                disk::usage(&paths.disk_image(), &paths.disk()).map_err(|e| {
+                    RuntimeError::io(
+                        format!("sandbox {id}: its disk usage"),
+                        std::io::Error::other(chain(&e)),
+                    )
+                })?;
             Ok(SandboxStats {
                 cpu_usage_ns: cg.cpu_usage_ns,
                 cpu_count: state.limits.cpu_count,
                 mem_used_bytes: cg.mem_used_bytes,
                 mem_cache_bytes: cg.mem_cache_bytes,
                 mem_total_bytes: cg.mem_limit_bytes,
-                disk_used_bytes: dir_usage(&this.paths(&id).upper()),
-                disk_total_bytes: (vfs.blocks() as u64).saturating_mul(vfs.fragment_size() as u64),
+                disk_used_bytes: disk_used,
+                disk_total_bytes: disk_total,
             })
         })
         .await
@@ -554,6 +588,7 @@ mod tests {
                 memory_mb: 256,
                 cpu_count: 1,
                 pids_max: 64,
+                disk_mb: 64,
             },
             network: NetworkMode::Loopback,
         }
@@ -569,12 +604,18 @@ mod tests {
         let mut c = config("ok", t.path());
         c.limits.cpu_count = 0;
         assert!(matches!(validate(&c), Err(RuntimeError::InvalidConfig(_))));
+        let mut c = config("ok", t.path());
+        c.limits.disk_mb = disk::MIN_DISK_MB - 1;
+        let err = validate(&c).unwrap_err().to_string();
+        assert!(err.contains("disk_mb 15 (min 16)"), "{err}");
     }
 
     #[test]
-    fn usage_counts_blocks() {
-        let t = tempfile::tempdir().unwrap();
-        std::fs::write(t.path().join("f"), vec![1u8; 64 * 1024]).unwrap();
-        assert!(dir_usage(t.path()) >= 64 * 1024);
+    fn leftovers_are_matched_by_whole_components() {
+        let d = Path::new("/data/sandboxes/ab");
+        assert!(under(Path::new("/data/sandboxes/ab"), d));
+        assert!(under(Path::new("/data/sandboxes/ab/disk"), d));
+        assert!(!under(Path::new("/data/sandboxes/ab1/disk"), d));
+        assert!(!under(Path::new("/data/sandboxes/a"), d));
     }
 }

@@ -330,7 +330,7 @@ mod tests {
         let p = SandboxPaths::new(Path::new("/data/sandboxes"), "abc");
         assert_eq!(
             overlay_options(Path::new("/t/rootfs"), &p).unwrap(),
-            "lowerdir=/t/rootfs,upperdir=/data/sandboxes/abc/upper,workdir=/data/sandboxes/abc/work"
+            "lowerdir=/t/rootfs,upperdir=/data/sandboxes/abc/disk/upper,workdir=/data/sandboxes/abc/disk/work"
         );
         assert!(overlay_options(Path::new("/t/a,b"), &p).is_err());
         assert!(overlay_options(Path::new("/t/a:b"), &p).is_err());

@@ -3,14 +3,26 @@
 //! Every Internet sandbox gets slot `n` of 10.77.0.0/16: the /30 `10.77.0.4n/30`, the
 //! host end `kv<n>` = `.4n+1`, the sandbox's `eth0` = `.4n+2`, default route via the
 //! host end. The host NATs 10.77.0.0/16 out of non-`kv` interfaces and, in dedicated
-//! chains, drops kv→host, kv→kv and new connections into sandboxes. Loopback sandboxes
-//! only get `lo`.
+//! chains, drops kv→host, kv→kv, new connections into sandboxes and egress to
+//! non-public address space ([`BLOCKED_EGRESS`], the host's own networks) except the
+//! sandbox's DNS resolvers and the operator's allow-list ([`parse_egress_allow`]).
+//! The operator's own rules go in `KILN-USER`, which Kiln creates but never flushes
+//! and which sandbox traffic meets first. Loopback sandboxes only get `lo`.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+mod cidr;
+mod firewall;
+
+pub use self::cidr::{parse_egress_allow, CidrError, Ipv4Cidr};
+pub use self::firewall::{
+    dns_chain_rules, host_networks, install_host_rules, ip6tables_rules, iptables_rules,
+    parse_host_networks, FirewallPlan, BLOCKED_EGRESS, DNS_CHAIN, HOOKS, USER_CHAIN,
+};
 
 /// Pool the sandbox subnets come from.
 pub const POOL: &str = "10.77.0.0/16";
@@ -42,6 +54,12 @@ pub enum NetError {
     NoNameserver { files: String },
     #[error("writing {path}")]
     Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("recording the DNS rules in {path}")]
+    DnsRecord {
         path: String,
         #[source]
         source: std::io::Error,
@@ -139,50 +157,6 @@ impl Allocator {
     }
 }
 
-/// Rules for `iptables-restore --noflush`. Declaring a user chain flushes it, so this
-/// is idempotent; the jumps from the built-in chains are added separately.
-pub fn iptables_rules() -> String {
-    let kv = format!("{IF_PREFIX}+");
-    format!(
-        "*filter\n\
-         :KILN-INPUT - [0:0]\n\
-         :KILN-FORWARD - [0:0]\n\
-         -A KILN-INPUT -i {kv} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n\
-         -A KILN-INPUT -i {kv} -j DROP\n\
-         -A KILN-FORWARD -i {kv} -o {kv} -j DROP\n\
-         -A KILN-FORWARD -i {kv} -d 169.254.0.0/16 -j DROP\n\
-         -A KILN-FORWARD -i {kv} -j ACCEPT\n\
-         -A KILN-FORWARD -o {kv} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n\
-         -A KILN-FORWARD -o {kv} -j DROP\n\
-         COMMIT\n\
-         *nat\n\
-         :KILN-POSTROUTING - [0:0]\n\
-         -A KILN-POSTROUTING -s {POOL} ! -o {kv} -j MASQUERADE\n\
-         COMMIT\n"
-    )
-}
-
-/// IPv6: sandboxes have none; drop anything from kv interfaces anyway.
-pub fn ip6tables_rules() -> String {
-    let kv = format!("{IF_PREFIX}+");
-    format!(
-        "*filter\n\
-         :KILN-INPUT - [0:0]\n\
-         :KILN-FORWARD - [0:0]\n\
-         -A KILN-INPUT -i {kv} -j DROP\n\
-         -A KILN-FORWARD -i {kv} -j DROP\n\
-         -A KILN-FORWARD -o {kv} -j DROP\n\
-         COMMIT\n"
-    )
-}
-
-/// (table, built-in chain, our chain) jumps inserted first in the built-in chains.
-pub const HOOKS: [(&str, &str, &str); 3] = [
-    ("filter", "INPUT", "KILN-INPUT"),
-    ("filter", "FORWARD", "KILN-FORWARD"),
-    ("nat", "POSTROUTING", "KILN-POSTROUTING"),
-];
-
 /// Run `program args`, feeding `stdin`; error with its stderr on failure.
 pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), NetError> {
     let spawn_err = |source| NetError::Spawn {
@@ -219,54 +193,6 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
         path: path.to_string(),
         source,
     })
-}
-
-/// Host-wide setup, idempotent: IPv4 forwarding and the KILN-* chains with their jumps.
-pub fn install_host_rules() -> Result<(), NetError> {
-    write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-    run(
-        "iptables-restore",
-        &["-w", "--noflush"],
-        Some(&iptables_rules()),
-    )?;
-    for (table, chain, ours) in HOOKS {
-        if run(
-            "iptables",
-            &["-w", "-t", table, "-C", chain, "-j", ours],
-            None,
-        )
-        .is_err()
-        {
-            run(
-                "iptables",
-                &["-w", "-t", table, "-I", chain, "1", "-j", ours],
-                None,
-            )?;
-        }
-    }
-    if Path::new("/proc/sys/net/ipv6").exists() {
-        run(
-            "ip6tables-restore",
-            &["-w", "--noflush"],
-            Some(&ip6tables_rules()),
-        )?;
-        for (table, chain, ours) in HOOKS.iter().filter(|h| h.0 == "filter") {
-            if run(
-                "ip6tables",
-                &["-w", "-t", table, "-C", chain, "-j", ours],
-                None,
-            )
-            .is_err()
-            {
-                run(
-                    "ip6tables",
-                    &["-w", "-t", table, "-I", chain, "1", "-j", ours],
-                    None,
-                )?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Host half of a sandbox's network: the veth pair (sandbox end moved into the
@@ -316,24 +242,34 @@ pub fn nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// The resolv.conf for Internet sandboxes: the host's nameservers, or systemd-resolved's
-/// upstreams when the host points at a local stub.
-pub fn sandbox_resolv_conf() -> Result<String, NetError> {
+/// The host's IPv4 resolvers a sandbox can use: from `/etc/resolv.conf`, or
+/// systemd-resolved's upstreams when the host points at a local stub.
+pub fn host_nameservers() -> Result<Vec<Ipv4Addr>, NetError> {
     const FILES: [&str; 2] = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
     for file in FILES {
         let servers = std::fs::read_to_string(file)
             .map(|s| nameservers(&s))
             .unwrap_or_default();
         if !servers.is_empty() {
-            return Ok(servers
-                .iter()
-                .map(|s| format!("nameserver {s}\n"))
-                .collect());
+            return Ok(servers);
         }
     }
     Err(NetError::NoNameserver {
         files: FILES.join(", "),
     })
+}
+
+/// The resolv.conf for Internet sandboxes: the host's nameservers (see
+/// [`host_nameservers`]). Resolvers are often private addresses (a LAN router, a VPC
+/// resolver) that the egress rules refuse, so this also makes sure KILN-DNS accepts
+/// port 53 of exactly these addresses.
+pub fn sandbox_resolv_conf() -> Result<String, NetError> {
+    let servers = host_nameservers()?;
+    firewall::ensure_dns_rules(&servers)?;
+    Ok(servers
+        .iter()
+        .map(|s| format!("nameserver {s}\n"))
+        .collect())
 }
 
 /// The slots of every runtime of this process: the jail and gVisor backends of one
@@ -508,16 +444,6 @@ mod tests {
             "addr add 10.77.0.14/30 dev eth0\nlink set eth0 up\nroute add default via 10.77.0.13\n"
         );
         assert!(s.host_sysctls()[0].0.ends_with("/kv3/disable_ipv6"));
-    }
-
-    #[test]
-    fn rules_isolate_sandboxes_and_host() {
-        let r = iptables_rules();
-        assert!(r.contains("-A KILN-INPUT -i kv+ -j DROP"));
-        assert!(r.contains("-A KILN-FORWARD -i kv+ -o kv+ -j DROP"));
-        assert!(r.contains("-s 10.77.0.0/16 ! -o kv+ -j MASQUERADE"));
-        // kv->kv drop must come before the general accept.
-        assert!(r.find("-o kv+ -j DROP").unwrap() < r.find("-i kv+ -j ACCEPT").unwrap());
     }
 
     #[test]

@@ -57,12 +57,30 @@ impl SandboxPaths {
             dir: state_dir.join(id),
         }
     }
+    /// The sandbox's disk image (a sparse ext4 file of the disk cap's size).
+    pub fn disk_image(&self) -> PathBuf {
+        self.dir.join("disk.img")
+    }
+    /// Where the disk image is mounted (host mount namespace); holds `upper/` and
+    /// `work/`.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
+    /// The directory holding `upper/` and `work/`: the disk, or the sandbox directory
+    /// itself for a sandbox started before disks existed (its `upper/` is there).
+    fn layers(&self) -> PathBuf {
+        if self.dir.join("upper").is_dir() {
+            self.dir.clone()
+        } else {
+            self.disk()
+        }
+    }
     /// Overlay upper layer: everything the sandbox writes.
     pub fn upper(&self) -> PathBuf {
-        self.dir.join("upper")
+        self.layers().join("upper")
     }
     pub fn work(&self) -> PathBuf {
-        self.dir.join("work")
+        self.layers().join("work")
     }
     /// Mount point of the merged root filesystem (inside the helper's mount namespace).
     pub fn rootfs(&self) -> PathBuf {
@@ -83,8 +101,16 @@ impl SandboxPaths {
         self.dir.join("config.json")
     }
     /// Console of the sandbox (kiln-init's and envd's stdout/stderr) and helper log.
+    /// Root in the sandbox can write to its console (`/proc/1/fd/1`), so the file lives
+    /// on the sandbox's own disk, where those writes count against its cap instead of
+    /// filling the data directory. (`<dir>/log` for a sandbox started before disks.)
     pub fn log(&self) -> PathBuf {
-        self.dir.join("log")
+        let old = self.dir.join("log");
+        if old.exists() {
+            old
+        } else {
+            self.disk().join("console.log")
+        }
     }
     /// Written by the helper when PID 1 exits: its wait status.
     pub fn exit(&self) -> PathBuf {
@@ -179,11 +205,30 @@ mod tests {
                 memory_mb: 1,
                 cpu_count: 1,
                 pids_max: 1,
+                disk_mb: 64,
             },
             slot: Slot::new(4),
             cgroup_version: "v1".into(),
         };
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<SandboxState>(&json).unwrap(), s);
+        // state.json written before disk caps existed still parses, with the default.
+        let old = json.replace(r#","disk_mb":64"#, "");
+        assert_ne!(old, json);
+        let parsed: SandboxState = serde_json::from_str(&old).unwrap();
+        assert_eq!(parsed.limits.disk_mb, crate::DEFAULT_DISK_MB);
+    }
+
+    #[test]
+    fn layers_live_on_the_disk() {
+        let t = tempfile::tempdir().unwrap();
+        let p = SandboxPaths::new(t.path(), "abc");
+        assert_eq!(p.upper(), t.path().join("abc/disk/upper"));
+        assert_eq!(p.work(), t.path().join("abc/disk/work"));
+        assert_eq!(p.disk_image(), t.path().join("abc/disk.img"));
+        // A sandbox from before disks keeps its layers where they were.
+        std::fs::create_dir_all(t.path().join("abc/upper")).unwrap();
+        assert_eq!(p.upper(), t.path().join("abc/upper"));
+        assert_eq!(p.work(), t.path().join("abc/work"));
     }
 }

@@ -211,6 +211,19 @@ impl Fixture {
         if self.rt.paths(id).dir.exists() {
             left.push(format!("dir {}", self.rt.paths(id).dir.display()));
         }
+        // The disk's loop device (released with the disk's last mount).
+        let dir = self.rt.paths(id).dir.display().to_string();
+        let loops = std::process::Command::new("losetup")
+            .arg("-a")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        left.extend(
+            loops
+                .lines()
+                .filter(|l| l.contains(&dir))
+                .map(|l| format!("loop device: {l}")),
+        );
         if let Some(ifname) = slot_if {
             if Path::new("/sys/class/net").join(ifname).exists() {
                 left.push(format!("link {ifname}"));

@@ -14,7 +14,8 @@
 //! also the in-sandbox probe: started as `probe agent` it stands in for envd (listens
 //! on `/run/kiln/envd.sock` and runs shell commands sent by the tests, so every check
 //! runs *inside* the sandbox, under its namespaces, cgroup, capabilities and seccomp
-//! filter); started as `probe syscalls` it tries the denied syscalls and prints errnos.
+//! filter); started as `probe syscalls` it tries the denied syscalls and prints errnos,
+//! as `probe everyday` it does what ordinary programs do (ptrace, PTYs, inotify, ...).
 
 mod agent;
 mod fixture;
@@ -25,6 +26,9 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("agent") => agent::serve(),
         Some("syscalls") => agent::syscalls(),
+        Some("everyday") => agent::everyday(),
+        Some("euid") => agent::euid(),
+        Some("setuid") => agent::setuid_exec(args.get(2).map_or("", String::as_str)),
         _ => tests::run(&args[1..]),
     }
 }

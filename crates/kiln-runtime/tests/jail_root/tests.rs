@@ -12,6 +12,7 @@ const SMALL: Limits = Limits {
     memory_mb: 128,
     cpu_count: 1,
     pids_max: 64,
+    disk_mb: kiln_runtime::DEFAULT_DISK_MB,
 };
 
 type Test = fn(&Fixture) -> Result<()>;
@@ -23,6 +24,10 @@ const TESTS: &[(&str, Test)] = &[
     ("fork_bomb_is_contained", fork_bomb_is_contained),
     ("internet_isolation", internet_isolation),
     (
+        "private_egress_is_denied_unless_allowed",
+        private_egress_is_denied_unless_allowed,
+    ),
+    (
         "failed_starts_are_reported_and_cleaned",
         failed_starts_are_reported_and_cleaned,
     ),
@@ -32,6 +37,18 @@ const TESTS: &[(&str, Test)] = &[
         pause_freezes_and_resume_continues,
     ),
     ("debian_curl_and_pip", debian_curl_and_pip),
+    (
+        "debian_userland_under_the_seccomp_allow_list",
+        debian_userland_under_the_seccomp_allow_list,
+    ),
+    (
+        "disk_cap_is_enospc_and_spares_the_host",
+        disk_cap_is_enospc_and_spares_the_host,
+    ),
+    (
+        "stop_kills_every_process_and_keeps_the_layer",
+        stop_kills_every_process_and_keeps_the_layer,
+    ),
 ];
 
 /// Value-taking libtest options (their value is not a filter).
@@ -276,15 +293,33 @@ fn seccomp_and_privileges(fx: &Fixture) -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    for line in out.lines() {
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(
+        lines.len() == crate::agent::PROBES.len(),
+        "probe printed {} lines for {} probes",
+        lines.len(),
+        crate::agent::PROBES.len()
+    );
+    for (line, (probe, _, _, want)) in lines.iter().zip(crate::agent::PROBES) {
         let (name, result) = line.split_once(' ').unwrap_or((line, ""));
-        let want = match name {
-            "clone3" => "ENOSYS",
-            "unshare_bogus" => "EINVAL",
-            _ => "EPERM",
-        };
-        ensure!(result == want, "{name}: got {result}, want {want}");
+        ensure!(name == *probe, "probe order: {name} vs {probe}");
+        ensure!(result == *want, "{name}: got {result}, want {want}");
     }
+    // Ordinary programs under the allow-list: ptrace of an own child, PTYs, inotify,
+    // threads, fork + exec; and a setuid-root program run by uid 1000 gains euid 0
+    // (how sudo works: no_new_privs is off).
+    let everyday = fx.ok(&i, "/opt/kiln/bin/probe everyday")?;
+    println!("      {}", everyday.replace('\n', "; "));
+    ensure!(
+        everyday.lines().count() == 5 && everyday.lines().all(|l| l.ends_with(" OK")),
+        "everyday work failed under the filter: {everyday}"
+    );
+    let euid = fx.ok(
+        &i,
+        "cp /opt/kiln/bin/probe /root/suid && chmod 4755 /root/suid && \
+         /opt/kiln/bin/probe setuid /root/suid",
+    )?;
+    ensure!(euid == "euid=0", "setuid-root program as uid 1000: {euid}");
     ensure!(
         fx.sh(&i, "mount -t tmpfs none /mnt")?.0 != 0,
         "mount worked"
@@ -309,6 +344,7 @@ fn memory_bomb_is_contained(fx: &Fixture) -> Result<()> {
             memory_mb: 64,
             cpu_count: 1,
             pids_max: 64,
+            disk_mb: kiln_runtime::DEFAULT_DISK_MB,
         },
     );
     let i = fx.start(&c)?;
@@ -359,6 +395,7 @@ fn fork_bomb_is_contained(fx: &Fixture) -> Result<()> {
             memory_mb: 256,
             cpu_count: 1,
             pids_max: 48,
+            disk_mb: kiln_runtime::DEFAULT_DISK_MB,
         },
     );
     let i = fx.start(&c)?;
@@ -408,7 +445,7 @@ fn pause_freezes_and_resume_continues(fx: &Fixture) -> Result<()> {
         "(i=0; while :; do i=$((i+1)); echo $i > /root/count.new; mv /root/count.new /root/count; \
          sleep 0.02; done) >/dev/null 2>&1 </dev/null &",
     )?;
-    let counter = fx.rt.paths(&c.id).dir.join("upper/root/count");
+    let counter = fx.rt.paths(&c.id).upper().join("root/count");
     let read = || -> u64 {
         std::fs::read_to_string(&counter)
             .ok()
@@ -531,6 +568,202 @@ fn internet_isolation(fx: &Fixture) -> Result<()> {
     fx.kill_and_check(&b.id, Some(&slot_b.host_if()))
 }
 
+/// A private network of the test's own: a network namespace holding 10.213.0.1 with
+/// a TCP listener that answers "private", reached from the host through a veth whose
+/// host end is 10.213.0.2/24. Removed on drop.
+struct PrivateNet {
+    ns: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+const PRIVATE_IP: &str = "10.213.0.1";
+const PRIVATE_PORT: u16 = 8213;
+
+impl PrivateNet {
+    fn new() -> Result<PrivateNet> {
+        let ns = format!("kilnt{}", std::process::id());
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new("ip").args(args).output()?;
+            ensure!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        // Host end named outside `kv*`: Kiln's chains treat kv+ as sandboxes.
+        let host_if = "kpt0";
+        let _ = ip(&["link", "del", host_if]);
+        let _ = ip(&["netns", "del", &ns]);
+        ip(&["netns", "add", &ns])?;
+        let net = PrivateNet {
+            ns: ns.clone(),
+            stop: Default::default(),
+            server: None,
+        };
+        ip(&[
+            "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["addr", "add", "10.213.0.2/24", "dev", host_if])?;
+        ip(&["link", "set", host_if, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{PRIVATE_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        // The listener: a thread that enters the namespace (setns acts on the calling
+        // thread only) and answers every connection.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stop = net.stop.clone();
+        let ns_path = format!("/run/netns/{ns}");
+        let server = std::thread::spawn(move || {
+            let bound = std::fs::File::open(&ns_path)
+                .map_err(anyhow::Error::from)
+                .and_then(|f| {
+                    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    let l = TcpListener::bind((PRIVATE_IP, PRIVATE_PORT))?;
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                });
+            let listener = match bound {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        use std::io::Write;
+                        let _ = c.write_all(b"private\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        let mut net = net;
+        net.server = Some(server);
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("the private listener did not start")??;
+        Ok(net)
+    }
+}
+
+impl Drop for PrivateNet {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+        // Deleting the namespace deletes the veth pair.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+    }
+}
+
+/// Egress to private address space: a sandbox with Internet access cannot reach a
+/// listener on 10.213.0.1 (a namespace of this test's own), can once the operator
+/// allows 10.213.0.0/24, and cannot again once the allow-list is gone; an operator's
+/// rule in KILN-USER applies before Kiln's and survives a reinstall of Kiln's rules.
+fn private_egress_is_denied_unless_allowed(fx: &Fixture) -> Result<()> {
+    let private = PrivateNet::new()?;
+    // Control: the host reaches the listener.
+    let mut s = std::net::TcpStream::connect_timeout(
+        &format!("{PRIVATE_IP}:{PRIVATE_PORT}").parse()?,
+        Duration::from_secs(2),
+    )
+    .context("control: the host cannot reach the private listener")?;
+    let mut hello = String::new();
+    use std::io::Read;
+    s.read_to_string(&mut hello)?;
+    ensure!(hello == "private\n", "control: {hello:?}");
+
+    let c = fx.config("egress", NetworkMode::Internet, SMALL);
+    let i = fx.start(&c)?;
+    let slot = fx
+        .rt
+        .read_state(&c.id)
+        .and_then(|s| s.slot)
+        .context("no slot")?;
+    let connect = format!("timeout 5 nc -w 2 {PRIVATE_IP} {PRIVATE_PORT} </dev/null");
+    let denied = |when: &str| -> Result<()> {
+        let (code, out) = fx.sh(&i, &connect)?;
+        ensure!(
+            code != 0 && !out.contains("private"),
+            "{when}: the sandbox reached {PRIVATE_IP}:{PRIVATE_PORT}: {out}"
+        );
+        Ok(())
+    };
+    let allowed = |when: &str| -> Result<()> {
+        let out = fx.ok(&i, &connect)?;
+        ensure!(out == "private", "{when}: {out:?}");
+        Ok(())
+    };
+    denied("default rules")?;
+    // The resolvers are often private too (10.x here): DNS still works.
+    let dns = fx.ok(&i, "nslookup deb.debian.org")?;
+    ensure!(
+        dns.contains("Address"),
+        "DNS broken by the egress rules: {dns}"
+    );
+
+    // The operator allows the range: runtime creation installs the rules.
+    let mut opts = fx.rt.options().clone();
+    opts.egress_allow = kiln_runtime::jail::net::parse_egress_allow("10.213.0.0/24")?;
+    kiln_runtime::jail::JailRuntime::new(opts.clone())?;
+    let result = allowed("10.213.0.0/24 allowed").and_then(|()| {
+        opts.egress_allow.clear();
+        kiln_runtime::jail::JailRuntime::new(opts.clone())?;
+        denied("allow-list emptied again")
+    });
+    if result.is_err() {
+        opts.egress_allow.clear();
+        let _ = kiln_runtime::jail::JailRuntime::new(opts.clone());
+    }
+    result?;
+
+    // The operator's chain: a rule there applies before Kiln's reject, and Kiln's
+    // reinstall leaves it in place.
+    let rule = [
+        "-i", "kv+", "-d", PRIVATE_IP, "-p", "tcp", "--dport", "8213", "-j", "ACCEPT",
+    ];
+    let iptables = |op: &str| {
+        std::process::Command::new("iptables")
+            .args(["-w", op, "KILN-USER"])
+            .args(rule)
+            .status()
+    };
+    ensure!(iptables("-A")?.success(), "adding an operator rule");
+    let result = (|| {
+        allowed("operator's ACCEPT in KILN-USER")?;
+        kiln_runtime::jail::JailRuntime::new(opts.clone())?;
+        ensure!(
+            iptables("-C")?.success(),
+            "a reinstall of Kiln's rules flushed KILN-USER"
+        );
+        allowed("operator's rule after a reinstall")
+    })();
+    let _ = iptables("-D");
+    result?;
+    denied("operator's rule removed")?;
+    drop(private);
+    fx.kill_and_check(&c.id, Some(&slot.host_if()))
+}
+
 fn failed_starts_are_reported_and_cleaned(fx: &Fixture) -> Result<()> {
     // The helper fails (bad overlay layer path): its error reaches the caller.
     let bad_root = fx.base.join("bad,root");
@@ -630,6 +863,7 @@ fn debian_curl_and_pip(fx: &Fixture) -> Result<()> {
             memory_mb: 1024,
             cpu_count: 2,
             pids_max: 256,
+            disk_mb: kiln_runtime::DEFAULT_DISK_MB,
         },
     );
     c.rootfs = rootfs.into();
@@ -648,6 +882,259 @@ fn debian_curl_and_pip(fx: &Fixture) -> Result<()> {
     )?;
     ensure!(pip.contains("six"), "pip download: {pip}");
     println!("    curl: {code}; pip download: {pip}");
+    let slot = fx
+        .rt
+        .read_state(&c.id)
+        .and_then(|s| s.slot)
+        .context("no slot")?;
+    fx.kill_and_check(&c.id, Some(&slot.host_if()))
+}
+
+/// Free bytes of the filesystem holding `path` (what `df` shows as available).
+fn free_bytes(path: &std::path::Path) -> Result<u64> {
+    let v = nix::sys::statvfs::statvfs(path)?;
+    Ok((v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64))
+}
+
+/// A sandbox with a 64 MiB disk cap: `dd` of cap + 50 MiB ends in ENOSPC, `stats`
+/// shows the disk full (used ≈ total ≤ cap), the data directory lost at most about
+/// the cap, a second sandbox still writes; `kill` leaves no mount, no loop device
+/// (`losetup -a`) and no image. Also prints what the disk adds to a cold start.
+fn disk_cap_is_enospc_and_spares_the_host(fx: &Fixture) -> Result<()> {
+    const CAP_MB: u64 = 64;
+    let limits = Limits {
+        disk_mb: CAP_MB,
+        ..SMALL
+    };
+    let data_dir = fx.rt.options().state_dir.clone();
+    let a = fx.config("disk", NetworkMode::Loopback, limits);
+    let b = fx.config("disk", NetworkMode::Loopback, limits);
+    let ia = fx.start(&a)?;
+    let ib = fx.start(&b)?;
+    let image = fx.rt.paths(&a.id).disk_image();
+    ensure!(
+        !kiln_runtime::jail::disk::loop_devices_of(&image).is_empty(),
+        "no loop device backs {}",
+        image.display()
+    );
+    let free_before = free_bytes(&data_dir)?;
+    let (code, out) = fx.sh(
+        &ia,
+        &format!(
+            "dd if=/dev/zero of=/big bs=1M count={} 2>&1; sync",
+            CAP_MB + 50
+        ),
+    )?;
+    println!(
+        "      dd in a: exit {code}: {}",
+        out.trim().replace('\n', "; ")
+    );
+    ensure!(
+        out.contains("No space left on device"),
+        "dd past the cap did not fail with ENOSPC: {out}"
+    );
+    // Flush the sandbox's disk to its image before measuring the host. What the
+    // data directory loses for this sandbox is the image's allocated blocks (`df` of
+    // the data directory is printed too, but other work on this host moves it).
+    std::process::Command::new("sync").status()?;
+    let lost = free_before.saturating_sub(free_bytes(&data_dir)?);
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image)?) * 512;
+    println!(
+        "      image allocated {} MiB; data directory free space dropped {} MiB",
+        allocated >> 20,
+        lost >> 20
+    );
+    ensure!(
+        ((CAP_MB << 20) * 9 / 10..=CAP_MB << 20).contains(&allocated),
+        "the image holds {allocated} bytes for a {CAP_MB} MiB cap"
+    );
+    let stats = fx.tokio.block_on(fx.rt.stats(&a.id))?;
+    println!("      stats of a: {stats:?}");
+    ensure!(
+        stats.disk_total_bytes <= CAP_MB << 20 && stats.disk_total_bytes >= (CAP_MB << 20) * 9 / 10,
+        "disk total {} for a {CAP_MB} MiB cap",
+        stats.disk_total_bytes
+    );
+    ensure!(
+        stats.disk_used_bytes >= stats.disk_total_bytes * 95 / 100,
+        "disk used {} of {} after filling it",
+        stats.disk_used_bytes,
+        stats.disk_total_bytes
+    );
+    // The full sandbox still answers; another one still writes.
+    ensure!(
+        fx.ok(&ia, "echo alive")? == "alive",
+        "the full sandbox died"
+    );
+    fx.ok(&ib, "dd if=/dev/zero of=/other bs=1M count=16 2>&1 && sync")?;
+    let sb = fx.tokio.block_on(fx.rt.stats(&b.id))?;
+    ensure!(
+        sb.disk_used_bytes >= 16 << 20 && sb.disk_used_bytes < 24 << 20,
+        "sandbox b's disk: {sb:?}"
+    );
+    // Removing the file frees the space again.
+    fx.ok(&ia, "rm /big")?;
+    let after_rm = fx.tokio.block_on(fx.rt.stats(&a.id))?;
+    ensure!(
+        after_rm.disk_used_bytes < 8 << 20,
+        "space not freed: {after_rm:?}"
+    );
+    for id in [&a.id, &b.id] {
+        let image = fx.rt.paths(id).disk_image();
+        fx.kill_and_check(id, None)?;
+        ensure!(!image.exists(), "{} left behind", image.display());
+    }
+
+    // What the disk costs a cold start (image, mkfs, loop, mount; then unmount), at
+    // the default cap: median of 5.
+    let dir = fx.base.join("disk-cost");
+    let mut took = Vec::new();
+    for n in 0..5 {
+        let mnt = dir.join(format!("m{n}"));
+        std::fs::create_dir_all(&mnt)?;
+        let img = dir.join(format!("d{n}.img"));
+        let t = Instant::now();
+        kiln_runtime::jail::disk::create(&img, &mnt, kiln_runtime::DEFAULT_DISK_MB)?;
+        took.push(t.elapsed());
+        kiln_runtime::jail::disk::unmount(&mnt);
+        ensure!(
+            kiln_runtime::jail::disk::loop_devices_of(&img).is_empty(),
+            "unmount left the loop device of {}",
+            img.display()
+        );
+    }
+    took.sort();
+    println!(
+        "      disk setup at {} MiB: median {:?} (of {took:?})",
+        kiln_runtime::DEFAULT_DISK_MB,
+        took[2]
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// `stop` kills every process (a background writer included) but keeps the upper
+/// layer readable and unchanging on the host; `adopt` no longer finds the sandbox;
+/// `kill` afterwards removes everything; `stop` twice is fine.
+fn stop_kills_every_process_and_keeps_the_layer(fx: &Fixture) -> Result<()> {
+    let c = fx.config("stop", NetworkMode::Loopback, SMALL);
+    let i = fx.start(&c)?;
+    fx.ok(
+        &i,
+        "echo kept > /root/kept; (while :; do date +%s%N >> /root/bg; sleep 0.01; done) \
+         >/dev/null 2>&1 </dev/null &",
+    )?;
+    let upper = fx.rt.upper_dir(&c.id).context("no upper dir")?;
+    let bg = upper.join("root/bg");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !bg.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fx.tokio.block_on(fx.rt.stop(&c.id))?;
+    ensure!(
+        fx.rt.cgroup_dirs(&c.id).iter().all(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .map(|p| p.trim().is_empty())
+                .unwrap_or(true)
+        }),
+        "processes left in the cgroup after stop"
+    );
+    ensure!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i.pid as i32), None).is_err(),
+        "PID 1 alive after stop"
+    );
+    let size = std::fs::metadata(&bg)?.len();
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(
+        std::fs::metadata(&bg)?.len() == size,
+        "the upper layer changed after stop"
+    );
+    ensure!(
+        std::fs::read_to_string(upper.join("root/kept"))? == "kept\n",
+        "written file unreadable after stop"
+    );
+    ensure!(
+        fx.tokio.block_on(fx.rt.adopt(&c.id))?.is_none(),
+        "adopt found a stopped sandbox"
+    );
+    fx.tokio.block_on(fx.rt.stop(&c.id))?;
+    fx.kill_and_check(&c.id, None)
+}
+
+/// The programs sandboxes run, under the allow-list: python (threads, subprocess, a
+/// PTY, getaddrinfo), node (inotify through fs.watch, child processes, getifaddrs over
+/// netlink), git, and sudo from the template's user (setuid; no `no_new_privs`).
+/// Needs the base template's packages (python3, nodejs, git, sudo and its `user`).
+fn debian_userland_under_the_seccomp_allow_list(fx: &Fixture) -> Result<()> {
+    let Some(rootfs) = std::env::var_os("KILN_TEST_DEBIAN_ROOTFS") else {
+        if std::env::var_os("CI").is_some() {
+            anyhow::bail!("CI is set but KILN_TEST_DEBIAN_ROOTFS is not (scripts/test sets it)");
+        }
+        println!("    SKIPPED: set KILN_TEST_DEBIAN_ROOTFS to a Debian rootfs (the base template's packages) owned by 100000+");
+        return Ok(());
+    };
+    let mut c = fx.config(
+        "debsc",
+        NetworkMode::Internet,
+        Limits {
+            memory_mb: 1024,
+            cpu_count: 2,
+            pids_max: 256,
+            disk_mb: kiln_runtime::DEFAULT_DISK_MB,
+        },
+    );
+    c.rootfs = rootfs.into();
+    let i = fx.start(&c)?;
+    let checks: [(&str, &str, &str); 6] = [
+        (
+            "python",
+            "python3 -c 'import os, pty, socket, subprocess, threading\n\
+             t = [threading.Thread(target=lambda: None) for _ in range(8)]\n\
+             [x.start() for x in t]; [x.join() for x in t]\n\
+             assert subprocess.run([\"true\"]).returncode == 0\n\
+             pid, fd = pty.fork()\n\
+             if pid == 0: os.execvp(\"echo\", [\"echo\", \"in-pty\"])\n\
+             out = os.read(fd, 100); os.waitpid(pid, 0)\n\
+             assert b\"in-pty\" in out, out\n\
+             socket.getaddrinfo(\"deb.debian.org\", 443)\n\
+             print(\"python ok\")'",
+            "python ok",
+        ),
+        (
+            "node",
+            "cd /tmp && node -e '\
+             const fs = require(\"fs\"), os = require(\"os\"), cp = require(\"child_process\");\
+             if (!Object.keys(os.networkInterfaces()).includes(\"eth0\")) throw new Error(\"no eth0\");\
+             cp.execFileSync(\"true\");\
+             const w = fs.watch(\"/tmp\", () => { console.log(\"node ok\"); w.close(); });\
+             fs.writeFileSync(\"/tmp/watched\", \"x\");'",
+            "node ok",
+        ),
+        (
+            "git",
+            "cd /tmp && git init -q repo && cd repo && echo x > f && git add f && \
+             git -c user.name=t -c user.email=t@t commit -qm init && git log --oneline | wc -l",
+            "1",
+        ),
+        (
+            "sudo",
+            "su user -s /bin/sh -c 'id -u; sudo -n id -u'",
+            "1000\n0",
+        ),
+        ("setuid bit", "stat -c %a /usr/bin/sudo", "4755"),
+        (
+            "no_new_privs off",
+            "grep NoNewPrivs /proc/self/status | tr -d ' \\t'",
+            "NoNewPrivs:0",
+        ),
+    ];
+    for (what, cmd, want) in checks {
+        let out = fx
+            .ok(&i, cmd)
+            .with_context(|| format!("{what} under the filter"))?;
+        ensure!(out == want, "{what}: got {out:?}, want {want:?}");
+        println!("    {what}: ok");
+    }
     let slot = fx
         .rt
         .read_state(&c.id)
