@@ -128,7 +128,7 @@ async fn divert_sandbox_traffic(
     next: Next,
 ) -> Response {
     match proxy::target(req.headers(), state.domain.as_deref()) {
-        None => next.run(req).await,
+        None => crate::error::with_request_id(req, next).await,
         Some(Target::Invalid(message)) => json_error(StatusCode::BAD_REQUEST, message),
         Some(Target::Sandbox { id, port }) => {
             proxy::forward(state.manager.clone(), id, port, req).await
@@ -156,8 +156,11 @@ async fn authenticate(
 
 /// What the start banner says about the API key.
 enum KeyNotice {
-    /// Given by the operator (`KILN_API_KEY`) or generated now: print it.
+    /// Generated now: printed this once (and written to the key file).
     Plain(String),
+    /// Given by the operator in `KILN_API_KEY`: they have it; never printed (logs of a
+    /// service keep every start's banner).
+    FromEnv,
     /// Generated on an earlier start: point at the file.
     InFile(PathBuf),
 }
@@ -165,7 +168,7 @@ enum KeyNotice {
 fn prepare_keys(store: &dyn Store, config: &ServerConfig) -> Result<KeyNotice, ServeError> {
     if let Some(key) = &config.api_key {
         keys::register(store, "KILN_API_KEY", key, true)?;
-        return Ok(KeyNotice::Plain(key.clone()));
+        return Ok(KeyNotice::FromEnv);
     }
     let path = config.data_dir.join("api-key");
     if !store.list_keys()?.is_empty() {
@@ -267,6 +270,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
 
     let runner = Arc::new(crate::template_runner::SandboxStepRunner {
         runtime: runtime.clone(),
+        manager: manager.clone(),
     });
     let builds = crate::template_api::TemplateBuilds::open(data, runner, templates.clone())
         .map_err(ServeError::Template)?;
@@ -399,6 +403,7 @@ fn print_banner(addr: std::net::SocketAddr, runtime: &str, key: &KeyNotice) {
     let url = format!("http://{host}");
     let key_line = match key {
         KeyNotice::Plain(k) => format!("export E2B_API_KEY={k}"),
+        KeyNotice::FromEnv => "export E2B_API_KEY=\"$KILN_API_KEY\"".to_string(),
         KeyNotice::InFile(p) => format!("export E2B_API_KEY=$(cat {})", p.display()),
     };
     println!(

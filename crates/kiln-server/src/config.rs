@@ -18,8 +18,19 @@ pub struct LimitsConfig {
     pub cpu_count: u32,
     /// Maximum tasks per sandbox.
     pub pids_max: u32,
-    /// Disk size reported for a sandbox, in MiB.
+    /// Size of each sandbox's writable layer, in MiB (`KILN_SANDBOX_DISK_MB`): a cap
+    /// the runtime enforces (writes past it fail with `ENOSPC` inside).
     pub disk_size_mb: u64,
+    /// The most memory any sandbox gets, whatever its template asks (`KILN_MAX_MEMORY_MB`).
+    pub max_memory_mb: u64,
+    /// The most CPUs any sandbox gets, whatever its template asks (`KILN_MAX_CPUS`).
+    pub max_cpu_count: u32,
+    /// The longest deadline a command may ask for, in seconds
+    /// (`E2B_EXECUTION_TIMEOUT_SEC`): a `process.Process/Start` whose
+    /// `Connect-Timeout-Ms` is longer is refused. A command without a deadline
+    /// (the SDK's `timeout=0`, background servers) is not one execution and stays
+    /// bounded by the sandbox's lifetime.
+    pub execution_timeout_secs: u64,
     /// Idle sandboxes kept started per template (`KILN_POOL_SIZE`; 0 turns pools off).
     pub pool_size: usize,
 }
@@ -33,6 +44,9 @@ impl Default for LimitsConfig {
             cpu_count: 2,
             pids_max: 1024,
             disk_size_mb: 10 * 1024,
+            max_memory_mb: 8 * 1024,
+            max_cpu_count: 8,
+            execution_timeout_secs: 300,
             pool_size: 2,
         }
     }
@@ -67,13 +81,16 @@ impl LimitsConfig {
     /// Defaults overridden by the `E2B_*` environment variables.
     pub fn from_env() -> Result<Self, EnvError> {
         let d = LimitsConfig::default();
-        Ok(LimitsConfig {
+        let limits = LimitsConfig {
             max_sandboxes: env_num("E2B_MAX_SANDBOXES", d.max_sandboxes)?,
             max_timeout_secs: env_num("E2B_SANDBOX_TIMEOUT_SEC", d.max_timeout_secs)?,
             memory_mb: env_num("E2B_SANDBOX_MEMORY_MB", d.memory_mb)?,
             cpu_count: env_num("E2B_SANDBOX_CPU_LIMIT", d.cpu_count)?,
             pids_max: env_num("KILN_SANDBOX_PIDS_MAX", d.pids_max)?,
-            disk_size_mb: d.disk_size_mb,
+            disk_size_mb: env_num("KILN_SANDBOX_DISK_MB", d.disk_size_mb)?,
+            max_memory_mb: env_num("KILN_MAX_MEMORY_MB", d.max_memory_mb)?,
+            max_cpu_count: env_num("KILN_MAX_CPUS", d.max_cpu_count)?,
+            execution_timeout_secs: env_num("E2B_EXECUTION_TIMEOUT_SEC", d.execution_timeout_secs)?,
             pool_size: match std::env::var("KILN_POOL_SIZE") {
                 Ok(v) => v.trim().parse().map_err(|_| EnvError {
                     name: "KILN_POOL_SIZE",
@@ -82,7 +99,28 @@ impl LimitsConfig {
                 })?,
                 Err(_) => d.pool_size,
             },
-        })
+        };
+        limits.check()?;
+        Ok(limits)
+    }
+
+    /// The defaults must fit under the caps.
+    fn check(&self) -> Result<(), EnvError> {
+        if self.memory_mb > self.max_memory_mb {
+            return Err(EnvError {
+                name: "E2B_SANDBOX_MEMORY_MB",
+                value: self.memory_mb.to_string(),
+                expected: "at most KILN_MAX_MEMORY_MB",
+            });
+        }
+        if self.cpu_count > self.max_cpu_count {
+            return Err(EnvError {
+                name: "E2B_SANDBOX_CPU_LIMIT",
+                value: self.cpu_count.to_string(),
+                expected: "at most KILN_MAX_CPUS",
+            });
+        }
+        Ok(())
     }
 }
 

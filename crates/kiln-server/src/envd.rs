@@ -8,16 +8,11 @@ use axum::body::Body;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvdError {
-    #[error("cannot connect to envd at {path}")]
-    Connect {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot connect to envd")]
+    Connect(#[source] kiln_runtime::guest::GuestFileError),
     #[error("HTTP exchange with envd failed")]
     Http(#[source] hyper::Error),
     #[error("envd answered {status} to {what}: {body}")]
@@ -37,12 +32,11 @@ pub enum EnvdError {
 /// Open one HTTP/1.1 connection to envd and send `req` on it. The connection task
 /// keeps running (with upgrades) until the response body and any upgrade are done.
 pub async fn send(socket: &Path, req: Request<Body>) -> Result<Response<Incoming>, EnvdError> {
-    let stream = UnixStream::connect(socket)
+    // The socket's directory is guest-writable: connect only to the socket inode
+    // found there, never through a link the guest planted.
+    let stream = kiln_runtime::guest::connect_envd(socket)
         .await
-        .map_err(|source| EnvdError::Connect {
-            path: socket.display().to_string(),
-            source,
-        })?;
+        .map_err(EnvdError::Connect)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(EnvdError::Http)?;
@@ -54,9 +48,16 @@ pub async fn send(socket: &Path, req: Request<Body>) -> Result<Response<Incoming
     sender.send_request(req).await.map_err(EnvdError::Http)
 }
 
+/// The most of an envd error body the host reads: envd is guest code, and a hostile
+/// one could answer with an endless body.
+const ERROR_BODY_CAP: usize = 16 * 1024;
+
 async fn read_body(resp: Response<Incoming>) -> String {
-    use http_body_util::BodyExt;
-    match resp.into_body().collect().await {
+    use http_body_util::{BodyExt, Limited};
+    match Limited::new(resp.into_body(), ERROR_BODY_CAP)
+        .collect()
+        .await
+    {
         Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
         Err(e) => format!("<body unreadable: {e}>"),
     }

@@ -18,6 +18,8 @@ pub enum AppError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
     TooManyRequests(String),
     #[error("{0}")]
     Unavailable(String),
@@ -43,6 +45,7 @@ impl AppError {
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::Conflict(_) => StatusCode::CONFLICT,
+            AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -70,14 +73,50 @@ pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(body)).into_response()
 }
 
+tokio::task_local! {
+    /// The id of the API request being served (see [`with_request_id`]).
+    static REQUEST_ID: String;
+}
+
+/// The response header that carries a request's id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Serve one API request under a fresh request id: every response carries it in
+/// `X-Request-Id`, an internal error's message names it, and the server log's line for
+/// that error (with the whole error chain, which the client never sees) carries it
+/// too, so an operator can find the cause from what the client was told.
+pub async fn with_request_id(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    resp
+}
+
+fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let request_id = current_request_id();
+        let rid = request_id.as_deref().unwrap_or("-");
         if matches!(self, AppError::Internal { .. }) {
-            tracing::error!(error = %chain(&self), "request failed");
-        } else {
-            tracing::debug!(error = %self, %status, "request rejected");
+            tracing::error!(request_id = rid, error = %chain(&self), "request failed");
+            // The message is written for clients (no source chain, no host paths, no
+            // sandbox logs); the id leads an operator to the log line above.
+            let message = match &request_id {
+                Some(id) => format!("{self} (request id {id}; the server log has the details)"),
+                None => self.to_string(),
+            };
+            return json_error(status, message);
         }
+        tracing::debug!(request_id = rid, error = %self, %status, "request rejected");
         json_error(status, self.to_string())
     }
 }
@@ -102,6 +141,31 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["code"], 429);
         assert_eq!(v["message"], "limit");
+    }
+
+    #[tokio::test]
+    async fn internal_errors_show_the_safe_message_and_request_id_not_the_chain() {
+        let err = AppError::internal(
+            "failed to start sandbox",
+            std::io::Error::other("/var/lib/kiln/sandboxes/abc/run/envd.sock: sandbox log: secret"),
+        );
+        let resp = REQUEST_ID
+            .scope("rid42".to_string(), async move { err.into_response() })
+            .await;
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let message = v["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("failed to start sandbox (request id rid42"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("/var/lib") && !message.contains("secret"),
+            "{message}"
+        );
     }
 
     #[test]

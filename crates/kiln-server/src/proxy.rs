@@ -124,6 +124,62 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
 }
 
+/// Whether `path` names one of envd's host-only control routes: `/init` (which sets
+/// the access token, environment and default user) and Kiln's own `/_kiln/...` routes
+/// (the port tunnel). Those are the server's to call, over the socket only the host
+/// reaches; a client, who may be a stranger knowing only a sandbox id, never reaches
+/// them through the proxy. Compared after percent-decoding and collapsing slashes, so
+/// `//init`, `/init/` and `/%69nit` are the same path.
+pub fn is_control_path(path: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut normal = String::with_capacity(decoded.len());
+    for segment in decoded.split('/').filter(|s| !s.is_empty() && *s != ".") {
+        normal.push('/');
+        normal.push_str(&segment.to_ascii_lowercase());
+    }
+    normal == kiln_proto::envd::PATH_INIT
+        || normal == "/_kiln"
+        || normal.starts_with("/_kiln/")
+        // `..` could climb back to either; envd has no route that needs it.
+        || normal.split('/').any(|s| s == "..")
+}
+
+fn control_path_refused(id: &str, path: &str) -> Response {
+    tracing::warn!(%id, path, "refused a client request for an envd control route");
+    json_error(
+        StatusCode::FORBIDDEN,
+        format!("{path} is not reachable through the proxy: it is a control route of the sandbox's host"),
+    )
+}
+
+/// The path of envd's command start, whose `Connect-Timeout-Ms` is the command's
+/// deadline.
+const PROCESS_START: &str = "/process.Process/Start";
+
+/// A command's deadline above the server's per-execution cap is refused (400 naming
+/// the cap) rather than silently shortened: the caller learns the limit.
+fn check_execution_deadline(path: &str, headers: &HeaderMap, cap_secs: u64) -> Result<(), String> {
+    if path != PROCESS_START {
+        return Ok(());
+    }
+    let Some(value) = headers.get(kiln_proto::connect::HEADER_TIMEOUT_MS) else {
+        return Ok(());
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| "Connect-Timeout-Ms must be a whole number of milliseconds".to_string())?;
+    if ms > cap_secs.saturating_mul(1000) {
+        return Err(format!(
+            "a command may run for at most {cap_secs} s on this server \
+             (E2B_EXECUTION_TIMEOUT_SEC); asked for {} s",
+            ms.div_ceil(1000)
+        ));
+    }
+    Ok(())
+}
+
 /// Forward one request to sandbox `id`, port `port`.
 pub async fn forward(
     manager: Arc<SandboxManager>,
@@ -131,6 +187,15 @@ pub async fn forward(
     port: u16,
     mut req: Request,
 ) -> Response {
+    if port == ENVD_PORT && is_control_path(req.uri().path()) {
+        return control_path_refused(&id, req.uri().path());
+    }
+    if port == ENVD_PORT {
+        let cap = manager.execution_timeout_secs();
+        if let Err(message) = check_execution_deadline(req.uri().path(), req.headers(), cap) {
+            return json_error(StatusCode::BAD_REQUEST, message);
+        }
+    }
     let Some(entry) = manager.get(&id) else {
         return gone(&id);
     };
@@ -146,7 +211,11 @@ pub async fn forward(
     let result = if port == ENVD_PORT {
         crate::envd::send(&entry.envd_socket, req)
             .await
-            .map_err(|e| chain(&e))
+            .map_err(|e| {
+                // The chain names host paths: for the log only.
+                tracing::warn!(%id, error = %chain(&e), "envd request failed");
+                "the sandbox's envd did not answer".to_string()
+            })
     } else {
         via_tunnel(&entry.envd_socket, port, req).await
     };
@@ -202,7 +271,10 @@ async fn via_tunnel(
                 .unwrap_or(body);
             return Err(message);
         }
-        Err(e) => return Err(chain(&e)),
+        Err(e) => {
+            tracing::warn!(port, error = %chain(&e), "opening a tunnel failed");
+            return Err(format!("cannot reach port {port} in the sandbox"));
+        }
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(stream)
         .await
@@ -285,6 +357,96 @@ mod tests {
         ] {
             assert_eq!(target(&headers(&[("host", host)]), None), None, "{host}");
         }
+    }
+
+    #[test]
+    fn envd_control_routes_are_recognised_in_every_spelling() {
+        for path in [
+            "/init",
+            "//init",
+            "/init/",
+            "/./init",
+            "/%69nit",
+            "/INIT",
+            "/_kiln/tunnel/22",
+            "/_kiln",
+            "//_kiln//tunnel/80",
+            "/%5fkiln/tunnel/80",
+            "/files/../init",
+        ] {
+            assert!(is_control_path(path), "{path}");
+        }
+        for path in [
+            "/health",
+            "/files",
+            "/envs",
+            "/process.Process/Start",
+            "/filesystem.Filesystem/Stat",
+            "/initial",
+            "/kiln/tunnel",
+        ] {
+            assert!(!is_control_path(path), "{path}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Routing headers and Host values from a stranger: a target or nothing,
+        /// never a panic; an accepted id is always `[a-z0-9]+`.
+        #[test]
+        fn any_routing_headers_parse_or_are_refused(
+            id in "[ -~]{0,30}",
+            port in "[ -~]{0,8}",
+            host in "[ -~]{0,40}",
+        ) {
+            let mut h = HeaderMap::new();
+            for (name, value) in [("e2b-sandbox-id", &id), ("e2b-sandbox-port", &port), ("host", &host)] {
+                if let Ok(v) = value.parse() {
+                    h.insert(HeaderName::from_static(name), v);
+                }
+            }
+            if let Some(Target::Sandbox { id, .. }) = target(&h, None) {
+                proptest::prop_assert!(valid_id(&id), "{id:?}");
+            }
+        }
+
+        /// Whatever a client writes, a path that envd would route to `/init` is
+        /// refused: decoded and collapsed, it is never exactly `/init`.
+        #[test]
+        fn no_spelling_of_init_slips_through(path in "[/%.a-zA-Z0-9_]{0,24}") {
+            let decoded = percent_encoding::percent_decode_str(&path).decode_utf8_lossy().to_string();
+            if decoded.trim_end_matches('/').eq_ignore_ascii_case("/init") {
+                proptest::prop_assert!(is_control_path(&path), "{path:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn command_deadlines_above_the_cap_are_refused() {
+        let start = PROCESS_START;
+        let ok = headers(&[("connect-timeout-ms", "60000")]);
+        assert_eq!(check_execution_deadline(start, &ok, 300), Ok(()));
+        let at = headers(&[("connect-timeout-ms", "300000")]);
+        assert_eq!(check_execution_deadline(start, &at, 300), Ok(()));
+        let over = headers(&[("connect-timeout-ms", "300001")]);
+        let err = check_execution_deadline(start, &over, 300).unwrap_err();
+        assert!(
+            err.contains("E2B_EXECUTION_TIMEOUT_SEC") && err.contains("301 s"),
+            "{err}"
+        );
+        // No deadline (timeout=0): bounded by the sandbox's lifetime instead.
+        assert_eq!(
+            check_execution_deadline(start, &HeaderMap::new(), 300),
+            Ok(())
+        );
+        let bad = headers(&[("connect-timeout-ms", "soon")]);
+        assert!(check_execution_deadline(start, &bad, 300).is_err());
+        // Other routes' deadlines are theirs.
+        assert_eq!(
+            check_execution_deadline("/process.Process/Connect", &over, 300),
+            Ok(())
+        );
     }
 
     #[test]

@@ -668,9 +668,13 @@ async fn files_link(
         .into_response())
 }
 
+/// Largest uploaded COPY context accepted, in bytes as sent (1 GiB).
+pub const MAX_UPLOAD_BYTES: u64 = 1 << 30;
+
 async fn upload(
     State(state): State<Arc<AppState>>,
     Path(token): Path<String>,
+    headers: HeaderMap,
     body: RawBody,
 ) -> Result<StatusCode, AppError> {
     let b = builds(&state)?;
@@ -680,24 +684,82 @@ async fn upload(
         .unwrap_or_else(|e| e.into_inner())
         .remove(&token)
         .ok_or_else(|| AppError::NotFound("unknown or used upload link".into()))?;
-    let path = b.files_dir.join(&hash);
-    let tmp = b.files_dir.join(format!(".{hash}.{token}.part"));
-    let io = |e: std::io::Error| AppError::internal("storing the uploaded files failed", e);
-    let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(AppError::BadRequest(format!("upload interrupted: {e}")));
-            }
-        };
-        file.write_all(&chunk).await.map_err(io)?;
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_UPLOAD_BYTES) {
+        return Err(too_large(MAX_UPLOAD_BYTES));
     }
-    file.sync_all().await.map_err(io)?;
-    tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    let stream = body.into_data_stream();
+    store_upload(&b.files_dir, &hash, &token, stream, MAX_UPLOAD_BYTES).await?;
     Ok(StatusCode::OK)
+}
+
+fn too_large(limit: u64) -> AppError {
+    AppError::PayloadTooLarge(format!(
+        "the uploaded files are larger than {limit} bytes, the limit for one COPY context"
+    ))
+}
+
+/// Stores an uploaded COPY context as `<files_dir>/<hash>`: write once (a context
+/// already stored under `hash` is kept, as E2B's `present: true` says, and the upload is
+/// discarded), at most `limit` bytes ([`MAX_UPLOAD_BYTES`]), written to a temporary file that is then
+/// linked into place (`link(2)` never replaces, so two concurrent uploads for one hash
+/// cannot both land).
+async fn store_upload<S, B, E>(
+    files_dir: &FsPath,
+    hash: &str,
+    token: &str,
+    mut stream: S,
+    limit: u64,
+) -> Result<(), AppError>
+where
+    S: futures::Stream<Item = Result<B, E>> + Unpin,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
+    // The hash names a file: only what `files_link` accepted gets here; checked again.
+    if !is_files_hash(hash) {
+        return Err(AppError::BadRequest(format!(
+            "files hash {hash:?} must be 64 lower-case hex digits"
+        )));
+    }
+    let path = files_dir.join(hash);
+    if tokio::fs::symlink_metadata(&path).await.is_ok() {
+        return Ok(());
+    }
+    let tmp = files_dir.join(format!(".{hash}.{token}.part"));
+    let io = |e: std::io::Error| AppError::internal("storing the uploaded files failed", e);
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .await
+        .map_err(io)?;
+    let written = async {
+        let mut size: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| AppError::BadRequest(format!("upload interrupted: {e}")))?;
+            let chunk = chunk.as_ref();
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(too_large(limit));
+            }
+            file.write_all(chunk).await.map_err(io)?;
+        }
+        file.sync_all().await.map_err(io)?;
+        match tokio::fs::hard_link(&tmp, &path).await {
+            // Another upload for this hash landed first: it is kept.
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io(e)),
+        }
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    written
 }
 
 async fn start(
@@ -1099,6 +1161,60 @@ mod tests {
         assert!(parse_name("").is_err());
         assert!(parse_name("a b").is_err());
         assert!(parse_name("a:b/c").is_err());
+    }
+
+    fn chunks(
+        parts: &[&'static [u8]],
+    ) -> futures::stream::Iter<std::vec::IntoIter<Result<&'static [u8], std::io::Error>>> {
+        futures::stream::iter(parts.iter().map(|p| Ok(*p)).collect::<Vec<_>>())
+    }
+
+    /// Privilege tier: none.
+    #[tokio::test]
+    async fn upload_second_upload_does_not_replace_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = "ab".repeat(32);
+        store_upload(dir.path(), &hash, "t1", chunks(&[b"first", b" upload"]), 64)
+            .await
+            .unwrap();
+        store_upload(dir.path(), &hash, "t2", chunks(&[b"second"]), 64)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join(&hash)).unwrap(),
+            b"first upload"
+        );
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Privilege tier: none.
+    #[tokio::test]
+    async fn upload_refuses_a_hash_that_is_not_hex_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["../../etc/passwd", "AB", &"AB".repeat(32), &"g".repeat(64)] {
+            let e = store_upload(dir.path(), bad, "t", chunks(&[b"x"]), 64)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, AppError::BadRequest(_)), "{bad}: {e}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Privilege tier: none.
+    #[tokio::test]
+    async fn upload_over_the_size_cap_is_refused_and_nothing_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = "cd".repeat(32);
+        // A stream that declares no length and goes past the cap (a small one here;
+        // the handler passes MAX_UPLOAD_BYTES).
+        let stream = chunks(&[b"0123456789", b"0123456789"]);
+        let e = store_upload(dir.path(), &hash, "t", stream, 15)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("larger than 15 bytes"), "{e}");
+        assert_eq!(e.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

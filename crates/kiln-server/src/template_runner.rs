@@ -21,7 +21,12 @@ use crate::error::chain;
 /// Runs build steps with the server's runtime.
 pub struct SandboxStepRunner {
     pub runtime: Arc<dyn Runtime>,
+    /// Build sandboxes count against `E2B_MAX_SANDBOXES` like every other.
+    pub manager: Arc<crate::manager::SandboxManager>,
 }
+
+/// How long a build step waits for room under `E2B_MAX_SANDBOXES`.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[async_trait::async_trait]
 impl StepRunner for SandboxStepRunner {
@@ -30,6 +35,11 @@ impl StepRunner for SandboxStepRunner {
         req: RunRequest<'_>,
         on_line: &mut (dyn FnMut(String) + Send),
     ) -> Result<(), RunError> {
+        let _slot = self
+            .manager
+            .reserve_build_sandbox(SLOT_WAIT)
+            .await
+            .map_err(RunError::Failed)?;
         let (id, socket) = self
             .start(req.lower, req.cpu_count, req.memory_mb, req.runtime)
             .await?;
@@ -43,6 +53,11 @@ impl StepRunner for SandboxStepRunner {
         check: ReadyCheck<'_>,
         on_line: &mut (dyn FnMut(String) + Send),
     ) -> Result<(), RunError> {
+        let _slot = self
+            .manager
+            .reserve_build_sandbox(SLOT_WAIT)
+            .await
+            .map_err(RunError::Failed)?;
         let (id, socket) = self
             .start(check.lower, check.cpu_count, check.memory_mb, check.runtime)
             .await?;
@@ -68,6 +83,8 @@ impl SandboxStepRunner {
                 memory_mb: memory_mb.max(512),
                 cpu_count: cpu_count.max(1),
                 pids_max: 4096,
+                // A step's own writes (its upper dir) are capped like a sandbox's.
+                disk_mb: kiln_runtime::DEFAULT_DISK_MB,
             },
             network: NetworkMode::Internet,
         };
@@ -162,6 +179,12 @@ impl SandboxStepRunner {
         if code != 0 {
             return Err(RunError::Exit { code });
         }
+        // The upper dir is the guest's: a process the step left behind could swap its
+        // directories for symlinks while the host walks it. Stop every process of the
+        // sandbox first; the walk (by directory fds) then reads a tree nothing changes.
+        self.runtime.stop(id).await.map_err(|e| {
+            RunError::Failed(format!("stopping the build sandbox failed: {}", chain(&e)))
+        })?;
         let upper = self.runtime.upper_dir(id).ok_or_else(|| {
             RunError::Failed(format!(
                 "the {} runtime keeps no upper directory to build a layer from",
@@ -178,6 +201,9 @@ impl SandboxStepRunner {
         .map_err(|e| RunError::Failed(format!("saving the step's changes failed: {}", chain(&e))))
     }
 }
+
+/// The longest build log line kept whole; longer output is cut into lines this long.
+const MAX_LINE: usize = 16 * 1024;
 
 /// Runs `<shell> -l -c cmd` through envd's process `Start`, handing each output line
 /// to `on_line`; returns the exit code.
@@ -213,7 +239,8 @@ async fn run_logged(
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {
-        let bytes = body
+        // envd is guest code: read at most 16 KiB of its error.
+        let bytes = http_body_util::Limited::new(body, 16 * 1024)
             .collect()
             .await
             .map(|b| b.to_bytes())
@@ -251,6 +278,12 @@ async fn run_logged(
                                 "[{stream}]: {}",
                                 String::from_utf8_lossy(&line).trim_end()
                             ));
+                        }
+                        // Output without newlines: cut it into lines of at most
+                        // MAX_LINE bytes rather than buffer it without bound.
+                        while pending[i].len() >= MAX_LINE {
+                            let line: Vec<u8> = pending[i].drain(..MAX_LINE).collect();
+                            on_line(format!("[{stream}]: {}", String::from_utf8_lossy(&line)));
                         }
                     }
                 }

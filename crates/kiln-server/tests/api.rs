@@ -41,6 +41,14 @@ impl Runtime for FakeRuntime {
         let socket = self.dir.join(format!("{}.sock", config.id));
         let listener = tokio::net::UnixListener::bind(&socket)
             .map_err(|e| RuntimeError::io("bind fake envd", e))?;
+        // As a real envd's socket is: owned by the sandbox's root. (Without root the
+        // chown fails and the socket stays the test's own, which the server accepts
+        // when it does not run as root either.)
+        let _ = std::os::unix::fs::chown(
+            &socket,
+            Some(kiln_runtime::ID_MAP_BASE),
+            Some(kiln_runtime::ID_MAP_BASE),
+        );
         let inits = self.inits.clone();
         let commands = self.commands.clone();
         let app = axum::Router::new()
@@ -679,4 +687,97 @@ async fn auto_pause_pauses_at_the_deadline_instead_of_killing() {
         c.get(&id).await.unwrap().state,
         kiln_api::SandboxState::Running
     );
+}
+
+/// Limits are caps: a template asking for more memory or CPUs than the server allows
+/// is refused (400 naming the cap), never started, and never pooled.
+#[tokio::test]
+async fn a_template_over_the_servers_caps_is_refused_naming_the_cap() {
+    let h = start(LimitsConfig {
+        max_memory_mb: 1024,
+        max_cpu_count: 2,
+        ..LimitsConfig::default()
+    })
+    .await;
+    for (name, memory_mb, cpu_count, cap) in [
+        ("greedy-memory", 4096, 1, "KILN_MAX_MEMORY_MB"),
+        ("greedy-cpus", 512, 16, "KILN_MAX_CPUS"),
+    ] {
+        h.templates.insert(TemplateInfo {
+            name: name.into(),
+            rootfs: h._dir.path().join("rootfs"),
+            meta: TemplateDefaults {
+                memory_mb: Some(memory_mb),
+                cpu_count: Some(cpu_count),
+                ..Default::default()
+            },
+        });
+        let c = Client::new(&h.url, &h.key);
+        let mut req = new_sandbox(60, &[]);
+        req.template_id = name.into();
+        let err = c.create(&req).await.unwrap_err();
+        assert!(err.to_string().contains(cap), "{err}");
+        assert_eq!(status_of(err), 400);
+        assert!(
+            h.runtime.started.lock().unwrap().is_empty(),
+            "nothing started"
+        );
+        assert_eq!(h.manager.pooled(name), 0);
+    }
+}
+
+/// Every error answer carries a request id; an internal one names it in its message.
+#[tokio::test]
+async fn responses_carry_a_request_id() {
+    let h = start(LimitsConfig::default()).await;
+    let resp = reqwest::Client::new()
+        .get(format!("{}/sandboxes/nosuchsandbox", h.url))
+        .header("x-api-key", &h.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+}
+
+/// REST bodies from anyone holding a key: arbitrary JSON to `POST /sandboxes` gets a
+/// clean 4xx (or a sandbox), never a 5xx or a dropped connection.
+#[tokio::test]
+async fn arbitrary_create_bodies_get_clean_answers() {
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::TestRunner;
+    let h = start(LimitsConfig::default()).await;
+    let client = reqwest::Client::new();
+    let mut runner = TestRunner::deterministic();
+    let leaf = proptest::prop_oneof![
+        proptest::strategy::Just(serde_json::Value::Null),
+        proptest::num::i64::ANY.prop_map(serde_json::Value::from),
+        "[ -~]{0,12}".prop_map(serde_json::Value::from),
+        proptest::bool::ANY.prop_map(serde_json::Value::from),
+    ];
+    let keys = proptest::sample::select(vec![
+        "templateID",
+        "timeout",
+        "metadata",
+        "envVars",
+        "secure",
+        "allow_internet_access",
+        "autoPause",
+        "x",
+    ]);
+    let body = proptest::collection::btree_map(keys, leaf, 0..6);
+    for _ in 0..64 {
+        let map = body.new_tree(&mut runner).unwrap().current();
+        let json = serde_json::to_vec(&map).unwrap();
+        let resp = client
+            .post(format!("{}/sandboxes", h.url))
+            .header("x-api-key", &h.key)
+            .header("content-type", "application/json")
+            .body(json)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().as_u16() < 500, "{map:?} -> {}", resp.status());
+    }
 }

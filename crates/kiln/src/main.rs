@@ -134,6 +134,11 @@ struct ServeArgs {
     /// Directory holding kiln-envd, kiln-init and kiln-jail (default: next to kiln).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Private IPv4 ranges sandboxes with internet access may reach, comma-separated
+    /// CIDRs (e.g. `10.1.2.0/24,192.168.5.7`). Loopback, RFC 1918, CGNAT, link-local,
+    /// multicast and the host's own networks are denied to sandboxes unless listed here.
+    #[arg(long, env = "KILN_EGRESS_ALLOW", value_parser = parse_egress_allow)]
+    egress_allow: Option<EgressAllow>,
     /// Idle sandboxes kept started per template, so creates claim one in milliseconds
     /// (default 2, or KILN_POOL_SIZE; 0 turns warm pools off).
     #[arg(long)]
@@ -152,6 +157,15 @@ struct ServeArgs {
 /// `--builtin-templates`: names of built-in templates.
 #[derive(Clone, Debug)]
 struct Builtins(Vec<String>);
+
+#[derive(Clone, Debug)]
+struct EgressAllow(Vec<kiln_runtime::jail::net::Ipv4Cidr>);
+
+fn parse_egress_allow(s: &str) -> Result<EgressAllow, String> {
+    kiln_runtime::jail::net::parse_egress_allow(s)
+        .map(EgressAllow)
+        .map_err(|e| e.to_string())
+}
 
 fn parse_builtins(s: &str) -> Result<Builtins, String> {
     let known = kiln_server::builtins::names();
@@ -295,14 +309,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
         limits.pool_size = n;
     }
     let api_key = std::env::var("KILN_API_KEY").ok().filter(|k| !k.is_empty());
+    // The firewall chains are host-wide and each runtime installs them: both get the
+    // same list.
+    let egress_allow = args.egress_allow.clone().map(|e| e.0).unwrap_or_default();
     let jail = || -> Result<Arc<dyn kiln_runtime::Runtime>> {
+        let mut opts = kiln_runtime::jail::JailOptions::new(
+            args.data_dir.join("sandboxes"),
+            bin_dir.clone(),
+            bin_dir.join("kiln-jail"),
+        );
+        opts.egress_allow = egress_allow.clone();
         Ok(Arc::new(
-            kiln_runtime::jail::JailRuntime::new(kiln_runtime::jail::JailOptions::new(
-                args.data_dir.join("sandboxes"),
-                bin_dir.clone(),
-                bin_dir.join("kiln-jail"),
-            ))
-            .context("setting up the jail runtime")?,
+            kiln_runtime::jail::JailRuntime::new(opts).context("setting up the jail runtime")?,
         ))
     };
     let gvisor = || {
@@ -312,6 +330,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         );
         opts.runsc = args.runsc.clone();
         opts.platform = args.runsc_platform.clone();
+        opts.egress_allow = egress_allow.clone();
         kiln_runtime::gvisor::GvisorRuntime::new(opts)
     };
     // The default runtime, then the other one when it can be set up too: templates may

@@ -78,6 +78,8 @@ pub struct SandboxManager {
     sandboxes: RwLock<HashMap<String, Arc<SandboxEntry>>>,
     /// Creates in flight, counted against `max_sandboxes` with the running ones.
     creating: Mutex<usize>,
+    /// Template-build sandboxes running now, counted against `max_sandboxes` too.
+    building: Arc<std::sync::atomic::AtomicUsize>,
     pools: pool::Pools,
     /// Paused sandboxes the host lost (a reboot under a runtime whose pause lives in
     /// memory), with the message a resume gets.
@@ -91,6 +93,15 @@ impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         let mut n = self.0.lock().unwrap_or_else(|e| e.into_inner());
         *n = n.saturating_sub(1);
+    }
+}
+
+/// A template-build sandbox's place under `E2B_MAX_SANDBOXES`, given back on drop.
+pub struct BuildSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -121,6 +132,7 @@ impl SandboxManager {
             limits,
             sandboxes: RwLock::new(HashMap::new()),
             creating: Mutex::new(0),
+            building: Arc::default(),
             pools: pool::Pools::default(),
             lost: Mutex::new(HashMap::new()),
         })
@@ -141,6 +153,11 @@ impl SandboxManager {
     fn require(&self, id: &str) -> Result<Arc<SandboxEntry>, AppError> {
         self.get(id)
             .ok_or_else(|| AppError::NotFound(format!("sandbox \"{id}\" not found")))
+    }
+
+    /// `E2B_EXECUTION_TIMEOUT_SEC`: the longest deadline one command may ask for.
+    pub fn execution_timeout_secs(&self) -> u64 {
+        self.limits.execution_timeout_secs
     }
 
     pub fn count(&self) -> usize {
@@ -166,32 +183,123 @@ impl SandboxManager {
         Ok(Duration::seconds(timeout))
     }
 
-    fn sandbox_config(&self, id: String, template: &TemplateInfo, internet: bool) -> SandboxConfig {
-        SandboxConfig {
+    /// The sandbox a template asks for, within the server's caps: a template (or, later,
+    /// a request) asking for more memory or CPUs than the operator allows is refused
+    /// with the cap named, never granted.
+    fn sandbox_config(
+        &self,
+        id: String,
+        template: &TemplateInfo,
+        internet: bool,
+    ) -> Result<SandboxConfig, AppError> {
+        let memory_mb = template.meta.memory_mb.unwrap_or(self.limits.memory_mb);
+        let cpu_count = template.meta.cpu_count.unwrap_or(self.limits.cpu_count);
+        if memory_mb > self.limits.max_memory_mb {
+            return Err(AppError::BadRequest(format!(
+                "template \"{}\" asks for {memory_mb} MiB of memory; this server allows at most \
+                 {} MiB per sandbox (KILN_MAX_MEMORY_MB)",
+                template.name, self.limits.max_memory_mb
+            )));
+        }
+        if cpu_count > self.limits.max_cpu_count {
+            return Err(AppError::BadRequest(format!(
+                "template \"{}\" asks for {cpu_count} CPUs; this server allows at most {} per \
+                 sandbox (KILN_MAX_CPUS)",
+                template.name, self.limits.max_cpu_count
+            )));
+        }
+        Ok(SandboxConfig {
             id,
             rootfs: template.rootfs.clone(),
             limits: Limits {
-                memory_mb: template.meta.memory_mb.unwrap_or(self.limits.memory_mb),
-                cpu_count: template.meta.cpu_count.unwrap_or(self.limits.cpu_count),
+                memory_mb,
+                cpu_count,
                 pids_max: self.limits.pids_max,
+                disk_mb: self.limits.disk_size_mb,
             },
             network: if internet {
                 NetworkMode::Internet
             } else {
                 NetworkMode::Loopback
             },
+        })
+    }
+
+    /// Every sandbox the server has on the host: running, being created, and idle or
+    /// starting in a warm pool. `E2B_MAX_SANDBOXES` caps this number.
+    fn sandboxes_on_host(&self, creating: usize) -> usize {
+        self.count()
+            + creating
+            + self.pools.held()
+            + self.building.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Room for one template-build sandbox under `E2B_MAX_SANDBOXES`, held until the
+    /// returned guard drops. At the cap an idle pooled sandbox is killed to make room;
+    /// without one, the step waits (up to `wait`) for a sandbox to end, then fails with
+    /// the cap named.
+    pub async fn reserve_build_sandbox(
+        self: &Arc<Self>,
+        wait: std::time::Duration,
+    ) -> Result<BuildSlot, String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            {
+                let creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+                let full = self.sandboxes_on_host(*creating) >= self.limits.max_sandboxes;
+                let evicted = if full { self.pools.evict_one() } else { None };
+                if !full || evicted.is_some() {
+                    self.building
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    if let Some(evicted) = evicted {
+                        let manager = self.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = manager.runtime.kill(&evicted.id).await {
+                                tracing::warn!(id = %evicted.id, error = %chain(&e),
+                                    "killing a pooled sandbox to make room failed");
+                            }
+                        });
+                    }
+                    return Ok(BuildSlot(self.building.clone()));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the server already runs its maximum of {} sandboxes (E2B_MAX_SANDBOXES) \
+                     and none ended within {} s; kill a sandbox or raise the limit",
+                    self.limits.max_sandboxes,
+                    wait.as_secs()
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
     }
 
-    fn reserve_slot(&self) -> Result<SlotGuard<'_>, AppError> {
-        let running = self.count();
+    fn reserve_slot(
+        self: &Arc<Self>,
+        template: &str,
+        internet: bool,
+    ) -> Result<SlotGuard<'_>, AppError> {
         let mut creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
-        if running + *creating >= self.limits.max_sandboxes {
-            return Err(AppError::TooManyRequests(format!(
-                "maximum number of concurrent sandboxes ({}) reached (E2B_MAX_SANDBOXES); \
-                 kill a sandbox or raise the limit",
-                self.limits.max_sandboxes
-            )));
+        // A create that will claim one of its template's idle pooled sandboxes moves
+        // it from the pool to the running set: no new sandbox on the host.
+        let claims_pooled = internet && self.pools.idle_count(template) > 0;
+        if !claims_pooled && self.sandboxes_on_host(*creating) >= self.limits.max_sandboxes {
+            // Warm pools yield to creates: an idle pooled sandbox is killed to make room.
+            let Some(evicted) = self.pools.evict_one() else {
+                return Err(AppError::TooManyRequests(format!(
+                    "maximum number of concurrent sandboxes ({}) reached (E2B_MAX_SANDBOXES); \
+                     kill a sandbox or raise the limit",
+                    self.limits.max_sandboxes
+                )));
+            };
+            let manager = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = manager.runtime.kill(&evicted.id).await {
+                    tracing::warn!(id = %evicted.id, error = %chain(&e),
+                        "killing a pooled sandbox to make room failed");
+                }
+            });
         }
         *creating += 1;
         Ok(SlotGuard(&self.creating))
@@ -213,15 +321,13 @@ impl SandboxManager {
             }
         }
         let template = self.templates.resolve(&req.template_id)?;
-        let _slot = self.reserve_slot()?;
-
         let allow_internet = req.allow_internet_access.unwrap_or(true);
+        let _slot = self.reserve_slot(&template.name, allow_internet)?;
+
         let secure = req.secure.unwrap_or(false);
-        let (instance, started) = self.acquire(&template, allow_internet).await.map_err(|e| {
-            AppError::internal(format!("failed to start sandbox: {}", chain(&e)), e)
-        })?;
+        let (instance, started) = self.acquire(&template, allow_internet).await?;
         let id = instance.id.clone();
-        let config = self.sandbox_config(id.clone(), &template, allow_internet);
+        let config = self.sandbox_config(id.clone(), &template, allow_internet)?;
         let (cpu_count, memory_mb) = (config.limits.cpu_count, config.limits.memory_mb);
 
         let access_token = secure.then(new_token);
@@ -561,7 +667,7 @@ async fn prepare_guest(
 ) -> Result<(), String> {
     crate::envd::init(socket, init)
         .await
-        .map_err(|e| format!("envd did not initialise: {}", chain(&e)))?;
+        .map_err(|e| envd_failed("envd did not initialise", &e))?;
     if already_started {
         return Ok(());
     }
@@ -594,12 +700,25 @@ pub(super) async fn prepare_pooled(
     };
     crate::envd::init(&instance.envd_socket, &init)
         .await
-        .map_err(|e| format!("envd did not initialise: {}", chain(&e)))?;
+        .map_err(|e| envd_failed("envd did not initialise", &e))?;
     start_template(&instance.envd_socket, template, None).await
 }
 
 /// Runs the template's start command in the background and waits for its ready
 /// command to exit 0.
+/// A message for the client about a failed exchange with envd: what failed, without
+/// the error chain (host socket paths); the chain goes to the log.
+fn envd_failed(what: &str, e: &crate::envd::EnvdError) -> String {
+    tracing::warn!(error = %chain(e), "{what}");
+    match e {
+        // envd's own answer is the guest's word about the guest: safe to pass on.
+        crate::envd::EnvdError::Status { status, body, .. } => {
+            format!("{what}: envd answered {status}: {body}")
+        }
+        _ => format!("{what}: envd did not answer"),
+    }
+}
+
 async fn start_template(
     socket: &std::path::Path,
     template: &crate::templates::TemplateInfo,
@@ -609,7 +728,9 @@ async fn start_template(
     if let Some(cmd) = &template.meta.start_cmd {
         crate::envd::run_with_token(socket, cmd, user, false, token)
             .await
-            .map_err(|e| format!("the template's start command {cmd:?} failed: {}", chain(&e)))?;
+            .map_err(|e| {
+                envd_failed(&format!("the template's start command {cmd:?} failed"), &e)
+            })?;
     }
     let Some(ready) = &template.meta.ready_cmd else {
         return Ok(());
@@ -620,7 +741,7 @@ async fn start_template(
             Ok(Some(exit)) if exit.code == 0 => return Ok(()),
             Ok(Some(exit)) => format!("exit {}: {}", exit.code, exit.output.trim()),
             Ok(None) => "no exit status".to_string(),
-            Err(e) => chain(&e),
+            Err(e) => envd_failed("envd did not run it", &e),
         };
         if started.elapsed() >= READY_TIMEOUT {
             return Err(format!(

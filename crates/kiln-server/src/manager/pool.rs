@@ -11,8 +11,9 @@
 //!
 //! A pooled sandbox is used once: a claim takes it out of the pool for good and a
 //! fresh one is started to replace it, so nothing of one claimant reaches another.
-//! Pooled sandboxes do not count against `E2B_MAX_SANDBOXES`; after a restart they are
-//! unknown to the store and `recover` removes them.
+//! Pooled sandboxes count against `E2B_MAX_SANDBOXES` (it caps what runs on the host),
+//! and yield to creates: a create at the cap kills an idle pooled sandbox to make room.
+//! After a restart they are unknown to the store and `recover` removes them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -73,14 +74,40 @@ impl Pools {
             .collect()
     }
 
-    /// Reserve up to `want` starts for `template`; returns how many to start now.
-    fn reserve(&self, template: &str, target: usize) -> usize {
+    /// Reserve up to `target` idle-or-starting sandboxes for `template`, at most `room`
+    /// new ones; returns how many to start now.
+    fn reserve(&self, template: &str, target: usize, room: usize) -> usize {
         let idle = self.idle_count(template);
         let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let n = starting.entry(template.to_string()).or_default();
-        let want = target.saturating_sub(idle + *n);
+        let want = target.saturating_sub(idle + *n).min(room);
         *n += want;
         want
+    }
+
+    /// Sandboxes the pools hold on the host: idle ones and starts under way.
+    pub(super) fn held(&self) -> usize {
+        let idle: usize = self
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum();
+        let starting: usize = self
+            .starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum();
+        idle + starting
+    }
+
+    /// Take one idle sandbox out of the largest pool, for the caller to kill.
+    pub(super) fn evict_one(&self) -> Option<SandboxInstance> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.values_mut().max_by_key(|l| l.len())?;
+        list.pop().map(|p| p.instance)
     }
 
     fn finish(&self, template: &str, instance: Option<Pooled>) {
@@ -103,12 +130,29 @@ impl Pools {
 impl SandboxManager {
     /// Top up the pool of `template` to the configured size, in the background.
     pub fn fill_pool(self: &Arc<Self>, template: &TemplateInfo) {
-        let n = self.pools.reserve(&template.name, self.limits.pool_size);
+        let config = match self.sandbox_config(super::new_id(), template, true) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(template = %template.name, error = %e, "not pooling this template");
+                return;
+            }
+        };
+        // Pooled sandboxes count against E2B_MAX_SANDBOXES: fill only the room left.
+        let room = {
+            let creating = *self.creating.lock().unwrap_or_else(|e| e.into_inner());
+            self.limits
+                .max_sandboxes
+                .saturating_sub(self.sandboxes_on_host(creating))
+        };
+        let n = self
+            .pools
+            .reserve(&template.name, self.limits.pool_size, room);
         for _ in 0..n {
             let manager = self.clone();
             let template = template.clone();
+            let mut config = config.clone();
+            config.id = super::new_id();
             tokio::spawn(async move {
-                let config = manager.sandbox_config(super::new_id(), &template, true);
                 let started = manager
                     .runtime
                     .start_on(template.meta.runtime, &config)
@@ -177,7 +221,10 @@ impl SandboxManager {
         self: &Arc<Self>,
         template: &TemplateInfo,
         internet: bool,
-    ) -> Result<(SandboxInstance, bool), kiln_runtime::RuntimeError> {
+    ) -> Result<(SandboxInstance, bool), crate::error::AppError> {
+        // Within the caps before anything starts (a pooled one was checked when it
+        // was started, against the same template version).
+        let config: SandboxConfig = self.sandbox_config(super::new_id(), template, internet)?;
         if internet {
             let (claimed, stale) = self.pools.claim(&template.name, &template.rootfs);
             if !stale.is_empty() {
@@ -196,11 +243,14 @@ impl SandboxManager {
                 return Ok((instance, true));
             }
         }
-        let config: SandboxConfig = self.sandbox_config(super::new_id(), template, internet);
         let instance = self.runtime.start_on(template.meta.runtime, &config).await;
         if internet && self.limits.pool_size > 0 {
             self.fill_pool(template);
         }
-        Ok((instance?, false))
+        // The runtime's error names host paths and carries the sandbox's console log:
+        // the log gets it, the client a safe summary and the request id.
+        let instance = instance
+            .map_err(|e| crate::error::AppError::internal("failed to start the sandbox", e))?;
+        Ok((instance, false))
     }
 }
