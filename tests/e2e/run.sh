@@ -87,6 +87,8 @@ PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 ADDR="127.0.0.1:$PORT"
 KILN_API_KEY="e2b_$(python3 -c 'import secrets; print(secrets.token_hex(20))')"
 export KILN_API_KEY
+# A small disk cap per sandbox, so test_boundary.py can write past it in seconds.
+export KILN_SANDBOX_DISK_MB="${KILN_SANDBOX_DISK_MB:-1024}"
 RUNTIME_ARGS=()
 [ -n "${KILN_E2E_RUNTIME:-}" ] && RUNTIME_ARGS=(--runtime "$KILN_E2E_RUNTIME")
 
