@@ -371,3 +371,50 @@ def test_writing_past_the_disk_cap_is_enospc_and_spares_the_host(new_sandbox):
     # And the full sandbox recovers once its files are gone.
     probe(a, "rm -f /var/tmp/fill", user="root")
     assert probe(a, "echo fine > /var/tmp/small && cat /var/tmp/small", user="root") == "fine"
+
+
+# --- per-user kernel limits ------------------------------------------------------------
+
+INOTIFY_HOG = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+fds = []
+while len(fds) < 100000:
+    fd = libc.inotify_init1(0)
+    if fd < 0:
+        break
+    fds.append(fd)
+print(len(fds), os.strerror(ctypes.get_errno()), flush=True)
+open("/tmp/hog.ready", "w").write(str(len(fds)))
+time.sleep(600)
+"""
+
+
+def test_inotify_exhaustion_in_one_sandbox_leaves_a_neighbours_watch_working(new_sandbox):
+    """Attack: a sandbox takes every inotify instance the kernel lets it have and holds
+    them. Per-user limits are charged to the owner of each sandbox's user namespace,
+    a host id of its own, so a neighbour's `watch_dir` still works."""
+    a = new_sandbox()
+    b = new_sandbox()
+    a.files.write("/tmp/hog.py", INOTIFY_HOG)
+    a.commands.run("ulimit -n 65536; python3 /tmp/hog.py", user="root", background=True, timeout=0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if probe_exit(a, "test -s /tmp/hog.ready") == 0:
+            break
+        time.sleep(0.5)
+    held = int(probe(a, "cat /tmp/hog.ready"))
+    assert held > 0
+    # The neighbour can still watch a directory and sees an event.
+    b.files.make_dir("/home/user/watched")
+    handle = b.files.watch_dir("/home/user/watched")
+    try:
+        b.files.write("/home/user/watched/new.txt", "x")
+        deadline = time.monotonic() + 10
+        events = []
+        while time.monotonic() < deadline and not events:
+            events = handle.get_new_events()
+            time.sleep(0.2)
+        assert any(e.name == "new.txt" for e in events), events
+    finally:
+        handle.stop()

@@ -123,13 +123,14 @@ fn start(id: &str) -> Result<(), HelperError> {
     // restart (and a Ctrl-C in the server's terminal). Fails only if already a leader.
     let _ = nix::unistd::setsid();
     let paths = SandboxPaths::new(&spec.state_dir, &spec.id);
-    make_dirs(&paths, spec.limits.disk_mb)?;
+    let owner = spec::namespace_owner(std::process::id());
+    make_dirs(&paths, spec.limits.disk_mb, owner)?;
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(paths.log())
         .map_err(io_err("opening", &paths.log()))?;
-    let pid = build(&spec, &paths, &log)?;
+    let pid = build(&spec, &paths, &log, owner)?;
     let _ = writeln!(log, "kiln-jail: sandbox {} started, pid {pid}", spec.id);
 
     let reply = serde_json::to_string(&HelperReply { pid }).unwrap_or_default();
@@ -142,7 +143,7 @@ fn start(id: &str) -> Result<(), HelperError> {
     Ok(())
 }
 
-fn make_dirs(paths: &SandboxPaths, disk_mb: u64) -> Result<(), HelperError> {
+fn make_dirs(paths: &SandboxPaths, disk_mb: u64, owner: u32) -> Result<(), HelperError> {
     let mut b = fs::DirBuilder::new();
     if let Some(parent) = paths.dir.parent() {
         fs::DirBuilder::new()
@@ -158,9 +159,13 @@ fn make_dirs(paths: &SandboxPaths, disk_mb: u64) -> Result<(), HelperError> {
         }
         Err(e) => return Err(io_err("mkdir", &paths.dir)(e)),
     }
-    // mkdir honours the umask; set the modes that matter explicitly.
-    fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700))
+    // mkdir honours the umask; set the modes that matter explicitly. Root's, and
+    // searchable by the group of the sandbox's namespace owner only: the cloned child
+    // runs as that owner until it becomes sandbox root, and must reach `rootfs/`.
+    fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o710))
         .map_err(io_err("chmod", &paths.dir))?;
+    std::os::unix::fs::lchown(&paths.dir, Some(0), Some(owner))
+        .map_err(io_err("chown", &paths.dir))?;
     let root = spec::host_root_id();
     let made = |dir: &Path, mode: u32, owner: Option<u32>| -> Result<(), HelperError> {
         fs::create_dir(dir).map_err(io_err("mkdir", dir))?;
@@ -196,7 +201,6 @@ fn redirect_std(log: &File) -> Result<(), HelperError> {
 /// have caught).
 struct ChildCtx {
     id: String,
-    root: std::path::PathBuf,
     go: OwnedFd,
     report: OwnedFd,
     log: OwnedFd,
@@ -208,7 +212,12 @@ struct ChildCtx {
 }
 
 /// Builds the sandbox; returns its PID 1's host pid.
-fn build(spec: &HelperSpec, paths: &SandboxPaths, log: &File) -> Result<u32, HelperError> {
+fn build(
+    spec: &HelperSpec,
+    paths: &SandboxPaths,
+    log: &File,
+    owner: u32,
+) -> Result<u32, HelperError> {
     // 1. cgroups and limits.
     let cg = cgroup::detect(Path::new(CGROUP_ROOT))?;
     cg.create(&spec.id, &spec.limits)?;
@@ -245,7 +254,6 @@ fn build(spec: &HelperSpec, paths: &SandboxPaths, log: &File) -> Result<u32, Hel
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
     let ctx = ChildCtx {
         id: spec.id.clone(),
-        root: paths.rootfs(),
         go: go_r,
         report: rep_w,
         log: log.try_clone().map_err(io_err("dup", &paths.log()))?.into(),
@@ -280,12 +288,33 @@ fn build(spec: &HelperSpec, paths: &SandboxPaths, log: &File) -> Result<u32, Hel
     });
     // The parent's copy of `ctx` (and so its ends of the child's pipes) is dropped with
     // the closure when clone returns.
+    // The new user namespace belongs to the effective uid of the clone's caller: this
+    // sandbox's own owner id (spec::namespace_owner), not root, so the kernel charges
+    // its per-user limits apart from every other sandbox's. The effective ids change
+    // for the clone alone; real and saved stay 0, so the helper takes root back after.
+    // The child starts in the merged root: its copy of the mount namespace translates
+    // the current directory (not descriptors) to its own mounts (step 12).
+    nix::unistd::chdir(&paths.rootfs()).map_err(sys_err("chdir into the merged root"))?;
+    let owner_id = Gid::from_raw(owner);
+    nix::unistd::setresgid(Gid::from_raw(0), owner_id, Gid::from_raw(0))
+        .map_err(sys_err("setresgid to the namespace owner"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(owner), Uid::from_raw(0))
+        .map_err(sys_err("setresuid to the namespace owner"))?;
     // SAFETY: the helper is single-threaded, so the child (a copy of this process
     // without CLONE_VM) cannot inherit a lock held by another thread; `stack` outlives
     // the call in the parent and is a private copy in the child, which only runs
     // `child_main` and then execs or exits.
-    let child = unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) }
-        .map_err(sys_err("clone"))?;
+    let cloned = unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) };
+    let back = nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .and_then(|()| {
+            nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        });
+    let child = cloned.map_err(sys_err("clone"))?;
+    if let Err(e) = back {
+        let _ = kill(child, Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        return Err(sys_err("taking root back after the clone")(e));
+    }
     let pid = child.as_raw() as u32;
 
     let result = configure_child(spec, &*cg, pid, go_w, rep_r).and_then(|()| {
@@ -310,6 +339,7 @@ fn build(spec: &HelperSpec, paths: &SandboxPaths, log: &File) -> Result<u32, Hel
         limits: spec.limits,
         slot: spec.slot,
         cgroup_version: cg.version().to_string(),
+        owner_id: Some(owner),
     };
     let tmp = paths.dir.join("state.json.tmp");
     let json =
@@ -411,9 +441,10 @@ fn child_steps(ctx: &ChildCtx) -> Result<std::convert::Infallible, HelperError> 
             "parent went away before releasing the sandbox".into(),
         ));
     }
-    // Still host uid 0 here (unmapped in the namespace): the only moment the 0700
-    // state directory is reachable. Re-bind the root as our own mount and enter it.
-    mounts::rebind_root(&ctx.root)?;
+    // Still the namespace owner's host ids here (unmapped in the namespace): the only
+    // moment the sandbox's directory (0710, the owner's group) is searchable by us.
+    // Re-bind the root (our current directory) as our own mount and enter it.
+    mounts::rebind_cwd_root()?;
     nix::unistd::setgroups(&[]).map_err(sys_err("setgroups"))?;
     nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
         .map_err(sys_err("setresgid"))?;

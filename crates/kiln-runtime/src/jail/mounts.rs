@@ -214,19 +214,23 @@ const DEV_LINKS: [(&str, &str); 5] = [
     ("stderr", "/proc/self/fd/2"),
 ];
 
-/// Make `root` a mount of the sandbox's own (the overlay arrives locked from the
-/// helper's namespace, and pivot_root refuses a locked new root) and enter it. Runs
-/// in the child before it changes uid, while the host path is still reachable.
-pub fn rebind_root(root: &Path) -> Result<(), MountError> {
+/// Make the current directory, the merged root at `<sandbox dir>/rootfs`, a mount of
+/// the sandbox's own (the overlay arrives locked from the helper's namespace, and
+/// pivot_root refuses a locked new root) and enter it. Runs in the child before it
+/// becomes sandbox root, while the sandbox directory is still searchable by it.
+pub fn rebind_cwd_root() -> Result<(), MountError> {
+    let here = Path::new(".");
     do_mount(
-        Some(root),
-        root,
+        Some(here),
+        here,
         None,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
-    nix::unistd::chdir(root).map_err(|source| MountError::Sys {
-        what: "chdir into the root",
+    // `.` still names the mount below the new one; going through the parent enters
+    // the top mount at `rootfs/`.
+    nix::unistd::chdir("../rootfs").map_err(|source| MountError::Sys {
+        what: "chdir into the re-bound root",
         source,
     })
 }

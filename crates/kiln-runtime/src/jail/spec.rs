@@ -43,6 +43,28 @@ pub struct SandboxState {
     pub limits: Limits,
     pub slot: Option<Slot>,
     pub cgroup_version: String,
+    /// Host uid (and gid) that owns the sandbox's user namespace ([`namespace_owner`]);
+    /// absent in state written before owners existed (those were owned by root).
+    #[serde(default)]
+    pub owner_id: Option<u32>,
+}
+
+/// First host id of the range that owns sandboxes' user namespaces: sandbox `n`'s
+/// namespace belongs to `OWNER_BASE + <host pid of its kiln-jail helper>`. Far from
+/// the ids `/etc/subuid` hands out and from any real user; no host process may run as
+/// one of them (an owner holds every capability in the namespaces it owns).
+pub const OWNER_BASE: u32 = 0x7000_0000;
+
+/// The host id that owns the user namespace of the sandbox whose helper has host pid
+/// `helper_pid`. Unique among live sandboxes, since the helper lives as long as its
+/// sandbox. Why an owner per sandbox: the kernel charges per-user limits of a user
+/// namespace's processes (inotify instances and watches, user namespaces, processes,
+/// message queues) to the namespace's owner in the host's namespace too; with host
+/// root as every sandbox's owner, one sandbox could use up root's budget and starve
+/// its neighbours (and the host's own root). With its own owner, each sandbox gets the
+/// host's per-user limits to itself.
+pub fn namespace_owner(helper_pid: u32) -> u32 {
+    OWNER_BASE.saturating_add(helper_pid)
 }
 
 /// The host paths of one sandbox.
@@ -195,6 +217,14 @@ mod tests {
     }
 
     #[test]
+    fn namespace_owners_are_distinct_and_far_from_subordinate_ids() {
+        assert_ne!(namespace_owner(100), namespace_owner(101));
+        // Linux pids stay below 2^22; the range never reaches (uid_t)-1.
+        assert!(namespace_owner(1 << 22) < u32::MAX - 1);
+        assert!(namespace_owner(1) > crate::ID_MAP_BASE + crate::ID_MAP_LEN);
+    }
+
+    #[test]
     fn state_roundtrip() {
         let s = SandboxState {
             id: "a1".into(),
@@ -209,6 +239,7 @@ mod tests {
             },
             slot: Slot::new(4),
             cgroup_version: "v1".into(),
+            owner_id: Some(namespace_owner(9)),
         };
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<SandboxState>(&json).unwrap(), s);
