@@ -4,7 +4,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kiln_runtime::{Limits, NetworkMode, Runtime};
+use kiln_runtime::{Limits, NetworkMode, Runtime, SandboxConfig};
 
 use crate::fixture::{unavailable, Fixture};
 
@@ -847,17 +847,19 @@ fn real_envd_starts(fx: &Fixture) -> Result<()> {
     Ok(())
 }
 
-/// `curl https://pypi.org/simple/` and `pip download` from a Debian Internet sandbox.
-fn debian_curl_and_pip(fx: &Fixture) -> Result<()> {
+/// An Internet sandbox on the Debian rootfs at `KILN_TEST_DEBIAN_ROOTFS` (owned by
+/// 100000+, with `needs`); `None` (skipped, with the reason printed) when it is unset,
+/// an error under CI.
+fn debian_config(fx: &Fixture, name: &str, needs: &str) -> Result<Option<SandboxConfig>> {
     let Some(rootfs) = std::env::var_os("KILN_TEST_DEBIAN_ROOTFS") else {
         if std::env::var_os("CI").is_some() {
             anyhow::bail!("CI is set but KILN_TEST_DEBIAN_ROOTFS is not (scripts/test sets it)");
         }
-        println!("    SKIPPED: set KILN_TEST_DEBIAN_ROOTFS to a Debian rootfs (with curl, python3-pip) owned by 100000+");
-        return Ok(());
+        println!("    SKIPPED: set KILN_TEST_DEBIAN_ROOTFS to a Debian rootfs ({needs}) owned by 100000+");
+        return Ok(None);
     };
     let mut c = fx.config(
-        "deb",
+        name,
         NetworkMode::Internet,
         Limits {
             memory_mb: 1024,
@@ -867,6 +869,14 @@ fn debian_curl_and_pip(fx: &Fixture) -> Result<()> {
         },
     );
     c.rootfs = rootfs.into();
+    Ok(Some(c))
+}
+
+/// `curl https://pypi.org/simple/` and `pip download` from a Debian Internet sandbox.
+fn debian_curl_and_pip(fx: &Fixture) -> Result<()> {
+    let Some(c) = debian_config(fx, "deb", "with curl, python3-pip")? else {
+        return Ok(());
+    };
     let i = fx.start(&c)?;
     let code = fx.ok(
         &i,
@@ -1066,24 +1076,9 @@ fn stop_kills_every_process_and_keeps_the_layer(fx: &Fixture) -> Result<()> {
 /// netlink), git, and sudo from the template's user (setuid; no `no_new_privs`).
 /// Needs the base template's packages (python3, nodejs, git, sudo and its `user`).
 fn debian_userland_under_the_seccomp_allow_list(fx: &Fixture) -> Result<()> {
-    let Some(rootfs) = std::env::var_os("KILN_TEST_DEBIAN_ROOTFS") else {
-        if std::env::var_os("CI").is_some() {
-            anyhow::bail!("CI is set but KILN_TEST_DEBIAN_ROOTFS is not (scripts/test sets it)");
-        }
-        println!("    SKIPPED: set KILN_TEST_DEBIAN_ROOTFS to a Debian rootfs (the base template's packages) owned by 100000+");
+    let Some(c) = debian_config(fx, "debsc", "the base template's packages")? else {
         return Ok(());
     };
-    let mut c = fx.config(
-        "debsc",
-        NetworkMode::Internet,
-        Limits {
-            memory_mb: 1024,
-            cpu_count: 2,
-            pids_max: 256,
-            disk_mb: kiln_runtime::DEFAULT_DISK_MB,
-        },
-    );
-    c.rootfs = rootfs.into();
     let i = fx.start(&c)?;
     let checks: [(&str, &str, &str); 6] = [
         (
