@@ -295,6 +295,34 @@ fn main() -> Result<()> {
     })
 }
 
+/// The binaries `kiln serve` runs beside itself: the jail helper and the guest binaries
+/// every sandbox gets (kiln-sudo for gVisor's `sudo`), plus kiln-interpreter when the
+/// code-interpreter template is built. A missing one is a start-up error naming the
+/// fix, never a silent fall-back to the jail or a template that cannot start.
+fn required_binaries(builtins: &[String]) -> Vec<&'static str> {
+    let mut names = vec!["kiln-jail", "kiln-init", "kiln-envd", "kiln-sudo"];
+    if builtins.iter().any(|b| b == "code-interpreter-v1") {
+        names.push("kiln-interpreter");
+    }
+    names
+}
+
+fn check_binaries(bin_dir: &std::path::Path, builtins: &[String]) -> Result<()> {
+    let missing: Vec<&str> = required_binaries(builtins)
+        .into_iter()
+        .filter(|name| !bin_dir.join(name).is_file())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} missing from {}: build every binary with `cargo build --release --bins` \
+         (./scripts/serve does), or point --bin-dir at a directory that has them",
+        missing.join(", "),
+        bin_dir.display()
+    )
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let bin_dir = match args.bin_dir {
         Some(d) => d,
@@ -304,6 +332,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .context("the kiln binary has no parent directory")?
             .to_path_buf(),
     };
+    check_binaries(&bin_dir, &args.builtin_templates.0)?;
     let mut limits = kiln_server::LimitsConfig::from_env()?;
     if let Some(n) = args.pool_size {
         limits.pool_size = n;
@@ -657,5 +686,31 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_guest_binary_is_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["kiln-jail", "kiln-init", "kiln-envd"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let builtins = vec!["code-interpreter-v1".to_string()];
+        let err = check_binaries(dir.path(), &builtins)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("kiln-sudo, kiln-interpreter missing from"),
+            "{err}"
+        );
+        assert!(err.contains("cargo build --release --bins"), "{err}");
+        // Without the code interpreter, kiln-interpreter is not needed.
+        std::fs::write(dir.path().join("kiln-sudo"), "").unwrap();
+        assert!(check_binaries(dir.path(), &[]).is_ok());
+        assert!(check_binaries(dir.path(), &builtins).is_err());
     }
 }
