@@ -10,7 +10,9 @@
 # Environment:
 #   KILN_E2E_DATA_DIR        data dir (default /var/lib/kiln-e2e; kept, so the base
 #                            template is built once)
-#   KILN_BIN                 kiln binary (default target/x86_64-unknown-linux-gnu/debug/kiln)
+#   KILN_BIN                 the kiln CLI the tests call (default target/x86_64-unknown-linux-gnu/debug/kiln);
+#                            the server itself is started with scripts/serve, as the README says
+#   KILN_E2E_SERVER_BIN      start this kiln binary as the server instead of scripts/serve
 #   KILN_E2E_SKIP_BUILD=1    do not run `cargo build` first
 #   KILN_E2E_SKIP_JS=1       skip the JS SDK test
 #   KILN_E2E_RUNTIME         passed as --runtime (default: the server's default, auto)
@@ -92,11 +94,19 @@ export KILN_SANDBOX_DISK_MB="${KILN_SANDBOX_DISK_MB:-1024}"
 RUNTIME_ARGS=()
 [ -n "${KILN_E2E_RUNTIME:-}" ] && RUNTIME_ARGS=(--runtime "$KILN_E2E_RUNTIME")
 
-# Start kiln serve in the background and wait until /healthz answers 200.
+# Start Kiln in the background the way the README's first command does
+# (scripts/serve: install-deps, a release build of every binary it runs, then `exec kiln
+# serve`), so a missing build step fails here; then wait until /healthz answers 200.
+# KILN_E2E_SERVER_BIN=path runs that kiln binary directly instead (a quick local loop).
 start_server() {
-  log "kiln serve --listen $ADDR --data-dir $DATA_DIR ${RUNTIME_ARGS[*]:-} (log: $SERVER_LOG)"
-  RUST_LOG="${RUST_LOG:-info}" "$KILN_BIN" serve --listen "$ADDR" --data-dir "$DATA_DIR" \
-    "${RUNTIME_ARGS[@]}" >>"$SERVER_LOG" 2>&1 &
+  log "scripts/serve --listen $ADDR --data-dir $DATA_DIR ${RUNTIME_ARGS[*]:-} (log: $SERVER_LOG)"
+  if [ -n "${KILN_E2E_SERVER_BIN:-}" ]; then
+    RUST_LOG="${RUST_LOG:-info}" "$KILN_E2E_SERVER_BIN" serve --listen "$ADDR" --data-dir "$DATA_DIR" \
+      "${RUNTIME_ARGS[@]}" >>"$SERVER_LOG" 2>&1 &
+  else
+    RUST_LOG="${RUST_LOG:-info}" "$ROOT/scripts/serve" --listen "$ADDR" --data-dir "$DATA_DIR" \
+      "${RUNTIME_ARGS[@]}" >>"$SERVER_LOG" 2>&1 &
+  fi
   SERVER_PID=$!
 
   started=$SECONDS
