@@ -234,6 +234,26 @@ impl SandboxManager {
             + self.building.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether one more sandbox fits under `E2B_MAX_SANDBOXES` (`creating`: the count
+    /// the caller holds the lock of). At the cap, warm pools yield: an idle pooled
+    /// sandbox is taken out and killed in the background, and there is room.
+    fn make_room(self: &Arc<Self>, creating: usize) -> bool {
+        if self.sandboxes_on_host(creating) < self.limits.max_sandboxes {
+            return true;
+        }
+        let Some(evicted) = self.pools.evict_one() else {
+            return false;
+        };
+        let manager = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = manager.runtime.kill(&evicted.id).await {
+                tracing::warn!(id = %evicted.id, error = %chain(&e),
+                    "killing a pooled sandbox to make room failed");
+            }
+        });
+        true
+    }
+
     /// Room for one template-build sandbox under `E2B_MAX_SANDBOXES`, held until the
     /// returned guard drops. At the cap an idle pooled sandbox is killed to make room;
     /// without one, the step waits (up to `wait`) for a sandbox to end, then fails with
@@ -246,20 +266,9 @@ impl SandboxManager {
         loop {
             {
                 let creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
-                let full = self.sandboxes_on_host(*creating) >= self.limits.max_sandboxes;
-                let evicted = if full { self.pools.evict_one() } else { None };
-                if !full || evicted.is_some() {
+                if self.make_room(*creating) {
                     self.building
                         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                    if let Some(evicted) = evicted {
-                        let manager = self.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = manager.runtime.kill(&evicted.id).await {
-                                tracing::warn!(id = %evicted.id, error = %chain(&e),
-                                    "killing a pooled sandbox to make room failed");
-                            }
-                        });
-                    }
                     return Ok(BuildSlot(self.building.clone()));
                 }
             }
@@ -284,22 +293,12 @@ impl SandboxManager {
         // A create that will claim one of its template's idle pooled sandboxes moves
         // it from the pool to the running set: no new sandbox on the host.
         let claims_pooled = internet && self.pools.idle_count(template) > 0;
-        if !claims_pooled && self.sandboxes_on_host(*creating) >= self.limits.max_sandboxes {
-            // Warm pools yield to creates: an idle pooled sandbox is killed to make room.
-            let Some(evicted) = self.pools.evict_one() else {
-                return Err(AppError::TooManyRequests(format!(
-                    "maximum number of concurrent sandboxes ({}) reached (E2B_MAX_SANDBOXES); \
-                     kill a sandbox or raise the limit",
-                    self.limits.max_sandboxes
-                )));
-            };
-            let manager = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = manager.runtime.kill(&evicted.id).await {
-                    tracing::warn!(id = %evicted.id, error = %chain(&e),
-                        "killing a pooled sandbox to make room failed");
-                }
-            });
+        if !claims_pooled && !self.make_room(*creating) {
+            return Err(AppError::TooManyRequests(format!(
+                "maximum number of concurrent sandboxes ({}) reached (E2B_MAX_SANDBOXES); \
+                 kill a sandbox or raise the limit",
+                self.limits.max_sandboxes
+            )));
         }
         *creating += 1;
         Ok(SlotGuard(&self.creating))
