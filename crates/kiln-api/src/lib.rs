@@ -26,35 +26,6 @@ pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
 /// Pagination header of `GET /v2/sandboxes`.
 pub const NEXT_TOKEN_HEADER: &str = "x-next-token";
 
-/// Every REST route Kiln serves, with the method, for documentation and the
-/// authorization test (each must answer 401 without a key).
-pub const ROUTES: &[(&str, &str)] = &[
-    ("POST", "/sandboxes"),
-    ("GET", "/sandboxes"),
-    ("GET", "/v2/sandboxes"),
-    ("GET", "/sandboxes/{id}"),
-    ("DELETE", "/sandboxes/{id}"),
-    ("POST", "/sandboxes/{id}/timeout"),
-    ("POST", "/sandboxes/{id}/connect"),
-    ("POST", "/sandboxes/{id}/pause"),
-    ("POST", "/sandboxes/{id}/resume"),
-    ("POST", "/sandboxes/{id}/refreshes"),
-    ("GET", "/sandboxes/{id}/metrics"),
-    ("POST", "/v3/templates"),
-    ("GET", "/templates"),
-    ("GET", "/templates/{id}"),
-    ("DELETE", "/templates/{id}"),
-    ("GET", "/templates/aliases/{id}"),
-    ("GET", "/templates/{id}/files/{id}"),
-    ("POST", "/v2/templates/{id}/builds/{id}"),
-    ("GET", "/templates/{id}/builds/{id}/status"),
-    ("GET", "/templates/{id}/builds/{id}/logs/stream"),
-    ("POST", "/templates/tags"),
-    ("DELETE", "/templates/tags"),
-    ("GET", "/templates/{id}/tags"),
-    ("POST", "/templates/gc"),
-];
-
 /// `POST /sandboxes` body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -9,15 +9,14 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
-use kiln_api::API_KEY_HEADER;
 use kiln_runtime::Runtime;
 
-use crate::api::{self, Caller};
+use crate::api;
+use crate::authz::{self, Access};
 use crate::config::ServerConfig;
-use crate::error::{chain, json_error, AppError};
+use crate::error::{chain, json_error};
 use crate::keys;
 use crate::manager::SandboxManager;
 use crate::proxy::{self, Target};
@@ -71,11 +70,26 @@ pub enum ServeError {
 /// Build the HTTP application. Sandbox traffic is diverted before routing, so envd
 /// paths never collide with API paths.
 pub fn router(state: Arc<AppState>) -> Router {
-    let api =
-        api::routes().route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .merge(api)
+    let mut app = Router::new();
+    for endpoint in api::endpoints() {
+        let handler = match endpoint.access {
+            Access::Public => endpoint.handler,
+            Access::Member => endpoint.handler.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                authz::authenticate,
+            )),
+            Access::Admin => endpoint.handler.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                authz::authenticate_admin,
+            )),
+        };
+        app = app.route(endpoint.path, handler);
+    }
+    let templates = api::routes().route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        authz::authenticate,
+    ));
+    app.merge(templates)
         .merge(crate::template_api::public_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -86,7 +100,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         (
             StatusCode::OK,
@@ -136,24 +150,6 @@ async fn divert_sandbox_traffic(
     }
 }
 
-async fn authenticate(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, AppError> {
-    let key = req
-        .headers()
-        .get(API_KEY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| AppError::Unauthorized("missing X-API-KEY header".into()))?;
-    let record = state
-        .store
-        .find_key(&keys::hash(key))?
-        .ok_or_else(|| AppError::Unauthorized("invalid API key".into()))?;
-    req.extensions_mut().insert(Caller { key_id: record.id });
-    Ok(next.run(req).await)
-}
-
 /// What the start banner says about the API key.
 enum KeyNotice {
     /// Generated now: printed this once (and written to the key file).
@@ -166,8 +162,9 @@ enum KeyNotice {
 }
 
 fn prepare_keys(store: &dyn Store, config: &ServerConfig) -> Result<KeyNotice, ServeError> {
+    let team = keys::default_team(store)?;
     if let Some(key) = &config.api_key {
-        keys::register(store, "KILN_API_KEY", key, true)?;
+        keys::register(store, "KILN_API_KEY", key, true, team)?;
         return Ok(KeyNotice::FromEnv);
     }
     let path = config.data_dir.join("api-key");
@@ -175,7 +172,7 @@ fn prepare_keys(store: &dyn Store, config: &ServerConfig) -> Result<KeyNotice, S
         return Ok(KeyNotice::InFile(path));
     }
     let key = keys::generate();
-    keys::register(store, "generated at first start", &key, true)?;
+    keys::register(store, "generated at first start", &key, true, team)?;
     write_secret(&path, &key).map_err(|source| ServeError::DataDir {
         path: path.clone(),
         source,
@@ -236,6 +233,27 @@ fn template_info(t: &kiln_template::Template) -> TemplateInfo {
     }
 }
 
+/// Give every template an owner before serving: the built-ins (`base` and the
+/// configured ones) belong to no team, so every team may use them and only admins
+/// change them; a template from before teams existed goes to the default team, whose
+/// keys are the ones that could have built it.
+fn claim_templates(
+    store: &dyn Store,
+    templates: &kiln_template::TemplateStore,
+    builtins: &[String],
+) -> Result<(), ServeError> {
+    let default_team = keys::default_team(store)?;
+    for name in std::iter::once(kiln_template::BASE).chain(builtins.iter().map(String::as_str)) {
+        store.set_template_owner(name, None)?;
+    }
+    for t in templates.list().map_err(ServeError::Template)? {
+        if store.template_owner(&t.name)?.is_none() {
+            store.set_template_owner(&t.name, Some(default_team))?;
+        }
+    }
+    Ok(())
+}
+
 /// Run `kiln serve` until the process is stopped.
 pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<(), ServeError> {
     let data = &config.data_dir;
@@ -276,6 +294,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         .map_err(ServeError::Template)?;
     builds.register_all();
     let builds = Arc::new(builds);
+    let store_for_owners = store.clone();
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store,
@@ -314,6 +333,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     });
 
     let template_store = kiln_template::TemplateStore::open(data).map_err(ServeError::Template)?;
+    claim_templates(store_for_owners.as_ref(), &template_store, &config.builtins)?;
     templates.set_building(kiln_template::BASE, true);
     for name in &config.builtins {
         templates.set_building(name, true);

@@ -21,6 +21,11 @@ pub enum EnvdError {
         status: StatusCode,
         body: String,
     },
+    #[error("envd did not answer {what} within {} s", .after.as_secs())]
+    Timeout {
+        what: &'static str,
+        after: std::time::Duration,
+    },
     #[error("port {port} tunnel refused: {status} {body}")]
     Tunnel {
         port: u16,
@@ -63,8 +68,21 @@ async fn read_body(resp: Response<Incoming>) -> String {
     }
 }
 
-/// `POST /init`: hand envd its environment, access token and default user.
+/// How long `/init` may take: envd answers it at once unless the sandbox is wedged.
+const INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `POST /init`: hand envd its environment, access token and default user; an envd
+/// that does not answer within [`INIT_TIMEOUT`] is an error, never a hang.
 pub async fn init(socket: &Path, body: &kiln_proto::InitRequest) -> Result<(), EnvdError> {
+    tokio::time::timeout(INIT_TIMEOUT, init_once(socket, body))
+        .await
+        .unwrap_or(Err(EnvdError::Timeout {
+            what: "POST /init",
+            after: INIT_TIMEOUT,
+        }))
+}
+
+async fn init_once(socket: &Path, body: &kiln_proto::InitRequest) -> Result<(), EnvdError> {
     let req = Request::post("/init")
         .header(http::header::HOST, "envd")
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -123,16 +141,43 @@ pub async fn run(
     user: &str,
     wait: bool,
 ) -> Result<Option<Exit>, EnvdError> {
-    run_with_token(socket, command, user, wait, None).await
+    run_with_token(socket, command, user, wait, None, None).await
 }
 
-/// [`run`] in a sandbox whose envd requires `access_token` (a secure sandbox).
+/// How long after a command's deadline the host stops waiting for envd to report
+/// the kill.
+const DEADLINE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`run`] in a sandbox whose envd requires `access_token` (a secure sandbox), and,
+/// with `deadline`, a command envd kills when the deadline passes (its
+/// `Connect-Timeout-Ms`); the host stops waiting shortly after it in any case.
 pub async fn run_with_token(
     socket: &Path,
     command: &str,
     user: &str,
     wait: bool,
     access_token: Option<&str>,
+    deadline: Option<std::time::Duration>,
+) -> Result<Option<Exit>, EnvdError> {
+    let run = run_once(socket, command, user, wait, access_token, deadline);
+    match deadline {
+        None => run.await,
+        Some(d) => tokio::time::timeout(d + DEADLINE_GRACE, run)
+            .await
+            .unwrap_or(Err(EnvdError::Timeout {
+                what: "process Start",
+                after: d + DEADLINE_GRACE,
+            })),
+    }
+}
+
+async fn run_once(
+    socket: &Path,
+    command: &str,
+    user: &str,
+    wait: bool,
+    access_token: Option<&str>,
+    deadline: Option<std::time::Duration>,
 ) -> Result<Option<Exit>, EnvdError> {
     use base64::Engine;
     use http_body_util::BodyExt;
@@ -151,6 +196,9 @@ pub async fn run_with_token(
         .header(http::header::AUTHORIZATION, format!("Basic {basic}"));
     if let Some(token) = access_token {
         req = req.header(kiln_proto::envd::HEADER_ACCESS_TOKEN, token);
+    }
+    if let Some(d) = deadline {
+        req = req.header("connect-timeout-ms", d.as_millis().max(1).to_string());
     }
     let req = req
         .body(Body::from(payload))

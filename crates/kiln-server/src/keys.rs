@@ -13,6 +13,8 @@ const KEY_HEX_LEN: usize = 40;
 pub enum KeyError {
     #[error("invalid API key format: expected 'e2b_' followed by 40 lowercase hex digits")]
     Format,
+    #[error("no team named {0:?} (`kiln teams list` shows them; `kiln teams create` makes one)")]
+    NoTeam(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -42,12 +44,31 @@ pub fn display_prefix(key: &str) -> String {
     key.chars().take(KEY_PREFIX.len() + 8).collect()
 }
 
-/// Register `key` (idempotently) and return its id.
-pub fn register(store: &dyn Store, name: &str, key: &str, admin: bool) -> Result<i64, KeyError> {
+/// Register `key` (idempotently) in `team_id` and return its id.
+pub fn register(
+    store: &dyn Store,
+    name: &str,
+    key: &str,
+    admin: bool,
+    team_id: i64,
+) -> Result<i64, KeyError> {
     if !is_well_formed(key) {
         return Err(KeyError::Format);
     }
-    Ok(store.insert_key(name, &hash(key), &display_prefix(key), admin)?)
+    Ok(store.insert_key(name, &hash(key), &display_prefix(key), admin, team_id)?)
+}
+
+/// The id of the team named `name`, for commands that take a team by name.
+pub fn team_id(store: &dyn Store, name: &str) -> Result<i64, KeyError> {
+    store
+        .find_team(name)?
+        .map(|t| t.id)
+        .ok_or_else(|| KeyError::NoTeam(name.to_string()))
+}
+
+/// The default team's id (every data directory has it from its first open).
+pub fn default_team(store: &dyn Store) -> Result<i64, KeyError> {
+    team_id(store, crate::store::DEFAULT_TEAM)
 }
 
 #[cfg(test)]
@@ -75,13 +96,13 @@ mod tests {
     fn register_is_idempotent_and_stores_only_the_hash() {
         let store = SqliteStore::in_memory().unwrap();
         let key = generate();
-        let id = register(&store, "k", &key, true).unwrap();
-        assert_eq!(register(&store, "k", &key, true).unwrap(), id);
+        let id = register(&store, "k", &key, true, 1).unwrap();
+        assert_eq!(register(&store, "k", &key, true, 1).unwrap(), id);
         let rec = store.find_key(&hash(&key)).unwrap().unwrap();
         assert!(rec.admin);
         assert!(!rec.prefix.contains(&key[12..]));
         assert!(matches!(
-            register(&store, "bad", "e2b_nope", false),
+            register(&store, "bad", "e2b_nope", false, 1),
             Err(KeyError::Format)
         ));
     }

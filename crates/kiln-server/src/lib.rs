@@ -3,8 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_api;
 pub mod api;
 pub mod app;
+pub mod authz;
 pub mod builtins;
 pub mod config;
 pub mod envd;

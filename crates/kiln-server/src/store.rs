@@ -26,6 +26,39 @@ pub enum StoreError {
     },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    #[error(
+        "the database has schema version {found}, newer than this kiln knows ({known}); \
+         run the kiln that wrote it, or a newer one"
+    )]
+    TooNew { found: u32, known: u32 },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A team: the unit that owns sandboxes, templates and builds. Every key belongs to
+/// one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamRecord {
+    pub id: i64,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub quotas: Quotas,
+}
+
+/// A team's caps; `None` is "only the server's own limits".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quotas {
+    /// Sandboxes running or paused at once.
+    pub max_sandboxes: Option<u32>,
+    /// Memory of all its sandboxes together, MiB.
+    #[serde(rename = "maxMemoryMB")]
+    pub max_memory_mb: Option<u64>,
+    /// CPUs of all its sandboxes together.
+    pub max_cpus: Option<u32>,
+    /// Disk of all its templates together, MiB.
+    #[serde(rename = "maxTemplateDiskMB")]
+    pub max_template_disk_mb: Option<u64>,
 }
 
 /// An API key as stored: only the SHA-256 of the secret is kept.
@@ -36,6 +69,7 @@ pub struct ApiKeyRecord {
     /// The first characters of the key (`e2b_1a2b…`), for listing.
     pub prefix: String,
     pub admin: bool,
+    pub team_id: i64,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -83,24 +117,42 @@ pub struct SandboxRecord {
     pub metadata: BTreeMap<String, String>,
     /// The API key that created it.
     pub owner_key_id: i64,
+    /// The team that owns it: only that team's keys (and admins) see it.
+    pub team_id: i64,
     /// At the deadline, pause instead of kill (`autoPause` at create).
     pub auto_pause: bool,
 }
 
 /// The persistence operations the control plane needs.
 pub trait Store: Send + Sync {
+    /// Register a key in `team_id` (idempotent: the same hash gets its id back and is
+    /// un-revoked).
     fn insert_key(
         &self,
         name: &str,
         hash: &str,
         prefix: &str,
         admin: bool,
+        team_id: i64,
     ) -> Result<i64, StoreError>;
     /// The live (not revoked) key with this hash.
     fn find_key(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
     fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Revoke by id or prefix; returns how many keys were revoked.
     fn revoke_key(&self, id_or_prefix: &str) -> Result<usize, StoreError>;
+
+    /// A new team; [`StoreError::Conflict`] when the name is taken.
+    fn create_team(&self, name: &str, quotas: Quotas) -> Result<TeamRecord, StoreError>;
+    fn list_teams(&self) -> Result<Vec<TeamRecord>, StoreError>;
+    fn find_team(&self, name: &str) -> Result<Option<TeamRecord>, StoreError>;
+    fn team(&self, id: i64) -> Result<Option<TeamRecord>, StoreError>;
+    fn set_quotas(&self, team_id: i64, quotas: Quotas) -> Result<(), StoreError>;
+
+    /// Which team owns a template: `None` when no row names it, `Some(None)` for a
+    /// template every team may use (the built-ins).
+    fn template_owner(&self, name: &str) -> Result<Option<Option<i64>>, StoreError>;
+    fn set_template_owner(&self, name: &str, team_id: Option<i64>) -> Result<(), StoreError>;
+    fn forget_template(&self, name: &str) -> Result<(), StoreError>;
 
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError>;
     fn set_end_at(&self, id: &str, end_at: DateTime<Utc>) -> Result<(), StoreError>;
@@ -113,49 +165,115 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS api_keys (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    hash TEXT NOT NULL UNIQUE,
-    prefix TEXT NOT NULL,
-    admin INTEGER NOT NULL,
-    created_at TEXT NOT NULL,
-    revoked_at TEXT
-);
-CREATE TABLE IF NOT EXISTS sandboxes (
-    id TEXT PRIMARY KEY,
-    template_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    runtime TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    end_at TEXT NOT NULL,
-    cpu_count INTEGER NOT NULL,
-    memory_mb INTEGER NOT NULL,
-    disk_size_mb INTEGER NOT NULL,
-    allow_internet_access INTEGER NOT NULL,
-    access_token TEXT,
-    metadata TEXT NOT NULL,
-    owner_key_id INTEGER NOT NULL,
-    auto_pause INTEGER NOT NULL DEFAULT 0
-);
-";
+/// The team every key belonged to before teams existed, and the one keys join when
+/// none is named.
+pub const DEFAULT_TEAM: &str = "default";
 
-/// Columns added after the first release, with their definitions: added to older
-/// databases at open.
-const ADDED_COLUMNS: &[(&str, &str, &str)] =
-    &[("sandboxes", "auto_pause", "INTEGER NOT NULL DEFAULT 0")];
+/// The schema, one step per version. `PRAGMA user_version` records how many steps a
+/// database has had; opening it runs the rest, each in its own transaction. Steps are
+/// never edited once released: a change is a new step.
+const MIGRATIONS: &[Migration] = &[
+    // 1: API keys and sandboxes. Databases from before versioning (user_version 0
+    // with the tables already there) may lack `auto_pause`; the step adds it.
+    Migration::Sql(
+        "CREATE TABLE IF NOT EXISTS api_keys (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            admin INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        );
+        CREATE TABLE IF NOT EXISTS sandboxes (
+            id TEXT PRIMARY KEY,
+            template_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            runtime TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            end_at TEXT NOT NULL,
+            cpu_count INTEGER NOT NULL,
+            memory_mb INTEGER NOT NULL,
+            disk_size_mb INTEGER NOT NULL,
+            allow_internet_access INTEGER NOT NULL,
+            access_token TEXT,
+            metadata TEXT NOT NULL,
+            owner_key_id INTEGER NOT NULL
+        );",
+    ),
+    Migration::AddColumnIfMissing {
+        table: "sandboxes",
+        column: "auto_pause",
+        def: "INTEGER NOT NULL DEFAULT 0",
+    },
+    // 3: teams. Every existing key joins the default team, and every sandbox belongs
+    // to its creating key's team.
+    Migration::Sql(
+        "CREATE TABLE teams (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            max_sandboxes INTEGER,
+            max_memory_mb INTEGER,
+            max_cpus INTEGER,
+            max_template_disk_mb INTEGER
+        );
+        INSERT INTO teams (id, name, created_at) VALUES (1, 'default', strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));
+        ALTER TABLE api_keys ADD COLUMN team_id INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE sandboxes ADD COLUMN team_id INTEGER NOT NULL DEFAULT 1;
+        CREATE TABLE templates (
+            name TEXT PRIMARY KEY,
+            team_id INTEGER REFERENCES teams(id)
+        );",
+    ),
+];
 
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    for (table, column, def) in ADDED_COLUMNS {
-        let exists: bool = conn.query_row(
-            &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
-            params![column],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !exists {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+enum Migration {
+    Sql(&'static str),
+    /// For databases created before versioning only.
+    AddColumnIfMissing {
+        table: &'static str,
+        column: &'static str,
+        def: &'static str,
+    },
+}
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(q("read schema version"))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(q("begin migration"))?;
+        match step {
+            Migration::Sql(sql) => tx.execute_batch(sql).map_err(q("migrate schema"))?,
+            Migration::AddColumnIfMissing { table, column, def } => {
+                let exists: bool = tx
+                    .query_row(
+                        &format!(
+                            "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"
+                        ),
+                        params![column],
+                        |r| r.get::<_, i64>(0).map(|n| n > 0),
+                    )
+                    .map_err(q("inspect schema"))?;
+                if !exists {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))
+                        .map_err(q("migrate schema"))?;
+                }
+            }
         }
+        tx.pragma_update(None, "user_version", i as u32 + 1)
+            .map_err(q("record schema version"))?;
+        tx.commit().map_err(q("commit migration"))?;
     }
     Ok(())
 }
@@ -181,16 +299,16 @@ impl SqliteStore {
             .map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        migrate(&conn).map_err(open_err)?;
+        let mut conn = conn;
+        migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
     }
 
     pub fn in_memory() -> Result<Self, StoreError> {
-        let conn = Connection::open_in_memory().map_err(q("open in-memory database"))?;
-        conn.execute_batch(SCHEMA).map_err(q("create schema"))?;
+        let mut conn = Connection::open_in_memory().map_err(q("open in-memory database"))?;
+        migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -212,6 +330,7 @@ fn key_from_row(
             name: row.get(1)?,
             prefix: row.get(2)?,
             admin: row.get::<_, i64>(3)? != 0,
+            team_id: row.get(6)?,
             created_at: Utc::now(),
             revoked_at: None,
         },
@@ -228,10 +347,37 @@ fn finish_key(
     Ok(rec)
 }
 
-const KEY_COLUMNS: &str = "id, name, prefix, admin, created_at, revoked_at";
+const KEY_COLUMNS: &str = "id, name, prefix, admin, created_at, revoked_at, team_id";
+const TEAM_COLUMNS: &str =
+    "id, name, created_at, max_sandboxes, max_memory_mb, max_cpus, max_template_disk_mb";
 const SANDBOX_COLUMNS: &str = "id, template_id, state, runtime, started_at, end_at, cpu_count, \
      memory_mb, disk_size_mb, allow_internet_access, access_token, metadata, owner_key_id, \
-     auto_pause";
+     auto_pause, team_id";
+
+fn team_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(TeamRecord, String)> {
+    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> {
+        Ok(row.get::<_, Option<i64>>(i)?.map(|v| v.max(0) as u64))
+    };
+    Ok((
+        TeamRecord {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            created_at: Utc::now(),
+            quotas: Quotas {
+                max_sandboxes: opt_u64(3)?.map(|v| v.min(u32::MAX as u64) as u32),
+                max_memory_mb: opt_u64(4)?,
+                max_cpus: opt_u64(5)?.map(|v| v.min(u32::MAX as u64) as u32),
+                max_template_disk_mb: opt_u64(6)?,
+            },
+        },
+        row.get(2)?,
+    ))
+}
+
+fn finish_team((mut rec, created): (TeamRecord, String)) -> Result<TeamRecord, StoreError> {
+    rec.created_at = parse_time(&created)?;
+    Ok(rec)
+}
 
 impl Store for SqliteStore {
     fn insert_key(
@@ -240,12 +386,21 @@ impl Store for SqliteStore {
         hash: &str,
         prefix: &str,
         admin: bool,
+        team_id: i64,
     ) -> Result<i64, StoreError> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO api_keys (name, hash, prefix, admin, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO api_keys (name, hash, prefix, admin, created_at, team_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(hash) DO UPDATE SET revoked_at = NULL",
-            params![name, hash, prefix, admin as i64, Utc::now().to_rfc3339()],
+            params![
+                name,
+                hash,
+                prefix,
+                admin as i64,
+                Utc::now().to_rfc3339(),
+                team_id
+            ],
         )
         .map_err(q("insert api key"))?;
         conn.query_row(
@@ -300,6 +455,115 @@ impl Store for SqliteStore {
         Ok(n)
     }
 
+    fn create_team(&self, name: &str, quotas: Quotas) -> Result<TeamRecord, StoreError> {
+        let conn = self.conn();
+        let inserted = conn
+            .execute(
+                "INSERT INTO teams (name, created_at, max_sandboxes, max_memory_mb, max_cpus,
+             max_template_disk_mb) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(name) DO NOTHING",
+                params![
+                    name,
+                    Utc::now().to_rfc3339(),
+                    quotas.max_sandboxes,
+                    quotas.max_memory_mb.map(|v| v as i64),
+                    quotas.max_cpus,
+                    quotas.max_template_disk_mb.map(|v| v as i64),
+                ],
+            )
+            .map_err(q("create team"))?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!(
+                "a team named {name:?} exists already"
+            )));
+        }
+        let id = conn.last_insert_rowid();
+        drop(conn);
+        self.team(id)?
+            .ok_or_else(|| StoreError::Corrupt(format!("team {id} vanished after insert")))
+    }
+
+    fn list_teams(&self) -> Result<Vec<TeamRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {TEAM_COLUMNS} FROM teams ORDER BY id"))
+            .map_err(q("list teams"))?;
+        let rows = stmt.query_map([], team_from_row).map_err(q("list teams"))?;
+        rows.map(|r| r.map_err(q("read team row")).and_then(finish_team))
+            .collect()
+    }
+
+    fn find_team(&self, name: &str) -> Result<Option<TeamRecord>, StoreError> {
+        let row = self
+            .conn()
+            .query_row(
+                &format!("SELECT {TEAM_COLUMNS} FROM teams WHERE name = ?1"),
+                params![name],
+                team_from_row,
+            )
+            .optional()
+            .map_err(q("look up team"))?;
+        row.map(finish_team).transpose()
+    }
+
+    fn team(&self, id: i64) -> Result<Option<TeamRecord>, StoreError> {
+        let row = self
+            .conn()
+            .query_row(
+                &format!("SELECT {TEAM_COLUMNS} FROM teams WHERE id = ?1"),
+                params![id],
+                team_from_row,
+            )
+            .optional()
+            .map_err(q("look up team"))?;
+        row.map(finish_team).transpose()
+    }
+
+    fn set_quotas(&self, team_id: i64, quotas: Quotas) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE teams SET max_sandboxes = ?1, max_memory_mb = ?2, max_cpus = ?3,
+                 max_template_disk_mb = ?4 WHERE id = ?5",
+                params![
+                    quotas.max_sandboxes,
+                    quotas.max_memory_mb.map(|v| v as i64),
+                    quotas.max_cpus,
+                    quotas.max_template_disk_mb.map(|v| v as i64),
+                    team_id
+                ],
+            )
+            .map_err(q("set team quotas"))?;
+        Ok(())
+    }
+
+    fn template_owner(&self, name: &str) -> Result<Option<Option<i64>>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT team_id FROM templates WHERE name = ?1",
+                params![name],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()
+            .map_err(q("look up template owner"))
+    }
+
+    fn set_template_owner(&self, name: &str, team_id: Option<i64>) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO templates (name, team_id) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET team_id = excluded.team_id",
+                params![name, team_id],
+            )
+            .map_err(q("record template owner"))?;
+        Ok(())
+    }
+
+    fn forget_template(&self, name: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM templates WHERE name = ?1", params![name])
+            .map_err(q("forget template"))?;
+        Ok(())
+    }
+
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         let metadata = serde_json::to_string(&rec.metadata)
             .map_err(|e| StoreError::Corrupt(format!("metadata: {e}")))?;
@@ -307,7 +571,7 @@ impl Store for SqliteStore {
             .execute(
                 &format!(
                     "INSERT OR REPLACE INTO sandboxes ({SANDBOX_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
                 ),
                 params![
                     rec.id,
@@ -324,6 +588,7 @@ impl Store for SqliteStore {
                     metadata,
                     rec.owner_key_id,
                     rec.auto_pause as i64,
+                    rec.team_id,
                 ],
             )
             .map_err(q("save sandbox"))?;
@@ -381,6 +646,7 @@ impl Store for SqliteStore {
                     metadata: r.get(11)?,
                     owner_key_id: r.get(12)?,
                     auto_pause: r.get(13)?,
+                    team_id: r.get(14)?,
                 })
             })
             .map_err(q("list sandboxes"))?;
@@ -408,6 +674,7 @@ struct RawSandbox {
     metadata: String,
     owner_key_id: i64,
     auto_pause: i64,
+    team_id: i64,
 }
 
 impl RawSandbox {
@@ -427,6 +694,7 @@ impl RawSandbox {
             allow_internet_access: self.allow_internet_access != 0,
             access_token: self.access_token,
             owner_key_id: self.owner_key_id,
+            team_id: self.team_id,
             auto_pause: self.auto_pause != 0,
         })
     }
@@ -451,6 +719,7 @@ mod tests {
             access_token: Some("t".into()),
             metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
             owner_key_id: 1,
+            team_id: 1,
             auto_pause: true,
         }
     }
@@ -467,26 +736,95 @@ mod tests {
                  state TEXT NOT NULL, runtime TEXT NOT NULL, started_at TEXT NOT NULL,
                  end_at TEXT NOT NULL, cpu_count INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
                  disk_size_mb INTEGER NOT NULL, allow_internet_access INTEGER NOT NULL,
-                 access_token TEXT, metadata TEXT NOT NULL, owner_key_id INTEGER NOT NULL);",
+                 access_token TEXT, metadata TEXT NOT NULL, owner_key_id INTEGER NOT NULL);
+                 CREATE TABLE api_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+                 hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, admin INTEGER NOT NULL,
+                 created_at TEXT NOT NULL, revoked_at TEXT);
+                 INSERT INTO api_keys (name, hash, prefix, admin, created_at)
+                 VALUES ('old', 'h0', 'e2b_0000', 1, '2026-01-01T00:00:00Z');
+                 INSERT INTO sandboxes VALUES ('old1', 'base', 'running', 'jail',
+                 '2026-01-01T00:00:00Z', '2026-01-01T00:05:00Z', 1, 512, 1024, 1, NULL, '{}', 1);",
             )
             .unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
+        // The old key and sandbox now belong to the default team.
+        let key = s.find_key("h0").unwrap().unwrap();
+        let team = s.team(key.team_id).unwrap().unwrap();
+        assert_eq!(team.name, DEFAULT_TEAM);
+        assert_eq!(s.list_sandboxes().unwrap()[0].team_id, team.id);
         s.upsert_sandbox(&record("p1")).unwrap();
         s.set_state("p1", RecordState::Paused).unwrap();
-        let got = &s.list_sandboxes().unwrap()[0];
+        let got = s
+            .list_sandboxes()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.id == "p1")
+            .unwrap();
         assert_eq!(got.state, RecordState::Paused);
         assert!(got.auto_pause);
+        drop(s);
+        // Opening again runs nothing twice, and the version is recorded.
+        let s = SqliteStore::open(&path).unwrap();
+        let version: u32 = s
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(s.list_teams().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_kiln_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { .. })
+        ));
+    }
+
+    #[test]
+    fn teams_have_unique_names_quotas_and_template_owners() {
+        let s = SqliteStore::in_memory().unwrap();
+        let quotas = Quotas {
+            max_sandboxes: Some(3),
+            max_memory_mb: Some(2048),
+            ..Quotas::default()
+        };
+        let t = s.create_team("alpha", quotas).unwrap();
+        assert_eq!(s.find_team("alpha").unwrap().unwrap(), t);
+        assert_eq!(t.quotas, quotas);
+        assert!(matches!(
+            s.create_team("alpha", Quotas::default()),
+            Err(StoreError::Conflict(_))
+        ));
+        s.set_quotas(t.id, Quotas::default()).unwrap();
+        assert_eq!(s.team(t.id).unwrap().unwrap().quotas, Quotas::default());
+        assert_eq!(s.template_owner("x").unwrap(), None);
+        s.set_template_owner("x", Some(t.id)).unwrap();
+        assert_eq!(s.template_owner("x").unwrap(), Some(Some(t.id)));
+        s.set_template_owner("base", None).unwrap();
+        assert_eq!(s.template_owner("base").unwrap(), Some(None));
+        s.forget_template("x").unwrap();
+        assert_eq!(s.template_owner("x").unwrap(), None);
     }
 
     #[test]
     fn keys_are_found_by_hash_until_revoked() {
         let s = SqliteStore::in_memory().unwrap();
-        let id = s.insert_key("admin", "h1", "e2b_1234", true).unwrap();
+        let id = s.insert_key("admin", "h1", "e2b_1234", true, 1).unwrap();
         assert_eq!(s.find_key("h1").unwrap().unwrap().id, id);
         assert!(s.find_key("h2").unwrap().is_none());
         // Registering the same key again is idempotent.
-        assert_eq!(s.insert_key("admin", "h1", "e2b_1234", true).unwrap(), id);
+        assert_eq!(
+            s.insert_key("admin", "h1", "e2b_1234", true, 1).unwrap(),
+            id
+        );
         assert_eq!(s.list_keys().unwrap().len(), 1);
         assert_eq!(s.revoke_key(&id.to_string()).unwrap(), 1);
         assert!(s.find_key("h1").unwrap().is_none());

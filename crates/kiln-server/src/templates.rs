@@ -90,6 +90,16 @@ impl Templates {
     /// Resolve a `templateID` as the SDK sends it: a name, optionally with a `:tag`
     /// (only the default tag exists) or a `kiln/` namespace.
     pub fn resolve(&self, template_id: &str) -> Result<TemplateInfo, AppError> {
+        self.resolve_visible(template_id, |_| true)
+    }
+
+    /// [`Self::resolve`] among the templates `visible` admits: the others answer (and
+    /// are listed) as if they did not exist.
+    pub fn resolve_visible(
+        &self,
+        template_id: &str,
+        visible: impl Fn(&str) -> bool,
+    ) -> Result<TemplateInfo, AppError> {
         let name = template_id.strip_prefix("kiln/").unwrap_or(template_id);
         // Builds keep one version per name, so any tag (`name:v1`, the build's tag)
         // names that version.
@@ -99,14 +109,16 @@ impl Templates {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
+            .filter(|_| visible(name))
         {
             return Ok(t.clone());
         }
-        if self
-            .building
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(name)
+        if visible(name)
+            && self
+                .building
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(name)
         {
             return Err(AppError::Unavailable(format!(
                 "template \"{name}\" is still being built (a built-in template is built on \
@@ -114,7 +126,7 @@ impl Templates {
                  templates still building"
             )));
         }
-        let names = self.names();
+        let names: Vec<String> = self.names().into_iter().filter(|n| visible(n)).collect();
         Err(AppError::NotFound(format!(
             "template \"{template_id}\" not found; available templates: {}",
             if names.is_empty() {
@@ -151,6 +163,29 @@ mod tests {
             err.to_string().contains("available templates: base"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn templates_a_caller_may_not_see_are_neither_found_nor_listed() {
+        let t = Templates::default();
+        t.insert(base());
+        t.insert(TemplateInfo {
+            name: "theirs".into(),
+            ..base()
+        });
+        let mine = |n: &str| n != "theirs";
+        let err = t.resolve_visible("theirs", mine).unwrap_err();
+        assert!(matches!(err, AppError::NotFound(_)));
+        assert!(
+            !err.to_string()
+                .contains("available templates: base, theirs"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("available templates: base"),
+            "{err}"
+        );
+        assert_eq!(t.resolve_visible("base", mine).unwrap().name, "base");
     }
 
     #[test]

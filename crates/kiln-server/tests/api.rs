@@ -15,7 +15,7 @@ use kiln_client::{Client, ClientError};
 use kiln_runtime::{
     Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
 };
-use kiln_server::store::SqliteStore;
+use kiln_server::store::{SqliteStore, Store};
 use kiln_server::templates::{TemplateDefaults, TemplateInfo, Templates};
 use kiln_server::{AppState, LimitsConfig};
 
@@ -147,7 +147,13 @@ struct Harness {
     manager: Arc<kiln_server::manager::SandboxManager>,
     templates: Arc<Templates>,
     url: String,
+    /// An admin key of the default team.
     key: String,
+    /// A member key of the default team ("team A").
+    member_a: String,
+    /// A member key of the team "other" ("team B").
+    member_b: String,
+    store: Arc<SqliteStore>,
     runtime: Arc<FakeRuntime>,
     _dir: tempfile::TempDir,
 }
@@ -160,7 +166,18 @@ async fn start(limits: LimitsConfig) -> Harness {
     });
     let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
     let key = kiln_server::keys::generate();
-    kiln_server::keys::register(store.as_ref(), "test", &key, true).unwrap();
+    let team_a = kiln_server::keys::default_team(store.as_ref()).unwrap();
+    kiln_server::keys::register(store.as_ref(), "test", &key, true, team_a).unwrap();
+    let member_a = kiln_server::keys::generate();
+    kiln_server::keys::register(store.as_ref(), "a", &member_a, false, team_a).unwrap();
+    let team_b = store
+        .create_team("other", kiln_server::store::Quotas::default())
+        .unwrap();
+    let member_b = kiln_server::keys::generate();
+    kiln_server::keys::register(store.as_ref(), "b", &member_b, false, team_b.id).unwrap();
+    // Built-ins: every team's.
+    store.set_template_owner("base", None).unwrap();
+    store.set_template_owner("served", None).unwrap();
     let templates = Arc::new(Templates::default());
     templates.insert(TemplateInfo {
         name: "base".into(),
@@ -187,7 +204,7 @@ async fn start(limits: LimitsConfig) -> Harness {
     );
     let state = Arc::new(AppState {
         manager: manager.clone(),
-        store,
+        store: store.clone(),
         templates: templates.clone(),
         ready: AtomicBool::new(true),
         domain: None,
@@ -205,6 +222,9 @@ async fn start(limits: LimitsConfig) -> Harness {
         templates,
         url,
         key,
+        member_a,
+        member_b,
+        store,
         runtime,
         _dir: dir,
     }
@@ -234,25 +254,241 @@ fn status_of(err: ClientError) -> u16 {
     }
 }
 
-#[tokio::test]
-async fn every_route_requires_an_api_key() {
-    let h = start(LimitsConfig::default()).await;
-    let http = reqwest::Client::new();
-    for (method, path) in kiln_api::ROUTES {
-        let path = path.replace("{id}", "abc");
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        for key in [None, Some("e2b_0000000000000000000000000000000000000000")] {
-            let mut req = http.request(m.clone(), format!("{}{path}", h.url));
-            if let Some(k) = key {
-                req = req.header("x-api-key", k);
-            }
-            let resp = req.send().await.unwrap();
-            assert_eq!(resp.status(), 401, "{method} {path} with key {key:?}");
-            let body: serde_json::Value = resp.json().await.unwrap();
-            assert_eq!(body["code"], 401, "{method} {path}");
-            assert!(body["message"].is_string());
+/// How the authorization test calls one endpoint: its path with ids filled in, a
+/// body, and whether the route acts on one team's resource (then another team's key
+/// must get 404) or on the caller's own team (list, create).
+struct Case {
+    path: String,
+    body: Option<serde_json::Value>,
+    scoped: bool,
+}
+
+/// The authorization test's table: every endpoint the router serves must be here.
+/// `sbx` is a fresh sandbox of team A, made for this one call.
+fn case_for(method: &str, path: &str, sbx: &str) -> Option<Case> {
+    let on = |p: &str| p.replace("{id}", sbx);
+    let c = |path: String, body: Option<serde_json::Value>, scoped: bool| {
+        Some(Case { path, body, scoped })
+    };
+    match (method, path) {
+        ("GET", "/healthz") => c("/healthz".into(), None, false),
+        ("POST", "/sandboxes") => c(
+            path.into(),
+            Some(serde_json::json!({"templateID": "base", "timeout": 60})),
+            false,
+        ),
+        ("GET", "/sandboxes") | ("GET", "/v2/sandboxes") => c(path.into(), None, false),
+        ("GET", "/sandboxes/{id}")
+        | ("DELETE", "/sandboxes/{id}")
+        | ("POST", "/sandboxes/{id}/pause")
+        | ("GET", "/sandboxes/{id}/metrics") => c(on(path), None, true),
+        ("POST", "/sandboxes/{id}/timeout") => {
+            c(on(path), Some(serde_json::json!({"timeout": 120})), true)
         }
+        ("POST", "/sandboxes/{id}/connect") | ("POST", "/sandboxes/{id}/resume") => {
+            c(on(path), Some(serde_json::json!({"timeout": 120})), true)
+        }
+        ("POST", "/sandboxes/{id}/refreshes") => {
+            c(on(path), Some(serde_json::json!({"duration": 30})), true)
+        }
+        ("GET", "/admin/teams") | ("GET", "/admin/keys") => c(path.into(), None, false),
+        ("POST", "/admin/teams") => c(
+            path.into(),
+            Some(serde_json::json!({"name": format!("t{}", &sbx[..8])})),
+            false,
+        ),
+        ("PATCH", "/admin/teams/{name}") => c(
+            "/admin/teams/other".into(),
+            Some(serde_json::json!({"maxSandboxes": 50})),
+            false,
+        ),
+        ("POST", "/admin/keys") => c(
+            path.into(),
+            Some(serde_json::json!({"name": "made by the test", "team": "other"})),
+            false,
+        ),
+        // Revokes a key made for this call.
+        ("DELETE", "/admin/keys/{id}") => c("/admin/keys/{fresh-key}".into(), None, false),
+        _ => None,
     }
+}
+
+async fn call(
+    h: &Harness,
+    method: &axum::http::Method,
+    case: &Case,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut path = case.path.clone();
+    if path.contains("{fresh-key}") {
+        let key = kiln_server::keys::generate();
+        let id = kiln_server::keys::register(h.store.as_ref(), "doomed", &key, false, 1).unwrap();
+        path = path.replace("{fresh-key}", &id.to_string());
+    }
+    let m = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
+    let mut req = reqwest::Client::new().request(m, format!("{}{path}", h.url));
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    if let Some(body) = &case.body {
+        req = req.json(body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// The omicron model: walk every endpoint the router is built from and attack it. A
+/// new route without a row in [`case_for`] fails here, so none ships unchecked.
+#[tokio::test]
+async fn every_route_enforces_authorization() {
+    let h = start(LimitsConfig::default()).await;
+    let a = Client::new(&h.url, &h.member_a);
+    let bogus = "e2b_0000000000000000000000000000000000000000";
+    for endpoint in kiln_server::api::endpoints() {
+        let (method, path) = (endpoint.method.clone(), endpoint.path);
+        let sbx = a.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id;
+        let case = case_for(method.as_str(), path, &sbx).unwrap_or_else(|| {
+            panic!(
+                "{method} {path} is not in the authorization test's table (case_for): add how \
+                 to call it"
+            )
+        });
+        let owner = match endpoint.access {
+            kiln_server::authz::Access::Public => {
+                let (status, _) = call(&h, &method, &case, None).await;
+                assert!(status < 400, "{method} {path} is public: {status}");
+                continue;
+            }
+            kiln_server::authz::Access::Member => &h.member_a,
+            kiln_server::authz::Access::Admin => &h.key,
+        };
+        for key in [None, Some(bogus)] {
+            let (status, body) = call(&h, &method, &case, key).await;
+            assert_eq!(status, 401, "{method} {path} with key {key:?}");
+            assert_eq!(body["code"], 401, "{method} {path}");
+        }
+        if endpoint.access == kiln_server::authz::Access::Admin {
+            for member in [&h.member_a, &h.member_b] {
+                let (status, body) = call(&h, &method, &case, Some(member)).await;
+                assert_eq!(status, 403, "{method} {path} with a member key: {body}");
+            }
+        }
+        if case.scoped {
+            let (status, body) = call(&h, &method, &case, Some(&h.member_b)).await;
+            assert_eq!(
+                status, 404,
+                "{method} {path} with another team's key: {body}"
+            );
+            assert_eq!(
+                body["message"],
+                format!("sandbox \"{sbx}\" not found"),
+                "{method} {path}: the answer must not differ from a missing sandbox's"
+            );
+            // ...and it changed nothing.
+            assert!(h.manager.get(&sbx).is_some(), "{method} {path}");
+        }
+        let (status, body) = call(&h, &method, &case, Some(owner)).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path} by its owner: {status} {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn teams_see_connect_to_and_kill_only_their_own_sandboxes() {
+    let h = start(LimitsConfig::default()).await;
+    let a = Client::new(&h.url, &h.member_a);
+    let b = Client::new(&h.url, &h.member_b);
+    let admin = Client::new(&h.url, &h.key);
+    let sa = a.create(&new_sandbox(60, &[("who", "a")])).await.unwrap();
+    let sb = b.create(&new_sandbox(60, &[("who", "b")])).await.unwrap();
+    let ids = |list: Vec<kiln_api::SandboxDetail>| -> Vec<String> {
+        list.into_iter().map(|s| s.sandbox_id).collect()
+    };
+    assert_eq!(
+        ids(a.list(&BTreeMap::new()).await.unwrap()),
+        vec![sa.sandbox_id.clone()]
+    );
+    assert_eq!(
+        ids(b.list(&BTreeMap::new()).await.unwrap()),
+        vec![sb.sandbox_id.clone()]
+    );
+    // The operator sees both.
+    assert_eq!(admin.list(&BTreeMap::new()).await.unwrap().len(), 2);
+    assert_eq!(status_of(b.get(&sa.sandbox_id).await.unwrap_err()), 404);
+    assert_eq!(status_of(b.kill(&sa.sandbox_id).await.unwrap_err()), 404);
+    assert!(h.manager.get(&sa.sandbox_id).is_some());
+    a.kill(&sa.sandbox_id).await.unwrap();
+    admin.kill(&sb.sandbox_id).await.unwrap();
+}
+
+#[tokio::test]
+async fn team_quotas_answer_429_naming_the_quota() {
+    let h = start(LimitsConfig::default()).await;
+    let team = h.store.find_team("other").unwrap().unwrap();
+    h.store
+        .set_quotas(
+            team.id,
+            kiln_server::store::Quotas {
+                max_sandboxes: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let a = Client::new(&h.url, &h.member_a);
+    let b = Client::new(&h.url, &h.member_b);
+    let first = b.create(&new_sandbox(60, &[])).await.unwrap();
+    let err = b.create(&new_sandbox(60, &[])).await.unwrap_err();
+    assert!(err.to_string().contains("maxSandboxes"), "{err}");
+    assert_eq!(status_of(err), 429);
+    // Another team is not held back by it.
+    a.create(&new_sandbox(60, &[])).await.unwrap();
+    a.create(&new_sandbox(60, &[])).await.unwrap();
+    b.kill(&first.sandbox_id).await.unwrap();
+    b.create(&new_sandbox(60, &[])).await.unwrap();
+    // Memory: the default sandbox takes the server's default memory.
+    h.store
+        .set_quotas(
+            team.id,
+            kiln_server::store::Quotas {
+                max_memory_mb: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let err = b.create(&new_sandbox(60, &[])).await.unwrap_err();
+    assert!(err.to_string().contains("maxMemoryMB"), "{err}");
+    assert_eq!(status_of(err), 429);
+}
+
+#[tokio::test]
+async fn a_template_of_another_team_is_not_found() {
+    let h = start(LimitsConfig::default()).await;
+    h.templates.insert(TemplateInfo {
+        name: "bs-own".into(),
+        rootfs: h._dir.path().join("rootfs"),
+        meta: TemplateDefaults::default(),
+    });
+    let team_b = h.store.find_team("other").unwrap().unwrap();
+    h.store
+        .set_template_owner("bs-own", Some(team_b.id))
+        .unwrap();
+    let a = Client::new(&h.url, &h.member_a);
+    let b = Client::new(&h.url, &h.member_b);
+    let mut req = new_sandbox(60, &[]);
+    req.template_id = "bs-own".into();
+    let err = a.create(&req).await.unwrap_err();
+    let message = err.to_string();
+    assert_eq!(status_of(err), 404);
+    assert!(
+        message.contains("available templates: base, served"),
+        "{message}"
+    );
+    assert!(!message.contains(", bs-own"), "{message}");
+    b.create(&req).await.unwrap();
 }
 
 #[tokio::test]

@@ -102,7 +102,7 @@ async fn start() -> Harness {
 async fn serve(dir: tempfile::TempDir) -> Harness {
     let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
     let key = kiln_server::keys::generate();
-    kiln_server::keys::register(store.as_ref(), "test", &key, true).unwrap();
+    kiln_server::keys::register(store.as_ref(), "test", &key, true, 1).unwrap();
     let templates = Arc::new(Templates::default());
     let manager = kiln_server::manager::SandboxManager::new(
         Arc::new(NoRuntime),

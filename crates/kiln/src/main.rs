@@ -34,6 +34,9 @@ enum Command {
     /// Manage API keys in a data directory.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage teams (the owners of sandboxes, templates and keys) in a data directory.
+    #[command(subcommand)]
+    Teams(TeamsCommand),
     /// Build, list and remove templates on a running server.
     #[command(subcommand)]
     Template(TemplateCommand),
@@ -252,6 +255,13 @@ enum KeysCommand {
         data_dir: PathBuf,
         #[arg(long, default_value = "cli")]
         name: String,
+        /// The team the key acts for: it sees and changes only that team's sandboxes
+        /// and templates.
+        #[arg(long, default_value = kiln_server::store::DEFAULT_TEAM)]
+        team: String,
+        /// An operator's key: manages teams and keys and sees every team's resources.
+        #[arg(long)]
+        admin: bool,
     },
     /// List keys (prefixes only).
     List {
@@ -264,6 +274,59 @@ enum KeysCommand {
         data_dir: PathBuf,
         key: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TeamsCommand {
+    /// Create a team, with optional quotas.
+    Create {
+        #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
+        data_dir: PathBuf,
+        /// a-z, 0-9, '-' and '_', at most 64.
+        name: String,
+        #[command(flatten)]
+        quotas: QuotaArgs,
+    },
+    /// Set a team's quotas (each one not given is removed).
+    SetQuotas {
+        #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
+        data_dir: PathBuf,
+        name: String,
+        #[command(flatten)]
+        quotas: QuotaArgs,
+    },
+    /// List teams and their quotas.
+    List {
+        #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct QuotaArgs {
+    /// Sandboxes running at once.
+    #[arg(long)]
+    max_sandboxes: Option<u32>,
+    /// MiB of memory across the team's running sandboxes.
+    #[arg(long)]
+    max_memory_mb: Option<u64>,
+    /// CPUs across the team's running sandboxes.
+    #[arg(long)]
+    max_cpus: Option<u32>,
+    /// MiB of disk across the team's templates.
+    #[arg(long)]
+    max_template_disk_mb: Option<u64>,
+}
+
+impl From<QuotaArgs> for kiln_server::store::Quotas {
+    fn from(q: QuotaArgs) -> Self {
+        kiln_server::store::Quotas {
+            max_sandboxes: q.max_sandboxes,
+            max_memory_mb: q.max_memory_mb,
+            max_cpus: q.max_cpus,
+            max_template_disk_mb: q.max_template_disk_mb,
+        }
+    }
 }
 
 pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -287,6 +350,7 @@ fn main() -> Result<()> {
             Command::Serve(args) => serve(args).await,
             Command::Sandbox(cmd) => sandbox(cmd).await,
             Command::Keys(cmd) => keys(cmd),
+            Command::Teams(cmd) => teams(cmd),
             Command::Template(cmd) => template(cmd).await,
             Command::RunCode(args) => code_cmd::run_code(args).await,
             Command::InstallPackage(args) => code_cmd::install(args).await,
@@ -512,24 +576,37 @@ fn keys(cmd: KeysCommand) -> Result<()> {
         Ok(SqliteStore::open(&dir.join("kiln.db"))?)
     };
     match cmd {
-        KeysCommand::Create { data_dir, name } => {
+        KeysCommand::Create {
+            data_dir,
+            name,
+            team,
+            admin,
+        } => {
             let store = open(&data_dir)?;
+            let team = keys::team_id(&store, &team)?;
             let key = keys::generate();
-            keys::register(&store, &name, &key, true)?;
+            keys::register(&store, &name, &key, admin, team)?;
             println!("{key}");
         }
         KeysCommand::List { data_dir } => {
             let store = open(&data_dir)?;
+            let teams = store.list_teams()?;
             println!(
-                "{:<4} {:<16} {:<24} {:<26} STATUS",
-                "ID", "PREFIX", "NAME", "CREATED"
+                "{:<4} {:<16} {:<24} {:<16} {:<6} {:<26} STATUS",
+                "ID", "PREFIX", "NAME", "TEAM", "ADMIN", "CREATED"
             );
             for k in store.list_keys()? {
+                let team = teams
+                    .iter()
+                    .find(|t| t.id == k.team_id)
+                    .map_or_else(|| k.team_id.to_string(), |t| t.name.clone());
                 println!(
-                    "{:<4} {:<16} {:<24} {:<26} {}",
+                    "{:<4} {:<16} {:<24} {:<16} {:<6} {:<26} {}",
                     k.id,
                     format!("{}…", k.prefix),
                     k.name,
+                    team,
+                    if k.admin { "yes" } else { "no" },
                     k.created_at.to_rfc3339(),
                     if k.revoked_at.is_some() {
                         "revoked"
@@ -549,6 +626,56 @@ fn keys(cmd: KeysCommand) -> Result<()> {
             match store.revoke_key(&prefix)? {
                 0 => bail!("no active key matches {key:?} (give a key id from `kiln keys list` or the key itself)"),
                 n => println!("revoked {n} key(s)"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn teams(cmd: TeamsCommand) -> Result<()> {
+    use kiln_server::store::{SqliteStore, Store};
+    let open = |dir: &PathBuf| -> Result<SqliteStore> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(SqliteStore::open(&dir.join("kiln.db"))?)
+    };
+    let show = |q: Option<u64>| q.map_or_else(|| "-".to_string(), |v| v.to_string());
+    match cmd {
+        TeamsCommand::Create {
+            data_dir,
+            name,
+            quotas,
+        } => {
+            kiln_server::admin_api::check_team_name(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let team = open(&data_dir)?.create_team(&name, quotas.into())?;
+            println!("created team {} (id {})", team.name, team.id);
+        }
+        TeamsCommand::SetQuotas {
+            data_dir,
+            name,
+            quotas,
+        } => {
+            let store = open(&data_dir)?;
+            let team = kiln_server::keys::team_id(&store, &name)?;
+            store.set_quotas(team, quotas.into())?;
+            println!("quotas of {name} set");
+        }
+        TeamsCommand::List { data_dir } => {
+            let store = open(&data_dir)?;
+            println!(
+                "{:<4} {:<24} {:>10} {:>12} {:>9} {:>14}",
+                "ID", "NAME", "SANDBOXES", "MEMORY_MB", "CPUS", "TEMPLATE_MB"
+            );
+            for t in store.list_teams()? {
+                let q = t.quotas;
+                println!(
+                    "{:<4} {:<24} {:>10} {:>12} {:>9} {:>14}",
+                    t.id,
+                    t.name,
+                    show(q.max_sandboxes.map(u64::from)),
+                    show(q.max_memory_mb),
+                    show(q.max_cpus.map(u64::from)),
+                    show(q.max_template_disk_mb),
+                );
             }
         }
     }

@@ -144,6 +144,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             owner_key_id: 1,
+            team_id: 1,
             auto_pause: false,
         }
     }

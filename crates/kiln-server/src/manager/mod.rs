@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use list::{parse_metadata_filter, ListQuery, Page};
 
+use crate::authz::Caller;
 use crate::config::LimitsConfig;
 use crate::error::{chain, AppError};
 use crate::store::{RecordState, SandboxRecord, Store};
@@ -76,23 +77,49 @@ pub struct SandboxManager {
     templates: Arc<Templates>,
     limits: LimitsConfig,
     sandboxes: RwLock<HashMap<String, Arc<SandboxEntry>>>,
-    /// Creates in flight, counted against `max_sandboxes` with the running ones.
-    creating: Mutex<usize>,
+    /// Creates in flight, counted against `max_sandboxes` with the running ones and
+    /// against their team's quotas.
+    creating: Mutex<InFlight>,
     /// Template-build sandboxes running now, counted against `max_sandboxes` too.
     building: Arc<std::sync::atomic::AtomicUsize>,
     pools: pool::Pools,
     /// Paused sandboxes the host lost (a reboot under a runtime whose pause lives in
-    /// memory), with the message a resume gets.
-    lost: Mutex<HashMap<String, String>>,
+    /// memory): their team, and the message a resume gets.
+    lost: Mutex<HashMap<String, (i64, String)>>,
+}
+
+/// What one sandbox takes from its team's quotas.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    sandboxes: u32,
+    memory_mb: u64,
+    cpus: u32,
+}
+
+impl Usage {
+    fn add(self, other: Usage) -> Usage {
+        Usage {
+            sandboxes: self.sandboxes + other.sandboxes,
+            memory_mb: self.memory_mb + other.memory_mb,
+            cpus: self.cpus + other.cpus,
+        }
+    }
+}
+
+/// Creates in flight, by ticket.
+#[derive(Default)]
+struct InFlight {
+    next: u64,
+    creates: HashMap<u64, (i64, Usage)>,
 }
 
 /// Releases a create slot when a create finishes, however it finishes.
-struct SlotGuard<'a>(&'a Mutex<usize>);
+struct SlotGuard<'a>(&'a Mutex<InFlight>, u64);
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        let mut n = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_sub(1);
+        let mut in_flight = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.creates.remove(&self.1);
     }
 }
 
@@ -131,7 +158,7 @@ impl SandboxManager {
             templates,
             limits,
             sandboxes: RwLock::new(HashMap::new()),
-            creating: Mutex::new(0),
+            creating: Mutex::default(),
             building: Arc::default(),
             pools: pool::Pools::default(),
             lost: Mutex::new(HashMap::new()),
@@ -150,9 +177,12 @@ impl SandboxManager {
             .cloned()
     }
 
-    fn require(&self, id: &str) -> Result<Arc<SandboxEntry>, AppError> {
+    /// The sandbox `id` if `caller` may see it; another team's answers 404 as a missing
+    /// one does.
+    fn require(&self, caller: &Caller, id: &str) -> Result<Arc<SandboxEntry>, AppError> {
         self.get(id)
-            .ok_or_else(|| AppError::NotFound(format!("sandbox \"{id}\" not found")))
+            .filter(|e| caller.sees(e.record().team_id))
+            .ok_or_else(|| not_found(id))
     }
 
     /// `E2B_EXECUTION_TIMEOUT_SEC`: the longest deadline one command may ask for.
@@ -186,12 +216,8 @@ impl SandboxManager {
     /// The sandbox a template asks for, within the server's caps: a template (or, later,
     /// a request) asking for more memory or CPUs than the operator allows is refused
     /// with the cap named, never granted.
-    fn sandbox_config(
-        &self,
-        id: String,
-        template: &TemplateInfo,
-        internet: bool,
-    ) -> Result<SandboxConfig, AppError> {
+    /// The memory (MiB) and CPUs a sandbox of `template` gets.
+    fn sandbox_size(&self, template: &TemplateInfo) -> Result<(u64, u32), AppError> {
         let memory_mb = template.meta.memory_mb.unwrap_or(self.limits.memory_mb);
         let cpu_count = template.meta.cpu_count.unwrap_or(self.limits.cpu_count);
         if memory_mb > self.limits.max_memory_mb {
@@ -208,6 +234,16 @@ impl SandboxManager {
                 template.name, self.limits.max_cpu_count
             )));
         }
+        Ok((memory_mb, cpu_count))
+    }
+
+    fn sandbox_config(
+        &self,
+        id: String,
+        template: &TemplateInfo,
+        internet: bool,
+    ) -> Result<SandboxConfig, AppError> {
+        let (memory_mb, cpu_count) = self.sandbox_size(template)?;
         Ok(SandboxConfig {
             id,
             rootfs: template.rootfs.clone(),
@@ -266,7 +302,7 @@ impl SandboxManager {
         loop {
             {
                 let creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
-                if self.make_room(*creating) {
+                if self.make_room(creating.creates.len()) {
                     self.building
                         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     return Ok(BuildSlot(self.building.clone()));
@@ -284,31 +320,104 @@ impl SandboxManager {
         }
     }
 
+    /// What `team_id`'s running sandboxes and creates in flight take now.
+    fn team_usage(&self, team_id: i64, in_flight: &InFlight) -> Usage {
+        let running = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| e.record())
+            .filter(|r| r.team_id == team_id && r.state == RecordState::Running)
+            .fold(Usage::default(), |u, r| {
+                u.add(Usage {
+                    sandboxes: 1,
+                    memory_mb: r.memory_mb,
+                    cpus: r.cpu_count,
+                })
+            });
+        in_flight
+            .creates
+            .values()
+            .filter(|(team, _)| *team == team_id)
+            .fold(running, |u, (_, c)| u.add(*c))
+    }
+
+    /// A place for one more sandbox of `want` for `team_id`: under the server's
+    /// `E2B_MAX_SANDBOXES` and the team's quotas, or 429 naming what is full.
     fn reserve_slot(
         self: &Arc<Self>,
         template: &str,
         internet: bool,
+        team_id: i64,
+        want: Usage,
     ) -> Result<SlotGuard<'_>, AppError> {
-        let mut creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        let quotas = self
+            .store
+            .team(team_id)?
+            .map(|t| t.quotas)
+            .unwrap_or_default();
+        let mut in_flight = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        let after = self.team_usage(team_id, &in_flight).add(want);
+        check_quota(
+            after.sandboxes.into(),
+            quotas.max_sandboxes.map(u64::from),
+            || "concurrent sandboxes (maxSandboxes)".to_string(),
+        )?;
+        check_quota(after.memory_mb, quotas.max_memory_mb, || {
+            "MiB of memory across its running sandboxes (maxMemoryMB)".to_string()
+        })?;
+        check_quota(after.cpus.into(), quotas.max_cpus.map(u64::from), || {
+            "CPUs across its running sandboxes (maxCpus)".to_string()
+        })?;
         // A create that will claim one of its template's idle pooled sandboxes moves
         // it from the pool to the running set: no new sandbox on the host.
         let claims_pooled = internet && self.pools.idle_count(template) > 0;
-        if !claims_pooled && !self.make_room(*creating) {
+        if !claims_pooled && !self.make_room(in_flight.creates.len()) {
             return Err(AppError::TooManyRequests(format!(
                 "maximum number of concurrent sandboxes ({}) reached (E2B_MAX_SANDBOXES); \
                  kill a sandbox or raise the limit",
                 self.limits.max_sandboxes
             )));
         }
-        *creating += 1;
-        Ok(SlotGuard(&self.creating))
+        let ticket = in_flight.next;
+        in_flight.next += 1;
+        in_flight.creates.insert(ticket, (team_id, want));
+        Ok(SlotGuard(&self.creating, ticket))
     }
 
-    /// `POST /sandboxes`.
+    /// Whether `caller` may start sandboxes from the template `name`. A template with
+    /// no owner row (one the store has not heard of) is the operator's alone.
+    fn template_visible(&self, caller: &Caller, name: &str) -> bool {
+        match self.store.template_owner(name) {
+            Ok(Some(owner)) => caller.sees_template(owner),
+            Ok(None) => caller.admin,
+            Err(e) => {
+                tracing::error!(template = name, error = %chain(&e), "reading a template's owner failed");
+                false
+            }
+        }
+    }
+
+    /// `POST /sandboxes`, run to the end whatever happens to the request: the create
+    /// runs in a task of its own, so a client that gives up (an SDK's request timeout)
+    /// leaves a sandbox that is recorded, owned and counted, with its deadline, never
+    /// a half-made one.
+    pub async fn create_detached(
+        self: Arc<Self>,
+        req: NewSandbox,
+        caller: Caller,
+    ) -> Result<Sandbox, AppError> {
+        tokio::spawn(async move { self.create(req, caller).await })
+            .await
+            .map_err(|e| AppError::internal("the create task failed", e))?
+    }
+
+    /// `POST /sandboxes` (see [`Self::create_detached`]).
     pub async fn create(
         self: &Arc<Self>,
         req: NewSandbox,
-        owner_key_id: i64,
+        caller: Caller,
     ) -> Result<Sandbox, AppError> {
         let ttl = self.validate_timeout(req.timeout.unwrap_or(300))?;
         for key in req.env_vars.iter().flat_map(|m| m.keys()) {
@@ -319,10 +428,17 @@ impl SandboxManager {
                 )));
             }
         }
-        let template = self.templates.resolve(&req.template_id)?;
+        let template = self.templates.resolve_visible(&req.template_id, |name| {
+            self.template_visible(&caller, name)
+        })?;
         let allow_internet = req.allow_internet_access.unwrap_or(true);
-        let _slot = self.reserve_slot(&template.name, allow_internet)?;
-
+        let (memory_mb, cpus) = self.sandbox_size(&template)?;
+        let want = Usage {
+            sandboxes: 1,
+            memory_mb,
+            cpus,
+        };
+        let _slot = self.reserve_slot(&template.name, allow_internet, caller.team_id, want)?;
         let secure = req.secure.unwrap_or(false);
         let (instance, started) = self.acquire(&template, allow_internet).await?;
         let id = instance.id.clone();
@@ -370,7 +486,8 @@ impl SandboxManager {
             allow_internet_access: allow_internet,
             access_token: access_token.clone(),
             metadata: req.metadata.unwrap_or_default(),
-            owner_key_id,
+            owner_key_id: caller.key_id,
+            team_id: caller.team_id,
             auto_pause: req.auto_pause.unwrap_or(false),
         };
         if let Err(e) = self.store.upsert_sandbox(&record) {
@@ -409,54 +526,67 @@ impl SandboxManager {
 
     async fn send(
         &self,
+        caller: &Caller,
         id: &str,
         make: impl FnOnce(Arc<SandboxEntry>) -> Command,
     ) -> Result<(), AppError> {
-        if let Some(message) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
-            return Err(AppError::Conflict(message.clone()));
+        if let Some((team, message)) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            if caller.sees(*team) {
+                return Err(AppError::Conflict(message.clone()));
+            }
         }
-        let entry = self.require(id)?;
+        let entry = self.require(caller, id)?;
         entry
             .commands
             .send(make(entry.clone()))
             .await
-            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))
+            .map_err(|_| not_found(id))
     }
 
     async fn set_deadline(
         &self,
+        caller: &Caller,
         id: &str,
         ttl: Duration,
         extend_only: bool,
     ) -> Result<(), AppError> {
         let (reply, rx) = oneshot::channel();
         let end_at = Utc::now() + ttl;
-        self.send(id, |_| Command::SetDeadline {
+        self.send(caller, id, |_| Command::SetDeadline {
             end_at,
             extend_only,
             reply,
         })
         .await?;
-        rx.await
-            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))??;
+        rx.await.map_err(|_| not_found(id))??;
         Ok(())
     }
 
     /// `POST /sandboxes/{id}/timeout`: the sandbox now ends `timeout` seconds from now.
-    pub async fn set_timeout(&self, id: &str, timeout: i64) -> Result<(), AppError> {
+    pub async fn set_timeout(
+        &self,
+        caller: &Caller,
+        id: &str,
+        timeout: i64,
+    ) -> Result<(), AppError> {
         let ttl = self.validate_timeout(timeout)?;
-        self.set_deadline(id, ttl, false).await
+        self.set_deadline(caller, id, ttl, false).await
     }
 
     /// `POST /sandboxes/{id}/refreshes`: keep alive for `duration` more seconds.
-    pub async fn refresh(&self, id: &str, duration: Option<i64>) -> Result<(), AppError> {
+    pub async fn refresh(
+        &self,
+        caller: &Caller,
+        id: &str,
+        duration: Option<i64>,
+    ) -> Result<(), AppError> {
         let duration = duration.unwrap_or(60);
         if !(0..=3600).contains(&duration) {
             return Err(AppError::BadRequest(format!(
                 "duration must be between 0 and 3600 seconds, got {duration}"
             )));
         }
-        self.set_deadline(id, Duration::seconds(duration), true)
+        self.set_deadline(caller, id, Duration::seconds(duration), true)
             .await
     }
 
@@ -464,20 +594,20 @@ impl SandboxManager {
     /// at least `timeout` seconds from now.
     pub async fn connect(
         &self,
+        caller: &Caller,
         id: &str,
         timeout: Option<i64>,
     ) -> Result<(Sandbox, bool), AppError> {
         let ttl = self.validate_timeout(timeout.unwrap_or(300))?;
         let (reply, rx) = oneshot::channel();
         let end_at = Utc::now() + ttl;
-        self.send(id, |_| Command::Resume { end_at, reply }).await?;
-        let resumed = rx
-            .await
-            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))??;
+        self.send(caller, id, |_| Command::Resume { end_at, reply })
+            .await?;
+        let resumed = rx.await.map_err(|_| not_found(id))??;
         if !resumed {
-            self.set_deadline(id, ttl, true).await?;
+            self.set_deadline(caller, id, ttl, true).await?;
         }
-        let rec = self.require(id)?.record();
+        let rec = self.require(caller, id)?.record();
         let sandbox = Sandbox {
             template_id: rec.template_id,
             sandbox_id: rec.id,
@@ -492,11 +622,10 @@ impl SandboxManager {
     }
 
     /// `POST /sandboxes/{id}/pause`: 409 when already paused.
-    pub async fn pause(&self, id: &str) -> Result<(), AppError> {
+    pub async fn pause(&self, caller: &Caller, id: &str) -> Result<(), AppError> {
         let (reply, rx) = oneshot::channel();
-        self.send(id, |_| Command::Pause { reply }).await?;
-        rx.await
-            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))?
+        self.send(caller, id, |_| Command::Pause { reply }).await?;
+        rx.await.map_err(|_| not_found(id))?
     }
 
     pub fn is_paused(&self, id: &str) -> bool {
@@ -505,44 +634,45 @@ impl SandboxManager {
     }
 
     /// `DELETE /sandboxes/{id}`.
-    pub async fn kill(&self, id: &str) -> Result<(), AppError> {
-        let lost = self
-            .lost
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+    pub async fn kill(&self, caller: &Caller, id: &str) -> Result<(), AppError> {
+        let lost = {
+            let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+            match lost.get(id) {
+                Some((team, _)) if caller.sees(*team) => lost.remove(id),
+                _ => None,
+            }
+        };
         if lost.is_some() {
             self.store.delete_sandbox(id)?;
             return Ok(());
         }
         let (reply, rx) = oneshot::channel();
-        self.send(id, |_| Command::Kill { reply }).await?;
-        rx.await
-            .map_err(|_| AppError::NotFound(format!("sandbox \"{id}\" not found")))?
+        self.send(caller, id, |_| Command::Kill { reply }).await?;
+        rx.await.map_err(|_| not_found(id))?
     }
 
-    pub fn detail(&self, id: &str) -> Result<SandboxDetail, AppError> {
-        Ok(detail_of(&self.require(id)?.record()))
+    pub fn detail(&self, caller: &Caller, id: &str) -> Result<SandboxDetail, AppError> {
+        Ok(detail_of(&self.require(caller, id)?.record()))
     }
 
-    pub fn list(&self, query: &ListQuery) -> Result<Page, AppError> {
+    /// The sandboxes `caller` may see (its team's; every one for an admin).
+    pub fn list(&self, caller: &Caller, query: &ListQuery) -> Result<Page, AppError> {
         let all: Vec<SandboxRecord> = self
             .sandboxes
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .map(|e| e.record())
+            .filter(|r| caller.sees(r.team_id))
             .collect();
         list::page(all, query)
     }
 
     /// `GET /sandboxes/{id}/metrics`: one sample now.
-    pub async fn metrics(&self, id: &str) -> Result<Vec<SandboxMetric>, AppError> {
-        let entry = self.require(id)?;
+    pub async fn metrics(&self, caller: &Caller, id: &str) -> Result<Vec<SandboxMetric>, AppError> {
+        let entry = self.require(caller, id)?;
         let stats = self.runtime.stats(id).await.map_err(|e| match e {
-            kiln_runtime::RuntimeError::NotFound { .. } => {
-                AppError::NotFound(format!("sandbox \"{id}\" not found"))
-            }
+            kiln_runtime::RuntimeError::NotFound { .. } => not_found(id),
             other => AppError::internal("reading sandbox metrics failed", other),
         })?;
         let rec = entry.record();
@@ -602,7 +732,7 @@ impl SandboxManager {
                 self.lost
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(rec.id.clone(), message);
+                    .insert(rec.id.clone(), (rec.team_id, message));
                 cleaned += 1;
                 continue;
             }
@@ -646,7 +776,7 @@ impl SandboxManager {
             .cloned()
             .collect();
         for id in ids {
-            let _ = self.kill(&id).await;
+            let _ = self.kill(&Caller::OPERATOR, &id).await;
         }
     }
 }
@@ -654,6 +784,8 @@ impl SandboxManager {
 /// How long a template's ready command may keep failing before a create gives up.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 const READY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long envd may take to report that a template's start command started.
+const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Hand envd its identity, then (unless the sandbox comes from a pool, where that
 /// happened already) run the template's start command and wait for its ready command.
@@ -725,30 +857,65 @@ async fn start_template(
 ) -> Result<(), String> {
     let user = template.meta.default_user.as_deref().unwrap_or("user");
     if let Some(cmd) = &template.meta.start_cmd {
-        crate::envd::run_with_token(socket, cmd, user, false, token)
-            .await
-            .map_err(|e| {
-                envd_failed(&format!("the template's start command {cmd:?} failed"), &e)
-            })?;
+        // The start command runs in the background: this waits only for envd to say
+        // it started, and not forever.
+        tokio::time::timeout(
+            START_TIMEOUT,
+            crate::envd::run_with_token(socket, cmd, user, false, token, None),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "the template's start command {cmd:?} did not start within {} s",
+                START_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| envd_failed(&format!("the template's start command {cmd:?} failed"), &e))?;
     }
     let Some(ready) = &template.meta.ready_cmd else {
         return Ok(());
     };
-    let started = Instant::now();
+    let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        let last = match crate::envd::run_with_token(socket, ready, user, true, token).await {
-            Ok(Some(exit)) if exit.code == 0 => return Ok(()),
-            Ok(Some(exit)) => format!("exit {}: {}", exit.code, exit.output.trim()),
-            Ok(None) => "no exit status".to_string(),
-            Err(e) => envd_failed("envd did not run it", &e),
-        };
-        if started.elapsed() >= READY_TIMEOUT {
+        // Each attempt may take at most what is left: envd kills a ready command that
+        // blocks when the time is up (its Connect-Timeout-Ms).
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(std::time::Duration::from_secs(1));
+        let last =
+            match crate::envd::run_with_token(socket, ready, user, true, token, Some(left)).await {
+                Ok(Some(exit)) if exit.code == 0 => return Ok(()),
+                Ok(Some(exit)) => format!("exit {}: {}", exit.code, exit.output.trim()),
+                Ok(None) => "no exit status".to_string(),
+                Err(e) => envd_failed("envd did not run it", &e),
+            };
+        if Instant::now() >= deadline {
             return Err(format!(
                 "the template's ready command {ready:?} did not succeed within {} s (last: {last})",
                 READY_TIMEOUT.as_secs()
             ));
         }
         tokio::time::sleep(READY_POLL).await;
+    }
+}
+
+fn not_found(id: &str) -> AppError {
+    AppError::NotFound(format!("sandbox \"{id}\" not found"))
+}
+
+/// 429 when `used` (after the create) is over a team's `quota`.
+fn check_quota(
+    used: u64,
+    quota: Option<u64>,
+    what: impl FnOnce() -> String,
+) -> Result<(), AppError> {
+    match quota {
+        Some(max) if used > max => Err(AppError::TooManyRequests(format!(
+            "this create would take your team to {used} {what}, over its quota of {max}; \
+             kill a sandbox or ask the operator to raise the quota",
+            what = what()
+        ))),
+        _ => Ok(()),
     }
 }
 

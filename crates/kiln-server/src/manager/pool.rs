@@ -139,7 +139,12 @@ impl SandboxManager {
         };
         // Pooled sandboxes count against E2B_MAX_SANDBOXES: fill only the room left.
         let room = {
-            let creating = *self.creating.lock().unwrap_or_else(|e| e.into_inner());
+            let creating = self
+                .creating
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .creates
+                .len();
             self.limits
                 .max_sandboxes
                 .saturating_sub(self.sandboxes_on_host(creating))
