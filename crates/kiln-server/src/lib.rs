@@ -13,6 +13,7 @@ pub mod envd;
 pub mod error;
 pub mod keys;
 pub mod manager;
+pub mod openapi;
 pub mod progress;
 pub mod proxy;
 pub mod store;

@@ -74,25 +74,34 @@ pub struct ApiKeyRecord {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-/// Lifecycle states a sandbox record can be in.
+/// Lifecycle states a sandbox record can be in:
+/// `Creating → Running ⇄ Paused → Killing → (record deleted)`. A create that fails
+/// goes from `Creating` to `Killing`. A record stays in `Killing` until every host
+/// resource of the sandbox is gone, across restarts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordState {
+    Creating,
     Running,
     Paused,
+    Killing,
 }
 
 impl RecordState {
     pub fn as_str(self) -> &'static str {
         match self {
+            RecordState::Creating => "creating",
             RecordState::Running => "running",
             RecordState::Paused => "paused",
+            RecordState::Killing => "killing",
         }
     }
 
     fn parse(s: &str) -> Result<Self, StoreError> {
         match s {
+            "creating" => Ok(RecordState::Creating),
             "running" => Ok(RecordState::Running),
             "paused" => Ok(RecordState::Paused),
+            "killing" => Ok(RecordState::Killing),
             other => Err(StoreError::Corrupt(format!(
                 "unknown sandbox state {other:?}"
             ))),

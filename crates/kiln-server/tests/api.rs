@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,12 @@ struct FakeRuntime {
     killed: Mutex<Vec<String>>,
     started: Mutex<Vec<String>>,
     paused: Mutex<HashSet<String>>,
+    /// Adopts that fail (a runtime that cannot answer) before they work again.
+    adopt_failures: AtomicUsize,
+    /// Kills that fail before they work again.
+    kill_failures: AtomicUsize,
+    /// Starts take up to this long.
+    start_delay_ms: AtomicU64,
 }
 
 #[async_trait]
@@ -38,6 +44,11 @@ impl Runtime for FakeRuntime {
     }
 
     async fn start(&self, config: &SandboxConfig) -> Result<SandboxInstance, RuntimeError> {
+        let most = self.start_delay_ms.load(Ordering::Relaxed);
+        if most > 0 {
+            let spread = config.id.bytes().map(u64::from).sum::<u64>() % most;
+            tokio::time::sleep(Duration::from_millis(spread)).await;
+        }
         let socket = self.dir.join(format!("{}.sock", config.id));
         let listener = tokio::net::UnixListener::bind(&socket)
             .map_err(|e| RuntimeError::io("bind fake envd", e))?;
@@ -101,6 +112,12 @@ impl Runtime for FakeRuntime {
     }
 
     async fn kill(&self, id: &str) -> Result<(), RuntimeError> {
+        if take_one(&self.kill_failures) {
+            return Err(RuntimeError::io(
+                "kill",
+                std::io::Error::other("cgroup busy"),
+            ));
+        }
         if let Some(task) = self.running.lock().unwrap().remove(id) {
             task.abort();
         }
@@ -128,8 +145,21 @@ impl Runtime for FakeRuntime {
         Ok(self.running.lock().unwrap().keys().cloned().collect())
     }
 
-    async fn adopt(&self, _id: &str) -> Result<Option<SandboxInstance>, RuntimeError> {
-        Ok(None)
+    async fn adopt(&self, id: &str) -> Result<Option<SandboxInstance>, RuntimeError> {
+        if take_one(&self.adopt_failures) {
+            return Err(RuntimeError::io(
+                "adopt",
+                std::io::Error::other("runsc state: timeout"),
+            ));
+        }
+        if !self.running.lock().unwrap().contains_key(id) {
+            return Ok(None);
+        }
+        Ok(Some(SandboxInstance {
+            id: id.to_string(),
+            pid: 1,
+            envd_socket: self.dir.join(format!("{id}.sock")),
+        }))
     }
 
     async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
@@ -141,6 +171,12 @@ impl Runtime for FakeRuntime {
         self.paused.lock().unwrap().remove(id);
         Ok(())
     }
+}
+
+/// Decrements `n` if it is above zero; true when it did.
+fn take_one(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 struct Harness {
@@ -492,6 +528,124 @@ async fn a_template_of_another_team_is_not_found() {
 }
 
 #[tokio::test]
+async fn a_transient_runtime_error_during_recover_keeps_the_sandbox() {
+    let h = start(LimitsConfig::default()).await;
+    let a = Client::new(&h.url, &h.member_a);
+    let sbx = a.create(&new_sandbox(300, &[])).await.unwrap().sandbox_id;
+    // A restarted server whose runtime cannot answer at first.
+    h.runtime.adopt_failures.store(2, Ordering::Release);
+    let restarted = kiln_server::manager::SandboxManager::new(
+        h.runtime.clone(),
+        h.store.clone(),
+        h.templates.clone(),
+        LimitsConfig::default(),
+    );
+    restarted.recover().await.unwrap();
+    assert!(!h.runtime.killed.lock().unwrap().contains(&sbx));
+    assert!(h
+        .store
+        .list_sandboxes()
+        .unwrap()
+        .iter()
+        .any(|r| r.id == sbx));
+    // Asked again, it is adopted.
+    eventually("the sandbox is re-adopted", || {
+        restarted.get(&sbx).is_some()
+    })
+    .await;
+    assert!(!h.runtime.killed.lock().unwrap().contains(&sbx));
+}
+
+#[tokio::test]
+async fn a_failed_kill_is_retried_until_the_sandbox_is_gone() {
+    let h = start(LimitsConfig::default()).await;
+    let a = Client::new(&h.url, &h.member_a);
+    let sbx = a.create(&new_sandbox(300, &[])).await.unwrap().sandbox_id;
+    h.runtime.kill_failures.store(2, Ordering::Release);
+    a.kill(&sbx).await.unwrap();
+    // Gone for the client at once; the record waits in `killing` for the runtime.
+    assert_eq!(status_of(a.get(&sbx).await.unwrap_err()), 404);
+    let rec = h.store.list_sandboxes().unwrap();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].state, kiln_server::store::RecordState::Killing);
+    eventually("the kill is retried until it works", || {
+        h.runtime.killed.lock().unwrap().contains(&sbx)
+    })
+    .await;
+    eventually("the record goes", || {
+        h.store.list_sandboxes().unwrap().is_empty()
+    })
+    .await;
+}
+
+/// Clients that give up mid-create (an SDK's request timeout) at random points: no
+/// sandbox may be left running without a record, an owner or a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_creates_leave_no_orphans() {
+    let h = start(LimitsConfig {
+        max_sandboxes: 100,
+        // Every sandbox on the runtime is then a create's.
+        pool_size: 0,
+        ..LimitsConfig::default()
+    })
+    .await;
+    h.runtime.start_delay_ms.store(60, Ordering::Release);
+    let mut tasks = Vec::new();
+    for i in 0..50u64 {
+        let url = h.url.clone();
+        let key = h.member_a.clone();
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_millis(30 + (i * 7) % 120))
+                .build()
+                .unwrap();
+            http.post(format!("{url}/sandboxes"))
+                .header("x-api-key", key)
+                .json(&serde_json::json!({"templateID": "base", "timeout": 300}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 201)
+        }));
+    }
+    let mut answered = 0;
+    for t in tasks {
+        answered += usize::from(t.await.unwrap());
+    }
+    eventually("every create finishes", || {
+        h.manager.creates_in_flight() == 0
+    })
+    .await;
+    let on_runtime: HashSet<String> = h.runtime.running.lock().unwrap().keys().cloned().collect();
+    let recorded: HashSet<String> = h
+        .store
+        .list_sandboxes()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let owned: HashSet<String> = h
+        .manager
+        .list(&kiln_server::authz::Caller::OPERATOR, &Default::default())
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| s.sandbox_id)
+        .collect();
+    let started: HashSet<String> = h.runtime.started.lock().unwrap().iter().cloned().collect();
+    // Creates whose client left still ran to the end...
+    assert!(
+        on_runtime.len() > answered,
+        "no create outlived its client ({answered} answered, {} sandboxes)",
+        on_runtime.len()
+    );
+    // ...and every sandbox started is recorded, owned and counted.
+    assert_eq!(on_runtime, started);
+    assert_eq!(on_runtime, recorded);
+    assert_eq!(on_runtime, owned);
+    assert_eq!(h.manager.count(), on_runtime.len());
+}
+
+#[tokio::test]
 async fn create_answers_201_and_inits_envd() {
     let h = start(LimitsConfig::default()).await;
     let resp = reqwest::Client::new()
@@ -772,7 +926,7 @@ async fn pooled_sandboxes_run_the_start_command_before_a_claim() {
 }
 
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    for _ in 0..1000 {
         if cond() {
             return;
         }

@@ -83,6 +83,9 @@ pub struct SandboxManager {
     /// Template-build sandboxes running now, counted against `max_sandboxes` too.
     building: Arc<std::sync::atomic::AtomicUsize>,
     pools: pool::Pools,
+    /// Sandboxes being torn down: unrouted, their record in `Killing` until the
+    /// runtime confirms every host resource is gone. They still count as on the host.
+    killing: Mutex<std::collections::HashSet<String>>,
     /// Paused sandboxes the host lost (a reboot under a runtime whose pause lives in
     /// memory): their team, and the message a resume gets.
     lost: Mutex<HashMap<String, (i64, String)>>,
@@ -161,6 +164,7 @@ impl SandboxManager {
             creating: Mutex::default(),
             building: Arc::default(),
             pools: pool::Pools::default(),
+            killing: Mutex::default(),
             lost: Mutex::new(HashMap::new()),
         })
     }
@@ -188,6 +192,15 @@ impl SandboxManager {
     /// `E2B_EXECUTION_TIMEOUT_SEC`: the longest deadline one command may ask for.
     pub fn execution_timeout_secs(&self) -> u64 {
         self.limits.execution_timeout_secs
+    }
+
+    /// Creates that have not finished yet.
+    pub fn creates_in_flight(&self) -> usize {
+        self.creating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .creates
+            .len()
     }
 
     pub fn count(&self) -> usize {
@@ -266,6 +279,7 @@ impl SandboxManager {
     fn sandboxes_on_host(&self, creating: usize) -> usize {
         self.count()
             + creating
+            + self.killing.lock().unwrap_or_else(|e| e.into_inner()).len()
             + self.pools.held()
             + self.building.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -444,8 +458,32 @@ impl SandboxManager {
         let id = instance.id.clone();
         let config = self.sandbox_config(id.clone(), &template, allow_internet)?;
         let (cpu_count, memory_mb) = (config.limits.cpu_count, config.limits.memory_mb);
-
         let access_token = secure.then(new_token);
+        let now = Utc::now();
+        let mut record = SandboxRecord {
+            id: id.clone(),
+            template_id: template.name.clone(),
+            state: RecordState::Creating,
+            runtime: self.runtime.kind_of(&id).as_str().to_string(),
+            started_at: now,
+            end_at: now + ttl,
+            cpu_count,
+            memory_mb,
+            disk_size_mb: self.limits.disk_size_mb,
+            allow_internet_access: allow_internet,
+            access_token: access_token.clone(),
+            metadata: req.metadata.clone().unwrap_or_default(),
+            owner_key_id: caller.key_id,
+            team_id: caller.team_id,
+            auto_pause: req.auto_pause.unwrap_or(false),
+        };
+        // Recorded before the guest is prepared: a server that dies from here on finds
+        // the record at its next start and removes the half-made sandbox.
+        if let Err(e) = self.store.upsert_sandbox(&record) {
+            self.destroy(&id).await;
+            return Err(e.into());
+        }
+
         let mut env: BTreeMap<String, String> = BTreeMap::from([
             ("E2B_SANDBOX".to_string(), "true".to_string()),
             ("E2B_SANDBOX_ID".to_string(), id.clone()),
@@ -463,35 +501,16 @@ impl SandboxManager {
         if let Err(message) = prepare_guest(&instance.envd_socket, &init, &template, started).await
         {
             let message = format!("sandbox {id} started but {message}");
-            if let Err(kill) = self.runtime.kill(&id).await {
-                tracing::error!(%id, error = %chain(&kill), "cleanup after a failed start failed");
-            }
+            self.destroy(&id).await;
             return Err(AppError::Internal {
                 message,
                 source: None,
             });
         }
 
-        let now = Utc::now();
-        let record = SandboxRecord {
-            id: id.clone(),
-            template_id: template.name.clone(),
-            state: RecordState::Running,
-            runtime: self.runtime.kind_of(&id).as_str().to_string(),
-            started_at: now,
-            end_at: now + ttl,
-            cpu_count,
-            memory_mb,
-            disk_size_mb: self.limits.disk_size_mb,
-            allow_internet_access: allow_internet,
-            access_token: access_token.clone(),
-            metadata: req.metadata.unwrap_or_default(),
-            owner_key_id: caller.key_id,
-            team_id: caller.team_id,
-            auto_pause: req.auto_pause.unwrap_or(false),
-        };
-        if let Err(e) = self.store.upsert_sandbox(&record) {
-            let _ = self.runtime.kill(&id).await;
+        record.state = RecordState::Running;
+        if let Err(e) = self.store.set_state(&id, RecordState::Running) {
+            self.destroy(&id).await;
             return Err(e.into());
         }
         self.spawn_owner(record, instance.envd_socket);
@@ -506,6 +525,62 @@ impl SandboxManager {
             traffic_access_token: None,
             domain: None,
         })
+    }
+
+    /// Tear a sandbox down for good: its record goes to `Killing`, then the runtime
+    /// removes it; once that succeeds the record is deleted. A kill that fails (or
+    /// does not finish within [`KILL_DEADLINE`]) is retried in the background, with
+    /// backoff, until it succeeds: the sandbox keeps its place under the host's
+    /// sandbox cap meanwhile, and a restart resumes the retries from the record.
+    pub(crate) async fn destroy(self: &Arc<Self>, id: &str) {
+        self.killing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string());
+        if let Err(e) = self.store.set_state(id, RecordState::Killing) {
+            tracing::error!(%id, error = %chain(&e), "recording a kill failed");
+        }
+        if self.kill_once(id).await {
+            return;
+        }
+        let manager = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(wait).await;
+                if manager.kill_once(&id).await {
+                    return;
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(60));
+            }
+        });
+    }
+
+    /// One attempt at removing a sandbox from the host; true when it is gone (and its
+    /// record deleted).
+    async fn kill_once(&self, id: &str) -> bool {
+        let killed = tokio::time::timeout(KILL_DEADLINE, self.runtime.kill(id)).await;
+        match killed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(%id, error = %chain(&e), "killing the sandbox failed; will retry");
+                return false;
+            }
+            Err(_) => {
+                tracing::error!(%id, "the runtime did not kill the sandbox within {} s; will retry",
+                    KILL_DEADLINE.as_secs());
+                return false;
+            }
+        }
+        if let Err(e) = self.store.delete_sandbox(id) {
+            tracing::error!(%id, error = %chain(&e), "deleting a killed sandbox's record failed");
+        }
+        self.killing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        true
     }
 
     fn spawn_owner(self: &Arc<Self>, record: SandboxRecord, envd_socket: PathBuf) {
@@ -703,7 +778,9 @@ impl SandboxManager {
     }
 
     /// After a restart: re-adopt the sandboxes the store remembers whose PID 1 still
-    /// runs and whose deadline has not passed; kill every other trace.
+    /// runs and whose deadline has not passed; kill every other trace. A sandbox the
+    /// runtime could not answer about (an error, not "gone") is left running and asked
+    /// again in the background: a transient failure never kills a live sandbox.
     pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), AppError> {
         let mut adopted = 0;
         let mut cleaned = 0;
@@ -711,43 +788,36 @@ impl SandboxManager {
         let known: std::collections::HashSet<String> =
             records.iter().map(|r| r.id.clone()).collect();
         for rec in records {
-            let paused = rec.state == RecordState::Paused;
-            let alive = if paused || rec.end_at > Utc::now() {
-                self.runtime.adopt(&rec.id).await.ok().flatten()
-            } else {
-                None
-            };
-            if alive.is_none() && paused && !self.runtime.pause_of_survives_reboot(&rec.id) {
-                let message = format!(
-                    "sandbox \"{}\" was paused on the {} runtime, whose pause keeps a \
-                     sandbox only while the host runs; the host restarted, so it cannot be \
-                     resumed. Kill it and create a new one.",
-                    rec.id,
-                    self.runtime.kind_of(&rec.id).as_str()
-                );
-                tracing::warn!(id = %rec.id, "{message}");
-                if let Err(e) = self.runtime.kill(&rec.id).await {
-                    tracing::error!(id = %rec.id, error = %chain(&e), "cleanup failed");
+            let paused = match rec.state {
+                // A create or a kill the last run did not finish.
+                RecordState::Creating | RecordState::Killing => {
+                    tracing::info!(id = %rec.id, state = rec.state.as_str(), "finishing an interrupted create or kill");
+                    self.destroy(&rec.id).await;
+                    cleaned += 1;
+                    continue;
                 }
-                self.lost
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(rec.id.clone(), (rec.team_id, message));
+                RecordState::Paused => true,
+                RecordState::Running => false,
+            };
+            if !paused && rec.end_at <= Utc::now() {
+                self.destroy(&rec.id).await;
                 cleaned += 1;
                 continue;
             }
-            match alive {
-                Some(instance) => {
+            match self.ask_runtime(&rec.id).await {
+                Ok(Some(instance)) => {
                     tracing::info!(id = %rec.id, "re-adopted sandbox after restart");
                     self.spawn_owner(rec, instance.envd_socket);
                     adopted += 1;
                 }
-                None => {
-                    if let Err(e) = self.runtime.kill(&rec.id).await {
-                        tracing::error!(id = %rec.id, error = %chain(&e), "cleanup failed");
-                    }
-                    self.store.delete_sandbox(&rec.id)?;
+                Ok(None) => {
+                    self.forget_dead(rec).await;
                     cleaned += 1;
+                }
+                Err(message) => {
+                    tracing::warn!(id = %rec.id, error = %message,
+                        "cannot tell whether the sandbox still runs; leaving it and asking again");
+                    self.adopt_later(rec);
                 }
             }
         }
@@ -764,6 +834,68 @@ impl SandboxManager {
             cleaned += 1;
         }
         Ok((adopted, cleaned))
+    }
+
+    /// Ask the runtime whether a sandbox still runs: `Ok(None)` is a definite "gone";
+    /// `Err` is "could not tell" (an error, or no answer within [`ADOPT_DEADLINE`]).
+    async fn ask_runtime(&self, id: &str) -> Result<Option<kiln_runtime::SandboxInstance>, String> {
+        match tokio::time::timeout(ADOPT_DEADLINE, self.runtime.adopt(id)).await {
+            Ok(Ok(found)) => Ok(found),
+            Ok(Err(e)) => Err(chain(&e)),
+            Err(_) => Err(format!("no answer within {} s", ADOPT_DEADLINE.as_secs())),
+        }
+    }
+
+    /// A recorded sandbox the runtime says is gone: remove its traces. A paused one on
+    /// a runtime whose pause does not survive a reboot is remembered as lost, so its
+    /// owner learns why it cannot be resumed.
+    async fn forget_dead(self: &Arc<Self>, rec: SandboxRecord) {
+        if rec.state == RecordState::Paused && !self.runtime.pause_of_survives_reboot(&rec.id) {
+            let message = format!(
+                "sandbox \"{}\" was paused on the {} runtime, whose pause keeps a \
+                 sandbox only while the host runs; the host restarted, so it cannot be \
+                 resumed. Kill it and create a new one.",
+                rec.id,
+                self.runtime.kind_of(&rec.id).as_str()
+            );
+            tracing::warn!(id = %rec.id, "{message}");
+            if let Err(e) = self.runtime.kill(&rec.id).await {
+                tracing::error!(id = %rec.id, error = %chain(&e), "cleanup failed");
+            }
+            self.lost
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(rec.id.clone(), (rec.team_id, message));
+            return;
+        }
+        self.destroy(&rec.id).await;
+    }
+
+    /// Keep asking the runtime about a sandbox it could not answer for, with backoff,
+    /// until it answers: then adopt it or remove its traces.
+    fn adopt_later(self: &Arc<Self>, rec: SandboxRecord) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_millis(500);
+            loop {
+                tokio::time::sleep(wait).await;
+                match manager.ask_runtime(&rec.id).await {
+                    Ok(Some(instance)) => {
+                        tracing::info!(id = %rec.id, "re-adopted sandbox after restart");
+                        manager.spawn_owner(rec, instance.envd_socket);
+                        return;
+                    }
+                    Ok(None) => {
+                        manager.forget_dead(rec).await;
+                        return;
+                    }
+                    Err(message) => {
+                        tracing::warn!(id = %rec.id, error = %message, "still cannot tell whether the sandbox runs");
+                    }
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(60));
+            }
+        });
     }
 
     /// Kill every sandbox (used by tests and an orderly shutdown that asks for it).
@@ -783,6 +915,12 @@ impl SandboxManager {
 
 /// How long a template's ready command may keep failing before a create gives up.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the runtime may take to start a sandbox.
+pub(super) const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long the runtime may take to say whether a sandbox still runs.
+const ADOPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long one kill may take before it counts as failed (and is retried).
+const KILL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 const READY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long envd may take to report that a template's start command started.
 const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -931,8 +1069,11 @@ pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
         memory_mb: rec.memory_mb,
         disk_size_mb: rec.disk_size_mb,
         state: match rec.state {
-            RecordState::Running => SandboxState::Running,
             RecordState::Paused => SandboxState::Paused,
+            // Only running and paused sandboxes are listed; the others have no entry.
+            RecordState::Running | RecordState::Creating | RecordState::Killing => {
+                SandboxState::Running
+            }
         },
         alias: None,
         envd_access_token: rec.access_token.clone(),

@@ -24,7 +24,8 @@ pub(super) async fn run(
         // A paused sandbox has no deadline: it waits for a resume or a kill.
         let wait = match rec.state {
             RecordState::Running => (rec.end_at - Utc::now()).to_std().unwrap_or_default(),
-            RecordState::Paused => PAUSED_WAKEUP,
+            // An owner exists only for running and paused sandboxes.
+            RecordState::Paused | RecordState::Creating | RecordState::Killing => PAUSED_WAKEUP,
         };
         tokio::select! {
             cmd = commands.recv() => match cmd {
@@ -138,16 +139,16 @@ fn set_deadline(
     Ok(new_end)
 }
 
-/// Unroute first (so the proxy answers 502 at once), then kill, then forget.
-async fn teardown(manager: &SandboxManager, id: &str) -> Result<(), AppError> {
+/// Unroute first (so the proxy answers 502 at once), then hand the sandbox to
+/// [`SandboxManager::destroy`], which retries until the runtime has removed it. For
+/// the caller the sandbox is gone either way.
+async fn teardown(manager: &Arc<SandboxManager>, id: &str) -> Result<(), AppError> {
     manager
         .sandboxes
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .remove(id);
-    let killed = manager.runtime.kill(id).await;
-    manager.store.delete_sandbox(id)?;
-    killed.map_err(|e| AppError::internal(format!("killing sandbox {id} failed"), e))?;
+    manager.destroy(id).await;
     tracing::info!(%id, "sandbox killed");
     Ok(())
 }

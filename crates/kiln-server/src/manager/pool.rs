@@ -248,7 +248,22 @@ impl SandboxManager {
                 return Ok((instance, true));
             }
         }
-        let instance = self.runtime.start_on(template.meta.runtime, &config).await;
+        let instance = match tokio::time::timeout(
+            super::START_DEADLINE,
+            self.runtime.start_on(template.meta.runtime, &config),
+        )
+        .await
+        {
+            Ok(started) => started,
+            Err(_) => {
+                // The runtime may have made part of it: remove whatever is there.
+                self.destroy(&config.id).await;
+                return Err(crate::error::AppError::Unavailable(format!(
+                    "the runtime did not start the sandbox within {} s; try again",
+                    super::START_DEADLINE.as_secs()
+                )));
+            }
+        };
         if internet && self.limits.pool_size > 0 {
             self.fill_pool(template);
         }
