@@ -1,12 +1,13 @@
-//! Shared daemon state: sandbox defaults set by `/init`, the process and watcher tables.
+//! What every handler shares: the sandbox defaults `/init` sets, the user database and
+//! envd's own PATH. The process and watcher tables are not here: each belongs to the
+//! service that uses it ([`crate::process`], [`crate::filesystem`]), so this module sits
+//! below the handlers instead of depending on them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use crate::filesystem::watch::WatcherTable;
 use crate::paths::{self, PathError};
-use crate::process::registry::ProcessTable;
 use crate::users::{User, UserDb, UserFiles, UsersError};
 
 /// Sandbox-wide settings, replaced by `POST /init`.
@@ -20,20 +21,18 @@ pub struct Defaults {
     pub workdir: Option<String>,
 }
 
-/// Cheap to clone; every handler gets one.
+/// The sandbox as requests see it. Cheap to clone; every handler gets one.
 #[derive(Clone)]
-pub struct AppState(Arc<Inner>);
+pub struct Sandbox(Arc<Inner>);
 
 pub struct Inner {
     pub defaults: RwLock<Defaults>,
     pub users: UserFiles,
     /// envd's own PATH, captured at start (layer 1 of [`crate::env`]).
     pub envd_path: Option<String>,
-    pub processes: Arc<ProcessTable>,
-    pub watchers: WatcherTable,
 }
 
-impl std::ops::Deref for AppState {
+impl std::ops::Deref for Sandbox {
     type Target = Inner;
 
     fn deref(&self) -> &Inner {
@@ -55,14 +54,12 @@ impl Identity {
     }
 }
 
-impl AppState {
+impl Sandbox {
     pub fn new(defaults: Defaults, users: UserFiles) -> Self {
         Self(Arc::new(Inner {
             defaults: RwLock::new(defaults),
             users,
             envd_path: std::env::var("PATH").ok(),
-            processes: Arc::new(ProcessTable::default()),
-            watchers: WatcherTable::default(),
         }))
     }
 

@@ -262,7 +262,7 @@ async fn detail(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxDetail>, AppError> {
-    state.manager.detail(&caller, &id).map(Json)
+    Ok(Json(state.manager.detail(&caller, &id)?))
 }
 
 async fn kill(
@@ -337,5 +337,5 @@ async fn metrics(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<kiln_api::SandboxMetric>>, AppError> {
-    state.manager.metrics(&caller, &id).await.map(Json)
+    Ok(Json(state.manager.metrics(&caller, &id).await?))
 }

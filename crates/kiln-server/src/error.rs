@@ -124,6 +124,47 @@ impl IntoResponse for AppError {
     }
 }
 
+impl From<crate::manager::SandboxError> for AppError {
+    fn from(e: crate::manager::SandboxError) -> Self {
+        use crate::manager::SandboxError as E;
+        use crate::templates::LookupError;
+        let message = e.to_string();
+        match e {
+            E::NotFound(_) | E::Template(LookupError::NotFound { .. }) => {
+                AppError::NotFound(message)
+            }
+            E::Template(LookupError::Building(_)) | E::StartTimedOut(_) => {
+                AppError::Unavailable(message)
+            }
+            E::TimeoutNotPositive(_)
+            | E::TimeoutOverCap { .. }
+            | E::DurationOutOfRange(_)
+            | E::BadEnvName(_)
+            | E::OverServerCap { .. }
+            | E::BadQuery(_)
+            | E::PauseUnsupported(_) => AppError::BadRequest(message),
+            E::HostFull { .. } | E::OverQuota { .. } => AppError::TooManyRequests(message),
+            E::AlreadyPaused(_) | E::Lost(_) => AppError::Conflict(message),
+            // The message is the safe summary; the log gets the details where they
+            // were found.
+            E::GuestNotReady { .. } => AppError::Internal {
+                message,
+                source: None,
+            },
+            E::Runtime { .. } | E::Store(_) | E::Task(_) => AppError::Internal {
+                message,
+                source: Some(anyhow::Error::new(e)),
+            },
+        }
+    }
+}
+
+impl From<crate::templates::LookupError> for AppError {
+    fn from(e: crate::templates::LookupError) -> Self {
+        crate::manager::SandboxError::from(e).into()
+    }
+}
+
 impl From<crate::store::StoreError> for AppError {
     fn from(e: crate::store::StoreError) -> Self {
         AppError::internal("the control plane's database failed", e)

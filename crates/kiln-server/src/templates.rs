@@ -6,7 +6,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::RwLock;
 
-use crate::error::AppError;
+/// Why a `templateID` names no template the caller can start now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("template \"{id}\" not found; available templates: {}", list_or_none(.available))]
+    NotFound { id: String, available: Vec<String> },
+    #[error(
+        "template \"{0}\" is still being built (a built-in template is built on the server's \
+         first start, which takes minutes); GET /healthz lists the templates still building"
+    )]
+    Building(String),
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}
 
 /// What a create needs to know about a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +107,7 @@ impl Templates {
 
     /// Resolve a `templateID` as the SDK sends it: a name, optionally with a `:tag`
     /// (only the default tag exists) or a `kiln/` namespace.
-    pub fn resolve(&self, template_id: &str) -> Result<TemplateInfo, AppError> {
+    pub fn resolve(&self, template_id: &str) -> Result<TemplateInfo, LookupError> {
         self.resolve_visible(template_id, |_| true)
     }
 
@@ -99,7 +117,7 @@ impl Templates {
         &self,
         template_id: &str,
         visible: impl Fn(&str) -> bool,
-    ) -> Result<TemplateInfo, AppError> {
+    ) -> Result<TemplateInfo, LookupError> {
         let name = template_id.strip_prefix("kiln/").unwrap_or(template_id);
         // Builds keep one version per name, so any tag (`name:v1`, the build's tag)
         // names that version.
@@ -120,21 +138,12 @@ impl Templates {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(name)
         {
-            return Err(AppError::Unavailable(format!(
-                "template \"{name}\" is still being built (a built-in template is built on \
-                 the server's first start, which takes minutes); GET /healthz lists the \
-                 templates still building"
-            )));
+            return Err(LookupError::Building(name.to_string()));
         }
-        let names: Vec<String> = self.names().into_iter().filter(|n| visible(n)).collect();
-        Err(AppError::NotFound(format!(
-            "template \"{template_id}\" not found; available templates: {}",
-            if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            }
-        )))
+        Err(LookupError::NotFound {
+            id: template_id.to_string(),
+            available: self.names().into_iter().filter(|n| visible(n)).collect(),
+        })
     }
 }
 
@@ -158,7 +167,7 @@ mod tests {
             assert_eq!(t.resolve(id).unwrap().name, "base", "{id}");
         }
         let err = t.resolve("nope").unwrap_err();
-        assert!(matches!(err, AppError::NotFound(_)));
+        assert!(matches!(err, LookupError::NotFound { .. }));
         assert!(
             err.to_string().contains("available templates: base"),
             "{err}"
@@ -175,7 +184,7 @@ mod tests {
         });
         let mine = |n: &str| n != "theirs";
         let err = t.resolve_visible("theirs", mine).unwrap_err();
-        assert!(matches!(err, AppError::NotFound(_)));
+        assert!(matches!(err, LookupError::NotFound { .. }));
         assert!(
             !err.to_string()
                 .contains("available templates: base, theirs"),
@@ -192,9 +201,12 @@ mod tests {
     fn a_template_being_built_is_unavailable_not_missing() {
         let t = Templates::default();
         t.set_building("base", true);
-        assert!(matches!(t.resolve("base"), Err(AppError::Unavailable(_))));
+        assert!(matches!(t.resolve("base"), Err(LookupError::Building(_))));
         assert_eq!(t.building(), ["base"]);
         t.set_building("base", false);
-        assert!(matches!(t.resolve("base"), Err(AppError::NotFound(_))));
+        assert!(matches!(
+            t.resolve("base"),
+            Err(LookupError::NotFound { .. })
+        ));
     }
 }

@@ -35,7 +35,7 @@ use crate::rpc::{
     stream_error, stream_of, EventStream, RpcContext, StreamRequest, Unary, UnaryResult,
     MAX_MESSAGE_BYTES,
 };
-use crate::state::AppState;
+use crate::state::Sandbox;
 use crate::users::UsersError;
 
 /// Pipe output is read in chunks of up to this many bytes.
@@ -121,7 +121,20 @@ impl From<ProcessError> for crate::rpc::RpcError {
     }
 }
 
-pub fn routes() -> Router<AppState> {
+/// What the `process.Process` handlers share: the sandbox and this service's process
+/// table, which nothing else uses.
+#[derive(Clone)]
+struct Service {
+    sandbox: Sandbox,
+    processes: Arc<ProcessTable>,
+}
+
+/// The `process.Process` routes over a new, empty process table.
+pub fn routes(sandbox: Sandbox) -> Router {
+    let service = Service {
+        sandbox,
+        processes: Arc::new(ProcessTable::default()),
+    };
     Router::new()
         .route("/process.Process/Start", post(start))
         .route("/process.Process/Connect", post(connect))
@@ -131,6 +144,7 @@ pub fn routes() -> Router<AppState> {
         .route("/process.Process/SendSignal", post(send_signal))
         .route("/process.Process/CloseStdin", post(close_stdin))
         .route("/process.Process/Update", post(update))
+        .with_state(service)
 }
 
 fn keepalive() -> StartResponse {
@@ -140,7 +154,7 @@ fn keepalive() -> StartResponse {
 }
 
 async fn start(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     StreamRequest(req): StreamRequest<StartRequest>,
 ) -> Response {
@@ -157,21 +171,21 @@ async fn start(
 }
 
 fn start_process(
-    state: &AppState,
+    state: &Service,
     ctx: &RpcContext,
     req: StartRequest,
 ) -> Result<Subscription, ProcessError> {
     let config = req.process.ok_or(ProcessError::MissingConfig)?;
-    let identity = state.identity(ctx.user.as_deref())?;
+    let identity = state.sandbox.identity(ctx.user.as_deref())?;
     let cwd = identity.resolve(config.cwd.as_deref().unwrap_or(""))?;
     match std::fs::metadata(&cwd) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => return Err(ProcessError::CwdNotDirectory(cwd)),
         Err(_) => return Err(ProcessError::CwdMissing(cwd)),
     }
-    let defaults = state.defaults();
+    let defaults = state.sandbox.defaults();
     let env = crate::env::build(
-        state.envd_path.as_deref(),
+        state.sandbox.envd_path.as_deref(),
         &identity.user,
         &defaults.env_vars,
         &config.envs,
@@ -187,7 +201,7 @@ fn start_process(
         cwd,
         uid: identity.user.uid,
         gid: identity.user.gid,
-        groups: state.user_db().groups_of(&identity.user),
+        groups: state.sandbox.user_db().groups_of(&identity.user),
         stdin: req.stdin.unwrap_or(true),
         pty,
     };
@@ -315,7 +329,7 @@ fn selector(process: Option<ProcessSelector>) -> Result<ProcessSelector, Process
     process.ok_or(ProcessError::MissingSelector)
 }
 
-fn find_live(state: &AppState, selector: ProcessSelector) -> Result<Arc<Process>, ProcessError> {
+fn find_live(state: &Service, selector: ProcessSelector) -> Result<Arc<Process>, ProcessError> {
     state
         .processes
         .live(&selector)
@@ -323,7 +337,7 @@ fn find_live(state: &AppState, selector: ProcessSelector) -> Result<Arc<Process>
 }
 
 async fn connect(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     StreamRequest(req): StreamRequest<ConnectRequest>,
 ) -> Response {
@@ -341,7 +355,7 @@ async fn connect(
 }
 
 async fn list(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     Unary(_req): Unary<ListRequest>,
 ) -> UnaryResult<ListResponse> {
     Ok(Unary(ListResponse {
@@ -368,7 +382,7 @@ async fn write_input(process: &Process, input: ProcessInput) -> Result<(), Proce
 }
 
 async fn send_input(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     Unary(req): Unary<SendInputRequest>,
 ) -> UnaryResult<SendInputResponse> {
     let process = find_live(&state, selector(req.process)?)?;
@@ -379,7 +393,7 @@ async fn send_input(
 }
 
 async fn send_signal(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     Unary(req): Unary<SendSignalRequest>,
 ) -> UnaryResult<SendSignalResponse> {
     let process = find_live(&state, selector(req.process)?)?;
@@ -397,7 +411,7 @@ async fn send_signal(
 }
 
 async fn close_stdin(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     Unary(req): Unary<CloseStdinRequest>,
 ) -> UnaryResult<CloseStdinResponse> {
     let process = find_live(&state, selector(req.process)?)?;
@@ -410,7 +424,7 @@ async fn close_stdin(
 }
 
 async fn update(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     Unary(req): Unary<UpdateRequest>,
 ) -> UnaryResult<UpdateResponse> {
     let process = find_live(&state, selector(req.process)?)?;
@@ -426,14 +440,14 @@ async fn update(
 }
 
 /// Client-streaming input: `start{process}` first, then `data{input}` messages.
-async fn stream_input(State(state): State<AppState>, request: Request) -> Response {
+async fn stream_input(State(state): State<Service>, request: Request) -> Response {
     match consume_input_stream(&state, request).await {
         Ok(()) => stream_of(&[StreamInputResponse {}]),
         Err(e) => stream_error(e.into()),
     }
 }
 
-async fn consume_input_stream(state: &AppState, request: Request) -> Result<(), ProcessError> {
+async fn consume_input_stream(state: &Service, request: Request) -> Result<(), ProcessError> {
     let mut body = request.into_body().into_data_stream();
     let mut decoder = EnvelopeDecoder::new(MAX_MESSAGE_BYTES);
     let mut target: Option<Arc<Process>> = None;

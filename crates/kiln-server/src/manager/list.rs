@@ -6,7 +6,7 @@ use kiln_api::SandboxDetail;
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 
-use crate::error::AppError;
+use super::SandboxError;
 use crate::store::SandboxRecord;
 
 const MAX_LIMIT: usize = 100;
@@ -26,22 +26,22 @@ pub struct Page {
     pub next_token: Option<String>,
 }
 
-fn decode(s: &str) -> Result<String, AppError> {
+fn decode(s: &str) -> Result<String, SandboxError> {
     percent_decode_str(s)
         .decode_utf8()
         .map(|c| c.into_owned())
-        .map_err(|_| AppError::BadRequest(format!("metadata filter {s:?} is not valid UTF-8")))
+        .map_err(|_| SandboxError::BadQuery(format!("metadata filter {s:?} is not valid UTF-8")))
 }
 
 /// The SDK quotes each key and value, joins them as `k=v&k2=v2`, and the HTTP layer
 /// encodes that once more; after ordinary query decoding one level of escaping is
 /// left on the whole string and one on each key and value (spec §2.5).
-pub fn parse_metadata_filter(raw: &str) -> Result<BTreeMap<String, String>, AppError> {
+pub fn parse_metadata_filter(raw: &str) -> Result<BTreeMap<String, String>, SandboxError> {
     let once = decode(raw)?;
     let mut out = BTreeMap::new();
     for pair in once.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
-            AppError::BadRequest(format!(
+            SandboxError::BadQuery(format!(
                 "metadata filter {pair:?} is not of the form key=value"
             ))
         })?;
@@ -63,14 +63,14 @@ fn encode_token(r: &SandboxRecord) -> String {
     hex::encode(format!("{t}:{id}"))
 }
 
-fn decode_token(token: &str) -> Result<(i64, String), AppError> {
-    let bad = || AppError::BadRequest(format!("invalid nextToken {token:?}"));
+fn decode_token(token: &str) -> Result<(i64, String), SandboxError> {
+    let bad = || SandboxError::BadQuery(format!("invalid nextToken {token:?}"));
     let raw = String::from_utf8(hex::decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
     let (t, id) = raw.split_once(':').ok_or_else(bad)?;
     Ok((t.parse().map_err(|_| bad())?, id.to_string()))
 }
 
-pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, AppError> {
+pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, SandboxError> {
     let states: Vec<&str> = q
         .state
         .as_deref()
@@ -83,7 +83,7 @@ pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, A
         .unwrap_or_default();
     for s in &states {
         if *s != "running" && *s != "paused" {
-            return Err(AppError::BadRequest(format!(
+            return Err(SandboxError::BadQuery(format!(
                 "unknown state {s:?}: allowed states are running, paused"
             )));
         }
@@ -95,7 +95,7 @@ pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, A
         .transpose()?;
     let limit = q.limit.unwrap_or(MAX_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
-        return Err(AppError::BadRequest(format!(
+        return Err(SandboxError::BadQuery(format!(
             "limit must be between 1 and {MAX_LIMIT}, got {limit}"
         )));
     }

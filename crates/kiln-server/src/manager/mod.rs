@@ -5,6 +5,7 @@
 //! task, which alone talks to the runtime and the store for that sandbox. Reads use
 //! the shared snapshot the owner keeps current.
 
+mod error;
 mod list;
 mod owner;
 mod pool;
@@ -20,11 +21,12 @@ use kiln_runtime::{Limits, NetworkMode, Runtime, SandboxConfig};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
+pub use error::{Quota, Resource, SandboxError};
 pub use list::{parse_metadata_filter, ListQuery, Page};
 
 use crate::authz::Caller;
 use crate::config::LimitsConfig;
-use crate::error::{chain, AppError};
+use crate::error::chain;
 use crate::store::{RecordState, SandboxRecord, Store};
 use crate::templates::{TemplateInfo, Templates};
 
@@ -37,18 +39,18 @@ enum Command {
     SetDeadline {
         end_at: DateTime<Utc>,
         extend_only: bool,
-        reply: oneshot::Sender<Result<DateTime<Utc>, AppError>>,
+        reply: oneshot::Sender<Result<DateTime<Utc>, SandboxError>>,
     },
     Kill {
-        reply: oneshot::Sender<Result<(), AppError>>,
+        reply: oneshot::Sender<Result<(), SandboxError>>,
     },
     Pause {
-        reply: oneshot::Sender<Result<(), AppError>>,
+        reply: oneshot::Sender<Result<(), SandboxError>>,
     },
     /// Resume if paused, with a fresh deadline; `Ok(true)` when it was paused.
     Resume {
         end_at: DateTime<Utc>,
-        reply: oneshot::Sender<Result<bool, AppError>>,
+        reply: oneshot::Sender<Result<bool, SandboxError>>,
     },
 }
 
@@ -183,7 +185,7 @@ impl SandboxManager {
 
     /// The sandbox `id` if `caller` may see it; another team's answers 404 as a missing
     /// one does.
-    fn require(&self, caller: &Caller, id: &str) -> Result<Arc<SandboxEntry>, AppError> {
+    fn require(&self, caller: &Caller, id: &str) -> Result<Arc<SandboxEntry>, SandboxError> {
         self.get(id)
             .filter(|e| caller.sees(e.record().team_id))
             .ok_or_else(|| not_found(id))
@@ -210,18 +212,15 @@ impl SandboxManager {
             .len()
     }
 
-    fn validate_timeout(&self, timeout: i64) -> Result<Duration, AppError> {
+    fn validate_timeout(&self, timeout: i64) -> Result<Duration, SandboxError> {
         if timeout <= 0 {
-            return Err(AppError::BadRequest(format!(
-                "timeout must be a positive number of seconds, got {timeout}"
-            )));
+            return Err(SandboxError::TimeoutNotPositive(timeout));
         }
         if timeout > self.limits.max_timeout_secs {
-            return Err(AppError::BadRequest(format!(
-                "timeout {timeout} s exceeds the maximum sandbox timeout of {} s \
-                 (E2B_SANDBOX_TIMEOUT_SEC)",
-                self.limits.max_timeout_secs
-            )));
+            return Err(SandboxError::TimeoutOverCap {
+                got: timeout,
+                max: self.limits.max_timeout_secs,
+            });
         }
         Ok(Duration::seconds(timeout))
     }
@@ -230,22 +229,28 @@ impl SandboxManager {
     /// a request) asking for more memory or CPUs than the operator allows is refused
     /// with the cap named, never granted.
     /// The memory (MiB) and CPUs a sandbox of `template` gets.
-    fn sandbox_size(&self, template: &TemplateInfo) -> Result<(u64, u32), AppError> {
+    fn sandbox_size(&self, template: &TemplateInfo) -> Result<(u64, u32), SandboxError> {
         let memory_mb = template.meta.memory_mb.unwrap_or(self.limits.memory_mb);
         let cpu_count = template.meta.cpu_count.unwrap_or(self.limits.cpu_count);
+        let over = |resource, asked: u64, max: u64| SandboxError::OverServerCap {
+            template: template.name.clone(),
+            resource,
+            asked,
+            max,
+        };
         if memory_mb > self.limits.max_memory_mb {
-            return Err(AppError::BadRequest(format!(
-                "template \"{}\" asks for {memory_mb} MiB of memory; this server allows at most \
-                 {} MiB per sandbox (KILN_MAX_MEMORY_MB)",
-                template.name, self.limits.max_memory_mb
-            )));
+            return Err(over(
+                Resource::MemoryMb,
+                memory_mb,
+                self.limits.max_memory_mb,
+            ));
         }
         if cpu_count > self.limits.max_cpu_count {
-            return Err(AppError::BadRequest(format!(
-                "template \"{}\" asks for {cpu_count} CPUs; this server allows at most {} per \
-                 sandbox (KILN_MAX_CPUS)",
-                template.name, self.limits.max_cpu_count
-            )));
+            return Err(over(
+                Resource::Cpus,
+                cpu_count.into(),
+                self.limits.max_cpu_count.into(),
+            ));
         }
         Ok((memory_mb, cpu_count))
     }
@@ -255,7 +260,7 @@ impl SandboxManager {
         id: String,
         template: &TemplateInfo,
         internet: bool,
-    ) -> Result<SandboxConfig, AppError> {
+    ) -> Result<SandboxConfig, SandboxError> {
         let (memory_mb, cpu_count) = self.sandbox_size(template)?;
         Ok(SandboxConfig {
             id,
@@ -365,7 +370,7 @@ impl SandboxManager {
         internet: bool,
         team_id: i64,
         want: Usage,
-    ) -> Result<SlotGuard<'_>, AppError> {
+    ) -> Result<SlotGuard<'_>, SandboxError> {
         let quotas = self
             .store
             .team(team_id)?
@@ -374,25 +379,23 @@ impl SandboxManager {
         let mut in_flight = self.creating.lock().unwrap_or_else(|e| e.into_inner());
         let after = self.team_usage(team_id, &in_flight).add(want);
         check_quota(
+            Quota::Sandboxes,
             after.sandboxes.into(),
             quotas.max_sandboxes.map(u64::from),
-            || "concurrent sandboxes (maxSandboxes)".to_string(),
         )?;
-        check_quota(after.memory_mb, quotas.max_memory_mb, || {
-            "MiB of memory across its running sandboxes (maxMemoryMB)".to_string()
-        })?;
-        check_quota(after.cpus.into(), quotas.max_cpus.map(u64::from), || {
-            "CPUs across its running sandboxes (maxCpus)".to_string()
-        })?;
+        check_quota(Quota::MemoryMb, after.memory_mb, quotas.max_memory_mb)?;
+        check_quota(
+            Quota::Cpus,
+            after.cpus.into(),
+            quotas.max_cpus.map(u64::from),
+        )?;
         // A create that will claim one of its template's idle pooled sandboxes moves
         // it from the pool to the running set: no new sandbox on the host.
         let claims_pooled = internet && self.pools.idle_count(template) > 0;
         if !claims_pooled && !self.make_room(in_flight.creates.len()) {
-            return Err(AppError::TooManyRequests(format!(
-                "maximum number of concurrent sandboxes ({}) reached (E2B_MAX_SANDBOXES); \
-                 kill a sandbox or raise the limit",
-                self.limits.max_sandboxes
-            )));
+            return Err(SandboxError::HostFull {
+                max: self.limits.max_sandboxes,
+            });
         }
         let ticket = in_flight.next;
         in_flight.next += 1;
@@ -421,10 +424,8 @@ impl SandboxManager {
         self: Arc<Self>,
         req: NewSandbox,
         caller: Caller,
-    ) -> Result<Sandbox, AppError> {
-        tokio::spawn(async move { self.create(req, caller).await })
-            .await
-            .map_err(|e| AppError::internal("the create task failed", e))?
+    ) -> Result<Sandbox, SandboxError> {
+        tokio::spawn(async move { self.create(req, caller).await }).await?
     }
 
     /// `POST /sandboxes` (see [`Self::create_detached`]).
@@ -432,14 +433,11 @@ impl SandboxManager {
         self: &Arc<Self>,
         req: NewSandbox,
         caller: Caller,
-    ) -> Result<Sandbox, AppError> {
+    ) -> Result<Sandbox, SandboxError> {
         let ttl = self.validate_timeout(req.timeout.unwrap_or(300))?;
         for key in req.env_vars.iter().flat_map(|m| m.keys()) {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(AppError::BadRequest(format!(
-                    "invalid environment variable name {key:?}: names must be non-empty and \
-                     contain neither '=' nor NUL"
-                )));
+                return Err(SandboxError::BadEnvName(key.clone()));
             }
         }
         let template = self.templates.resolve_visible(&req.template_id, |name| {
@@ -500,11 +498,10 @@ impl SandboxManager {
         };
         if let Err(message) = prepare_guest(&instance.envd_socket, &init, &template, started).await
         {
-            let message = format!("sandbox {id} started but {message}");
             self.destroy(&id).await;
-            return Err(AppError::Internal {
-                message,
-                source: None,
+            return Err(SandboxError::GuestNotReady {
+                id,
+                detail: message,
             });
         }
 
@@ -604,10 +601,10 @@ impl SandboxManager {
         caller: &Caller,
         id: &str,
         make: impl FnOnce(Arc<SandboxEntry>) -> Command,
-    ) -> Result<(), AppError> {
+    ) -> Result<(), SandboxError> {
         if let Some((team, message)) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
             if caller.sees(*team) {
-                return Err(AppError::Conflict(message.clone()));
+                return Err(SandboxError::Lost(message.clone()));
             }
         }
         let entry = self.require(caller, id)?;
@@ -624,7 +621,7 @@ impl SandboxManager {
         id: &str,
         ttl: Duration,
         extend_only: bool,
-    ) -> Result<(), AppError> {
+    ) -> Result<(), SandboxError> {
         let (reply, rx) = oneshot::channel();
         let end_at = Utc::now() + ttl;
         self.send(caller, id, |_| Command::SetDeadline {
@@ -643,7 +640,7 @@ impl SandboxManager {
         caller: &Caller,
         id: &str,
         timeout: i64,
-    ) -> Result<(), AppError> {
+    ) -> Result<(), SandboxError> {
         let ttl = self.validate_timeout(timeout)?;
         self.set_deadline(caller, id, ttl, false).await
     }
@@ -654,12 +651,10 @@ impl SandboxManager {
         caller: &Caller,
         id: &str,
         duration: Option<i64>,
-    ) -> Result<(), AppError> {
+    ) -> Result<(), SandboxError> {
         let duration = duration.unwrap_or(60);
         if !(0..=3600).contains(&duration) {
-            return Err(AppError::BadRequest(format!(
-                "duration must be between 0 and 3600 seconds, got {duration}"
-            )));
+            return Err(SandboxError::DurationOutOfRange(duration));
         }
         self.set_deadline(caller, id, Duration::seconds(duration), true)
             .await
@@ -672,7 +667,7 @@ impl SandboxManager {
         caller: &Caller,
         id: &str,
         timeout: Option<i64>,
-    ) -> Result<(Sandbox, bool), AppError> {
+    ) -> Result<(Sandbox, bool), SandboxError> {
         let ttl = self.validate_timeout(timeout.unwrap_or(300))?;
         let (reply, rx) = oneshot::channel();
         let end_at = Utc::now() + ttl;
@@ -697,7 +692,7 @@ impl SandboxManager {
     }
 
     /// `POST /sandboxes/{id}/pause`: 409 when already paused.
-    pub async fn pause(&self, caller: &Caller, id: &str) -> Result<(), AppError> {
+    pub async fn pause(&self, caller: &Caller, id: &str) -> Result<(), SandboxError> {
         let (reply, rx) = oneshot::channel();
         self.send(caller, id, |_| Command::Pause { reply }).await?;
         rx.await.map_err(|_| not_found(id))?
@@ -709,7 +704,7 @@ impl SandboxManager {
     }
 
     /// `DELETE /sandboxes/{id}`.
-    pub async fn kill(&self, caller: &Caller, id: &str) -> Result<(), AppError> {
+    pub async fn kill(&self, caller: &Caller, id: &str) -> Result<(), SandboxError> {
         let lost = {
             let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
             match lost.get(id) {
@@ -726,12 +721,12 @@ impl SandboxManager {
         rx.await.map_err(|_| not_found(id))?
     }
 
-    pub fn detail(&self, caller: &Caller, id: &str) -> Result<SandboxDetail, AppError> {
+    pub fn detail(&self, caller: &Caller, id: &str) -> Result<SandboxDetail, SandboxError> {
         Ok(detail_of(&self.require(caller, id)?.record()))
     }
 
     /// The sandboxes `caller` may see (its team's; every one for an admin).
-    pub fn list(&self, caller: &Caller, query: &ListQuery) -> Result<Page, AppError> {
+    pub fn list(&self, caller: &Caller, query: &ListQuery) -> Result<Page, SandboxError> {
         let all: Vec<SandboxRecord> = self
             .sandboxes
             .read()
@@ -744,11 +739,15 @@ impl SandboxManager {
     }
 
     /// `GET /sandboxes/{id}/metrics`: one sample now.
-    pub async fn metrics(&self, caller: &Caller, id: &str) -> Result<Vec<SandboxMetric>, AppError> {
+    pub async fn metrics(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<Vec<SandboxMetric>, SandboxError> {
         let entry = self.require(caller, id)?;
         let stats = self.runtime.stats(id).await.map_err(|e| match e {
             kiln_runtime::RuntimeError::NotFound { .. } => not_found(id),
-            other => AppError::internal("reading sandbox metrics failed", other),
+            other => SandboxError::runtime("reading sandbox metrics failed", other),
         })?;
         let rec = entry.record();
         let now_i = Instant::now();
@@ -781,7 +780,7 @@ impl SandboxManager {
     /// runs and whose deadline has not passed; kill every other trace. A sandbox the
     /// runtime could not answer about (an error, not "gone") is left running and asked
     /// again in the background: a transient failure never kills a live sandbox.
-    pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), AppError> {
+    pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), SandboxError> {
         let mut adopted = 0;
         let mut cleaned = 0;
         let records = self.store.list_sandboxes()?;
@@ -825,7 +824,7 @@ impl SandboxManager {
             .runtime
             .list()
             .await
-            .map_err(|e| AppError::internal("listing the runtime's sandboxes failed", e))?;
+            .map_err(|e| SandboxError::runtime("listing the runtime's sandboxes failed", e))?;
         for id in on_host.into_iter().filter(|id| !known.contains(id)) {
             tracing::info!(%id, "removing a sandbox the store does not know");
             if let Err(e) = self.runtime.kill(&id).await {
@@ -1037,22 +1036,14 @@ async fn start_template(
     }
 }
 
-fn not_found(id: &str) -> AppError {
-    AppError::NotFound(format!("sandbox \"{id}\" not found"))
+fn not_found(id: &str) -> SandboxError {
+    SandboxError::NotFound(id.to_string())
 }
 
-/// 429 when `used` (after the create) is over a team's `quota`.
-fn check_quota(
-    used: u64,
-    quota: Option<u64>,
-    what: impl FnOnce() -> String,
-) -> Result<(), AppError> {
-    match quota {
-        Some(max) if used > max => Err(AppError::TooManyRequests(format!(
-            "this create would take your team to {used} {what}, over its quota of {max}; \
-             kill a sandbox or ask the operator to raise the quota",
-            what = what()
-        ))),
+/// An error when `used` (after the create) is over a team's `max` for `quota`.
+fn check_quota(quota: Quota, used: u64, max: Option<u64>) -> Result<(), SandboxError> {
+    match max {
+        Some(max) if used > max => Err(SandboxError::OverQuota { quota, used, max }),
         _ => Ok(()),
     }
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio::sync::mpsc;
 
+use super::SandboxError;
 use super::{Command, SandboxEntry, SandboxManager};
-use crate::error::{chain, AppError};
+use crate::error::chain;
 use crate::store::RecordState;
 
 /// A paused sandbox's owner only wakes for commands; this just bounds the timer.
@@ -66,16 +67,14 @@ pub(super) async fn run(
     }
 }
 
-async fn pause(manager: &SandboxManager, entry: &SandboxEntry) -> Result<(), AppError> {
+async fn pause(manager: &SandboxManager, entry: &SandboxEntry) -> Result<(), SandboxError> {
     let id = entry.record().id;
     if entry.record().state == RecordState::Paused {
-        return Err(AppError::Conflict(format!(
-            "sandbox \"{id}\" is already paused"
-        )));
+        return Err(SandboxError::AlreadyPaused(id));
     }
     manager.runtime.pause(&id).await.map_err(|e| match e {
-        kiln_runtime::RuntimeError::Unsupported(message) => AppError::BadRequest(message),
-        other => AppError::internal(format!("pausing sandbox {id} failed"), other),
+        kiln_runtime::RuntimeError::Unsupported(message) => SandboxError::PauseUnsupported(message),
+        other => SandboxError::runtime(format!("pausing sandbox {id} failed"), other),
     })?;
     set_state(manager, entry, RecordState::Paused)?;
     tracing::info!(%id, "sandbox paused");
@@ -86,7 +85,7 @@ async fn resume(
     manager: &SandboxManager,
     entry: &SandboxEntry,
     end_at: chrono::DateTime<Utc>,
-) -> Result<bool, AppError> {
+) -> Result<bool, SandboxError> {
     let id = entry.record().id;
     if entry.record().state != RecordState::Paused {
         return Ok(false);
@@ -95,7 +94,7 @@ async fn resume(
         .runtime
         .resume(&id)
         .await
-        .map_err(|e| AppError::internal(format!("resuming sandbox {id} failed"), e))?;
+        .map_err(|e| SandboxError::runtime(format!("resuming sandbox {id} failed"), e))?;
     set_deadline(manager, entry, end_at, false)?;
     set_state(manager, entry, RecordState::Running)?;
     tracing::info!(%id, "sandbox resumed");
@@ -106,7 +105,7 @@ fn set_state(
     manager: &SandboxManager,
     entry: &SandboxEntry,
     state: RecordState,
-) -> Result<(), AppError> {
+) -> Result<(), SandboxError> {
     manager.store.set_state(&entry.record().id, state)?;
     entry
         .record
@@ -121,7 +120,7 @@ fn set_deadline(
     entry: &SandboxEntry,
     end_at: chrono::DateTime<Utc>,
     extend_only: bool,
-) -> Result<chrono::DateTime<Utc>, AppError> {
+) -> Result<chrono::DateTime<Utc>, SandboxError> {
     let current = entry.record().end_at;
     let new_end = if extend_only {
         end_at.max(current)
@@ -142,7 +141,7 @@ fn set_deadline(
 /// Unroute first (so the proxy answers 502 at once), then hand the sandbox to
 /// [`SandboxManager::destroy`], which retries until the runtime has removed it. For
 /// the caller the sandbox is gone either way.
-async fn teardown(manager: &Arc<SandboxManager>, id: &str) -> Result<(), AppError> {
+async fn teardown(manager: &Arc<SandboxManager>, id: &str) -> Result<(), SandboxError> {
     manager
         .sandboxes
         .write()

@@ -226,7 +226,7 @@ impl SandboxManager {
         self: &Arc<Self>,
         template: &TemplateInfo,
         internet: bool,
-    ) -> Result<(SandboxInstance, bool), crate::error::AppError> {
+    ) -> Result<(SandboxInstance, bool), super::SandboxError> {
         // Within the caps before anything starts (a pooled one was checked when it
         // was started, against the same template version).
         let config: SandboxConfig = self.sandbox_config(super::new_id(), template, internet)?;
@@ -258,10 +258,9 @@ impl SandboxManager {
             Err(_) => {
                 // The runtime may have made part of it: remove whatever is there.
                 self.destroy(&config.id).await;
-                return Err(crate::error::AppError::Unavailable(format!(
-                    "the runtime did not start the sandbox within {} s; try again",
-                    super::START_DEADLINE.as_secs()
-                )));
+                return Err(super::SandboxError::StartTimedOut(
+                    super::START_DEADLINE.as_secs(),
+                ));
             }
         };
         if internet && self.limits.pool_size > 0 {
@@ -269,8 +268,8 @@ impl SandboxManager {
         }
         // The runtime's error names host paths and carries the sandbox's console log:
         // the log gets it, the client a safe summary and the request id.
-        let instance = instance
-            .map_err(|e| crate::error::AppError::internal("failed to start the sandbox", e))?;
+        let instance =
+            instance.map_err(|e| super::SandboxError::runtime("failed to start the sandbox", e))?;
         Ok((instance, false))
     }
 }

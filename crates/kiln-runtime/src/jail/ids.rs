@@ -1,0 +1,327 @@
+//! Host id ranges of jail sandboxes: each live sandbox maps its ids `0..65535` to a
+//! range of 65 536 host ids of its own, so root in one sandbox and root in the next are
+//! different host uids (their files, their processes, limits kept per host uid).
+//!
+//! Range `n` is `RANGE_BASE + n × 65536`, `n < RANGE_SLOTS`: host ids `0x2000_0000` to
+//! `0x3000_0000`, far above what `/etc/subuid` hands out by default (`100000` + 65 536
+//! per user) and below the namespace owners (`spec::OWNER_BASE`, `0x7000_0000`). A
+//! range that overlaps an entry of `/etc/subuid` or `/etc/subgid` is skipped.
+//!
+//! Template builds keep the canonical range ([`HostIds::CANONICAL`], host `100000`):
+//! their upper directories become template layers, which are stored owned by it.
+//!
+//! Allocation mirrors the network slots (`net.rs`): one set per process (lowest free
+//! index), plus a host-wide claim per range, a file `/run/kiln-id-slots/<n>` created
+//! with `O_EXCL` and naming the sandbox directory that holds it, so two servers (or
+//! parallel tests) never pick the same range. The range is recorded in the sandbox's
+//! own directory (`<dir>/idmap`, host-owned, written by the helper before anything of
+//! the sandbox exists), so it survives a server restart and a reboot: ranges recorded
+//! by the directories under the runtime's state directory are taken, whatever the
+//! claims say, and the runtime reserves them again at startup and at `adopt`. A claim
+//! whose directory does not record its range after [`STALE_CLAIM`] was left by a
+//! process that died before the helper wrote the record, and is taken over.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{ID_MAP_BASE, ID_MAP_LEN};
+
+/// First host id of the per-sandbox ranges.
+pub const RANGE_BASE: u32 = 0x2000_0000;
+/// Number of per-sandbox ranges (`0x2000_0000 + 4096 × 65536 = 0x3000_0000`).
+pub const RANGE_SLOTS: u32 = 4096;
+/// Name of the record in the sandbox's directory.
+pub const RECORD: &str = "idmap";
+/// Host-wide claims (emptied by a reboot; records on disk outlive it).
+pub const CLAIMS_DIR: &str = "/run/kiln-id-slots";
+/// A claim whose sandbox directory does not record its range after this long belongs
+/// to a start that died before the helper wrote the record (which takes milliseconds).
+pub const STALE_CLAIM: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdsError {
+    #[error("all {RANGE_SLOTS} sandbox id ranges are in use (or overlap /etc/subuid or /etc/subgid)")]
+    Exhausted,
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {line:?} is not `0 <host id> {ID_MAP_LEN}` with a host id Kiln hands out")]
+    BadRecord { path: String, line: String },
+}
+
+/// Which host ids a sandbox's ids `0..65535` are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostIds {
+    /// Host id of sandbox root.
+    pub base: u32,
+}
+
+impl HostIds {
+    /// The range templates are stored in (and build sandboxes use).
+    pub const CANONICAL: HostIds = HostIds { base: ID_MAP_BASE };
+
+    /// Range `index` of the per-sandbox plan.
+    pub fn slot(index: u32) -> Option<HostIds> {
+        (index < RANGE_SLOTS).then(|| HostIds {
+            base: RANGE_BASE + index * ID_MAP_LEN,
+        })
+    }
+
+    /// The per-sandbox range's index; `None` for the canonical range.
+    pub fn index(self) -> Option<u32> {
+        let off = self.base.checked_sub(RANGE_BASE)?;
+        (off % ID_MAP_LEN == 0 && off / ID_MAP_LEN < RANGE_SLOTS).then_some(off / ID_MAP_LEN)
+    }
+
+    /// Whether the template's layers must be mounted idmapped (they are stored in the
+    /// canonical range).
+    pub fn is_canonical(self) -> bool {
+        self == Self::CANONICAL
+    }
+
+    /// Host uid (and gid) of sandbox root.
+    pub fn root(self) -> u32 {
+        self.base
+    }
+
+    /// Host id of sandbox id `id` (`id` < 65536).
+    pub fn host(self, id: u32) -> u32 {
+        self.base + id
+    }
+
+    /// Whether `host_id` is one of the sandbox's ids.
+    pub fn contains(self, host_id: u32) -> bool {
+        (self.base..self.base.saturating_add(ID_MAP_LEN)).contains(&host_id)
+    }
+
+    /// The sandbox's `/proc/<pid>/uid_map` and `gid_map` (and the record's text).
+    pub fn map_line(self) -> String {
+        format!("0 {} {ID_MAP_LEN}\n", self.base)
+    }
+
+    /// uid_map/gid_map of the user namespace an idmapped mount of a template layer
+    /// uses: on-disk ids (the canonical range) appear as this sandbox's ids.
+    pub fn layer_map_line(self) -> String {
+        format!("{ID_MAP_BASE} {} {ID_MAP_LEN}\n", self.base)
+    }
+
+    /// Parses a record (`0 <base> 65536`): the canonical range or one of the plan's.
+    pub fn parse(text: &str) -> Option<HostIds> {
+        let mut f = text.split_whitespace().map(str::parse::<u32>);
+        let (Some(Ok(0)), Some(Ok(base)), Some(Ok(ID_MAP_LEN)), None) =
+            (f.next(), f.next(), f.next(), f.next())
+        else {
+            return None;
+        };
+        let ids = HostIds { base };
+        (ids.is_canonical() || ids.index().is_some()).then_some(ids)
+    }
+}
+
+/// The host ids a sandbox directory records (`None`: no record, i.e. not a jail
+/// sandbox with its own range, or one started before ranges existed: canonical).
+pub fn read_record(sandbox_dir: &Path) -> Result<Option<HostIds>, IdsError> {
+    let path = sandbox_dir.join(RECORD);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => HostIds::parse(&text)
+            .map(Some)
+            .ok_or_else(|| IdsError::BadRecord {
+                path: path.display().to_string(),
+                line: text.trim().chars().take(80).collect(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(IdsError::Read {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Writes the record into a sandbox's (fresh, host-owned) directory.
+pub fn write_record(sandbox_dir: &Path, ids: HostIds) -> std::io::Result<()> {
+    std::fs::write(sandbox_dir.join(RECORD), ids.map_line())
+}
+
+/// The ranges recorded by the sandbox directories directly under `state_dir`.
+pub fn recorded(state_dir: &Path) -> BTreeSet<u32> {
+    std::fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| read_record(&e.path()).ok().flatten())
+        .filter_map(HostIds::index)
+        .collect()
+}
+
+/// `[start, start + count)` ranges of `/etc/subuid`-style text (`name:start:count`).
+pub fn parse_subordinate(text: &str) -> Vec<(u64, u64)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let (_, start, count) = (f.next()?, f.next()?, f.next()?);
+            let (start, count) = (start.trim().parse::<u64>().ok()?, count.trim().parse::<u64>().ok()?);
+            Some((start, start + count))
+        })
+        .collect()
+}
+
+fn overlaps(ids: HostIds, ranges: &[(u64, u64)]) -> bool {
+    let (a, b) = (u64::from(ids.base), u64::from(ids.base) + u64::from(ID_MAP_LEN));
+    ranges.iter().any(|&(s, e)| s < b && a < e)
+}
+
+/// Where allocation looks (injectable for tests).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub claims_dir: PathBuf,
+    /// `/etc/subuid` and `/etc/subgid`: ranges overlapping their entries are skipped.
+    pub subordinate_files: Vec<PathBuf>,
+}
+
+impl Plan {
+    pub fn host() -> Plan {
+        Plan {
+            claims_dir: PathBuf::from(CLAIMS_DIR),
+            subordinate_files: vec!["/etc/subuid".into(), "/etc/subgid".into()],
+        }
+    }
+
+    /// Every entry of the subordinate id files; a missing file has none.
+    fn subordinate(&self) -> Result<Vec<(u64, u64)>, IdsError> {
+        let mut out = Vec::new();
+        for f in &self.subordinate_files {
+            match std::fs::read_to_string(f) {
+                Ok(text) => out.extend(parse_subordinate(&text)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(IdsError::Read {
+                        path: f.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Claims range `index` host-wide for the sandbox directory `owner` (`O_EXCL`). A
+    /// stale claim (older than [`STALE_CLAIM`], its directory not recording the range)
+    /// is taken over.
+    fn claim(&self, index: u32, owner: &Path) -> bool {
+        let path = self.claims_dir.join(index.to_string());
+        let create = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(owner.as_os_str().as_encoded_bytes()))
+        };
+        if std::fs::create_dir_all(&self.claims_dir).is_err() {
+            return false;
+        }
+        match create() {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let age = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .unwrap_or_default();
+                let holder = std::fs::read(&path).unwrap_or_default();
+                let recorded = read_record(Path::new(&*String::from_utf8_lossy(&holder)))
+                    .ok()
+                    .flatten()
+                    .and_then(HostIds::index)
+                    == Some(index);
+                !recorded
+                    && age > STALE_CLAIM
+                    && std::fs::remove_file(&path).is_ok()
+                    && create().is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Claims `index` for `owner` unless a claim is there (a sandbox found on disk).
+    pub fn reserve_claim(&self, index: u32, owner: &Path) {
+        let _ = std::fs::create_dir_all(&self.claims_dir);
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.claims_dir.join(index.to_string()))
+            .and_then(|mut f| f.write_all(owner.as_os_str().as_encoded_bytes()));
+    }
+
+    /// Removes the claim on `index` if `owner` holds it.
+    pub fn release_claim(&self, index: u32, owner: &Path) {
+        let path = self.claims_dir.join(index.to_string());
+        if std::fs::read(&path).is_ok_and(|h| h == owner.as_os_str().as_encoded_bytes()) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Range allocator: lowest free index. One per process ([`ranges`]), seeded from the
+/// records of the sandboxes the runtime finds at startup.
+#[derive(Debug, Default)]
+pub struct Allocator {
+    used: BTreeSet<u32>,
+}
+
+impl Allocator {
+    pub fn reserve(&mut self, index: u32) {
+        self.used.insert(index);
+    }
+
+    pub fn release(&mut self, index: u32) {
+        self.used.remove(&index);
+    }
+
+    /// A range for the sandbox whose directory will be `owner` (under `state_dir`):
+    /// the lowest index this process does not use, that no directory under
+    /// `state_dir` records, that overlaps no subordinate id entry, and that this call
+    /// claims host-wide.
+    pub fn allocate(
+        &mut self,
+        plan: &Plan,
+        state_dir: &Path,
+        owner: &Path,
+    ) -> Result<HostIds, IdsError> {
+        let subordinate = plan.subordinate()?;
+        let recorded = recorded(state_dir);
+        for index in 0..RANGE_SLOTS {
+            let Some(ids) = HostIds::slot(index) else {
+                break;
+            };
+            if self.used.contains(&index)
+                || recorded.contains(&index)
+                || overlaps(ids, &subordinate)
+                || !plan.claim(index, owner)
+            {
+                continue;
+            }
+            self.used.insert(index);
+            return Ok(ids);
+        }
+        Err(IdsError::Exhausted)
+    }
+}
+
+/// The ranges of every jail runtime of this process.
+pub(crate) fn ranges() -> std::sync::MutexGuard<'static, Allocator> {
+    static RANGES: std::sync::Mutex<Allocator> = std::sync::Mutex::new(Allocator {
+        used: BTreeSet::new(),
+    });
+    // A panic while holding this lock cannot leave the set inconsistent.
+    RANGES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests;
