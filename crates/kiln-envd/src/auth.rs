@@ -12,7 +12,7 @@ use kiln_proto::envd::{
 use sha2::{Digest, Sha256};
 
 use crate::error::HttpError;
-use crate::state::AppState;
+use crate::state::Sandbox;
 
 /// `/files` operations as they enter the signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,11 +72,11 @@ fn exempt(method: &Method, path: &str) -> bool {
 /// Middleware: with an access token set, every non-exempt request needs a matching
 /// `X-Access-Token`.
 pub async fn require_token(
-    State(state): State<AppState>,
+    State(sandbox): State<Sandbox>,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = state.defaults().access_token {
+    if let Some(token) = sandbox.defaults().access_token {
         if !exempt(request.method(), request.uri().path()) {
             let ok = header_token(request.headers())
                 .is_some_and(|given| constant_time_eq(given, token.as_bytes()));

@@ -20,11 +20,13 @@ use tokio::io::AsyncWriteExt;
 use crate::auth::{check_files_access, Operation, SignatureParams};
 use crate::error::HttpError;
 use crate::filesystem::{ensure_dirs, xattr};
-use crate::state::{AppState, Identity};
+use crate::state::{Identity, Sandbox};
 use crate::users::UsersError;
 
-pub fn routes() -> Router<AppState> {
-    Router::new().route(kiln_proto::envd::PATH_FILES, get(download).post(upload))
+pub fn routes(sandbox: Sandbox) -> Router {
+    Router::new()
+        .route(kiln_proto::envd::PATH_FILES, get(download).post(upload))
+        .with_state(sandbox)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,7 +50,7 @@ struct UploadedEntry {
 
 /// Parses the query, checks authorization and resolves the acting user.
 fn prepare(
-    state: &AppState,
+    sandbox: &Sandbox,
     headers: &HeaderMap,
     uri: &Uri,
     operation: Operation,
@@ -61,7 +63,7 @@ fn prepare(
         signature: query.signature.as_deref(),
         expiration: query.signature_expiration.as_deref(),
     };
-    let token = state.defaults().access_token;
+    let token = sandbox.defaults().access_token;
     check_files_access(
         token.as_deref(),
         headers,
@@ -69,7 +71,7 @@ fn prepare(
         &params,
         chrono::Utc::now().timestamp(),
     )?;
-    let identity = state
+    let identity = sandbox
         .identity(query.username.as_deref())
         .map_err(|e| match e {
             UsersError::UnknownUser(_) => HttpError::unauthorized(e.to_string()),
@@ -85,11 +87,11 @@ fn resolve(identity: &Identity, path: &str) -> Result<PathBuf, HttpError> {
 }
 
 async fn download(
-    State(state): State<AppState>,
+    State(sandbox): State<Sandbox>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, HttpError> {
-    let (query, identity) = prepare(&state, &headers, &uri, Operation::Read)?;
+    let (query, identity) = prepare(&sandbox, &headers, &uri, Operation::Read)?;
     let path = resolve(&identity, query.path.as_deref().unwrap_or(""))?;
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
@@ -317,8 +319,8 @@ fn content_encoding(headers: &HeaderMap) -> Result<Encoding, HttpError> {
     }
 }
 
-async fn upload(State(state): State<AppState>, request: Request) -> Result<Response, HttpError> {
-    let (query, identity) = prepare(&state, request.headers(), request.uri(), Operation::Write)?;
+async fn upload(State(sandbox): State<Sandbox>, request: Request) -> Result<Response, HttpError> {
+    let (query, identity) = prepare(&sandbox, request.headers(), request.uri(), Operation::Write)?;
     let metadata = metadata_from_headers(request.headers())?;
     let encoding = content_encoding(request.headers())?;
     let content_type = request

@@ -11,6 +11,11 @@
 //! - [`quiesce`]: SIGUSR1/SIGUSR2 let go of the socket and every connection around a
 //!   gVisor checkpoint, and bind it again after the restore.
 //! - [`users`], [`paths`], [`env`], [`auth`]: identity, path and environment rules.
+//! - [`state`]: what every handler shares (the `/init` defaults, the user database);
+//!   the process and watcher tables belong to their services.
+//!
+//! Top-level modules form no cycle (`scripts/check-module-cycles`): handlers depend on
+//! [`state`] and [`rpc`], never the other way round.
 //!
 //! Tests: unit tests beside the code; `tests/*.rs` start the real binary on a temporary
 //! socket (unprivileged, except one root-tier test of the uid/gid/groups switch, which

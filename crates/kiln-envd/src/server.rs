@@ -13,27 +13,24 @@ use tokio::net::TcpListener;
 
 use crate::error::HttpError;
 use crate::quiesce::{self, QuiescingListener};
-use crate::state::{AppState, Defaults};
+use crate::state::{Defaults, Sandbox};
 use crate::users::UserFiles;
 use crate::{auth, files, filesystem, process, system, tunnel, Args};
 
-/// The full envd application.
-pub fn router(state: AppState) -> Router {
+/// The full envd application. Each service gets the sandbox and keeps its own tables
+/// (processes, watchers), which live as long as the router and its clones.
+pub fn router(sandbox: Sandbox) -> Router {
     Router::new()
-        .merge(system::routes())
-        .merge(files::routes())
-        .merge(process::routes())
-        .merge(filesystem::routes())
+        .merge(system::routes(sandbox.clone()))
+        .merge(files::routes(sandbox.clone()))
+        .merge(process::routes(sandbox.clone()))
+        .merge(filesystem::routes(sandbox.clone()))
         .merge(tunnel::routes())
         .fallback(fallback)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ))
+        .layer(middleware::from_fn_with_state(sandbox, auth::require_token))
         .layer(middleware::from_fn(cors))
         // Uploads stream to disk; RPC extractors apply their own limit.
         .layer(DefaultBodyLimit::disable())
-        .with_state(state)
 }
 
 async fn fallback(method: Method, uri: axum::http::Uri) -> HttpError {
@@ -69,8 +66,8 @@ async fn cors(request: Request, next: Next) -> Response {
     response
 }
 
-/// Builds the initial state from the command line.
-pub fn state_from_args(args: &Args) -> AppState {
+/// Builds the initial sandbox state from the command line.
+pub fn sandbox_from_args(args: &Args) -> Sandbox {
     let defaults = Defaults {
         // Until the host's `/init` replaces it.
         env_vars: BTreeMap::from([("E2B_SANDBOX".to_owned(), "true".to_owned())]),
@@ -78,7 +75,7 @@ pub fn state_from_args(args: &Args) -> AppState {
         user: args.default_user.clone(),
         workdir: args.default_workdir.clone(),
     };
-    AppState::new(
+    Sandbox::new(
         defaults,
         UserFiles {
             passwd: args.passwd_file.clone(),
@@ -94,7 +91,7 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Serves until SIGTERM or SIGINT; SIGUSR1/SIGUSR2 quiesce and resume the Unix socket
 /// around a checkpoint ([`quiesce`]).
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let app = router(state_from_args(&args));
+    let app = router(sandbox_from_args(&args));
     let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
     // Handlers first: a SIGUSR1 must never find the default action (exit).
     quiesce::forward_signals(control_tx).context("installing SIGUSR1/SIGUSR2 handlers")?;

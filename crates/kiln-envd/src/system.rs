@@ -12,9 +12,9 @@ use kiln_proto::envd::{InitRequest, ENVD_VERSION, HEADER_ENVD_VERSION};
 use serde::Serialize;
 
 use crate::error::HttpError;
-use crate::state::AppState;
+use crate::state::Sandbox;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes(sandbox: Sandbox) -> Router {
     Router::new()
         .route(kiln_proto::envd::PATH_HEALTH, get(health))
         .route(
@@ -23,6 +23,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route(kiln_proto::envd::PATH_ENVS, get(envs))
         .route(kiln_proto::envd::PATH_METRICS, get(metrics))
+        .with_state(sandbox)
 }
 
 async fn health() -> Response {
@@ -57,11 +58,11 @@ fn check_init_allowed(current: Option<&str>, headers: &HeaderMap) -> Result<(), 
 }
 
 async fn init(
-    State(state): State<AppState>,
+    State(sandbox): State<Sandbox>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    check_init_allowed(state.defaults().access_token.as_deref(), &headers)?;
+    check_init_allowed(sandbox.defaults().access_token.as_deref(), &headers)?;
     let req: InitRequest = if body.iter().all(u8::is_ascii_whitespace) {
         InitRequest::default()
     } else {
@@ -73,7 +74,7 @@ async fn init(
         tracing::debug!(%timestamp, "init timestamp received");
     }
     let mut refused = None;
-    state.update_defaults(|d| {
+    sandbox.update_defaults(|d| {
         // Checked again under the lock: two racing /init calls cannot both pass the
         // check above with the first one setting a token.
         if let Err(e) = check_init_allowed(d.access_token.as_deref(), &headers) {
@@ -98,7 +99,7 @@ async fn init(
     if let Some(e) = refused {
         return Err(e);
     }
-    let d = state.defaults();
+    let d = sandbox.defaults();
     tracing::info!(user = %d.user, env_vars = d.env_vars.len(), token = d.access_token.is_some(), "initialized");
     Ok((
         StatusCode::NO_CONTENT,
@@ -107,8 +108,8 @@ async fn init(
         .into_response())
 }
 
-async fn envs(State(state): State<AppState>) -> Json<BTreeMap<String, String>> {
-    Json(state.defaults().env_vars)
+async fn envs(State(sandbox): State<Sandbox>) -> Json<BTreeMap<String, String>> {
+    Json(sandbox.defaults().env_vars)
 }
 
 #[derive(Serialize)]

@@ -13,9 +13,8 @@ use kiln_proto::tunnel::{port_closed_message, PATH_PREFIX, UPGRADE};
 use tokio::net::TcpStream;
 
 use crate::error::HttpError;
-use crate::state::AppState;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router {
     Router::new().route(&format!("{PATH_PREFIX}{{port}}"), get(tunnel))
 }
 

@@ -7,6 +7,7 @@ pub mod xattr;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -22,12 +23,12 @@ use kiln_proto::filesystem::{
 use tokio::sync::mpsc;
 
 use self::entry::entry_info;
-use self::watch::Watch;
+use self::watch::{Watch, WatcherTable};
 use crate::paths::PathError;
 use crate::rpc::{
     stream_error, EventStream, RpcContext, RpcError, StreamRequest, Unary, UnaryResult,
 };
-use crate::state::{AppState, Identity};
+use crate::state::{Identity, Sandbox};
 use crate::users::UsersError;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +111,20 @@ impl From<FsError> for RpcError {
     }
 }
 
-pub fn routes() -> Router<AppState> {
+/// What the `filesystem.Filesystem` handlers share: the sandbox and this service's
+/// polled watchers, which nothing else uses.
+#[derive(Clone)]
+struct Service {
+    sandbox: Sandbox,
+    watchers: Arc<WatcherTable>,
+}
+
+/// The `filesystem.Filesystem` routes over a new, empty watcher table.
+pub fn routes(sandbox: Sandbox) -> Router {
+    let service = Service {
+        sandbox,
+        watchers: Arc::new(WatcherTable::default()),
+    };
     Router::new()
         .route("/filesystem.Filesystem/Stat", post(stat))
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
@@ -124,10 +138,11 @@ pub fn routes() -> Router<AppState> {
             post(get_watcher_events),
         )
         .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
+        .with_state(service)
 }
 
-fn identity(state: &AppState, ctx: &RpcContext) -> Result<Identity, FsError> {
-    Ok(state.identity(ctx.user.as_deref())?)
+fn identity(state: &Service, ctx: &RpcContext) -> Result<Identity, FsError> {
+    Ok(state.sandbox.identity(ctx.user.as_deref())?)
 }
 
 /// Runs blocking filesystem work off the async threads.
@@ -140,13 +155,13 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn stat(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     Unary(req): Unary<StatRequest>,
 ) -> UnaryResult<EntryResponse> {
     let id = identity(&state, &ctx)?;
     let path = id.resolve(&req.path).map_err(FsError::from)?;
-    let users = state.user_db();
+    let users = state.sandbox.user_db();
     let entry =
         blocking(move || entry_info(&path, &users).map_err(|e| FsError::io("stat", &path, e)))
             .await?;
@@ -178,13 +193,13 @@ pub fn ensure_dirs(path: &Path, uid: u32, gid: u32) -> io::Result<bool> {
 }
 
 async fn make_dir(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     Unary(req): Unary<MakeDirRequest>,
 ) -> UnaryResult<EntryResponse> {
     let id = identity(&state, &ctx)?;
     let path = id.resolve(&req.path).map_err(FsError::from)?;
-    let users = state.user_db();
+    let users = state.sandbox.user_db();
     let entry = blocking(move || {
         match std::fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => return Err(FsError::DirExists(path)),
@@ -200,14 +215,14 @@ async fn make_dir(
 }
 
 async fn move_entry(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     Unary(req): Unary<MoveRequest>,
 ) -> UnaryResult<EntryResponse> {
     let id = identity(&state, &ctx)?;
     let source = id.resolve(&req.source).map_err(FsError::from)?;
     let destination = id.resolve(&req.destination).map_err(FsError::from)?;
-    let users = state.user_db();
+    let users = state.sandbox.user_db();
     let entry = blocking(move || {
         std::fs::symlink_metadata(&source).map_err(|e| FsError::io("stat", &source, e))?;
         if let Some(parent) = destination.parent() {
@@ -222,13 +237,13 @@ async fn move_entry(
 }
 
 async fn list_dir(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     Unary(req): Unary<ListDirRequest>,
 ) -> UnaryResult<ListDirResponse> {
     let id = identity(&state, &ctx)?;
     let shown = id.resolve(&req.path).map_err(FsError::from)?;
-    let users = state.user_db();
+    let users = state.sandbox.user_db();
     let entries = blocking(move || {
         let real =
             std::fs::canonicalize(&shown).map_err(|e| FsError::io("resolving", &shown, e))?;
@@ -243,7 +258,7 @@ async fn list_dir(
 }
 
 async fn remove(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     Unary(req): Unary<RemoveRequest>,
 ) -> UnaryResult<RemoveResponse> {
@@ -266,11 +281,7 @@ async fn remove(
 }
 
 /// Validates a watch request and starts the inotify watch.
-fn start_watch(
-    state: &AppState,
-    ctx: &RpcContext,
-    req: &WatchDirRequest,
-) -> Result<Watch, FsError> {
+fn start_watch(state: &Service, ctx: &RpcContext, req: &WatchDirRequest) -> Result<Watch, FsError> {
     let id = identity(state, ctx)?;
     let path = id.resolve(&req.path)?;
     let meta = std::fs::metadata(&path).map_err(|e| FsError::io("stat", &path, e))?;
@@ -280,11 +291,16 @@ fn start_watch(
     if !req.allow_network_mounts && watch::is_network_fs(&path) {
         return Err(FsError::NetworkMount(path));
     }
-    Watch::new(path, req.recursive, req.include_entry, state.user_db())
+    Watch::new(
+        path,
+        req.recursive,
+        req.include_entry,
+        state.sandbox.user_db(),
+    )
 }
 
 async fn watch_dir(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     StreamRequest(req): StreamRequest<WatchDirRequest>,
 ) -> Response {
@@ -321,7 +337,7 @@ async fn watch_dir(
 }
 
 async fn create_watcher(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     ctx: RpcContext,
     Unary(req): Unary<CreateWatcherRequest>,
 ) -> UnaryResult<CreateWatcherResponse> {
@@ -332,7 +348,7 @@ async fn create_watcher(
 }
 
 async fn get_watcher_events(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     Unary(req): Unary<GetWatcherEventsRequest>,
 ) -> UnaryResult<GetWatcherEventsResponse> {
     let events = state.watchers.take_events(&req.watcher_id)?;
@@ -340,7 +356,7 @@ async fn get_watcher_events(
 }
 
 async fn remove_watcher(
-    State(state): State<AppState>,
+    State(state): State<Service>,
     Unary(req): Unary<RemoveWatcherRequest>,
 ) -> UnaryResult<RemoveWatcherResponse> {
     state.watchers.remove(&req.watcher_id)?;
