@@ -75,7 +75,7 @@ impl Launcher {
                 .run_silent(PYTHON_SETUP, Duration::from_secs(30))
                 .await
             {
-                tracing::warn!(error = %crate::error::chain(&e), "python setup cell failed");
+                tracing::warn!(error = %crate::report::chain(&e), "python setup cell failed");
             }
         }
         Ok(kernel)

@@ -6,6 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::context::ContextError;
+use crate::report::chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -56,18 +57,6 @@ impl IntoResponse for ApiError {
         )
             .into_response()
     }
-}
-
-/// The whole `source()` chain of an error, for logs and messages.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

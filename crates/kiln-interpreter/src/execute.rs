@@ -51,7 +51,7 @@ pub async fn run(
     let kernel = match context.kernel().await {
         Ok(kernel) => kernel,
         Err(e) => {
-            let text = crate::error::chain(&e);
+            let text = crate::report::chain(&e);
             tracing::warn!(context = %context.id, error = %text, "no kernel for execution");
             let _ = tx
                 .send(OutputLine::error("KernelError", text).to_bytes())
@@ -64,7 +64,7 @@ pub async fn run(
     let per_run = job.env_vars.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     if let Some(code) = context.language.set_env_code(per_run) {
         if let Err(e) = kernel.run_silent(&code, SILENT_TIMEOUT).await {
-            tracing::warn!(context = %context.id, error = %crate::error::chain(&e), "setting per-run env vars failed");
+            tracing::warn!(context = %context.id, error = %crate::report::chain(&e), "setting per-run env vars failed");
         }
     }
 
@@ -80,7 +80,7 @@ pub async fn run(
             .map(|k| (k.as_str(), sandbox_envs.get(k).map(String::as_str)));
         if let Some(code) = context.language.restore_env_code(restore) {
             if let Err(e) = kernel.run_silent(&code, SILENT_TIMEOUT).await {
-                tracing::warn!(context = %context.id, error = %crate::error::chain(&e), "restoring env vars failed");
+                tracing::warn!(context = %context.id, error = %crate::report::chain(&e), "restoring env vars failed");
             }
         }
     }
@@ -101,14 +101,14 @@ async fn apply_sandbox_envs(
     let envs = match fetch_envs(&settings.envd, job.access_token.as_deref()).await {
         Ok(envs) => envs,
         Err(e) => {
-            tracing::warn!(error = %crate::error::chain(&e), "cannot read sandbox env vars from envd");
+            tracing::warn!(error = %crate::report::chain(&e), "cannot read sandbox env vars from envd");
             BTreeMap::new()
         }
     };
     let pairs = envs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     if let Some(code) = context.language.set_env_code(pairs) {
         if let Err(e) = kernel.run_silent(&code, SILENT_TIMEOUT).await {
-            tracing::warn!(context = %context.id, error = %crate::error::chain(&e), "setting sandbox env vars failed");
+            tracing::warn!(context = %context.id, error = %crate::report::chain(&e), "setting sandbox env vars failed");
         }
     }
     // Applied once per kernel, even after a failure, so one bad envd does not slow
@@ -172,7 +172,7 @@ impl<'a> Cell<'a> {
         let mut pending = match self.kernel.execute(code, false).await {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(context = %self.context.id, error = %crate::error::chain(&e), "execute_request failed");
+                tracing::warn!(context = %self.context.id, error = %crate::report::chain(&e), "execute_request failed");
                 self.send(OutputLine::error(
                     "WebSocketError",
                     "Failed to send execution request",
@@ -234,7 +234,7 @@ impl<'a> Cell<'a> {
                         tracing::info!(context = %self.context.id, "execution time limit reached; interrupting the cell");
                     }
                     if let Err(e) = self.kernel.interrupt().await {
-                        tracing::warn!(error = %crate::error::chain(&e), "interrupt failed");
+                        tracing::warn!(error = %crate::report::chain(&e), "interrupt failed");
                     }
                     if stop == Stop::Deadline {
                         let secs = settings.max_duration.unwrap_or_default().as_secs();

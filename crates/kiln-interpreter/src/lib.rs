@@ -8,6 +8,7 @@
 //!
 //! Code map:
 //! - [`server`]: routes and CORS; [`error`]: plain-text HTTP errors.
+//! - [`report`]: an error with its whole cause chain, for logs and messages.
 //! - [`context`]: contexts and the registry (default context per language).
 //! - [`execute`]: one `/execute` run: env vars, NDJSON lines, keepalive, interrupt.
 //! - [`kernel`]: a kernel process, its sockets and message router; [`kernelspec`]: discovery.
@@ -27,6 +28,7 @@ pub mod kernel;
 pub mod kernelspec;
 pub mod language;
 pub mod output;
+pub mod report;
 pub mod server;
 pub mod tslab;
 
@@ -130,7 +132,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Ok(path) => Some(path),
         Err(e) => {
             // JavaScript still runs, with tslab's own (less E2B-like) results and errors.
-            tracing::warn!(error = %error::chain(&e), "JavaScript kernels start without Kiln's tslab preload");
+            tracing::warn!(error = %report::chain(&e), "JavaScript kernels start without Kiln's tslab preload");
             None
         }
     };
@@ -198,7 +200,7 @@ async fn warm(registry: &Registry, languages: &[String]) {
                 tracing::info!(%language, reason = %e, "default context not started")
             }
             Err(e) => {
-                tracing::warn!(%language, error = %error::chain(&e), "default context not started")
+                tracing::warn!(%language, error = %report::chain(&e), "default context not started")
             }
         }
     }

@@ -32,7 +32,6 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::copy::{self, CopyJob};
-use crate::gc::{touch, touch_rootfs_target};
 use crate::layer::{self, LayerError};
 use crate::recipe::{self, Base, BuildSpec, BuildState, RecipeError, Step};
 use crate::{
@@ -709,6 +708,29 @@ async fn remove_tree(path: &Path) -> Result<(), TemplateError> {
     let p = path.to_path_buf();
     tokio::task::spawn_blocking(move || fsutil::remove_tree(&p)).await??;
     Ok(())
+}
+
+/// Marks a cache entry (layer, upload, image or base directory) used now: [`crate::gc`]
+/// keeps unreferenced entries by this mtime. Best effort: a failure only shortens the
+/// entry's life in the cache.
+fn touch(path: impl AsRef<Path>) {
+    let path = path.as_ref();
+    let now = std::time::SystemTime::now();
+    if let Err(e) = fs::File::open(path).and_then(|f| f.set_modified(now)) {
+        tracing::debug!(path = %path.display(), error = %e, "marking a cache entry used failed");
+    }
+}
+
+/// [`touch`] for what a template's `rootfs` symlink points at: a layer, or the
+/// `rootfs` inside an image's or a Debian base's directory (then that directory, which
+/// is what [`crate::gc`] ages).
+fn touch_rootfs_target(target: &Path) {
+    touch(target);
+    if target.file_name().is_some_and(|n| n == crate::ROOTFS_DIR) {
+        if let Some(entry) = target.parent() {
+            touch(entry);
+        }
+    }
 }
 
 /// A scratch directory next to `layer` (same filesystem).

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use super::{log, BuildError, BuildLog, LogLevel};
 use crate::base::DebianBase;
-use crate::oci::ImageSource;
-use crate::recipe::{self, BuildState};
+use crate::oci::PullEvent;
+use crate::recipe::{self, BuildState, ImageSource};
 use crate::{BuildEvent, Template, TemplateError, TemplateStore, BASE};
 
 impl TemplateStore {
@@ -62,7 +62,8 @@ impl TemplateStore {
         refresh: bool,
         on_log: &mut (dyn FnMut(BuildLog) + Send),
     ) -> Result<Parent, BuildError> {
-        let image = self.pull_image(src, refresh, on_log).await?;
+        let mut on_event = |e: PullEvent| on_log(pull_event_log(e));
+        let image = self.pull_image(src, refresh, &mut on_event).await?;
         let user = match image.config.start_user(&image.rootfs) {
             Ok(u) => u,
             Err(why) => {
@@ -143,6 +144,19 @@ fn parent_of(t: &Template) -> Result<Parent, BuildError> {
         image_key: None,
         debian_base: None,
     })
+}
+
+/// A pull's progress as lines of the `base` step's log.
+fn pull_event_log(e: PullEvent) -> BuildLog {
+    let (level, message) = match e {
+        PullEvent::Log { line } => (LogLevel::Info, line),
+        PullEvent::Warning { message } => (LogLevel::Warn, message),
+    };
+    BuildLog {
+        level,
+        step: Some("base".into()),
+        message: format!("[base] {message}"),
+    }
 }
 
 /// A Debian base's build progress as lines of the `base` step's log.

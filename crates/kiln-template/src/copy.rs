@@ -4,7 +4,7 @@
 //! user (shifted into the sandbox id range) and with the step's mode.
 //!
 //! The context is an adversary's archive. It is unpacked in process by the image-layer
-//! walker ([`crate::oci::unpack`] with [`UnpackOptions::CONTEXT`]): paths resolved
+//! walker ([`crate::unpack`] with [`UnpackOptions::CONTEXT`]): paths resolved
 //! inside the staging directory, `..` refused, device nodes refused, entry count and
 //! bytes capped. The COPY source is then resolved inside the staging directory as if it
 //! were `/` (Docker resolves sources inside the build context): a context symlink
@@ -16,17 +16,14 @@
 //! layer's root, so an absolute link in a template never points at the host.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::fsutil;
+use crate::fsutil::{self, read_layer_file};
 use crate::layer::remove_any;
-use crate::oci::unpack::{self, UnpackError, UnpackOptions};
 use crate::recipe::normalize;
-
-/// Largest `/etc/passwd` or `/etc/group` of a template read to look up a COPY owner.
-const MAX_ID_FILE: u64 = 16 << 20;
+use crate::unpack::{self, UnpackError, UnpackOptions};
 
 /// A COPY step failed; the message (with its sources) is for the user.
 #[derive(Debug, thiserror::Error)]
@@ -185,28 +182,6 @@ pub fn lookup_owner(layer: &Path, owner: &str) -> Result<(u32, u32), CopyError> 
         },
     };
     Ok((uid, gid))
-}
-
-/// A text file of the layer (resolved inside it), when it is a regular file; at most
-/// [`MAX_ID_FILE`] bytes. A template's `/etc/passwd` may be a symlink to `/dev/zero` or
-/// a fifo: neither is read.
-pub(crate) fn read_layer_file(layer: &Path, rel: &str) -> String {
-    let Ok(Some(path)) = fsutil::resolve_file(layer, Path::new(rel)) else {
-        return String::new();
-    };
-    let open = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
-        .open(&path);
-    let Ok(f) = open else {
-        return String::new();
-    };
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
-        return String::new();
-    }
-    let mut text = String::new();
-    let _ = f.take(MAX_ID_FILE).read_to_string(&mut text);
-    text
 }
 
 /// The host path of the absolute in-layer path `path`, following the layer's

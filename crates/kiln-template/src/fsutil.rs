@@ -9,15 +9,21 @@
 //! `lib -> ../../..`. The host writes into such trees (layers, Kiln's own files) only
 //! through [`resolve_dir`] and [`resolve_file`], which follow symlinks as if the tree
 //! were `/` (what the kernel's `RESOLVE_IN_ROOT` does), so nothing lands outside it.
+//! `read_layer_file` reads a small text file of such a tree (`/etc/passwd`) the same
+//! way, and only when it is a regular file.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs;
-use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{umount2, MntFlags};
+
+/// Largest `/etc/passwd` or `/etc/group` of a layer [`read_layer_file`] reads (to look
+/// up a COPY owner or an image's numeric `User`).
+const MAX_ID_FILE: u64 = 16 << 20;
 
 /// Removing a directory tree failed.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +184,29 @@ pub fn resolve_file(root: &Path, rel: &Path) -> io::Result<Option<PathBuf>> {
 /// component is fine: its would-be path is returned.
 pub fn resolve_path(root: &Path, rel: &Path) -> io::Result<PathBuf> {
     walk_in_root(root, rel, Walk::File)
+}
+
+/// A text file of the root filesystem `layer` (resolved inside it), when it is a regular
+/// file; at most [`MAX_ID_FILE`] bytes; empty when it is missing or cannot be read. A
+/// template's or an image's `/etc/passwd` may be a symlink to `/dev/zero` or a fifo:
+/// neither is read.
+pub(crate) fn read_layer_file(layer: &Path, rel: &str) -> String {
+    let Ok(Some(path)) = resolve_file(layer, Path::new(rel)) else {
+        return String::new();
+    };
+    let open = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+        .open(&path);
+    let Ok(f) = open else {
+        return String::new();
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
+    let mut text = String::new();
+    let _ = f.take(MAX_ID_FILE).read_to_string(&mut text);
+    text
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -500,29 +500,6 @@ fn freed_by_removing(path: &Path) -> u64 {
     total
 }
 
-/// Marks a cache entry (layer, upload, image or base directory) used now: [`crate::gc`]
-/// keeps unreferenced entries by this mtime. Best effort: a failure only shortens the
-/// entry's life in the cache.
-pub(crate) fn touch(path: impl AsRef<Path>) {
-    let path = path.as_ref();
-    let now = std::time::SystemTime::now();
-    if let Err(e) = fs::File::open(path).and_then(|f| f.set_modified(now)) {
-        tracing::debug!(path = %path.display(), error = %e, "marking a cache entry used failed");
-    }
-}
-
-/// [`touch`] for what a template's `rootfs` symlink points at: a layer, or the
-/// `rootfs` inside an image's or a Debian base's directory (then that directory, which
-/// is what [`collect`] ages).
-pub(crate) fn touch_rootfs_target(target: &Path) {
-    touch(target);
-    if target.file_name().is_some_and(|n| n == crate::ROOTFS_DIR) {
-        if let Some(entry) = target.parent() {
-            touch(entry);
-        }
-    }
-}
-
 /// A layer or upload name: 64 lower-case hex digits.
 fn is_hash(name: &str) -> bool {
     crate::recipe::is_files_hash(name)

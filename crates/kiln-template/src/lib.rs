@@ -20,6 +20,16 @@
 //! first asks for one; other templates by [`TemplateStore::build`] from a recipe.
 //! [`TemplateStore::gc`] removes what no installed template needs. Progress is reported
 //! as typed [`BuildEvent`]s and [`build::BuildLog`]s; drawing them is the caller's job.
+//!
+//! Code map (a module uses only those listed before it):
+//! - [`fsutil`] (paths inside a root), [`shift`] (the uid shift), [`layer`] (hard-link
+//!   farms, overlay uppers), [`meta`] (`template.json`), [`image`] (ext4 images).
+//! - [`unpack`]: the tar walker of image layers and COPY contexts, with its limits.
+//! - [`base`]: the Debian bases; [`recipe`]: the E2B recipe, its hashes, its image source.
+//! - [`oci`]: images pulled from registries; [`copy`]: COPY steps; [`dockerfile`]:
+//!   Dockerfile projects turned into recipes.
+//! - [`build`]: the step executor and layer cache (a build's parent in `build_parent.rs`).
+//! - [`gc`]: garbage collection of every cache the modules above fill.
 
 #![forbid(unsafe_code)]
 
@@ -42,6 +52,7 @@ pub mod meta;
 pub mod oci;
 pub mod recipe;
 pub mod shift;
+pub mod unpack;
 
 pub use gc::{GcPolicy, GcReport};
 pub use meta::{LayerChain, MetaError, TemplateMeta, META_FILE, META_FORMAT};

@@ -3,12 +3,13 @@
 //!
 //! A pull resolves the reference (`[registry/]repository[:tag|@digest]`, Docker Hub's
 //! `docker.io/library/…` by default) to the registry's linux/amd64 image manifest, then
-//! unpacks the layers in order into a fresh root filesystem ([`unpack`]: whiteouts, modes,
-//! owners, links, never a path outside the tree) and prepares it the way the Debian base
-//! is prepared: Kiln's mount points and neutral `/etc/hostname` and `/etc/resolv.conf`
-//! ([`base::finalize_rootfs`]), a `root` account for envd when the image has none, and the
-//! uid shift into the sandbox id range ([`shift`]). The image's config gives the build
-//! its starting `Env`, `WorkingDir` and `User`.
+//! unpacks the layers in order into a fresh root filesystem ([`crate::unpack`]:
+//! whiteouts, modes, owners, links, never a path outside the tree) and prepares it the
+//! way the Debian base is prepared: Kiln's mount points and neutral `/etc/hostname` and
+//! `/etc/resolv.conf` ([`base::finalize_rootfs`]), a `root` account for envd when the
+//! image has none, and the uid shift into the sandbox id range ([`shift`]). The image's
+//! config gives the build its starting `Env`, `WorkingDir` and `User`. What to pull
+//! ([`ImageSource`]) comes from the recipe; progress goes out as [`PullEvent`]s.
 //!
 //! Prepared images are cached by manifest digest under `templates/.images/<key>/`
 //! (`rootfs/` and `image.json`, written last) and never changed afterwards: step layers
@@ -23,7 +24,6 @@
 //! and password; the token flow of registries such as Docker Hub is oci-client's.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::fs;
 use std::io;
 use std::net::IpAddr;
@@ -31,14 +31,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use oci_client::errors::{OciDistributionError, OciErrorCode};
-pub use oci_client::Reference;
 use serde::{Deserialize, Serialize};
 
-use crate::recipe::RecipeError;
-use crate::{base, fsutil, recipe, shift};
+use crate::recipe::ImageSource;
+use crate::{base, fsutil, recipe, shift, unpack};
 
 mod pull;
-pub mod unpack;
 
 /// Directory of prepared images inside the templates directory.
 pub const IMAGES_DIR: &str = ".images";
@@ -51,69 +49,6 @@ const PREPARE_VERSION: u32 = 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest wait for the next bytes of a response.
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Username and password for the image's registry (`fromImageRegistry` of type
-/// `registry`). Its `Debug` leaves the password out.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
-
-/// An image to pull: its reference and the credentials for its registry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageSource {
-    pub reference: Reference,
-    pub credentials: Option<Credentials>,
-}
-
-impl ImageSource {
-    /// Parses `fromImage` and `fromImageRegistry` as the SDK sends them.
-    pub fn parse(image: &str, registry: Option<&serde_json::Value>) -> Result<Self, RecipeError> {
-        let reference: Reference = image.trim().parse().map_err(|e: oci_client::ParseError| {
-            RecipeError::InvalidImage {
-                image: image.to_string(),
-                reason: e.to_string(),
-            }
-        })?;
-        Ok(Self {
-            reference,
-            credentials: credentials(registry)?,
-        })
-    }
-
-    /// The host (and port) the registry is reached at (`index.docker.io` for Docker Hub).
-    pub fn registry(&self) -> &str {
-        self.reference.resolve_registry()
-    }
-}
-
-fn credentials(registry: Option<&serde_json::Value>) -> Result<Option<Credentials>, RecipeError> {
-    let Some(v) = registry.filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-    let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or("registry");
-    if kind != "registry" {
-        return Err(RecipeError::UnsupportedRegistry {
-            kind: kind.to_string(),
-        });
-    }
-    let (username, password) = (field("username"), field("password"));
-    Ok(
-        (!username.is_empty() || !password.is_empty())
-            .then_some(Credentials { username, password }),
-    )
-}
 
 /// Whether `registry` (`host[:port]`) is on the loopback interface: `localhost`,
 /// `127.0.0.0/8` or `[::1]`. Only those are spoken to over plain HTTP.
@@ -191,7 +126,7 @@ impl ImageConfig {
             return Ok(user.to_string());
         };
         // The image's own file: a regular file only, capped (never a fifo or a link out).
-        let passwd = crate::copy::read_layer_file(rootfs, "etc/passwd");
+        let passwd = fsutil::read_layer_file(rootfs, "etc/passwd");
         passwd
             .lines()
             .find_map(|l| {
@@ -228,6 +163,16 @@ impl PulledImage {
             ),
         )
     }
+}
+
+/// Progress of a pull, for the caller to show (a build shows it in its `base` step).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullEvent {
+    /// What the pull does: a cache hit, the layers downloaded and applied.
+    Log { line: String },
+    /// Something is off but the pull goes on: the registry is unreachable, so the image
+    /// pulled before for the same reference is used.
+    Warning { message: String },
 }
 
 /// A pull failed: `cannot pull <image>: <cause>`.

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 
 use crate::dockerfile::{parse_dockerfile, parse_kiln_toml};
-use crate::oci::unpack::{self, Devices, Limits, UnpackError, UnpackOptions};
 use crate::recipe::{expand_env, normalize, BuildSpec, BuildState, StepSpec};
+use crate::unpack::{self, Devices, Limits, UnpackError, UnpackOptions};
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {

@@ -1,13 +1,14 @@
 //! A template recipe as the E2B Template SDK sends it (`TemplateBuildStartV2`): a base,
 //! steps, a start and a ready command. Parsing turns the SDK's loose `{type, args}`
-//! steps into typed [`Step`]s and says which step is wrong and why.
+//! steps into typed [`Step`]s and says which step is wrong and why, and a `fromImage`
+//! with its `fromImageRegistry` into the [`ImageSource`] that [`crate::oci`] pulls.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
+pub use oci_client::Reference;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-
-use crate::oci::ImageSource;
 
 /// The start body of a build, as the SDK serializes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +86,69 @@ pub enum Base {
     Debian(crate::base::DebianBase),
     /// An image pulled from an OCI registry ([`crate::oci`]).
     Image(ImageSource),
+}
+
+/// Username and password for the image's registry (`fromImageRegistry` of type
+/// `registry`). Its `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// An image to pull: its reference and the credentials for its registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSource {
+    pub reference: Reference,
+    pub credentials: Option<Credentials>,
+}
+
+impl ImageSource {
+    /// Parses `fromImage` and `fromImageRegistry` as the SDK sends them.
+    pub fn parse(image: &str, registry: Option<&serde_json::Value>) -> Result<Self, RecipeError> {
+        let reference: Reference = image.trim().parse().map_err(|e: oci_client::ParseError| {
+            RecipeError::InvalidImage {
+                image: image.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            reference,
+            credentials: credentials(registry)?,
+        })
+    }
+
+    /// The host (and port) the registry is reached at (`index.docker.io` for Docker Hub).
+    pub fn registry(&self) -> &str {
+        self.reference.resolve_registry()
+    }
+}
+
+fn credentials(registry: Option<&serde_json::Value>) -> Result<Option<Credentials>, RecipeError> {
+    let Some(v) = registry.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or("registry");
+    if kind != "registry" {
+        return Err(RecipeError::UnsupportedRegistry {
+            kind: kind.to_string(),
+        });
+    }
+    let (username, password) = (field("username"), field("password"));
+    Ok(
+        (!username.is_empty() || !password.is_empty())
+            .then_some(Credentials { username, password }),
+    )
 }
 
 /// The recipe is not something Kiln can build.
@@ -584,5 +648,86 @@ mod tests {
             "x-x--/home/user"
         );
         assert_eq!(expand_env(r"\$A $(date) 5$", &env, "root"), "$A $(date) 5$");
+    }
+
+    fn src(image: &str) -> ImageSource {
+        ImageSource::parse(image, None).unwrap()
+    }
+
+    #[test]
+    fn references_default_to_docker_hub() {
+        let cases = [
+            (
+                "alpine",
+                "docker.io/library/alpine:latest",
+                "index.docker.io",
+            ),
+            (
+                "alpine:3.20",
+                "docker.io/library/alpine:3.20",
+                "index.docker.io",
+            ),
+            ("oven/bun:1", "docker.io/oven/bun:1", "index.docker.io"),
+            (
+                "docker.io/library/python:3.13",
+                "docker.io/library/python:3.13",
+                "index.docker.io",
+            ),
+            ("ghcr.io/org/app:v2", "ghcr.io/org/app:v2", "ghcr.io"),
+            (
+                "127.0.0.1:5000/kiln-test/busybox:1",
+                "127.0.0.1:5000/kiln-test/busybox:1",
+                "127.0.0.1:5000",
+            ),
+            ("localhost/x", "localhost/x:latest", "localhost"),
+        ];
+        for (image, whole, registry) in cases {
+            let s = src(image);
+            assert_eq!(s.reference.whole(), whole, "{image}");
+            assert_eq!(s.registry(), registry, "{image}");
+        }
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let s = src(&format!("ghcr.io/org/app@{digest}"));
+        assert_eq!(s.reference.digest(), Some(digest.as_str()));
+        assert_eq!(s.reference.tag(), None);
+    }
+
+    #[test]
+    fn bad_references_say_what_is_allowed() {
+        for bad in ["", "Alpine:3", "a b", "alpine:", "x@sha256:short", "-x"] {
+            let e = ImageSource::parse(bad, None).unwrap_err();
+            assert!(
+                matches!(e, RecipeError::InvalidImage { .. }),
+                "{bad:?}: {e}"
+            );
+            assert!(e.to_string().contains("[registry/]repository"), "{e}");
+        }
+    }
+
+    #[test]
+    fn credentials_come_from_the_registry_object() {
+        let v = serde_json::json!({"type": "registry", "username": "me", "password": "pw"});
+        let s = ImageSource::parse("ghcr.io/me/app:1", Some(&v)).unwrap();
+        assert_eq!(
+            s.credentials,
+            Some(Credentials {
+                username: "me".into(),
+                password: "pw".into()
+            })
+        );
+        let empty = serde_json::json!({"type": "registry"});
+        assert_eq!(
+            ImageSource::parse("a:1", Some(&empty)).unwrap().credentials,
+            None
+        );
+        assert_eq!(
+            ImageSource::parse("a:1", Some(&serde_json::Value::Null))
+                .unwrap()
+                .credentials,
+            None
+        );
+        let gcp = serde_json::json!({"type": "gcp", "serviceAccountJson": "{}"});
+        let e = ImageSource::parse("a:1", Some(&gcp)).unwrap_err();
+        assert!(e.to_string().contains("\"gcp\""), "{e}");
     }
 }

@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_template::build::{BuildError, BuildLog, BuildRequest, RunError, RunRequest, StepRunner};
-use kiln_template::oci::{ImageSource, PullCause};
-use kiln_template::recipe::{self, BuildSpec};
+use kiln_template::oci::{PullCause, PullEvent};
+use kiln_template::recipe::{self, BuildSpec, ImageSource};
 use kiln_template::TemplateStore;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{OciImageIndex, OCI_IMAGE_MEDIA_TYPE};
@@ -348,7 +348,12 @@ async fn pulls_unpacks_caches_and_reports_an_unreachable_registry() {
     let src = ImageSource::parse(&image, None).unwrap();
     let mut logs = Vec::new();
     let pulled = store
-        .pull_image(&src, false, &mut |l: BuildLog| logs.push(l.message))
+        .pull_image(&src, false, &mut |e| {
+            logs.push(match e {
+                PullEvent::Log { line } => line,
+                PullEvent::Warning { message } => message,
+            })
+        })
         .await
         .unwrap_or_else(|e| panic!("{}\n{}", kiln_template::ErrorChain(&e), registry.log()));
     assert_eq!(pulled.digest, amd64, "{logs:?}");

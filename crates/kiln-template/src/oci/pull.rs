@@ -15,11 +15,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    cache_key, ensure_root_account, is_loopback, unpack, ImageConfig, ImageSource, PullCause,
-    PullError, PulledImage, CONNECT_TIMEOUT, IMAGES_DIR, IMAGE_FILE, READ_TIMEOUT,
+    cache_key, ensure_root_account, is_loopback, ImageConfig, ImageSource, PullCause, PullError,
+    PullEvent, PulledImage, CONNECT_TIMEOUT, IMAGES_DIR, IMAGE_FILE, READ_TIMEOUT,
 };
-use crate::build::{BuildLog, LogLevel};
-use crate::{base, fsutil, shift, TemplateStore};
+use crate::{base, fsutil, shift, unpack, TemplateStore};
 
 /// `image.json` of a prepared image.
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,12 +37,8 @@ struct RefRecord {
     key: String,
 }
 
-fn log(on_log: &mut (dyn FnMut(BuildLog) + Send), level: LogLevel, message: String) {
-    on_log(BuildLog {
-        level,
-        step: Some("base".into()),
-        message: format!("[base] {message}"),
-    });
+fn log(on_event: &mut (dyn FnMut(PullEvent) + Send), line: String) {
+    on_event(PullEvent::Log { line });
 }
 
 fn size(bytes: u64) -> String {
@@ -60,14 +55,15 @@ impl TemplateStore {
         self.templates_dir.join(IMAGES_DIR)
     }
 
-    /// Pulls and prepares `src`, or returns the prepared image from the cache. With
-    /// `refresh` (a forced build), an unreachable registry is an error even when the
-    /// reference was pulled before. Needs root (owners, the uid shift).
+    /// Pulls and prepares `src`, or returns the prepared image from the cache; progress
+    /// goes to `on_event`. With `refresh` (a forced build), an unreachable registry is an
+    /// error even when the reference was pulled before. Needs root (owners, the uid
+    /// shift).
     pub async fn pull_image(
         &self,
         src: &ImageSource,
         refresh: bool,
-        on_log: &mut (dyn FnMut(BuildLog) + Send),
+        on_event: &mut (dyn FnMut(PullEvent) + Send),
     ) -> Result<PulledImage, PullError> {
         let image = src.reference.whole();
         let fail = |cause: PullCause| PullError {
@@ -86,11 +82,7 @@ impl TemplateStore {
         if let Some(digest) = src.reference.digest() {
             let by_digest = cache_key(digest).and_then(|key| self.cached(&key));
             if let Some(p) = by_digest.or_else(|| self.cached_ref(&image)) {
-                log(
-                    on_log,
-                    LogLevel::Info,
-                    format!("CACHED {image} [{}]", p.digest),
-                );
+                log(on_event, format!("CACHED {image} [{}]", p.digest));
                 return Ok(p);
             }
         }
@@ -107,11 +99,12 @@ impl TemplateStore {
                 if let (PullCause::Unreachable { .. }, false) = (&cause, refresh) {
                     if let Some(p) = self.cached_ref(&image) {
                         let why = crate::ErrorChain(&cause).to_string();
-                        log(
-                            on_log,
-                            LogLevel::Warn,
-                            format!("{why}; using {image} as pulled before [{}]", p.digest),
-                        );
+                        on_event(PullEvent::Warning {
+                            message: format!(
+                                "{why}; using {image} as pulled before [{}]",
+                                p.digest
+                            ),
+                        });
                         return Ok(p);
                     }
                 }
@@ -121,7 +114,7 @@ impl TemplateStore {
         let key = cache_key(&digest).ok_or_else(|| fail(PullCause::BadDigest(digest.clone())))?;
         if let Some(p) = self.cached(&key) {
             self.remember_ref(&image, &key);
-            log(on_log, LogLevel::Info, format!("CACHED {image} [{digest}]"));
+            log(on_event, format!("CACHED {image} [{digest}]"));
             return Ok(p);
         }
         let _lock = crate::lock_path(images.join(format!(".{key}.lock")))
@@ -133,7 +126,7 @@ impl TemplateStore {
             return Ok(p);
         }
         let pulled = match self
-            .pull_into(&client, src, &manifest, &digest, &key, on_log)
+            .pull_into(&client, src, &manifest, &digest, &key, on_event)
             .await
         {
             Ok(p) => p,
@@ -157,7 +150,7 @@ impl TemplateStore {
         manifest: &oci_client::manifest::OciImageManifest,
         digest: &str,
         key: &str,
-        on_log: &mut (dyn FnMut(BuildLog) + Send),
+        on_event: &mut (dyn FnMut(PullEvent) + Send),
     ) -> Result<PulledImage, PullCause> {
         let image = src.reference.whole();
         let registry = src.registry().to_string();
@@ -188,8 +181,7 @@ impl TemplateStore {
         let config = ImageConfig::parse(&blob).map_err(PullCause::Config)?;
         let total: i64 = manifest.layers.iter().map(|l| l.size.max(0)).sum();
         log(
-            on_log,
-            LogLevel::Info,
+            on_event,
             format!(
                 "pulling {image} [{digest}]: {} layers, {}",
                 manifest.layers.len(),
@@ -200,8 +192,7 @@ impl TemplateStore {
         for (i, layer) in manifest.layers.iter().enumerate() {
             check_layer_type(layer)?;
             log(
-                on_log,
-                LogLevel::Info,
+                on_event,
                 format!(
                     "layer {}/{n} {} ({})",
                     i + 1,
@@ -238,7 +229,7 @@ impl TemplateStore {
                     stats.skipped_devices
                 ));
             }
-            log(on_log, LogLevel::Info, line);
+            log(on_event, line);
         }
 
         let (root, workdir) = (rootfs.clone(), config.workdir.clone());
@@ -283,8 +274,7 @@ impl TemplateStore {
             .and_then(|d| d.sync_all())
             .map_err(io(&images))?;
         log(
-            on_log,
-            LogLevel::Info,
+            on_event,
             format!(
                 "{image} unpacked: {} of files, owners shifted into the sandbox id range",
                 size(stats.bytes)

@@ -1,3 +1,5 @@
+//! The tar walker of image pulls ([`crate::oci`]) and COPY steps ([`crate::copy`]).
+//!
 //! Applying an image layer (a tar archive, plain, gzip or zstd) onto a root filesystem
 //! directory, as the OCI image spec's "applying changesets" says:
 //!
