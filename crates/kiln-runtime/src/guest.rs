@@ -17,7 +17,7 @@ use std::path::Path;
 
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 
-use crate::{ID_MAP_BASE, ID_MAP_LEN};
+use crate::idmap::{self as ids, HostIds};
 
 /// Why a guest-writable file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +34,14 @@ pub enum GuestFileError {
         found: &'static str,
         expected: &'static str,
     },
-    #[error("{path} belongs to host uid {uid}, which is not a sandbox id")]
+    #[error("{path} belongs to host uid {uid}, which is not one of its sandbox's ids")]
     WrongOwner { path: String, uid: u32 },
+    #[error("the id range of the sandbox of {path}")]
+    Ids {
+        path: String,
+        #[source]
+        source: ids::IdsError,
+    },
     #[error("{path} holds more than {cap} bytes")]
     TooLarge { path: String, cap: usize },
     #[error("cannot read {path}")]
@@ -176,25 +182,32 @@ pub fn read_capped_string(dir: &Path, name: &str, cap: usize) -> Result<String, 
     read_capped(dir, name, cap).map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
-/// Whether a host uid is one of the ids sandboxes map to (a socket envd bound as the
-/// sandbox's root, or that runsc's gofer bound for it).
-fn sandbox_uid(uid: u32) -> bool {
-    (ID_MAP_BASE..ID_MAP_BASE.saturating_add(ID_MAP_LEN)).contains(&uid)
+/// The host ids of the sandbox whose envd socket is `<dir>/run/envd.sock`: the range
+/// `<dir>/idmap` records (a jail sandbox with a range of its own; `<dir>` is host-owned,
+/// the guest cannot write there), else the canonical range (gVisor sandboxes, build
+/// sandboxes of old, the simulated runtime).
+fn sandbox_ids(socket_dir: &Path) -> Result<HostIds, ids::IdsError> {
+    match socket_dir.parent() {
+        Some(dir) => Ok(ids::read_record(dir)?.unwrap_or(HostIds::CANONICAL)),
+        None => Ok(HostIds::CANONICAL),
+    }
 }
 
-/// Whether the host may connect to a socket owned by `uid`: a sandbox id, or, for a
-/// server that does not run as root (the control-plane tests' simulated runtime), its
-/// own uid. Never host root's, nor another host user's.
-fn acceptable_owner(uid: u32) -> bool {
+/// Whether the host may connect to a socket owned by `uid`: an id of the sandbox
+/// (`ids`: a socket envd bound as the sandbox's root, or that runsc's gofer bound for
+/// it), or, for a server that does not run as root (the control-plane tests'
+/// simulated runtime), its own uid. Never host root's, another host user's, nor
+/// another sandbox's.
+fn acceptable_owner(uid: u32, ids: HostIds) -> bool {
     let me = nix::unistd::geteuid().as_raw();
-    sandbox_uid(uid) || (me != 0 && uid == me)
+    ids.contains(uid) || (me != 0 && uid == me)
 }
 
 /// Connect to envd's Unix socket at `socket` (`<sandbox dir>/run/envd.sock`), whose
 /// directory the guest can write. The socket must be a socket inode directly in that
-/// directory (no symlink anywhere), owned by a sandbox id: a guest that replaced it by
-/// a link to a host socket, or renamed a host-owned socket there, gets an error, never
-/// a connection to the host.
+/// directory (no symlink anywhere), owned by an id of that sandbox: a guest that
+/// replaced it by a link to a host socket, or renamed a host-owned socket there, gets
+/// an error, never a connection to the host.
 pub async fn connect_envd(socket: &Path) -> Result<tokio::net::UnixStream, GuestFileError> {
     let shown = || socket.display().to_string();
     let (Some(dir), Some(name)) = (socket.parent(), socket.file_name().and_then(|n| n.to_str()))
@@ -204,9 +217,13 @@ pub async fn connect_envd(socket: &Path) -> Result<tokio::net::UnixStream, Guest
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a socket path"),
         });
     };
+    let ids = sandbox_ids(dir).map_err(|source| GuestFileError::Ids {
+        path: shown(),
+        source,
+    })?;
     let fd = open_beneath(dir, name, OFlags::PATH)?;
     let st = check_type(&fd, shown, FileType::Socket)?;
-    if !acceptable_owner(st.st_uid) {
+    if !acceptable_owner(st.st_uid, ids) {
         return Err(GuestFileError::WrongOwner {
             path: shown(),
             uid: st.st_uid,
@@ -328,7 +345,8 @@ mod tests {
         }
         // Owned by the sandbox's root (needs root to chown): accepted.
         if me == 0 {
-            chown(&socket, Some(ID_MAP_BASE), Some(ID_MAP_BASE)).unwrap();
+            let base = crate::ID_MAP_BASE;
+            chown(&socket, Some(base), Some(base)).unwrap();
             let (client, accepted) = tokio::join!(connect_envd(&socket), listener.accept());
             client.unwrap();
             accepted.unwrap();
@@ -337,5 +355,39 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_not_found(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn envd_socket_must_belong_to_its_own_sandboxs_range() {
+        // <dir>/idmap records the sandbox's range; <dir>/run holds the socket.
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        let socket = run.join("envd.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let (own, other) = (HostIds::slot(7).unwrap(), HostIds::slot(8).unwrap());
+        ids::write_record(dir.path(), own).unwrap();
+        assert_eq!(sandbox_ids(&run).unwrap(), own);
+        assert!(acceptable_owner(own.host(0), own));
+        assert!(acceptable_owner(own.host(65535), own));
+        assert!(!acceptable_owner(other.host(0), own));
+        assert!(!acceptable_owner(crate::ID_MAP_BASE, own));
+        assert!(!acceptable_owner(0, own));
+        if nix::unistd::geteuid().is_root() {
+            chown(&socket, Some(other.root()), Some(other.root())).unwrap();
+            let err = connect_envd(&socket).await.unwrap_err();
+            assert!(matches!(err, GuestFileError::WrongOwner { .. }), "{err}");
+            chown(&socket, Some(own.host(0)), Some(own.host(0))).unwrap();
+            let (client, accepted) = tokio::join!(connect_envd(&socket), listener.accept());
+            client.unwrap();
+            accepted.unwrap();
+        }
+        // No record: the canonical range (gVisor, sandboxes from before ranges).
+        std::fs::remove_file(dir.path().join(ids::RECORD)).unwrap();
+        assert_eq!(sandbox_ids(&run).unwrap(), HostIds::CANONICAL);
+        // A record that is not one: refused.
+        std::fs::write(dir.path().join(ids::RECORD), "0 5 65536\n").unwrap();
+        let err = connect_envd(&socket).await.unwrap_err();
+        assert!(matches!(err, GuestFileError::Ids { .. }), "{err}");
     }
 }

@@ -11,12 +11,15 @@ use async_trait::async_trait;
 
 pub mod guest;
 pub mod gvisor;
+pub mod idmap;
 pub mod jail;
 pub mod multi;
 pub mod userns;
 
-/// First host uid (and gid) of the range that sandbox ids 0.. map to. Template root
-/// filesystems are stored already shifted into this range (see `docs/jail.md`).
+/// First host uid (and gid) of the canonical range: template root filesystems are
+/// stored already shifted into it (see `docs/jail.md`), build sandboxes and gVisor
+/// sandboxes map their ids 0.. to it. Other jail sandboxes get a range of their own
+/// ([`HostIdMode::PerSandbox`], `jail::ids`).
 pub const ID_MAP_BASE: u32 = 100_000;
 /// Number of ids mapped into every sandbox (sandbox ids 0..65535).
 pub const ID_MAP_LEN: u32 = 65_536;
@@ -96,6 +99,24 @@ pub struct SandboxConfig {
     pub rootfs: PathBuf,
     pub limits: Limits,
     pub network: NetworkMode,
+    /// Which host ids the sandbox's ids are. Template build steps must ask for
+    /// [`HostIdMode::Canonical`]: their writable layer becomes a template layer.
+    #[serde(default)]
+    pub host_ids: HostIdMode,
+}
+
+/// Which host id range a sandbox's ids `0..65535` map to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostIdMode {
+    /// A range of its own, shared with no other live sandbox (the jail; the gVisor
+    /// runtime uses the canonical range whatever is asked, see `docs/gvisor.md`). The
+    /// template's layers appear through idmapped mounts.
+    #[default]
+    PerSandbox,
+    /// The canonical range [`ID_MAP_BASE`], the one template layers are stored in:
+    /// for template build steps, whose writable layer becomes a template layer.
+    Canonical,
 }
 
 /// A running sandbox as the runtime reports it.

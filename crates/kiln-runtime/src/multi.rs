@@ -217,6 +217,7 @@ mod tests {
                 disk_mb: 64,
             },
             network: crate::NetworkMode::Loopback,
+            host_ids: crate::HostIdMode::PerSandbox,
         }
     }
 

@@ -148,6 +148,7 @@ impl Fixture {
                 disk_mb: kiln_runtime::DEFAULT_DISK_MB,
             },
             network,
+            host_ids: kiln_runtime::HostIdMode::PerSandbox,
         }
     }
 

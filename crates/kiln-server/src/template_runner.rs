@@ -87,6 +87,9 @@ impl SandboxStepRunner {
                 disk_mb: kiln_runtime::DEFAULT_DISK_MB,
             },
             network: NetworkMode::Internet,
+            // A step's upper dir becomes a template layer: it must be owned by the
+            // canonical range every template uses.
+            host_ids: kiln_runtime::HostIdMode::Canonical,
         };
         // The template's own runtime when it names one (validated with the recipe).
         let kind = runtime.and_then(kiln_runtime::RuntimeKind::parse);

@@ -94,10 +94,10 @@ pub fn prepare_rootfs(
         GUEST_BIN_DIR,
         &run_dir.to_string_lossy(),
     ] {
-        ensure_dir(&root, dir)?;
+        ensure_dir(&root, dir, ID_MAP_BASE)?;
     }
     for (name, content) in etc_files {
-        write_etc(&root, name, content)?;
+        write_etc(&root, name, content, ID_MAP_BASE)?;
     }
     Ok(())
 }

@@ -119,12 +119,18 @@ fn start(id: &str) -> Result<(), HelperError> {
             spec.id
         )));
     }
+    if !spec.ids.is_canonical() && spec.ids.index().is_none() {
+        return Err(HelperError::Invalid(format!(
+            "host id range {} is neither the canonical one nor one of the plan's",
+            spec.ids.base
+        )));
+    }
     // Leave the server's session and process group: the sandbox must outlive a server
     // restart (and a Ctrl-C in the server's terminal). Fails only if already a leader.
     let _ = nix::unistd::setsid();
     let paths = SandboxPaths::new(&spec.state_dir, &spec.id);
     let owner = spec::namespace_owner(std::process::id());
-    make_dirs(&paths, spec.limits.disk_mb, owner)?;
+    make_dirs(&paths, &spec, owner)?;
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -143,7 +149,7 @@ fn start(id: &str) -> Result<(), HelperError> {
     Ok(())
 }
 
-fn make_dirs(paths: &SandboxPaths, disk_mb: u64, owner: u32) -> Result<(), HelperError> {
+fn make_dirs(paths: &SandboxPaths, spec: &HelperSpec, owner: u32) -> Result<(), HelperError> {
     let mut b = fs::DirBuilder::new();
     if let Some(parent) = paths.dir.parent() {
         fs::DirBuilder::new()
@@ -166,7 +172,11 @@ fn make_dirs(paths: &SandboxPaths, disk_mb: u64, owner: u32) -> Result<(), Helpe
         .map_err(io_err("chmod", &paths.dir))?;
     std::os::unix::fs::lchown(&paths.dir, Some(0), Some(owner))
         .map_err(io_err("chown", &paths.dir))?;
-    let root = spec::host_root_id();
+    // The sandbox's host id range, recorded before anything of the sandbox exists:
+    // from here on the range is taken for every allocator that reads the state
+    // directory (a restarted server included), until `kill` removes the directory.
+    crate::idmap::write_record(&paths.dir, spec.ids).map_err(io_err("writing", &paths.idmap()))?;
+    let root = spec.ids.root();
     let made = |dir: &Path, mode: u32, owner: Option<u32>| -> Result<(), HelperError> {
         fs::create_dir(dir).map_err(io_err("mkdir", dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", dir))?;
@@ -182,7 +192,7 @@ fn make_dirs(paths: &SandboxPaths, disk_mb: u64, owner: u32) -> Result<(), Helpe
     // this helper unshares its own), so the kernel caps what the sandbox can write
     // and the layer outlives the sandbox's processes until `kill` (`disk.rs`).
     made(&paths.disk(), 0o700, None)?;
-    disk::create(&paths.disk_image(), &paths.disk(), disk_mb)?;
+    disk::create(&paths.disk_image(), &paths.disk(), spec.limits.disk_mb)?;
     made(&paths.upper(), 0o755, Some(root))?;
     made(&paths.work(), 0o700, None)?;
     Ok(())
@@ -237,7 +247,7 @@ fn build(
     if spec.slot.is_some() {
         etc.push(("resolv.conf", net::sandbox_resolv_conf()?));
     }
-    mounts::prepare_rootfs(&spec.rootfs, paths, &spec.guest_bin_dir, &etc)?;
+    mounts::prepare_rootfs(&spec.rootfs, paths, &spec.guest_bin_dir, &etc, spec.ids)?;
 
     // 3. The child's program, all allocated now.
     let cstr =
@@ -358,7 +368,7 @@ fn configure_child(
     go: OwnedFd,
     report: OwnedFd,
 ) -> Result<(), HelperError> {
-    let map = spec::id_map();
+    let map = spec.ids.map_line();
     for file in ["uid_map", "gid_map"] {
         let path = format!("/proc/{pid}/{file}");
         fs::write(&path, &map).map_err(io_err("writing", Path::new(&path)))?;

@@ -9,6 +9,8 @@
 pub mod cgroup;
 pub mod disk;
 pub mod helper;
+pub mod idmapped;
+pub mod ids;
 pub mod mounts;
 pub mod net;
 pub mod seccomp;
@@ -25,7 +27,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use self::cgroup::Cgroups;
 use self::spec::{HelperReply, HelperSpec, SandboxPaths, SandboxState};
-use crate::{Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats};
+use crate::idmap::HostIds;
+use crate::{
+    HostIdMode, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
+};
 
 pub use self::sys::KEEP_CAPS;
 
@@ -46,6 +51,10 @@ pub struct JailOptions {
     /// Private ranges Internet sandboxes may reach anyway (`net::parse_egress_allow`);
     /// host-wide: give the gVisor runtime the same list.
     pub egress_allow: Vec<net::Ipv4Cidr>,
+    /// Give every sandbox that asks for it ([`HostIdMode::PerSandbox`], the default) a
+    /// host id range of its own (`ids.rs`, template layers mounted idmapped). `false`:
+    /// every sandbox uses the canonical range, as before ranges existed.
+    pub per_sandbox_ids: bool,
 }
 
 impl JailOptions {
@@ -57,6 +66,7 @@ impl JailOptions {
             envd_command: None,
             start_timeout: Duration::from_secs(10),
             egress_allow: Vec::new(),
+            per_sandbox_ids: true,
         }
     }
 }
@@ -71,6 +81,7 @@ pub struct JailRuntime {
 struct Inner {
     opts: JailOptions,
     cgroups: Box<dyn Cgroups>,
+    id_plan: ids::Plan,
 }
 
 /// The whole error chain on one line (for messages that cross the API boundary).
@@ -146,14 +157,61 @@ impl JailRuntime {
         net::install_host_rules(&opts.egress_allow)
             .map_err(|e| RuntimeError::Unsupported(format!("host network setup: {}", chain(&e))))?;
         let rt = JailRuntime {
-            inner: Arc::new(Inner { opts, cgroups }),
+            inner: Arc::new(Inner {
+                opts,
+                cgroups,
+                id_plan: ids::Plan::host(),
+            }),
         };
         for id in rt.ids()? {
             if let Some(slot) = rt.read_state(&id).and_then(|s| s.slot) {
                 net::reserve(slot.index);
             }
+            rt.reserve_ids(&id);
         }
         Ok(rt)
+    }
+
+    /// The host ids of a sandbox: its record (`<dir>/idmap`), else the canonical
+    /// range (a sandbox from before ranges existed, or none at all).
+    pub fn host_ids(&self, id: &str) -> HostIds {
+        crate::idmap::read_record(&self.paths(id).dir)
+            .ok()
+            .flatten()
+            .unwrap_or(HostIds::CANONICAL)
+    }
+
+    /// Marks the range a sandbox found on disk records as used: in this process's set,
+    /// and host-wide unless a claim is there already.
+    fn reserve_ids(&self, id: &str) {
+        if let Some(index) = self.host_ids(id).index() {
+            ids::ranges().reserve(index);
+            self.inner.id_plan.reserve_claim(index, &self.paths(id).dir);
+        }
+    }
+
+    /// Gives a sandbox's range back (its directory is gone, or never recorded it).
+    fn release_ids(&self, id: &str, host_ids: HostIds) {
+        if let Some(index) = host_ids.index() {
+            ids::ranges().release(index);
+            self.inner.id_plan.release_claim(index, &self.paths(id).dir);
+        }
+    }
+
+    fn allocate_ids(&self, config: &SandboxConfig) -> Result<HostIds, RuntimeError> {
+        if !self.inner.opts.per_sandbox_ids || config.host_ids == HostIdMode::Canonical {
+            return Ok(HostIds::CANONICAL);
+        }
+        ids::ranges()
+            .allocate(
+                &self.inner.id_plan,
+                &self.inner.opts.state_dir,
+                &self.paths(&config.id).dir,
+            )
+            .map_err(|e| RuntimeError::Start {
+                id: config.id.clone(),
+                reason: chain(&e),
+            })
     }
 
     pub fn options(&self) -> &JailOptions {
@@ -328,12 +386,15 @@ impl JailRuntime {
     fn kill_blocking(&self, id: &str) -> Result<(), RuntimeError> {
         let paths = self.paths(id);
         let state = self.read_state(id);
+        let host_ids = self.host_ids(id);
         let io =
             |what: &str, e: std::io::Error| RuntimeError::io(format!("sandbox {id}: {what}"), e);
         // Every step runs even when an earlier one failed, so one stuck resource does
         // not leave the others behind; the first failure is reported.
         let mut failures: Vec<RuntimeError> = Vec::new();
-        if let Err(e) = self.stop_blocking(id, state.as_ref()) {
+        let stopped = self.stop_blocking(id, state.as_ref());
+        let processes_gone = stopped.is_ok();
+        if let Err(e) = stopped {
             failures.push(e);
         }
         if let Some(s) = &state {
@@ -353,10 +414,19 @@ impl JailRuntime {
         if let Err(e) = self.inner.cgroups.remove(id) {
             failures.push(cgroup_err(id, "removing its cgroups", e));
         }
-        match std::fs::remove_dir_all(&paths.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => failures.push(io("removing its directory", e)),
+        let dir_gone = match std::fs::remove_dir_all(&paths.dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
+                failures.push(io("removing its directory", e));
+                false
+            }
+        };
+        // The id range is free once no process of the sandbox is left and its record
+        // is gone. Otherwise it stays taken (a retried kill that removes the directory
+        // gives it back; with processes left, only a restart of the server does).
+        if processes_gone && dir_gone {
+            self.release_ids(id, host_ids);
         }
         match failures.into_iter().next() {
             Some(e) => Err(e),
@@ -432,7 +502,14 @@ impl Runtime for JailRuntime {
                 config.id
             )));
         }
-        let slot = net::allocate_for(&mut net::slots(), &config.id, config.network)?;
+        let host_ids = self.allocate_ids(config)?;
+        let slot = match net::allocate_for(&mut net::slots(), &config.id, config.network) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.release_ids(&config.id, host_ids);
+                return Err(e);
+            }
+        };
         let spec = HelperSpec {
             id: config.id.clone(),
             rootfs: config.rootfs.clone(),
@@ -441,6 +518,7 @@ impl Runtime for JailRuntime {
             limits: config.limits,
             slot,
             envd_command: self.inner.opts.envd_command.clone(),
+            ids: host_ids,
         };
         let started = async {
             let reply = self.spawn_helper(&spec).await?;
@@ -458,11 +536,18 @@ impl Runtime for JailRuntime {
                 })
             }
             Err(e) => {
+                // A recorded range is given back by a kill that removed everything
+                // (and stays taken otherwise); an unrecorded one (the helper failed
+                // before writing it) is given back here.
+                let recorded = paths.idmap().exists();
                 if let Err(cleanup) = self.kill(&config.id).await {
                     tracing::warn!(id = %config.id, error = %chain(&cleanup), "cleanup after a failed start");
                 }
                 if let Some(slot) = slot {
                     net::release(slot.index);
+                }
+                if !recorded {
+                    self.release_ids(&config.id, host_ids);
                 }
                 Err(e)
             }
@@ -542,6 +627,7 @@ impl Runtime for JailRuntime {
         if let Some(slot) = state.slot {
             net::reserve(slot.index);
         }
+        self.reserve_ids(id);
         Ok(Some(self.instance(&state)))
     }
 
@@ -591,6 +677,7 @@ mod tests {
                 disk_mb: 64,
             },
             network: NetworkMode::Loopback,
+            host_ids: HostIdMode::PerSandbox,
         }
     }
 

@@ -14,7 +14,9 @@ use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use super::spec::{host_root_id, SandboxPaths};
+use super::idmapped::{self, IdmapError};
+use super::spec::SandboxPaths;
+use crate::idmap::HostIds;
 use crate::{GUEST_BIN_DIR, GUEST_ENVD_SOCKET};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,8 @@ pub enum MountError {
         #[source]
         source: nix::Error,
     },
+    #[error("idmapped template layer")]
+    Idmap(#[from] IdmapError),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MountError + 'a {
@@ -104,9 +108,9 @@ pub fn overlay_options(lower: &Path, paths: &SandboxPaths) -> Result<String, Mou
     ))
 }
 
-/// Create `rel` (relative to `root`) and missing parents, owned by sandbox root, and
-/// refuse to follow symlinks planted by a template out of the root.
-pub fn ensure_dir(root: &Path, rel: &str) -> Result<PathBuf, MountError> {
+/// Create `rel` (relative to `root`) and missing parents, owned by sandbox root (host
+/// id `owner`), and refuse to follow symlinks planted by a template out of the root.
+pub fn ensure_dir(root: &Path, rel: &str, owner: u32) -> Result<PathBuf, MountError> {
     let mut path = root.to_path_buf();
     for comp in Path::new(rel.trim_start_matches('/')).components() {
         let Component::Normal(name) = comp else {
@@ -122,20 +126,19 @@ pub fn ensure_dir(root: &Path, rel: &str) -> Result<PathBuf, MountError> {
             Err(_) => {}
         }
         fs::create_dir(&path).map_err(io_err("mkdir", &path))?;
-        chown_sandbox_root(&path)?;
+        chown_to(&path, owner)?;
     }
     Ok(path)
 }
 
-fn chown_sandbox_root(path: &Path) -> Result<(), MountError> {
-    let id = host_root_id();
+fn chown_to(path: &Path, id: u32) -> Result<(), MountError> {
     std::os::unix::fs::lchown(path, Some(id), Some(id)).map_err(io_err("chown", path))
 }
 
 /// Replace `/etc/<name>` in the merged root with `content` (never writing through a
-/// symlink the template may have there), owned by sandbox root.
-pub fn write_etc(root: &Path, name: &str, content: &str) -> Result<(), MountError> {
-    let etc = ensure_dir(root, "etc")?;
+/// symlink the template may have there), owned by sandbox root (host id `owner`).
+pub fn write_etc(root: &Path, name: &str, content: &str, owner: u32) -> Result<(), MountError> {
+    let etc = ensure_dir(root, "etc", owner)?;
     let path = etc.join(name);
     if fs::symlink_metadata(&path).is_ok() {
         fs::remove_file(&path).map_err(io_err("removing", &path))?;
@@ -143,7 +146,7 @@ pub fn write_etc(root: &Path, name: &str, content: &str) -> Result<(), MountErro
     fs::write(&path, content).map_err(io_err("writing", &path))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
         .map_err(io_err("chmod", &path))?;
-    chown_sandbox_root(&path)
+    chown_to(&path, owner)
 }
 
 pub fn hosts_file(id: &str, guest_ip: Option<std::net::Ipv4Addr>) -> String {
@@ -156,12 +159,15 @@ pub fn hosts_file(id: &str, guest_ip: Option<std::net::Ipv4Addr>) -> String {
     s
 }
 
-/// Host half, in the helper's private mount namespace (as host root).
+/// Host half, in the helper's private mount namespace (as host root). `ids`: the
+/// sandbox's host ids; unless they are the canonical range the template's layer
+/// (stored in it) is first mounted idmapped over its own path (`idmapped.rs`).
 pub fn prepare_rootfs(
     lower: &Path,
     paths: &SandboxPaths,
     guest_bin_dir: &Path,
     etc_files: &[(&str, String)],
+    ids: HostIds,
 ) -> Result<(), MountError> {
     let root = paths.rootfs();
     do_mount(
@@ -172,6 +178,11 @@ pub fn prepare_rootfs(
         None,
     )?;
     let opts = overlay_options(lower, paths)?;
+    if !ids.is_canonical() {
+        let userns = idmapped::layer_userns(ids)?;
+        idmapped::mount_over_itself(lower, &userns)?;
+    }
+    let owner = ids.root();
     // nodev: a template must not smuggle in device nodes; the sandbox's /dev is built
     // from binds of the host's harmless ones.
     do_mount(
@@ -182,9 +193,9 @@ pub fn prepare_rootfs(
         Some(&opts),
     )?;
     for dir in ["proc", "dev", "tmp", "sys"] {
-        ensure_dir(&root, dir)?;
+        ensure_dir(&root, dir, owner)?;
     }
-    let bin = ensure_dir(&root, GUEST_BIN_DIR)?;
+    let bin = ensure_dir(&root, GUEST_BIN_DIR, owner)?;
     bind(
         guest_bin_dir,
         &bin,
@@ -193,14 +204,14 @@ pub fn prepare_rootfs(
     let run_dir = Path::new(GUEST_ENVD_SOCKET)
         .parent()
         .unwrap_or(Path::new("/run/kiln"));
-    let run = ensure_dir(&root, &run_dir.to_string_lossy())?;
+    let run = ensure_dir(&root, &run_dir.to_string_lossy(), owner)?;
     bind(
         &paths.run(),
         &run,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
     )?;
     for (name, content) in etc_files {
-        write_etc(&root, name, content)?;
+        write_etc(&root, name, content, owner)?;
     }
     Ok(())
 }
@@ -364,8 +375,10 @@ mod tests {
         symlink("/etc", t.path().join("run")).unwrap();
         // chown needs root; only check the shape when we are root.
         if nix::unistd::geteuid().is_root() {
-            assert!(ensure_dir(t.path(), "proc").unwrap().is_dir());
-            assert!(ensure_dir(t.path(), "/run/kiln").unwrap().is_dir());
+            assert!(ensure_dir(t.path(), "proc", 4242).unwrap().is_dir());
+            assert!(ensure_dir(t.path(), "/run/kiln", 4242).unwrap().is_dir());
+            let meta = fs::metadata(t.path().join("run/kiln")).unwrap();
+            assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 4242);
             assert!(!fs::symlink_metadata(t.path().join("run"))
                 .unwrap()
                 .file_type()

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::net::Slot;
-use crate::{Limits, ID_MAP_BASE, ID_MAP_LEN};
+use crate::idmap::HostIds;
+use crate::Limits;
 
 /// The helper's input, one JSON document on its stdin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,6 +23,9 @@ pub struct HelperSpec {
     pub slot: Option<Slot>,
     /// Replaces kiln-init's default envd command (`kiln-init -- <command>`).
     pub envd_command: Option<Vec<String>>,
+    /// The sandbox's host ids (allocated by the runtime; the helper records them in
+    /// `<dir>/idmap` before anything else of the sandbox exists).
+    pub ids: HostIds,
 }
 
 /// The helper's success answer, one JSON line on its stdout.
@@ -134,6 +138,10 @@ impl SandboxPaths {
             self.disk().join("console.log")
         }
     }
+    /// The sandbox's host id range (`ids::RECORD`), host-owned.
+    pub fn idmap(&self) -> PathBuf {
+        self.dir.join(crate::idmap::RECORD)
+    }
     /// Written by the helper when PID 1 exits: its wait status.
     pub fn exit(&self) -> PathBuf {
         self.dir.join("exit")
@@ -155,17 +163,6 @@ pub fn validate_id(id: &str) -> Result<(), String> {
         return Err(format!("sandbox id {id:?} may contain only a-z and 0-9"));
     }
     Ok(())
-}
-
-/// Contents of `/proc/<pid>/uid_map` and `gid_map`: sandbox ids 0..65535 are host
-/// ids 100000..165535.
-pub fn id_map() -> String {
-    format!("0 {ID_MAP_BASE} {ID_MAP_LEN}\n")
-}
-
-/// Host uid (and gid) of sandbox root.
-pub fn host_root_id() -> u32 {
-    ID_MAP_BASE
 }
 
 /// Start time of a process (clock ticks since boot), or `None` if it is gone.
@@ -198,12 +195,6 @@ mod tests {
         for bad in ["", "ABC", "a-b", "../x", "a b", &"a".repeat(64)] {
             assert!(validate_id(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn id_map_string() {
-        assert_eq!(id_map(), "0 100000 65536\n");
-        assert_eq!(host_root_id(), 100000);
     }
 
     #[test]

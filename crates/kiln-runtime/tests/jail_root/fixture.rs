@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kiln_runtime::jail::{JailOptions, JailRuntime};
-use kiln_runtime::{Limits, NetworkMode, Runtime, SandboxConfig, SandboxInstance, ID_MAP_BASE};
+use kiln_runtime::{
+    HostIdMode, Limits, NetworkMode, Runtime, SandboxConfig, SandboxInstance, ID_MAP_BASE,
+};
 
 pub struct Fixture {
     pub rt: JailRuntime,
@@ -134,6 +136,7 @@ impl Fixture {
             rootfs: self.rootfs.clone(),
             limits,
             network,
+            host_ids: HostIdMode::PerSandbox,
         }
     }
 
@@ -210,6 +213,17 @@ impl Fixture {
         );
         if self.rt.paths(id).dir.exists() {
             left.push(format!("dir {}", self.rt.paths(id).dir.display()));
+        }
+        // A host-wide claim on its id range (`jail::ids`) names its directory.
+        let dir_bytes = self.rt.paths(id).dir.into_os_string().into_encoded_bytes();
+        for claim in std::fs::read_dir(kiln_runtime::jail::ids::CLAIMS_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if std::fs::read(claim.path()).is_ok_and(|h| h == dir_bytes) {
+                left.push(format!("id range claim {}", claim.path().display()));
+            }
         }
         // The disk's loop device (released with the disk's last mount).
         let dir = self.rt.paths(id).dir.display().to_string();

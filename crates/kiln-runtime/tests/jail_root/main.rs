@@ -19,6 +19,7 @@
 
 mod agent;
 mod fixture;
+mod id_ranges;
 mod tests;
 
 fn main() {

@@ -7,8 +7,9 @@ use anyhow::{bail, ensure, Context, Result};
 use kiln_runtime::{Limits, NetworkMode, Runtime, SandboxConfig};
 
 use crate::fixture::{unavailable, Fixture};
+use crate::id_ranges;
 
-const SMALL: Limits = Limits {
+pub const SMALL: Limits = Limits {
     memory_mb: 128,
     cpu_count: 1,
     pids_max: 64,
@@ -48,6 +49,18 @@ const TESTS: &[(&str, Test)] = &[
     (
         "stop_kills_every_process_and_keeps_the_layer",
         stop_kills_every_process_and_keeps_the_layer,
+    ),
+    (
+        "each_sandbox_has_a_host_id_range_of_its_own",
+        id_ranges::each_sandbox_has_a_host_id_range_of_its_own,
+    ),
+    (
+        "start_cost_of_a_range_of_its_own",
+        id_ranges::start_cost_of_a_range_of_its_own,
+    ),
+    (
+        "debian_owners_in_a_range_of_its_own",
+        id_ranges::debian_owners_in_a_range_of_its_own,
     ),
 ];
 
@@ -850,7 +863,7 @@ fn real_envd_starts(fx: &Fixture) -> Result<()> {
 /// An Internet sandbox on the Debian rootfs at `KILN_TEST_DEBIAN_ROOTFS` (owned by
 /// 100000+, with `needs`); `None` (skipped, with the reason printed) when it is unset,
 /// an error under CI.
-fn debian_config(fx: &Fixture, name: &str, needs: &str) -> Result<Option<SandboxConfig>> {
+pub fn debian_config(fx: &Fixture, name: &str, needs: &str) -> Result<Option<SandboxConfig>> {
     let Some(rootfs) = std::env::var_os("KILN_TEST_DEBIAN_ROOTFS") else {
         if std::env::var_os("CI").is_some() {
             anyhow::bail!("CI is set but KILN_TEST_DEBIAN_ROOTFS is not (scripts/test sets it)");

@@ -276,6 +276,7 @@ impl SandboxManager {
             } else {
                 NetworkMode::Loopback
             },
+            host_ids: kiln_runtime::HostIdMode::PerSandbox,
         })
     }
 
