@@ -91,7 +91,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/metrics", get(metrics))
-        .merge(crate::template_api::routes())
+        .merge(crate::builds::routes())
 }
 
 async fn create(

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod app;
+pub mod builds;
 pub mod builtins;
 pub mod config;
 pub mod envd;
@@ -14,9 +15,8 @@ pub mod manager;
 pub mod progress;
 pub mod proxy;
 pub mod store;
-pub mod template_api;
 pub mod template_runner;
 pub mod templates;
 
 pub use app::{router, serve, AppState, ServeError};
-pub use config::{LimitsConfig, ServerConfig};
+pub use config::{BuildConfig, LimitsConfig, ServerConfig};

@@ -401,6 +401,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         domain: args.domain,
         api_key,
         builtins: args.builtin_templates.0,
+        builds: kiln_server::BuildConfig::from_env()?,
     };
     kiln_server::serve(config, runtime)
         .await
