@@ -47,6 +47,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/templates/aliases/{id}"),
     ("GET", "/templates/{id}/files/{id}"),
     ("POST", "/v2/templates/{id}/builds/{id}"),
+    ("DELETE", "/templates/{id}/builds/{id}"),
     ("GET", "/templates/{id}/builds/{id}/status"),
     ("GET", "/templates/{id}/builds/{id}/logs/stream"),
     ("POST", "/templates/tags"),
