@@ -8,7 +8,7 @@
 # cache never answers), samples VmRSS from /proc/$KILN_PID/status every second until the
 # build ends, prints the idle, peak and after figures, and deletes the template.
 set -euo pipefail
-: "${KILN_URL:?set KILN_URL to the server's URL}"
+: "${KILN_URL:?set KILN_URL to the URL of kiln serve}"
 : "${E2B_API_KEY:?set E2B_API_KEY}"
 : "${KILN_PID:?set KILN_PID to the pid of kiln serve}"
 [ -r "/proc/$KILN_PID/status" ] || { echo "no process $KILN_PID" >&2; exit 1; }

@@ -1,5 +1,5 @@
 //! A build's log: every entry goes to `templates/.builds/<buildID>.log` (NDJSON, one
-//! entry a line, at most [`LogLimits::file_bytes`]), and only the newest entries stay in
+//! entry a line, about [`LogLimits::file_bytes`] at most), and only the newest entries stay in
 //! memory ([`LogLimits::tail_entries`], [`LogLimits::tail_bytes`] of messages). A RUN
 //! step that prints a gigabyte without a newline (cut into 16 KiB lines by the step
 //! runner) costs disk up to the cap, and a bounded amount of memory.
@@ -45,8 +45,8 @@ pub struct LogLimits {
     pub tail_entries: usize,
     /// Message bytes kept in memory at most (the newest entry is kept whatever its size).
     pub tail_bytes: usize,
-    /// Bytes written to the file at most; then one entry says so and later ones are
-    /// dropped (the build's closing entry is still written).
+    /// Bytes written to the file at most; then one entry says so and the rest of the
+    /// output that reached it is dropped ([`LogBuffer::push`]).
     pub file_bytes: u64,
 }
 
@@ -59,6 +59,10 @@ impl Default for LogLimits {
         }
     }
 }
+
+/// What may still be written past the file's cap (entries other than the output that
+/// reached it).
+pub const AFTER_CAP_BYTES: u64 = 1 << 20;
 
 /// A byte offset is kept for every this many entries.
 pub const INDEX_EVERY: usize = 256;
@@ -127,7 +131,8 @@ pub struct LogBuffer {
     written: u64,
     /// `index[i]`: byte offset of entry `i * INDEX_EVERY`.
     index: Vec<u64>,
-    truncated: bool,
+    /// Once the file reached its cap: the step whose output reached it.
+    truncated: Option<Option<String>>,
     limits: LogLimits,
 }
 
@@ -150,19 +155,25 @@ impl LogBuffer {
             len: 0,
             written: 0,
             index: Vec::new(),
-            truncated: false,
+            truncated: None,
             limits,
         }
     }
 
-    /// Adds an entry, unless the file reached its cap (then the entry is dropped).
+    /// Adds an entry, unless the file reached its cap: then the output of the step
+    /// that reached it is dropped, and what the build says after it (later steps'
+    /// titles, finalize, the outcome) still lands, up to [`AFTER_CAP_BYTES`] more.
     pub fn push(&mut self, entry: LogEntry) {
-        if self.truncated {
+        if let Some(step) = &self.truncated {
+            if entry.step == *step || self.written > self.limits.file_bytes + AFTER_CAP_BYTES {
+                return;
+            }
+            self.append(entry);
             return;
         }
         let line = to_line(&entry);
         if self.written + line.len() as u64 > self.limits.file_bytes {
-            self.truncated = true;
+            self.truncated = Some(entry.step.clone());
             let note = LogEntry::new(
                 "warn",
                 format!(
@@ -384,9 +395,16 @@ mod tests {
             "log truncated: over 2 MiB; later lines are dropped"
         );
         assert_eq!(all.last().unwrap().message, "Build failed: x");
-        // Nothing more is taken once truncated.
+        // The output of the step that reached the cap is dropped from then on; what
+        // the build says besides still lands.
         let before = log.count();
         log.push(entry(5000, 1));
         assert_eq!(log.count(), before);
+        log.push(LogEntry::new(
+            "info",
+            "installing".into(),
+            Some("finalize".into()),
+        ));
+        assert_eq!(log.count(), before + 1);
     }
 }
