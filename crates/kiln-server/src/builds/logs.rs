@@ -177,7 +177,7 @@ impl LogBuffer {
             let note = LogEntry::new(
                 "warn",
                 format!(
-                    "log truncated: over {} MiB; later lines are dropped",
+                    "log truncated: over {} MiB; the rest of this step's output is dropped",
                     self.limits.file_bytes >> 20
                 ),
                 entry.step.clone(),
@@ -392,7 +392,7 @@ mod tests {
         let note = &all[all.len() - 2];
         assert_eq!(
             note.message,
-            "log truncated: over 2 MiB; later lines are dropped"
+            "log truncated: over 2 MiB; the rest of this step's output is dropped"
         );
         assert_eq!(all.last().unwrap().message, "Build failed: x");
         // The output of the step that reached the cap is dropped from then on; what
