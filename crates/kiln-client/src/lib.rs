@@ -20,7 +20,7 @@ pub use exec::{ExecEvent, ExecOutput};
 pub use interpreter::{
     check_package_spec, CodeError, CodeEvent, Execution, RunCode, INTERPRETER_PORT,
 };
-pub use templates::{BuildLogEntry, BuildOutcome, ContextUpload, GcReport};
+pub use templates::{BuildLogEntry, BuildOutcome, ContextUpload, GcReport, StartedBuild};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -38,6 +38,13 @@ pub struct GcReport {
     pub failed: u64,
 }
 
+/// A build the server accepted.
+#[derive(Debug, Clone)]
+pub struct StartedBuild {
+    pub template_id: String,
+    pub build_id: String,
+}
+
 /// How a build ended.
 #[derive(Debug, Clone)]
 pub struct BuildOutcome {
@@ -81,8 +88,25 @@ impl Client {
         memory_mb: u64,
         spec: &serde_json::Value,
         uploads: &[ContextUpload],
-        mut on_log: impl FnMut(&BuildLogEntry),
+        on_log: impl FnMut(&BuildLogEntry),
     ) -> Result<BuildOutcome, ClientError> {
+        let build = self
+            .start_template_build(name, cpu_count, memory_mb, spec, uploads)
+            .await?;
+        self.follow_build(&build, on_log).await
+    }
+
+    /// Starts a build of template `name` from `spec` (a `TemplateBuildStartV2` body),
+    /// uploading `uploads` the server does not have yet; returns at once with the ids
+    /// ([`Self::follow_build`] waits for it, [`Self::cancel_build`] stops it).
+    pub async fn start_template_build(
+        &self,
+        name: &str,
+        cpu_count: u32,
+        memory_mb: u64,
+        spec: &serde_json::Value,
+        uploads: &[ContextUpload],
+    ) -> Result<StartedBuild, ClientError> {
         let body = serde_json::json!({"name": name, "cpuCount": cpu_count, "memoryMB": memory_mb});
         let created: Created =
             Self::json(self.call(Method::POST, "/v3/templates", Some(body)).await?).await?;
@@ -111,8 +135,24 @@ impl Client {
         }
         let path = format!("/v2/templates/{tid}/builds/{}", created.build_id);
         self.call(Method::POST, &path, Some(spec.clone())).await?;
+        Ok(StartedBuild {
+            template_id: created.template_id,
+            build_id: created.build_id,
+        })
+    }
+
+    /// Follows a started build to its end; each log line goes to `on_log`.
+    pub async fn follow_build(
+        &self,
+        build: &StartedBuild,
+        mut on_log: impl FnMut(&BuildLogEntry),
+    ) -> Result<BuildOutcome, ClientError> {
         // Kiln streams the log (the SDK polls `/status`; the outcome is the same).
-        let path = format!("/templates/{tid}/builds/{}/logs/stream", created.build_id);
+        let path = format!(
+            "/templates/{}/builds/{}/logs/stream",
+            enc(&build.template_id),
+            enc(&build.build_id)
+        );
         let resp = self.call(Method::GET, &path, None).await?;
         let mut stream = resp.bytes_stream();
         let mut pending: Vec<u8> = Vec::new();
@@ -129,8 +169,8 @@ impl Client {
                         .get("reason")
                         .and_then(|r| serde_json::from_value::<Reason>(r.clone()).ok());
                     return Ok(BuildOutcome {
-                        template_id: created.template_id,
-                        build_id: created.build_id,
+                        template_id: build.template_id.clone(),
+                        build_id: build.build_id.clone(),
                         status: status.to_string(),
                         reason: reason.map(|r| (r.message, r.step)),
                     });
@@ -143,6 +183,13 @@ impl Client {
         Err(ClientError::Protocol(
             "the build's log stream ended without its outcome".into(),
         ))
+    }
+
+    /// Cancels a waiting or running build (`DELETE /templates/{id}/builds/{buildID}`,
+    /// Kiln's own): it ends failed with the reason "cancelled".
+    pub async fn cancel_build(&self, template: &str, build_id: &str) -> Result<(), ClientError> {
+        let path = format!("/templates/{}/builds/{}", enc(template), enc(build_id));
+        self.call(Method::DELETE, &path, None).await.map(|_| ())
     }
 
     /// Every template the server has (`GET /templates`), as JSON objects.

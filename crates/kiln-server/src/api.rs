@@ -208,7 +208,7 @@ pub fn endpoints() -> Vec<Endpoint> {
 
 /// The template routes, not yet in [`endpoints`]: served with [`Access::Member`].
 pub fn routes() -> Router<Arc<AppState>> {
-    Router::new().merge(crate::template_api::routes())
+    Router::new().merge(crate::builds::routes())
 }
 
 async fn create(

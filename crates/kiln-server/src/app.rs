@@ -29,8 +29,8 @@ pub struct AppState {
     pub templates: Arc<Templates>,
     pub ready: AtomicBool,
     pub domain: Option<String>,
-    /// Template builds (`template_api`); `None` where the server cannot build.
-    pub builds: Option<Arc<crate::template_api::TemplateBuilds>>,
+    /// Template builds ([`crate::builds`]); `None` where the server cannot build.
+    pub builds: Option<Arc<crate::builds::TemplateBuilds>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         authz::authenticate,
     ));
     app.merge(templates)
-        .merge(crate::template_api::public_routes())
+        .merge(crate::builds::public_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -290,8 +290,14 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         runtime: runtime.clone(),
         manager: manager.clone(),
     });
-    let builds = crate::template_api::TemplateBuilds::open(data, runner, templates.clone())
-        .map_err(ServeError::Template)?;
+    let builds = crate::builds::TemplateBuilds::open(
+        data,
+        runner,
+        templates.clone(),
+        manager.clone(),
+        config.builds,
+    )
+    .map_err(ServeError::Template)?;
     builds.register_all();
     let builds = Arc::new(builds);
     let store_for_owners = store.clone();

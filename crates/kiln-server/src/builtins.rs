@@ -9,8 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::builds::TemplateBuilds;
+use crate::error::chain;
 use crate::manager::SandboxManager;
-use crate::template_api::TemplateBuilds;
 use crate::templates::Templates;
 
 /// One built-in template: its name and its project files (relative path, contents).
@@ -94,7 +95,7 @@ pub async fn build_all(
                 .map_err(|e| format!("writing its project to {}: {e}", projects.display()))?;
             let project = kiln_template::dockerfile::load_project(&dir, None, false)
                 .map_err(|e| e.to_string())?;
-            builds.build_project(project, manager.clone()).await
+            builds.build_project(project).await.map_err(|e| chain(&e))
         }
         .await;
         templates.set_building(&name, false);

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Limits applied to every create request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +125,55 @@ impl LimitsConfig {
     }
 }
 
+/// How template builds share the host: how many run at once and how long a step and
+/// a whole build may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildConfig {
+    /// Builds that run at once (`KILN_MAX_CONCURRENT_BUILDS`, 1-64); later ones wait.
+    /// Builds of one template always run one after the other.
+    pub max_concurrent: usize,
+    /// The longest one build step may run (`KILN_BUILD_STEP_TIMEOUT_SEC`).
+    pub step_timeout: Duration,
+    /// The longest one build may run, waiting for its turn not counted
+    /// (`KILN_BUILD_TIMEOUT_SEC`).
+    pub build_timeout: Duration,
+}
+
+/// The most builds `KILN_MAX_CONCURRENT_BUILDS` may allow at once.
+pub const MAX_CONCURRENT_BUILDS: usize = 64;
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            max_concurrent: 2,
+            step_timeout: Duration::from_secs(1800),
+            build_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl BuildConfig {
+    /// Defaults overridden by the `KILN_*BUILD*` environment variables.
+    pub fn from_env() -> Result<Self, EnvError> {
+        let d = BuildConfig::default();
+        let max_concurrent = env_num("KILN_MAX_CONCURRENT_BUILDS", d.max_concurrent)?;
+        if max_concurrent > MAX_CONCURRENT_BUILDS {
+            return Err(EnvError {
+                name: "KILN_MAX_CONCURRENT_BUILDS",
+                value: max_concurrent.to_string(),
+                expected: "a whole number from 1 to 64",
+            });
+        }
+        let secs =
+            |name, default: Duration| env_num(name, default.as_secs()).map(Duration::from_secs);
+        Ok(BuildConfig {
+            max_concurrent,
+            step_timeout: secs("KILN_BUILD_STEP_TIMEOUT_SEC", d.step_timeout)?,
+            build_timeout: secs("KILN_BUILD_TIMEOUT_SEC", d.build_timeout)?,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -140,6 +190,8 @@ pub struct ServerConfig {
     /// Built-in templates to build (in the background) after `base`; see
     /// [`crate::builtins`].
     pub builtins: Vec<String>,
+    /// Template build concurrency and timeouts.
+    pub builds: BuildConfig,
 }
 
 #[cfg(test)]
@@ -157,5 +209,25 @@ mod tests {
         let err = env_num("KILN_TEST_NUM_BAD", 1u32).unwrap_err();
         assert!(err.to_string().contains("KILN_TEST_NUM_BAD"), "{err}");
         assert!(env_num("KILN_TEST_NUM_ZERO", 1u32).is_err());
+    }
+
+    #[test]
+    fn build_concurrency_is_checked() {
+        // The only test that sets these variables.
+        std::env::set_var("KILN_MAX_CONCURRENT_BUILDS", "65");
+        let err = BuildConfig::from_env().unwrap_err();
+        assert!(err.to_string().contains("from 1 to 64"), "{err}");
+        std::env::set_var("KILN_MAX_CONCURRENT_BUILDS", "0");
+        assert!(BuildConfig::from_env().is_err());
+        std::env::set_var("KILN_MAX_CONCURRENT_BUILDS", "4");
+        std::env::set_var("KILN_BUILD_STEP_TIMEOUT_SEC", "5");
+        let c = BuildConfig::from_env().unwrap();
+        assert_eq!(
+            (c.max_concurrent, c.step_timeout),
+            (4, Duration::from_secs(5))
+        );
+        assert_eq!(c.build_timeout, BuildConfig::default().build_timeout);
+        std::env::remove_var("KILN_MAX_CONCURRENT_BUILDS");
+        std::env::remove_var("KILN_BUILD_STEP_TIMEOUT_SEC");
     }
 }

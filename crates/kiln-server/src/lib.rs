@@ -7,6 +7,7 @@ pub mod admin_api;
 pub mod api;
 pub mod app;
 pub mod authz;
+pub mod builds;
 pub mod builtins;
 pub mod config;
 pub mod envd;
@@ -17,9 +18,8 @@ pub mod openapi;
 pub mod progress;
 pub mod proxy;
 pub mod store;
-pub mod template_api;
 pub mod template_runner;
 pub mod templates;
 
 pub use app::{router, serve, AppState, ServeError};
-pub use config::{LimitsConfig, ServerConfig};
+pub use config::{BuildConfig, LimitsConfig, ServerConfig};

@@ -2,7 +2,8 @@
 //! [`StepRunner`] of template builds. Each RUN (and USER, WORKDIR) gets a fresh
 //! sandbox on the parent layer; when its command exits 0, the sandbox's overlay upper
 //! directory ([`Runtime::upper_dir`]) is applied to a hard-link farm of the parent
-//! (see `kiln_template::layer`) before the sandbox is removed.
+//! (see `kiln_template::layer`) before the sandbox is removed. A step dropped half-way
+//! (a timeout, a cancel) still removes its sandbox ([`BuildSandbox`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,11 +41,18 @@ impl StepRunner for SandboxStepRunner {
             .reserve_build_sandbox(SLOT_WAIT)
             .await
             .map_err(RunError::Failed)?;
-        let (id, socket) = self
-            .start(req.lower, req.cpu_count, req.memory_mb, req.runtime)
+        let mut sandbox = BuildSandbox::new(self.runtime.clone());
+        let socket = self
+            .start(
+                &mut sandbox,
+                req.lower,
+                req.cpu_count,
+                req.memory_mb,
+                req.runtime,
+            )
             .await?;
-        let result = self.run_in(&socket, &id, &req, on_line).await;
-        self.remove(&id).await;
+        let result = self.run_in(&socket, &sandbox.id, &req, on_line).await;
+        sandbox.remove().await;
         result
     }
 
@@ -58,26 +66,89 @@ impl StepRunner for SandboxStepRunner {
             .reserve_build_sandbox(SLOT_WAIT)
             .await
             .map_err(RunError::Failed)?;
-        let (id, socket) = self
-            .start(check.lower, check.cpu_count, check.memory_mb, check.runtime)
+        let mut sandbox = BuildSandbox::new(self.runtime.clone());
+        let socket = self
+            .start(
+                &mut sandbox,
+                check.lower,
+                check.cpu_count,
+                check.memory_mb,
+                check.runtime,
+            )
             .await?;
         let result = Self::wait_ready(&socket, &check, on_line).await;
-        self.remove(&id).await;
+        sandbox.remove().await;
         result
     }
 }
 
+/// A build sandbox, removed when its step is done, and also when the step is dropped
+/// half-way (a step or build timeout, a cancel): then from a task of its own, since
+/// `Drop` cannot wait.
+pub struct BuildSandbox {
+    pub id: String,
+    runtime: Arc<dyn Runtime>,
+    /// Whether it may exist and is still to be removed.
+    armed: bool,
+}
+
+impl BuildSandbox {
+    /// A fresh id for a build sandbox about to be started.
+    pub fn new(runtime: Arc<dyn Runtime>) -> Self {
+        BuildSandbox {
+            id: format!("build{}", hex::encode(rand::random::<[u8; 6]>())),
+            runtime,
+            armed: true,
+        }
+    }
+
+    /// Removes it now.
+    pub async fn remove(mut self) {
+        self.armed = false;
+        remove(self.runtime.as_ref(), &self.id).await;
+    }
+
+    /// It never started (the runtime cleans up after a failed start).
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for BuildSandbox {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (runtime, id) = (self.runtime.clone(), std::mem::take(&mut self.id));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { remove(runtime.as_ref(), &id).await });
+            }
+            Err(_) => {
+                tracing::error!(%id, "a build sandbox was dropped outside the runtime; it is left running")
+            }
+        }
+    }
+}
+
+async fn remove(runtime: &dyn Runtime, id: &str) {
+    if let Err(e) = runtime.kill(id).await {
+        tracing::error!(%id, error = %chain(&e), "removing a build sandbox failed");
+    }
+}
+
 impl SandboxStepRunner {
+    /// Starts `sandbox`; returns its envd socket.
     async fn start(
         &self,
+        sandbox: &mut BuildSandbox,
         lower: &Path,
         cpu_count: u32,
         memory_mb: u64,
         runtime: Option<&str>,
-    ) -> Result<(String, PathBuf), RunError> {
-        let id = format!("build{}", hex::encode(rand::random::<[u8; 6]>()));
+    ) -> Result<PathBuf, RunError> {
         let config = SandboxConfig {
-            id: id.clone(),
+            id: sandbox.id.clone(),
             rootfs: lower.to_path_buf(),
             limits: Limits {
                 memory_mb: memory_mb.max(512),
@@ -93,16 +164,16 @@ impl SandboxStepRunner {
         };
         // The template's own runtime when it names one (validated with the recipe).
         let kind = runtime.and_then(kiln_runtime::RuntimeKind::parse);
-        let instance =
-            self.runtime.start_on(kind, &config).await.map_err(|e| {
-                RunError::Failed(format!("build sandbox did not start: {}", chain(&e)))
-            })?;
-        Ok((id, instance.envd_socket))
-    }
-
-    async fn remove(&self, id: &str) {
-        if let Err(e) = self.runtime.kill(id).await {
-            tracing::error!(%id, error = %chain(&e), "removing a build sandbox failed");
+        match self.runtime.start_on(kind, &config).await {
+            Ok(instance) => Ok(instance.envd_socket),
+            Err(e) => {
+                // The runtime cleans up after a start that failed.
+                sandbox.disarm();
+                Err(RunError::Failed(format!(
+                    "build sandbox did not start: {}",
+                    chain(&e)
+                )))
+            }
         }
     }
 

@@ -2,10 +2,12 @@
 //! file-context link (201) and upload, start (202), status polling with logs and
 //! offsets, failures with their step, list/get/alias/delete. Build commands run in a
 //! fake [`StepRunner`] (it writes the command into the new layer); the sandbox runtime
-//! is never started. Tier: unprivileged.
+//! is never started. The fake runner also has commands that hang (`hang`), take a
+//! second (`slow`) or flood the log (`flood N`), to test timeouts, cancels,
+//! concurrency and the bounds of build logs. Tier: unprivileged.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +15,10 @@ use async_trait::async_trait;
 use kiln_runtime::{
     Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
 };
+use kiln_server::builds::TemplateBuilds;
 use kiln_server::store::SqliteStore;
-use kiln_server::template_api::TemplateBuilds;
 use kiln_server::templates::Templates;
-use kiln_server::{AppState, LimitsConfig};
+use kiln_server::{AppState, BuildConfig, LimitsConfig};
 use kiln_template::build::{RunError, RunRequest, StepRunner};
 use serde_json::{json, Value};
 
@@ -44,7 +46,36 @@ impl Runtime for NoRuntime {
     }
 }
 
-struct WritingRunner;
+/// What the fake runner saw.
+#[derive(Default)]
+struct Probe {
+    /// `hang` steps started.
+    hanging: AtomicUsize,
+    /// `hang` steps dropped: their sandbox would have been removed.
+    removed: AtomicUsize,
+    /// `slow` steps running now, and the most at once.
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+}
+
+/// Counts a dropped step (its sandbox removed) when dropped.
+struct Removed(Arc<Probe>);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        self.0.removed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct WritingRunner {
+    probe: Arc<Probe>,
+}
+
+/// One line of `flood` output: 16 KiB, as the real runner cuts output without
+/// newlines, numbered.
+fn flood_line(i: usize) -> String {
+    format!("[stdout]: {i:06} {}", "a".repeat(16 * 1024 - 18))
+}
 
 #[async_trait]
 impl StepRunner for WritingRunner {
@@ -58,6 +89,22 @@ impl StepRunner for WritingRunner {
             on_line("[stderr]: oh no".into());
             return Err(RunError::Exit { code: 9 });
         }
+        if req.cmd == "hang" {
+            let _removed = Removed(self.probe.clone());
+            self.probe.hanging.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        if req.cmd.starts_with("slow") {
+            let now = self.probe.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.probe.max_running.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.probe.running.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(n) = req.cmd.strip_prefix("flood ") {
+            for i in 0..n.parse().unwrap() {
+                on_line(flood_line(i));
+            }
+        }
         kiln_template::layer::link_tree(req.lower, req.out).unwrap();
         std::fs::write(req.out.join("last-cmd"), req.cmd).unwrap();
         Ok(())
@@ -68,7 +115,16 @@ struct Harness {
     url: String,
     key: String,
     templates: Arc<Templates>,
+    builds: Arc<TemplateBuilds>,
+    probe: Arc<Probe>,
     _dir: tempfile::TempDir,
+}
+
+/// How a test's server builds.
+#[derive(Default)]
+struct Setup {
+    config: BuildConfig,
+    upload_ttl: Option<Duration>,
 }
 
 fn fake_base(data: &Path) {
@@ -93,13 +149,21 @@ fn fake_base(data: &Path) {
 }
 
 async fn start() -> Harness {
+    start_with(Setup::default()).await
+}
+
+async fn start_with(setup: Setup) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     fake_base(dir.path());
-    serve(dir).await
+    serve_with(dir, setup).await
 }
 
 /// A server on `dir` (a data dir with a base template), as after a (re)start.
 async fn serve(dir: tempfile::TempDir) -> Harness {
+    serve_with(dir, Setup::default()).await
+}
+
+async fn serve_with(dir: tempfile::TempDir, setup: Setup) -> Harness {
     let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
     let key = kiln_server::keys::generate();
     kiln_server::keys::register(store.as_ref(), "test", &key, true, 1).unwrap();
@@ -110,15 +174,29 @@ async fn serve(dir: tempfile::TempDir) -> Harness {
         templates.clone(),
         LimitsConfig::default(),
     );
-    let builds =
-        TemplateBuilds::open(dir.path(), Arc::new(WritingRunner), templates.clone()).unwrap();
+    let probe = Arc::new(Probe::default());
+    let runner = Arc::new(WritingRunner {
+        probe: probe.clone(),
+    });
+    let mut builds = TemplateBuilds::open(
+        dir.path(),
+        runner,
+        templates.clone(),
+        manager.clone(),
+        setup.config,
+    )
+    .unwrap();
+    if let Some(ttl) = setup.upload_ttl {
+        builds = builds.with_upload_ttl(ttl);
+    }
+    let builds = Arc::new(builds);
     let state = Arc::new(AppState {
         manager,
         store,
         templates: templates.clone(),
         ready: AtomicBool::new(true),
         domain: None,
-        builds: Some(Arc::new(builds)),
+        builds: Some(builds.clone()),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -131,6 +209,8 @@ async fn serve(dir: tempfile::TempDir) -> Harness {
         url,
         key,
         templates,
+        builds,
+        probe,
         _dir: dir,
     }
 }
@@ -209,7 +289,7 @@ impl Harness {
 
     async fn wait(&self, tid: &str, bid: &str) -> (Value, Vec<Value>) {
         let mut entries = Vec::new();
-        for _ in 0..200 {
+        for _ in 0..1000 {
             let path = format!(
                 "/templates/{tid}/builds/{bid}/status?logsOffset={}&limit=100",
                 entries.len()
@@ -228,6 +308,42 @@ impl Harness {
         }
         panic!("build {bid} did not finish");
     }
+
+    /// Polls the status (without the log) until the build ends.
+    async fn outcome(&self, tid: &str, bid: &str) -> Value {
+        for _ in 0..1000 {
+            let path = format!("/templates/{tid}/builds/{bid}/status?logsOffset=0&limit=0");
+            let (s, v) = self.call("GET", &path, None).await;
+            assert_eq!(s, 200, "{v}");
+            if matches!(v["status"].as_str(), Some("ready" | "error")) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("build {bid} did not finish");
+    }
+
+    async fn status(&self, tid: &str, bid: &str) -> String {
+        let path = format!("/templates/{tid}/builds/{bid}/status?limit=0");
+        let (s, v) = self.call("GET", &path, None).await;
+        assert_eq!(s, 200, "{v}");
+        v["status"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until `n` `hang` steps have started.
+    async fn hanging(&self, n: usize) {
+        for _ in 0..500 {
+            if self.probe.hanging.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} hang steps did not start");
+    }
+}
+
+fn run_spec(cmd: &str) -> Value {
+    json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": [cmd]}]})
 }
 
 fn messages(entries: &[Value]) -> Vec<String> {
@@ -634,4 +750,232 @@ async fn gc_removes_what_no_template_needs() {
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(count(), 0, "{v}");
+}
+
+/// A step that never ends is stopped at the step timeout, failing its build with the
+/// step and the setting named, and removing its sandbox; builds (and deletes) of other
+/// templates go on meanwhile.
+#[tokio::test]
+async fn a_step_over_its_timeout_fails_its_build_and_others_go_on() {
+    let h = start_with(Setup {
+        config: BuildConfig {
+            step_timeout: Duration::from_secs(2),
+            ..BuildConfig::default()
+        },
+        upload_ttl: None,
+    })
+    .await;
+    let (tid, bid) = h.build("hung", run_spec("hang")).await;
+    h.hanging(1).await;
+    let (other, other_bid) = h.build("fine", run_spec("echo ok")).await;
+    let (v, _) = h.wait(&other, &other_bid).await;
+    assert_eq!(v["status"], "ready", "{v}");
+    assert_eq!(h.status(&tid, &bid).await, "building");
+    assert_eq!(h.call("DELETE", "/templates/fine", None).await.0, 204);
+
+    let v = h.outcome(&tid, &bid).await;
+    assert_eq!(v["status"], "error", "{v}");
+    assert_eq!(
+        v["reason"]["message"],
+        "step 1 (RUN hang) did not finish within 2 s (KILN_BUILD_STEP_TIMEOUT_SEC)"
+    );
+    assert_eq!(v["reason"]["step"], "1");
+    assert_eq!(h.probe.removed.load(Ordering::SeqCst), 1);
+    assert!(h.templates.resolve("hung").is_err());
+}
+
+/// Cancel: a running build ends failed ("cancelled") with its step's sandbox removed
+/// and the template's earlier version still served; a waiting one ends at once; a
+/// finished one cannot be, an unknown one is 404.
+#[tokio::test]
+async fn cancel_stops_a_build_and_keeps_the_template() {
+    let h = start().await;
+    let (tid, bid) = h.build("cx", run_spec("echo one")).await;
+    assert_eq!(h.wait(&tid, &bid).await.0["status"], "ready");
+    let served = h.templates.resolve("cx").unwrap().rootfs;
+
+    let (_, running) = h.build("cx", run_spec("hang")).await;
+    h.hanging(1).await;
+    // A second build of the template waits for the first.
+    let (_, waiting) = h.build("cx", run_spec("echo two")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.status("cx", &waiting).await, "building");
+    let cancel = |b: &str| format!("/templates/cx/builds/{b}");
+    assert_eq!(h.call("DELETE", &cancel(&waiting), None).await.0, 204);
+    let v = h.outcome("cx", &waiting).await;
+    assert_eq!(
+        (&v["status"], &v["reason"]["message"]),
+        (&json!("error"), &json!("cancelled"))
+    );
+    assert_eq!(h.status("cx", &running).await, "building");
+
+    assert_eq!(h.call("DELETE", &cancel(&running), None).await.0, 204);
+    let (v, entries) = h.wait("cx", &running).await;
+    assert_eq!(v["status"], "error", "{v}");
+    assert_eq!(v["reason"]["message"], "cancelled");
+    assert_eq!(
+        messages(&entries).last().unwrap(),
+        "Build failed: cancelled"
+    );
+    assert_eq!(h.probe.removed.load(Ordering::SeqCst), 1);
+    let info = h.templates.resolve("cx").unwrap();
+    assert_eq!(info.rootfs, served);
+    assert_eq!(
+        std::fs::read_to_string(info.rootfs.join("last-cmd")).unwrap(),
+        "echo one"
+    );
+
+    let (s, v) = h.call("DELETE", &cancel(&running), None).await;
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("already finished"),
+        "{v}"
+    );
+    assert_eq!(h.call("DELETE", &cancel(&bid), None).await.0, 409);
+    assert_eq!(h.call("DELETE", &cancel("nope"), None).await.0, 404);
+    // The build of another template is not this one's.
+    assert_eq!(
+        h.call("DELETE", &format!("/templates/other/builds/{bid}"), None)
+            .await
+            .0,
+        404
+    );
+}
+
+/// 50 MiB of output without newlines (3200 lines of 16 KiB, as the runner cuts it)
+/// keeps the in-memory log bounded; polls by offset still get every entry, the old
+/// ones from the log file.
+#[tokio::test]
+async fn a_flood_of_output_keeps_memory_bounded_and_pages_come_from_the_file() {
+    let h = start().await;
+    let (tid, bid) = h.build("flood", run_spec("flood 3200")).await;
+    let v = h.outcome(&tid, &bid).await;
+    assert_eq!(v["status"], "ready", "{v}");
+    let (entries, bytes) = h.builds.log_in_memory(&bid).unwrap();
+    assert!(
+        entries <= 1000 && bytes <= 1 << 20,
+        "{entries} entries, {bytes} bytes in memory"
+    );
+
+    let hr = &h;
+    let page = |offset: usize, limit: usize| {
+        let path =
+            format!("/templates/{tid}/builds/{bid}/status?logsOffset={offset}&limit={limit}");
+        async move {
+            let (s, v) = hr.call("GET", &path, None).await;
+            assert_eq!(s, 200, "{v}");
+            messages(v["logEntries"].as_array().unwrap())
+        }
+    };
+    let head = page(0, 10).await;
+    let first = head
+        .iter()
+        .position(|m| m.contains("[stdout]: 000000 "))
+        .expect("the first flood line");
+    for n in [0, 1, 255, 256, 1000, 2500, 3199] {
+        let got = page(first + n, 2).await;
+        assert!(
+            got[0].ends_with(&flood_line(n)),
+            "offset {}: {}",
+            first + n,
+            &got[0][..60]
+        );
+    }
+    let tail = page(first + 3199, 100).await;
+    assert_eq!(tail.len(), 3);
+    assert!(tail[2].starts_with("Build finished"), "{}", tail[2]);
+    // The log is on disk; the record holds no log.
+    let dir = h._dir.path().join("templates/.builds");
+    let size = std::fs::metadata(dir.join(format!("{bid}.log")))
+        .unwrap()
+        .len();
+    assert!(size > 50 << 20, "{size}");
+    let record = std::fs::read_to_string(dir.join(format!("{bid}.json"))).unwrap();
+    assert!(
+        record.len() < 1024 && !record.contains("\"logs\""),
+        "{record}"
+    );
+}
+
+/// An upload link is refused once it expired (410, saying so).
+#[tokio::test]
+async fn an_expired_upload_link_is_refused() {
+    let h = start_with(Setup {
+        config: BuildConfig::default(),
+        upload_ttl: Some(Duration::from_millis(200)),
+    })
+    .await;
+    let hash = "d".repeat(64);
+    let hr = &h;
+    let link = || {
+        let path = format!("/templates/mine/files/{hash}");
+        async move {
+            let (s, v) = hr.call("GET", &path, None).await;
+            assert_eq!(s, 201, "{v}");
+            v["url"].as_str().unwrap().to_string()
+        }
+    };
+    let put = |url: String| async move {
+        let resp = reqwest::Client::new()
+            .put(&url)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let stale = link().await;
+    let fresh = link().await;
+    assert_eq!(put(fresh).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (s, v) = put(stale).await;
+    assert_eq!(s, 410, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("expired"), "{v}");
+}
+
+/// Builds of different templates run at once up to the limit; builds of one template
+/// run one after the other.
+#[tokio::test]
+async fn builds_run_concurrently_up_to_the_limit() {
+    let h = start_with(Setup {
+        config: BuildConfig {
+            max_concurrent: 2,
+            ..BuildConfig::default()
+        },
+        upload_ttl: None,
+    })
+    .await;
+    let mut started = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        started.push(h.build(name, run_spec(&format!("slow {name}"))).await);
+    }
+    for (tid, bid) in &started {
+        assert_eq!(h.outcome(tid, bid).await["status"], "ready");
+    }
+    assert_eq!(h.probe.max_running.load(Ordering::SeqCst), 2);
+
+    h.probe.max_running.store(0, Ordering::SeqCst);
+    let a = h.build("same", run_spec("slow a")).await;
+    let b = h.build("same", run_spec("slow b")).await;
+    for (tid, bid) in [&a, &b] {
+        assert_eq!(h.outcome(tid, bid).await["status"], "ready");
+    }
+    assert_eq!(h.probe.max_running.load(Ordering::SeqCst), 1);
+
+    // Two templates reaching the same new layer at once: one makes it, the other
+    // waits and finds it cached.
+    h.probe.max_running.store(0, Ordering::SeqCst);
+    let a = h.build("twin-a", run_spec("slow twin")).await;
+    let b = h.build("twin-b", run_spec("slow twin")).await;
+    let mut cached = 0;
+    for (tid, bid) in [&a, &b] {
+        let (v, entries) = h.wait(tid, bid).await;
+        assert_eq!(v["status"], "ready", "{v}");
+        cached += messages(&entries)
+            .iter()
+            .filter(|m| m.starts_with("CACHED [builder 1/1]"))
+            .count();
+    }
+    assert_eq!((cached, h.probe.max_running.load(Ordering::SeqCst)), (1, 1));
 }

@@ -41,6 +41,9 @@ use crate::{
 /// Directory of the layer cache inside the templates directory.
 pub const LAYERS_DIR: &str = ".layers";
 
+/// Directory of the locks of layers being made, inside the templates directory.
+pub const LAYER_LOCKS_DIR: &str = ".layer-locks";
+
 /// What a build step asks of a sandbox.
 #[derive(Debug, Clone)]
 pub struct RunRequest<'a> {
@@ -206,6 +209,18 @@ impl TemplateStore {
         self.templates_dir.join(LAYERS_DIR)
     }
 
+    /// The lock of the layer `hash` while it is made. The lock file stays (removed
+    /// while held, a waiter could lock a file no one else sees); `gc`, which runs
+    /// when no build does, removes them.
+    async fn lock_layer(&self, hash: &str) -> Result<nix::fcntl::Flock<fs::File>, TemplateError> {
+        let dir = self.templates_dir.join(LAYER_LOCKS_DIR);
+        fs::create_dir_all(&dir).map_err(|source| TemplateError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        crate::lock_path(dir.join(format!("{hash}.lock"))).await
+    }
+
     /// Builds `req` and installs it as template `req.name`. Log lines (with their
     /// step) go to `on_log`.
     pub async fn build(
@@ -316,6 +331,13 @@ impl TemplateStore {
                 }
             }
             let dir = layers.join(&hash);
+            // Builds of other templates may run at once and reach the same layer: one
+            // makes it, the others wait and find it cached.
+            let _layer_lock = if dir.is_dir() {
+                None
+            } else {
+                Some(self.lock_layer(&hash).await?)
+            };
             if dir.is_dir() {
                 touch(&dir);
                 log(

@@ -306,6 +306,14 @@ pub(crate) fn collect(
             .unwrap_or(Duration::ZERO)
     };
 
+    // No build runs: no layer is being made, so none of their locks is held.
+    let locks = templates_dir.join(crate::build::LAYER_LOCKS_DIR);
+    if let Err(e) = fs::remove_dir_all(&locks) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %locks.display(), error = %e, "gc: removing the layer locks failed");
+        }
+    }
+
     for (name, path, meta) in entries(&templates_dir.join(LAYERS_DIR))? {
         // `.old-*`: a real rootfs directory moved aside by an install (sandboxes may
         // run on it).

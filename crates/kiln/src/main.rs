@@ -465,6 +465,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         domain: args.domain,
         api_key,
         builtins: args.builtin_templates.0,
+        builds: kiln_server::BuildConfig::from_env()?,
     };
     kiln_server::serve(config, runtime)
         .await
@@ -704,16 +705,25 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
             }
             let client = Client::new(&remote.url, &remote.api_key);
             let mut progress = build_progress::BuildProgress::new();
-            let outcome = client
-                .build_template(
+            let build = client
+                .start_template_build(
                     &project.name,
                     project.cpu_count,
                     project.memory_mb,
                     &project.recipe.spec,
                     &uploads,
-                    |e| progress.on_log(e),
                 )
-                .await;
+                .await?;
+            // Ctrl-C cancels the build on the server rather than leaving it running.
+            let outcome = tokio::select! {
+                outcome = client.follow_build(&build, |e| progress.on_log(e)) => outcome,
+                _ = tokio::signal::ctrl_c() => {
+                    progress.finish(false);
+                    client.cancel_build(&build.template_id, &build.build_id).await?;
+                    eprintln!("cancelled");
+                    std::process::exit(130);
+                }
+            };
             progress.finish(outcome.as_ref().is_ok_and(|o| o.status == "ready"));
             let outcome = outcome?;
             if outcome.status != "ready" {
