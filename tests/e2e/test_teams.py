@@ -9,7 +9,7 @@ import uuid
 
 import httpx
 import pytest
-from e2b import Sandbox, SandboxQuery
+from e2b import Sandbox, SandboxQuery, Template
 from e2b.exceptions import SandboxException
 
 API = os.environ["E2B_API_URL"].rstrip("/")
@@ -94,3 +94,33 @@ def test_a_team_quota_answers_429_naming_it(teams):
     finally:
         for s in made:
             s.kill()
+
+
+def test_templates_belong_to_the_team_that_built_them(teams):
+    name = f"kiln-e2e-team-{uuid.uuid4().hex[:8]}"
+    template = Template().from_template("base").run_cmd("echo team a > /home/user/a.txt")
+    Template.build(template, name, api_key=teams["a"])
+    try:
+        # A starts sandboxes from it; B neither sees, uses, rebuilds nor deletes it.
+        sbx = Sandbox.create(name, api_key=teams["a"], timeout=60)
+        try:
+            assert sbx.commands.run("cat /home/user/a.txt").stdout.strip() == "team a"
+        finally:
+            sbx.kill()
+        listed = admin("GET", "/templates", key=teams["b"]).json()
+        assert name not in {t["templateID"] for t in listed}
+        r = admin("GET", f"/templates/{name}", key=teams["b"])
+        assert r.status_code == 404
+        with pytest.raises(SandboxException):
+            Sandbox.create(name, api_key=teams["b"], timeout=60)
+        assert admin("DELETE", f"/templates/{name}", key=teams["b"]).status_code == 404
+        # The name is A's: B cannot build over it.
+        r = admin("POST", "/v3/templates", key=teams["b"], json={"name": name})
+        assert r.status_code == 409, r.text
+        # Built-ins are everyone's to use and only admins' to change.
+        assert admin("DELETE", "/templates/base", key=teams["b"]).status_code == 400
+        r = admin("POST", "/templates/tags", key=teams["b"],
+                  json={"target": "base", "tags": ["mine"]})
+        assert r.status_code == 403, r.text
+    finally:
+        admin("DELETE", f"/templates/{name}", key=teams["a"])

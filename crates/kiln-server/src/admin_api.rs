@@ -10,11 +10,11 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Body, Endpoint};
-use crate::app::AppState;
-use crate::authz::Access::Admin;
+use crate::endpoint::{Access::Admin, Endpoint};
 use crate::error::AppError;
+use crate::extract::Body;
 use crate::keys;
+use crate::state::AppState;
 use crate::store::{Quotas, StoreError, TeamRecord};
 
 pub fn endpoints() -> Vec<Endpoint> {

@@ -1,128 +1,34 @@
 //! REST handlers: validate, authorize, hand off to the [`SandboxManager`]. They never
 //! orchestrate.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::Method;
-use axum::http::{HeaderValue, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{on, MethodFilter, MethodRouter};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use kiln_api::{
     ConnectRequest, NewSandbox, RefreshRequest, SandboxDetail, TimeoutRequest, NEXT_TOKEN_HEADER,
 };
-use serde::de::DeserializeOwned;
 
-use crate::app::AppState;
-use crate::authz::{Access, Caller};
-use crate::error::AppError;
+use crate::authz::Caller;
+use crate::endpoint::{Access, Endpoint};
+use crate::error::{json_error, AppError};
+use crate::extract::{Body, OptionalBody, QueryParams};
 use crate::manager::ListQuery;
+use crate::state::AppState;
 
-/// `Json<T>` whose rejections are E2B-shaped JSON errors that say what was wrong.
-pub struct Body<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = AppError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(AppError::BadRequest(
-                "request body must be JSON with Content-Type: application/json".into(),
-            )),
-            Err(e) => Err(AppError::BadRequest(format!(
-                "invalid request body: {}",
-                e.body_text()
-            ))),
-        }
-    }
-}
-
-/// Like [`Body`], but an empty body means the type's default.
-pub struct OptionalBody<T>(pub T);
-
-impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalBody<T> {
-    type Rejection = AppError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| AppError::BadRequest(format!("unreadable request body: {e}")))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(OptionalBody(T::default()));
-        }
-        serde_json::from_slice(&bytes)
-            .map(OptionalBody)
-            .map_err(|e| AppError::BadRequest(format!("invalid request body: {e}")))
-    }
-}
-
-/// `Query<T>` whose rejections are E2B-shaped JSON errors.
-pub struct QueryParams<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for QueryParams<T> {
-    type Rejection = AppError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|Query(v)| QueryParams(v))
-            .map_err(|e| AppError::BadRequest(format!("invalid query: {}", e.body_text())))
-    }
-}
-
-/// One route of the REST API: what it is, who may call it, and its handler. The router
-/// is built from [`endpoints`] alone, so the authorization test and the OpenAPI
-/// document, which walk the same list, cover every route the server serves.
-pub struct Endpoint {
-    pub method: Method,
-    /// axum's path syntax (`/sandboxes/{id}`), which is OpenAPI's too.
-    pub path: &'static str,
-    pub access: Access,
-    /// One line for the OpenAPI document.
-    pub summary: &'static str,
-    pub handler: MethodRouter<Arc<AppState>>,
-}
-
-impl Endpoint {
-    pub fn new<H, T>(
-        method: Method,
-        path: &'static str,
-        access: Access,
-        summary: &'static str,
-        handler: H,
-    ) -> Self
-    where
-        H: axum::handler::Handler<T, Arc<AppState>>,
-        T: 'static,
-    {
-        let filter = MethodFilter::try_from(method.clone())
-            .unwrap_or_else(|_| panic!("{method} is not a routable method"));
-        Endpoint {
-            method,
-            path,
-            access,
-            summary,
-            handler: on(filter, handler),
-        }
-    }
-}
-
-/// Every endpoint of the REST API.
+/// The sandbox endpoints (E2B's `/sandboxes` API) and health.
 pub fn endpoints() -> Vec<Endpoint> {
     use Access::{Member, Public};
-    let mut all = vec![
+    vec![
         Endpoint::new(
             Method::GET,
             "/healthz",
             Public,
             "Liveness and template-build progress",
-            crate::app::healthz,
+            healthz,
         ),
         Endpoint::new(
             Method::POST,
@@ -201,14 +107,25 @@ pub fn endpoints() -> Vec<Endpoint> {
             "A sandbox's resource usage",
             metrics,
         ),
-    ];
-    all.extend(crate::admin_api::endpoints());
-    all
+    ]
 }
 
-/// The template routes, not yet in [`endpoints`]: served with [`Access::Member`].
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new().merge(crate::builds::routes())
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({
+                "status": "ok",
+                "building": state.templates.building(),
+            })),
+        )
+            .into_response()
+    } else {
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kiln is starting (building templates)",
+        )
+    }
 }
 
 async fn create(

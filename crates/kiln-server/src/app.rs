@@ -8,30 +8,23 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::serve::ListenerExt;
 use axum::Router;
+use kiln_api::API_KEY_HEADER;
 use kiln_runtime::Runtime;
 
-use crate::api;
-use crate::authz::{self, Access};
+use crate::authz::Caller;
 use crate::config::ServerConfig;
-use crate::error::{chain, json_error};
+use crate::endpoint::Access;
+use crate::error::{json_error, AppError};
 use crate::keys;
 use crate::manager::SandboxManager;
 use crate::proxy::{self, Target};
+use crate::report::chain;
+use crate::state::AppState;
 use crate::store::{SqliteStore, Store};
 use crate::templates::{TemplateDefaults, TemplateInfo, Templates};
-
-pub struct AppState {
-    pub manager: Arc<SandboxManager>,
-    pub store: Arc<dyn Store>,
-    pub templates: Arc<Templates>,
-    pub ready: AtomicBool,
-    pub domain: Option<String>,
-    /// Template builds ([`crate::builds`]); `None` where the server cannot build.
-    pub builds: Option<Arc<crate::builds::TemplateBuilds>>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -71,51 +64,26 @@ pub enum ServeError {
 /// paths never collide with API paths.
 pub fn router(state: Arc<AppState>) -> Router {
     let mut app = Router::new();
-    for endpoint in api::endpoints() {
+    for endpoint in crate::routes::endpoints() {
         let handler = match endpoint.access {
             Access::Public => endpoint.handler,
-            Access::Member => endpoint.handler.route_layer(middleware::from_fn_with_state(
-                state.clone(),
-                authz::authenticate,
-            )),
+            Access::Member => endpoint
+                .handler
+                .route_layer(middleware::from_fn_with_state(state.clone(), authenticate)),
             Access::Admin => endpoint.handler.route_layer(middleware::from_fn_with_state(
                 state.clone(),
-                authz::authenticate_admin,
+                authenticate_admin,
             )),
         };
         app = app.route(endpoint.path, handler);
     }
-    let templates = api::routes().route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        authz::authenticate,
-    ));
-    app.merge(templates)
-        .merge(crate::builds::public_routes())
-        .fallback(not_found)
+    app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             divert_sandbox_traffic,
         ))
         .with_state(state)
-}
-
-pub(crate) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({
-                "status": "ok",
-                "building": state.templates.building(),
-            })),
-        )
-            .into_response()
-    } else {
-        json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "kiln is starting (building templates)",
-        )
-    }
 }
 
 async fn not_found(req: Request) -> Response {
@@ -148,6 +116,51 @@ async fn divert_sandbox_traffic(
             proxy::forward(state.manager.clone(), id, port, req).await
         }
     }
+}
+
+/// Middleware of `Access::Member` endpoints: a live key, or 401.
+pub async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    let caller = caller_of(&state, &req)?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+/// Middleware of `Access::Admin` endpoints: a live admin key, 401 without a key,
+/// 403 with a member's.
+pub async fn authenticate_admin(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    let caller = caller_of(&state, &req)?;
+    if !caller.admin {
+        return Err(AppError::Forbidden(
+            "this route is for admin keys only (`kiln keys create --admin`)".into(),
+        ));
+    }
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+fn caller_of(state: &AppState, req: &Request) -> Result<Caller, AppError> {
+    let key = req
+        .headers()
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| AppError::Unauthorized("missing X-API-KEY header".into()))?;
+    let record = state
+        .store
+        .find_key(&keys::hash(key))?
+        .ok_or_else(|| AppError::Unauthorized("invalid API key".into()))?;
+    Ok(Caller {
+        key_id: record.id,
+        team_id: record.team_id,
+        admin: record.admin,
+    })
 }
 
 /// What the start banner says about the API key.
@@ -295,6 +308,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         runner,
         templates.clone(),
         manager.clone(),
+        store.clone(),
         config.builds,
     )
     .map_err(ServeError::Template)?;

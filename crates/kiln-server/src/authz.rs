@@ -6,31 +6,10 @@
 //! belong to no team: every team may start sandboxes from them, only admins change
 //! them. Admin keys (the operator's) manage teams and keys and see everything.
 //!
-//! Each endpoint declares its [`Access`] where it is routed ([`crate::api::endpoints`]);
-//! the router applies the matching middleware, so no handler can forget it, and a test
-//! walks the same list to attack every route.
-
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
-use kiln_api::API_KEY_HEADER;
-
-use crate::app::AppState;
-use crate::error::AppError;
-use crate::keys;
-
-/// Who may call an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// No API key (health, and upload links whose token is the credential).
-    Public,
-    /// Any team's key; the handler scopes what it touches to the caller's team.
-    Member,
-    /// Admin keys only; a member key gets 403.
-    Admin,
-}
+//! Each endpoint declares its [`crate::endpoint::Access`] where it is routed
+//! ([`crate::routes::endpoints`]); the router applies the matching middleware
+//! (`app.rs`), so no handler can forget it, and a test walks the same list to attack
+//! every route.
 
 /// The authenticated caller, put in the request by [`authenticate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,51 +45,6 @@ impl Caller {
             Some(team) => self.sees(team),
         }
     }
-}
-
-/// Middleware of [`Access::Member`] endpoints: a live key, or 401.
-pub async fn authenticate(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, AppError> {
-    let caller = caller_of(&state, &req)?;
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
-}
-
-/// Middleware of [`Access::Admin`] endpoints: a live admin key, 401 without a key,
-/// 403 with a member's.
-pub async fn authenticate_admin(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, AppError> {
-    let caller = caller_of(&state, &req)?;
-    if !caller.admin {
-        return Err(AppError::Forbidden(
-            "this route is for admin keys only (`kiln keys create --admin`)".into(),
-        ));
-    }
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
-}
-
-fn caller_of(state: &AppState, req: &Request) -> Result<Caller, AppError> {
-    let key = req
-        .headers()
-        .get(API_KEY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| AppError::Unauthorized("missing X-API-KEY header".into()))?;
-    let record = state
-        .store
-        .find_key(&keys::hash(key))?
-        .ok_or_else(|| AppError::Unauthorized("invalid API key".into()))?;
-    Ok(Caller {
-        key_id: record.id,
-        team_id: record.team_id,
-        admin: record.admin,
-    })
 }
 
 #[cfg(test)]

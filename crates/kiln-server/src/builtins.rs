@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::builds::TemplateBuilds;
-use crate::error::chain;
 use crate::manager::SandboxManager;
+use crate::report::chain;
 use crate::templates::Templates;
 
 /// One built-in template: its name and its project files (relative path, contents).

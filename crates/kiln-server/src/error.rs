@@ -7,6 +7,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_api::ErrorBody;
 
+use crate::report::chain;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("{0}")]
@@ -57,18 +59,6 @@ impl AppError {
             AppError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
-}
-
-/// Render an error chain as one line: `outer: inner: root`.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }
 
 pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -165,6 +155,48 @@ impl From<crate::manager::SandboxError> for AppError {
 impl From<crate::templates::LookupError> for AppError {
     fn from(e: crate::templates::LookupError) -> Self {
         crate::manager::SandboxError::from(e).into()
+    }
+}
+
+impl From<crate::builds::BuildServiceError> for AppError {
+    fn from(e: crate::builds::BuildServiceError) -> Self {
+        use crate::builds::BuildServiceError as E;
+        match e {
+            E::InvalidName { .. }
+            | E::InvalidTag { .. }
+            | E::InvalidTarget { .. }
+            | E::MissingName
+            | E::NoTags
+            | E::DefaultTag
+            | E::BaseNotBuildable
+            | E::BaseNotDeletable
+            | E::Resources { .. }
+            | E::FilesHash { .. }
+            | E::Recipe(_)
+            | E::BuildNotFound { .. }
+            | E::WrongTemplate { .. }
+            | E::NotWaiting
+            | E::UploadInterrupted { .. }
+            | E::GcPolicy(_)
+            | E::BuildFailed { .. } => AppError::BadRequest(e.to_string()),
+            E::TemplateNotFound { .. }
+            | E::TagNotFound { .. }
+            | E::NoBuildToCancel { .. }
+            | E::UnknownUpload => AppError::NotFound(e.to_string()),
+            E::AlreadyFinished { .. } | E::NameTaken { .. } => AppError::Conflict(e.to_string()),
+            E::BuiltIn { .. } => AppError::Forbidden(e.to_string()),
+            E::Owners(source) => source.into(),
+            E::UploadExpired { .. } => AppError::Gone(e.to_string()),
+            E::UploadTooLarge { .. } => AppError::PayloadTooLarge(e.to_string()),
+            // Only the server's own projects are parsed from JSON here.
+            E::Spec(source) => AppError::internal("the recipe is not a build spec", source),
+            E::UploadStore(source) => {
+                AppError::internal("storing the uploaded files failed", source)
+            }
+            E::Tags(source) => AppError::internal("saving the template tags failed", source),
+            E::Log(source) => AppError::internal("reading the build log failed", source),
+            E::Store(source) => AppError::internal("the template store failed", source),
+        }
     }
 }
 

@@ -1,11 +1,11 @@
-//! The OpenAPI document of Kiln's REST API, generated from [`crate::api::endpoints`]
+//! The OpenAPI document of Kiln's REST API, generated from [`crate::routes::endpoints`]
 //! (the list the router is built from), so it cannot drift from what is served. The
 //! checked-in copy is `docs/openapi.json`; a test fails when it differs from this.
 
 use serde_json::{json, Map, Value};
 
-use crate::api::endpoints;
-use crate::authz::Access;
+use crate::endpoint::Access;
+use crate::routes::endpoints;
 
 /// The document, as pretty JSON with a trailing newline (the checked-in form).
 pub fn render() -> String {

@@ -14,8 +14,9 @@ use http::StatusCode;
 use hyper_util::rt::TokioIo;
 use kiln_api::{SandboxGoneBody, ENVD_PORT, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
 
-use crate::error::{chain, json_error};
+use crate::error::json_error;
 use crate::manager::SandboxManager;
+use crate::report::chain;
 
 /// Where a request is headed, when it is sandbox traffic.
 #[derive(Debug, PartialEq, Eq)]

@@ -161,6 +161,9 @@ pub trait Store: Send + Sync {
     /// template every team may use (the built-ins).
     fn template_owner(&self, name: &str) -> Result<Option<Option<i64>>, StoreError>;
     fn set_template_owner(&self, name: &str, team_id: Option<i64>) -> Result<(), StoreError>;
+    /// Make `team_id` the owner of `name` unless it has one; answers the owner it has
+    /// now (atomic: of two teams claiming one name, one wins).
+    fn claim_template(&self, name: &str, team_id: i64) -> Result<Option<i64>, StoreError>;
     fn forget_template(&self, name: &str) -> Result<(), StoreError>;
 
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError>;
@@ -566,6 +569,21 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn claim_template(&self, name: &str, team_id: i64) -> Result<Option<i64>, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO templates (name, team_id) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+            params![name, team_id],
+        )
+        .map_err(q("claim template"))?;
+        conn.query_row(
+            "SELECT team_id FROM templates WHERE name = ?1",
+            params![name],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .map_err(q("read template owner"))
+    }
+
     fn forget_template(&self, name: &str) -> Result<(), StoreError> {
         self.conn()
             .execute("DELETE FROM templates WHERE name = ?1", params![name])
@@ -821,6 +839,11 @@ mod tests {
         assert_eq!(s.template_owner("base").unwrap(), Some(None));
         s.forget_template("x").unwrap();
         assert_eq!(s.template_owner("x").unwrap(), None);
+        // A claim wins only where nobody owns the name.
+        let other = s.create_team("beta", Quotas::default()).unwrap();
+        assert_eq!(s.claim_template("x", t.id).unwrap(), Some(t.id));
+        assert_eq!(s.claim_template("x", other.id).unwrap(), Some(t.id));
+        assert_eq!(s.claim_template("base", other.id).unwrap(), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use kiln_proto::connect;
 use kiln_runtime::{Limits, NetworkMode, Runtime, SandboxConfig};
 use kiln_template::build::{ReadyCheck, RunError, RunRequest, StepRunner};
 
-use crate::error::chain;
+use crate::report::chain;
 
 /// Runs build steps with the server's runtime.
 pub struct SandboxStepRunner {

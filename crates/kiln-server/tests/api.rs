@@ -17,7 +17,10 @@ use kiln_runtime::{
 };
 use kiln_server::store::{SqliteStore, Store};
 use kiln_server::templates::{TemplateDefaults, TemplateInfo, Templates};
-use kiln_server::{AppState, LimitsConfig};
+use kiln_server::{AppState, BuildConfig, LimitsConfig};
+use serde_json::json;
+
+mod common;
 
 #[derive(Default)]
 struct FakeRuntime {
@@ -196,6 +199,7 @@ struct Harness {
 
 async fn start(limits: LimitsConfig) -> Harness {
     let dir = tempfile::tempdir().unwrap();
+    common::fake_base(dir.path());
     let runtime = Arc::new(FakeRuntime {
         dir: dir.path().to_path_buf(),
         ..Default::default()
@@ -238,13 +242,22 @@ async fn start(limits: LimitsConfig) -> Harness {
         templates.clone(),
         limits,
     );
+    let builds = kiln_server::builds::TemplateBuilds::open(
+        dir.path(),
+        Arc::new(common::LinkingRunner),
+        templates.clone(),
+        manager.clone(),
+        store.clone(),
+        BuildConfig::default(),
+    )
+    .unwrap();
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store: store.clone(),
         templates: templates.clone(),
         ready: AtomicBool::new(true),
         domain: None,
-        builds: None,
+        builds: Some(Arc::new(builds)),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -291,88 +304,244 @@ fn status_of(err: ClientError) -> u16 {
 }
 
 /// How the authorization test calls one endpoint: its path with ids filled in, a
-/// body, and whether the route acts on one team's resource (then another team's key
-/// must get 404) or on the caller's own team (list, create).
+/// body, and, for a route on one team's resource, the same call on a resource that
+/// does not exist (another team's key must get exactly that answer).
 struct Case {
     path: String,
     body: Option<serde_json::Value>,
-    scoped: bool,
+    /// The path naming a resource nobody has; `None`: the route acts on the caller's
+    /// own team (lists, creates).
+    missing: Option<String>,
 }
 
+impl Harness {
+    async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = reqwest::Client::new()
+            .request(m, format!("{}{path}", self.url))
+            .header("x-api-key", key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+
+    /// A template `name` of team A, built (with the fake step runner); returns the
+    /// build's id.
+    async fn team_a_template(&self, name: &str) -> String {
+        let (s, v) = self
+            .api(
+                "POST",
+                "/v3/templates",
+                &self.member_a,
+                Some(serde_json::json!({"name": name})),
+            )
+            .await;
+        assert_eq!(s, 202, "{v}");
+        let build = v["buildID"].as_str().unwrap().to_string();
+        let spec = serde_json::json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["true"]}]});
+        let path = format!("/v2/templates/{name}/builds/{build}");
+        let (s, v) = self.api("POST", &path, &self.member_a, Some(spec)).await;
+        assert_eq!(s, 202, "{v}");
+        for _ in 0..500 {
+            let path = format!("/templates/{name}/builds/{build}/status?limit=0");
+            let (_, v) = self.api("GET", &path, &self.member_a, None).await;
+            match v["status"].as_str() {
+                Some("ready") => return build,
+                Some("error") => panic!("building {name} failed: {v}"),
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        panic!("building {name} did not finish");
+    }
+
+    /// A build of team A that waits for its recipe; returns its id.
+    async fn team_a_waiting_build(&self, name: &str) -> String {
+        let (s, v) = self
+            .api(
+                "POST",
+                "/v3/templates",
+                &self.member_a,
+                Some(serde_json::json!({"name": name})),
+            )
+            .await;
+        assert_eq!(s, 202, "{v}");
+        v["buildID"].as_str().unwrap().to_string()
+    }
+}
+
+const NOBODY: &str = "nobody0000000000000a";
+const NO_BUILD: &str = "00000000-0000-0000-0000-000000000000";
+
 /// The authorization test's table: every endpoint the router serves must be here.
-/// `sbx` is a fresh sandbox of team A, made for this one call.
-fn case_for(method: &str, path: &str, sbx: &str) -> Option<Case> {
-    let on = |p: &str| p.replace("{id}", sbx);
-    let c = |path: String, body: Option<serde_json::Value>, scoped: bool| {
-        Some(Case { path, body, scoped })
+/// `n` makes names unique per call; a case sets up (as team A) what it acts on.
+async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Case> {
+    let own = |path: &str, body| {
+        Some(Case {
+            path: path.into(),
+            body,
+            missing: None,
+        })
     };
+    let scoped = |real: String, missing: String, body| {
+        Some(Case {
+            path: real,
+            body,
+            missing: Some(missing),
+        })
+    };
+    let sandbox = |h: &Harness| {
+        let c = Client::new(&h.url, &h.member_a);
+        async move { c.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id }
+    };
+    let on = |p: &str, id: &str| p.replace("{id}", id);
     match (method, path) {
-        ("GET", "/healthz") => c("/healthz".into(), None, false),
-        ("POST", "/sandboxes") => c(
-            path.into(),
-            Some(serde_json::json!({"templateID": "base", "timeout": 60})),
-            false,
-        ),
-        ("GET", "/sandboxes") | ("GET", "/v2/sandboxes") => c(path.into(), None, false),
+        ("GET", "/healthz") => own(path, None),
+        ("POST", "/sandboxes") => own(path, Some(json!({"templateID": "base", "timeout": 60}))),
+        ("GET", "/sandboxes") | ("GET", "/v2/sandboxes") => own(path, None),
         ("GET", "/sandboxes/{id}")
         | ("DELETE", "/sandboxes/{id}")
         | ("POST", "/sandboxes/{id}/pause")
-        | ("GET", "/sandboxes/{id}/metrics") => c(on(path), None, true),
+        | ("GET", "/sandboxes/{id}/metrics") => {
+            let id = sandbox(h).await;
+            scoped(on(path, &id), on(path, NOBODY), None)
+        }
         ("POST", "/sandboxes/{id}/timeout") => {
-            c(on(path), Some(serde_json::json!({"timeout": 120})), true)
+            let id = sandbox(h).await;
+            scoped(
+                on(path, &id),
+                on(path, NOBODY),
+                Some(json!({"timeout": 120})),
+            )
         }
         ("POST", "/sandboxes/{id}/connect") | ("POST", "/sandboxes/{id}/resume") => {
-            c(on(path), Some(serde_json::json!({"timeout": 120})), true)
+            let id = sandbox(h).await;
+            scoped(
+                on(path, &id),
+                on(path, NOBODY),
+                Some(json!({"timeout": 120})),
+            )
         }
         ("POST", "/sandboxes/{id}/refreshes") => {
-            c(on(path), Some(serde_json::json!({"duration": 30})), true)
+            let id = sandbox(h).await;
+            scoped(
+                on(path, &id),
+                on(path, NOBODY),
+                Some(json!({"duration": 30})),
+            )
         }
-        ("GET", "/admin/teams") | ("GET", "/admin/keys") => c(path.into(), None, false),
-        ("POST", "/admin/teams") => c(
-            path.into(),
-            Some(serde_json::json!({"name": format!("t{}", &sbx[..8])})),
-            false,
-        ),
-        ("PATCH", "/admin/teams/{name}") => c(
-            "/admin/teams/other".into(),
-            Some(serde_json::json!({"maxSandboxes": 50})),
-            false,
-        ),
-        ("POST", "/admin/keys") => c(
-            path.into(),
-            Some(serde_json::json!({"name": "made by the test", "team": "other"})),
-            false,
-        ),
-        // Revokes a key made for this call.
-        ("DELETE", "/admin/keys/{id}") => c("/admin/keys/{fresh-key}".into(), None, false),
+        ("GET", "/admin/teams") | ("GET", "/admin/keys") => own(path, None),
+        ("POST", "/admin/teams") => own(path, Some(json!({"name": format!("t{n}")}))),
+        ("PATCH", "/admin/teams/{name}") => {
+            own("/admin/teams/other", Some(json!({"maxSandboxes": 50})))
+        }
+        ("POST", "/admin/keys") => own(path, Some(json!({"name": "k", "team": "other"}))),
+        ("DELETE", "/admin/keys/{id}") => {
+            let key = kiln_server::keys::generate();
+            let id =
+                kiln_server::keys::register(h.store.as_ref(), "doomed", &key, false, 1).unwrap();
+            own(&format!("/admin/keys/{id}"), None)
+        }
+        ("POST", "/v3/templates") => own(path, Some(json!({"name": format!("new{n}")}))),
+        ("GET", "/templates") => own(path, None),
+        ("GET", "/templates/{id}")
+        | ("DELETE", "/templates/{id}")
+        | ("GET", "/templates/{id}/tags") => {
+            let name = format!("tpl{n}");
+            h.team_a_template(&name).await;
+            scoped(on(path, &name), on(path, "nosuchtemplate"), None)
+        }
+        ("GET", "/templates/aliases/{alias}") => {
+            let name = format!("tpl{n}");
+            h.team_a_template(&name).await;
+            let at = |a: &str| path.replace("{alias}", a);
+            scoped(at(&name), at("nosuchtemplate"), None)
+        }
+        ("GET", "/templates/{id}/files/{hash}") => {
+            own(&format!("/templates/x/files/{}", "a".repeat(64)), None)
+        }
+        ("PUT", "/_kiln/uploads/{token}") => {
+            let hash = format!("{:064x}", n);
+            let (_, v) = h
+                .api(
+                    "GET",
+                    &format!("/templates/x/files/{hash}"),
+                    &h.member_a,
+                    None,
+                )
+                .await;
+            let url = v["url"].as_str().unwrap();
+            let token = url.rsplit('/').next().unwrap();
+            own(&format!("/_kiln/uploads/{token}"), Some(json!("archive")))
+        }
+        ("POST", "/v2/templates/{id}/builds/{build}") => {
+            let name = format!("tpl{n}");
+            let build = h.team_a_waiting_build(&name).await;
+            let at = |b: &str| format!("/v2/templates/{name}/builds/{b}");
+            let spec =
+                json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["true"]}]});
+            scoped(at(&build), at(NO_BUILD), Some(spec))
+        }
+        ("DELETE", "/templates/{id}/builds/{build}") => {
+            let name = format!("tpl{n}");
+            let build = h.team_a_waiting_build(&name).await;
+            let at = |b: &str| format!("/templates/{name}/builds/{b}");
+            scoped(at(&build), at(NO_BUILD), None)
+        }
+        ("GET", "/templates/{id}/builds/{build}/status")
+        | ("GET", "/templates/{id}/builds/{build}/logs/stream") => {
+            let name = format!("tpl{n}");
+            let build = h.team_a_template(&name).await;
+            let at = |b: &str| path.replace("{id}", &name).replace("{build}", b);
+            scoped(at(&build), at(NO_BUILD), None)
+        }
+        ("POST", "/templates/tags") => {
+            let name = format!("tpl{n}");
+            h.team_a_template(&name).await;
+            let body = json!({"target": name, "tags": ["v1"]});
+            Some(Case {
+                path: path.into(),
+                body: Some(body),
+                missing: Some("-".into()),
+            })
+        }
+        ("DELETE", "/templates/tags") => {
+            let name = format!("tpl{n}");
+            h.team_a_template(&name).await;
+            let (s, v) = h
+                .api(
+                    "POST",
+                    "/templates/tags",
+                    &h.member_a,
+                    Some(json!({"target": name, "tags": ["v1"]})),
+                )
+                .await;
+            assert_eq!(s, 201, "{v}");
+            let body = json!({"name": name, "tags": ["v1"]});
+            Some(Case {
+                path: path.into(),
+                body: Some(body),
+                missing: Some("-".into()),
+            })
+        }
+        ("POST", "/templates/gc") => own(path, None),
         _ => None,
     }
 }
 
-async fn call(
-    h: &Harness,
-    method: &axum::http::Method,
-    case: &Case,
-    key: Option<&str>,
-) -> (u16, serde_json::Value) {
-    let mut path = case.path.clone();
-    if path.contains("{fresh-key}") {
-        let key = kiln_server::keys::generate();
-        let id = kiln_server::keys::register(h.store.as_ref(), "doomed", &key, false, 1).unwrap();
-        path = path.replace("{fresh-key}", &id.to_string());
-    }
-    let m = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
-    let mut req = reqwest::Client::new().request(m, format!("{}{path}", h.url));
-    if let Some(k) = key {
-        req = req.header("x-api-key", k);
-    }
-    if let Some(body) = &case.body {
-        req = req.json(body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
-    (status, body)
+/// The answer for a resource that does not exist, with its name taken out, to compare
+/// with the answer another team gets.
+fn without(v: &serde_json::Value, name: &str) -> String {
+    v["message"].as_str().unwrap_or("").replace(name, "<name>")
 }
 
 /// The omicron model: walk every endpoint the router is built from and attack it. A
@@ -380,52 +549,91 @@ async fn call(
 #[tokio::test]
 async fn every_route_enforces_authorization() {
     let h = start(LimitsConfig::default()).await;
-    let a = Client::new(&h.url, &h.member_a);
     let bogus = "e2b_0000000000000000000000000000000000000000";
-    for endpoint in kiln_server::api::endpoints() {
-        let (method, path) = (endpoint.method.clone(), endpoint.path);
-        let sbx = a.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id;
-        let case = case_for(method.as_str(), path, &sbx).unwrap_or_else(|| {
+    for (n, endpoint) in kiln_server::routes::endpoints().into_iter().enumerate() {
+        let (method, path) = (endpoint.method.as_str().to_string(), endpoint.path);
+        let case = case_for(&h, &method, path, n).await.unwrap_or_else(|| {
             panic!(
                 "{method} {path} is not in the authorization test's table (case_for): add how \
                  to call it"
             )
         });
+        let call = |key: Option<&str>| {
+            let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let mut req = reqwest::Client::new().request(m, format!("{}{}", h.url, case.path));
+            if let Some(k) = key {
+                req = req.header("x-api-key", k);
+            }
+            if let Some(b) = &case.body {
+                req = req.json(b);
+            }
+            async move {
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap();
+                (
+                    status,
+                    serde_json::from_str::<serde_json::Value>(&text).unwrap_or_default(),
+                )
+            }
+        };
+        use kiln_server::endpoint::Access;
         let owner = match endpoint.access {
-            kiln_server::authz::Access::Public => {
-                let (status, _) = call(&h, &method, &case, None).await;
-                assert!(status < 400, "{method} {path} is public: {status}");
+            Access::Public => {
+                let (status, body) = call(None).await;
+                assert!(status < 400, "{method} {path} is public: {status} {body}");
                 continue;
             }
-            kiln_server::authz::Access::Member => &h.member_a,
-            kiln_server::authz::Access::Admin => &h.key,
+            Access::Member => h.member_a.clone(),
+            Access::Admin => h.key.clone(),
         };
         for key in [None, Some(bogus)] {
-            let (status, body) = call(&h, &method, &case, key).await;
+            let (status, body) = call(key).await;
             assert_eq!(status, 401, "{method} {path} with key {key:?}");
             assert_eq!(body["code"], 401, "{method} {path}");
         }
-        if endpoint.access == kiln_server::authz::Access::Admin {
+        if endpoint.access == Access::Admin {
             for member in [&h.member_a, &h.member_b] {
-                let (status, body) = call(&h, &method, &case, Some(member)).await;
+                let (status, body) = call(Some(member)).await;
                 assert_eq!(status, 403, "{method} {path} with a member key: {body}");
             }
         }
-        if case.scoped {
-            let (status, body) = call(&h, &method, &case, Some(&h.member_b)).await;
-            assert_eq!(
-                status, 404,
-                "{method} {path} with another team's key: {body}"
+        if let Some(missing) = &case.missing {
+            let (status, body) = call(Some(&h.member_b)).await;
+            assert!(
+                status >= 400,
+                "{method} {path} with another team's key: {status} {body}"
             );
-            assert_eq!(
-                body["message"],
-                format!("sandbox \"{sbx}\" not found"),
-                "{method} {path}: the answer must not differ from a missing sandbox's"
-            );
-            // ...and it changed nothing.
-            assert!(h.manager.get(&sbx).is_some(), "{method} {path}");
+            if missing != "-" {
+                // Exactly what a resource that does not exist gets.
+                let (m_status, m_body) = h.api(&method, missing, &owner, case.body.clone()).await;
+                assert_eq!(status, m_status, "{method} {path}: {body} vs {m_body}");
+                let real: Vec<&str> = case.path.split('/').collect();
+                let fake: Vec<&str> = missing.split('/').collect();
+                let differing: Vec<(&str, &str)> = real
+                    .iter()
+                    .zip(&fake)
+                    .filter(|(a, b)| a != b)
+                    .map(|(a, b)| (*a, *b))
+                    .collect();
+                let (mut mine, mut theirs) =
+                    (body["message"].to_string(), m_body["message"].to_string());
+                for (a, b) in differing {
+                    mine = without(&serde_json::json!({"message": mine}), a);
+                    theirs = without(&serde_json::json!({"message": theirs}), b);
+                }
+                assert_eq!(
+                    mine, theirs,
+                    "{method} {path}: another team's answer differs from a missing one's"
+                );
+            } else {
+                assert_eq!(
+                    status, 404,
+                    "{method} {path} with another team's key: {body}"
+                );
+            }
         }
-        let (status, body) = call(&h, &method, &case, Some(owner)).await;
+        let (status, body) = call(Some(&owner)).await;
         assert!(
             (200..300).contains(&status),
             "{method} {path} by its owner: {status} {body}"

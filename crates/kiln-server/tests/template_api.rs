@@ -6,7 +6,6 @@
 //! second (`slow`) or flood the log (`flood N`), to test timeouts, cancels,
 //! concurrency and the bounds of build logs. Tier: unprivileged.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +20,9 @@ use kiln_server::templates::Templates;
 use kiln_server::{AppState, BuildConfig, LimitsConfig};
 use kiln_template::build::{RunError, RunRequest, StepRunner};
 use serde_json::{json, Value};
+
+mod common;
+use common::fake_base;
 
 struct NoRuntime;
 
@@ -127,27 +129,6 @@ struct Setup {
     upload_ttl: Option<Duration>,
 }
 
-fn fake_base(data: &Path) {
-    let base = data.join("templates/base");
-    std::fs::create_dir_all(base.join("rootfs/etc")).unwrap();
-    // Steps run with a shell; the fake runner never execs it.
-    std::fs::create_dir_all(base.join("rootfs/bin")).unwrap();
-    std::fs::write(base.join("rootfs/bin/sh"), "").unwrap();
-    std::fs::write(
-        base.join("rootfs/etc/passwd"),
-        "root:x:0:0::/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n",
-    )
-    .unwrap();
-    let meta = json!({
-        "format": 1, "name": "base", "created_at": "2026-11-23T10:00:00Z",
-        "default_user": "user", "default_workdir": "/home/user", "cpu_count": 2,
-        "memory_mb": 512, "disk_size_mb": 4096, "envd_version": "0.6.13",
-        "kiln_version": "test", "build_hash": "b".repeat(64), "id_map_base": 0,
-        "rootfs_bytes": 0,
-    });
-    std::fs::write(base.join("template.json"), meta.to_string()).unwrap();
-}
-
 async fn start() -> Harness {
     start_with(Setup::default()).await
 }
@@ -183,6 +164,7 @@ async fn serve_with(dir: tempfile::TempDir, setup: Setup) -> Harness {
         runner,
         templates.clone(),
         manager.clone(),
+        store.clone(),
         setup.config,
     )
     .unwrap();

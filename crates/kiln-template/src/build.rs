@@ -148,8 +148,14 @@ pub struct BuildRequest {
     /// Unique id of this build (goes into forced layers' hashes).
     pub build_id: String,
     pub spec: BuildSpec,
-    /// Where uploaded contexts live: `<files_dir>/<filesHash>`.
+    /// Where uploaded contexts live: `<files_dir>/<upload_name(scope, filesHash)>`.
     pub files_dir: PathBuf,
+    /// Whose build this is: empty for the server's own (the built-ins), else a
+    /// tenant's name (a team). Layers and uploaded contexts belong to their scope: a
+    /// build never uses another scope's cached layer or upload, so no tenant can
+    /// plant content (a context uploaded first under a hash, a layer made from it)
+    /// that another tenant's build would pick up.
+    pub scope: String,
     pub cpu_count: u32,
     pub memory_mb: u64,
 }
@@ -285,6 +291,9 @@ impl TemplateStore {
         if let Some(rt) = req.spec.runtime()? {
             hash = mixed(&hash, &format!("runtime {rt}"));
         }
+        if !req.scope.is_empty() {
+            hash = mixed(&hash, &format!("scope {}", req.scope));
+        }
         let mut state = parent.state.clone();
         let layers = self.layers_dir();
         fs::create_dir_all(&layers).map_err(|source| TemplateError::Io {
@@ -326,8 +335,9 @@ impl TemplateStore {
                 continue;
             }
             if let Step::Copy { files_hash, .. } = step {
-                if !chain_files.contains(files_hash) {
-                    chain_files.push(files_hash.clone());
+                let name = upload_name(&req.scope, files_hash);
+                if !chain_files.contains(&name) {
+                    chain_files.push(name);
                 }
             }
             let dir = layers.join(&hash);
@@ -543,14 +553,14 @@ impl TemplateStore {
                 let job = (
                     lower.to_path_buf(),
                     out.to_path_buf(),
-                    req.files_dir.join(files_hash),
+                    req.files_dir.join(upload_name(&req.scope, files_hash)),
                     src.clone(),
                     dest,
                     owner.clone().unwrap_or_else(|| state.user.clone()),
                     *mode,
                 );
                 let id_base = id_map_base;
-                touch(req.files_dir.join(files_hash));
+                touch(req.files_dir.join(upload_name(&req.scope, files_hash)));
                 let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
                     let (lower, out, archive, src, dest, owner, mode) = job;
                     if !archive.is_file() {
@@ -709,6 +719,15 @@ fn salted(hash: &str, salt: &str) -> String {
 }
 
 /// A layer-chain hash with something else the layers depend on.
+/// The file name of an uploaded context of `scope` (see [`BuildRequest::scope`]).
+pub fn upload_name(scope: &str, files_hash: &str) -> String {
+    if scope.is_empty() {
+        files_hash.to_string()
+    } else {
+        format!("{scope}-{files_hash}")
+    }
+}
+
 fn mixed(hash: &str, what: &str) -> String {
     hex::encode(Sha256::digest(format!("{hash}\n{what}")))
 }

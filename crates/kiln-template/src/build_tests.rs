@@ -81,6 +81,7 @@ fn request(dir: &Path, json: &str) -> BuildRequest {
         build_id: uuid_like(),
         spec: serde_json::from_str(json).unwrap(),
         files_dir: dir.join("files"),
+        scope: String::new(),
         cpu_count: 2,
         memory_mb: 1024,
     }
@@ -215,6 +216,31 @@ async fn a_pinned_runtime_has_layers_of_its_own() {
         e.contains("runtime \"kvm\" is not one of jail, gvisor"),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn each_scope_has_layers_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_base(dir.path());
+    let runner = FakeRunner::default();
+    let (server, _) = build(&store, &request(dir.path(), RECIPE), &runner).await;
+    let server = server.unwrap();
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 4);
+    // A team's build of the same steps runs them itself: it never picks up a layer
+    // another scope made (which another tenant could have poisoned).
+    let mut team = request(dir.path(), RECIPE);
+    team.scope = "team7".into();
+    team.name = "theirs".into();
+    let (t, _) = build(&store, &team, &runner).await;
+    let t = t.unwrap();
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 8);
+    assert_ne!(t.meta.build_hash, server.meta.build_hash);
+    // ...and its own layers are its cache.
+    let (again, _) = build(&store, &team, &runner).await;
+    assert_eq!(again.unwrap().meta.build_hash, t.meta.build_hash);
+    assert_eq!(runner.calls.load(Ordering::SeqCst), 8);
+    assert_eq!(upload_name("", "ab"), "ab");
+    assert_eq!(upload_name("team7", "ab"), "team7-ab");
 }
 
 #[tokio::test]

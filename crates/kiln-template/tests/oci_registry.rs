@@ -307,6 +307,7 @@ fn request(data: &Path, name: &str, spec: serde_json::Value) -> BuildRequest {
         ),
         spec: serde_json::from_value::<BuildSpec>(spec).unwrap(),
         files_dir: data.join("files"),
+        scope: String::new(),
         cpu_count: 1,
         memory_mb: 256,
     }

@@ -1,7 +1,5 @@
-//! What the template build service refuses or fails at, and (in one `From`) the HTTP
-//! answer each gets.
-
-use crate::error::AppError;
+//! What the template build service refuses or fails at (`crate::error` maps each to
+//! its HTTP answer).
 
 /// A failure of a [`super::TemplateBuilds`] operation.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +23,12 @@ pub enum BuildServiceError {
     BaseNotBuildable,
     #[error("\"base\" is Kiln's built-in template and cannot be deleted")]
     BaseNotDeletable,
+    #[error("template {name:?} is a built-in: only admin keys change it")]
+    BuiltIn { name: String },
+    #[error("the template name {name:?} is taken; choose another name")]
+    NameTaken { name: String },
+    #[error("the control plane's database failed")]
+    Owners(#[from] crate::store::StoreError),
     #[error("cpuCount must be 1-64 and memoryMB 128-65536 (got {cpu_count} and {memory_mb})")]
     Resources { cpu_count: u32, memory_mb: u64 },
     #[error("files hash {hash:?} must be 64 lower-case hex digits")]
@@ -90,46 +94,6 @@ impl From<kiln_template::TemplateError> for BuildServiceError {
                 BuildServiceError::InvalidName { name }
             }
             e => BuildServiceError::Store(e),
-        }
-    }
-}
-
-impl From<BuildServiceError> for AppError {
-    fn from(e: BuildServiceError) -> Self {
-        use BuildServiceError as E;
-        match e {
-            E::InvalidName { .. }
-            | E::InvalidTag { .. }
-            | E::InvalidTarget { .. }
-            | E::MissingName
-            | E::NoTags
-            | E::DefaultTag
-            | E::BaseNotBuildable
-            | E::BaseNotDeletable
-            | E::Resources { .. }
-            | E::FilesHash { .. }
-            | E::Recipe(_)
-            | E::BuildNotFound { .. }
-            | E::WrongTemplate { .. }
-            | E::NotWaiting
-            | E::UploadInterrupted { .. }
-            | E::GcPolicy(_)
-            | E::BuildFailed { .. } => AppError::BadRequest(e.to_string()),
-            E::TemplateNotFound { .. }
-            | E::TagNotFound { .. }
-            | E::NoBuildToCancel { .. }
-            | E::UnknownUpload => AppError::NotFound(e.to_string()),
-            E::AlreadyFinished { .. } => AppError::Conflict(e.to_string()),
-            E::UploadExpired { .. } => AppError::Gone(e.to_string()),
-            E::UploadTooLarge { .. } => AppError::PayloadTooLarge(e.to_string()),
-            // Only the server's own projects are parsed from JSON here.
-            E::Spec(source) => AppError::internal("the recipe is not a build spec", source),
-            E::UploadStore(source) => {
-                AppError::internal("storing the uploaded files failed", source)
-            }
-            E::Tags(source) => AppError::internal("saving the template tags failed", source),
-            E::Log(source) => AppError::internal("reading the build log failed", source),
-            E::Store(source) => AppError::internal("the template store failed", source),
         }
     }
 }

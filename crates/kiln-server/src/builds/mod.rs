@@ -13,10 +13,13 @@
 //! ([`kiln_template::gc`]).
 //!
 //! Every operation that creates or looks up a build, upload or template takes the
-//! caller's team (`owner`); it is recorded, not enforced yet.
+//! caller's team: a team sees and changes only its own (and uses the built-ins, which
+//! only admins change); another team's answers as missing. Template names are one
+//! namespace: the first team to build a name owns it (`Store::claim_template`).
+//! Each team's builds have a cache scope of their own (`BuildRequest::scope`): its
+//! uploads and layers are never another team's.
 
 mod error;
-mod handlers;
 pub mod logs;
 mod names;
 mod records;
@@ -29,18 +32,19 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_template::build::{BuildError, BuildLog, BuildRequest, LogLevel, StepRunner};
+use kiln_template::build::{upload_name, BuildError, BuildLog, BuildRequest, LogLevel, StepRunner};
 use kiln_template::recipe::{is_files_hash, BuildSpec};
 use kiln_template::{GcPolicy, GcReport, Template, TemplateStore};
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 
+use crate::authz::Caller;
 use crate::config::BuildConfig;
-use crate::error::chain;
 use crate::manager::SandboxManager;
+use crate::report::chain;
+use crate::store::Store;
 use crate::templates::{TemplateDefaults, TemplateInfo, Templates};
 
 pub use error::BuildServiceError;
-pub use handlers::{public_routes, routes};
 pub use logs::{LogEntry, LogLimits};
 pub use names::parse_name;
 pub use records::{Reason, Status};
@@ -62,6 +66,8 @@ pub struct TemplateBuilds {
     runner: Arc<dyn StepRunner>,
     templates: Arc<Templates>,
     manager: Arc<SandboxManager>,
+    /// The control plane's store: who owns each template.
+    owners: Arc<dyn Store>,
     config: BuildConfig,
     log_limits: LogLimits,
     records: RecordDir,
@@ -99,6 +105,7 @@ impl TemplateBuilds {
         runner: Arc<dyn StepRunner>,
         templates: Arc<Templates>,
         manager: Arc<SandboxManager>,
+        owners: Arc<dyn Store>,
         config: BuildConfig,
     ) -> Result<Self, kiln_template::TemplateError> {
         let store = TemplateStore::open(data_dir)?;
@@ -121,6 +128,7 @@ impl TemplateBuilds {
             runner,
             templates,
             manager,
+            owners,
             config,
             log_limits: LogLimits::default(),
             records,
@@ -161,7 +169,7 @@ impl TemplateBuilds {
     /// its record.
     fn build(
         &self,
-        _owner: Option<i64>,
+        caller: &Caller,
         template_id: &str,
         build_id: &str,
     ) -> Result<Arc<BuildHandle>, BuildServiceError> {
@@ -176,7 +184,7 @@ impl TemplateBuilds {
                 Arc::new(BuildHandle::finished(build_id.to_string(), record, &log))
             }
         };
-        if handle.template_id != template_id {
+        if handle.template_id != template_id || !sees_build(caller, handle.owner) {
             return Err(not_found());
         }
         Ok(handle)
@@ -189,7 +197,7 @@ impl TemplateBuilds {
     /// A new build of `name` (`alias[:tag]`), waiting for its recipe.
     pub fn create_build(
         &self,
-        owner: Option<i64>,
+        caller: &Caller,
         name: &str,
         extra_tags: Vec<String>,
         cpu_count: Option<u32>,
@@ -211,6 +219,8 @@ impl TemplateBuilds {
                 memory_mb,
             });
         }
+        self.claim(caller, &alias)?;
+        let owner = team_of(caller);
         let record = BuildRecord {
             template_id: alias.clone(),
             status: Status::Waiting,
@@ -246,7 +256,7 @@ impl TemplateBuilds {
     /// background once it is its turn.
     pub fn start_build(
         self: &Arc<Self>,
-        _owner: Option<i64>,
+        caller: &Caller,
         template_id: &str,
         build_id: &str,
         spec: BuildSpec,
@@ -255,12 +265,13 @@ impl TemplateBuilds {
         spec.base()?;
         spec.runtime()?;
         spec.parse_steps()?;
-        let handle =
-            self.registry()
-                .get(build_id)
-                .ok_or_else(|| BuildServiceError::BuildNotFound {
-                    build_id: build_id.to_string(),
-                })?;
+        let handle = self
+            .registry()
+            .get(build_id)
+            .filter(|h| sees_build(caller, h.owner))
+            .ok_or_else(|| BuildServiceError::BuildNotFound {
+                build_id: build_id.to_string(),
+            })?;
         let (started, record) = handle.update(|r| {
             if r.template_id != template_id {
                 return Err(BuildServiceError::WrongTemplate {
@@ -282,6 +293,7 @@ impl TemplateBuilds {
             build_id: build_id.to_string(),
             spec,
             files_dir: self.files_dir.clone(),
+            scope: scope_of(record.owner),
             cpu_count: record.cpu_count,
             memory_mb: record.memory_mb,
         };
@@ -293,11 +305,11 @@ impl TemplateBuilds {
     /// sandbox removed, the template as it was.
     pub fn cancel_build(
         &self,
-        owner: Option<i64>,
+        caller: &Caller,
         template_id: &str,
         build_id: &str,
     ) -> Result<(), BuildServiceError> {
-        let handle = self.build(owner, template_id, build_id).map_err(|_| {
+        let handle = self.build(caller, template_id, build_id).map_err(|_| {
             BuildServiceError::NoBuildToCancel {
                 build_id: build_id.to_string(),
             }
@@ -313,13 +325,13 @@ impl TemplateBuilds {
     /// The status of a build with at most `limit` log entries from `offset` on.
     pub async fn build_status(
         &self,
-        owner: Option<i64>,
+        caller: &Caller,
         template_id: &str,
         build_id: &str,
         offset: usize,
         limit: usize,
     ) -> Result<BuildStatus, BuildServiceError> {
-        let handle = self.build(owner, template_id, build_id)?;
+        let handle = self.build(caller, template_id, build_id)?;
         let snapshot = handle.snapshot(offset, limit);
         let entries = match snapshot.page {
             Page::Memory(entries) => entries,
@@ -341,9 +353,11 @@ impl TemplateBuilds {
     }
 
     /// Whether the files of `hash` are stored, and a new upload link's token for them.
+    /// Uploads are the caller's team's own: another team's upload of the same hash
+    /// is neither "present" nor used by this team's builds.
     pub fn files_link(
         &self,
-        owner: Option<i64>,
+        caller: &Caller,
         hash: &str,
     ) -> Result<(bool, String), BuildServiceError> {
         if !is_files_hash(hash) {
@@ -351,7 +365,11 @@ impl TemplateBuilds {
                 hash: hash.to_string(),
             });
         }
-        let present = self.files_dir.join(hash).is_file();
+        let owner = team_of(caller);
+        let present = self
+            .files_dir
+            .join(upload_name(&scope_of(owner), hash))
+            .is_file();
         Ok((present, self.uploads.issue(hash.to_string(), owner)))
     }
 
@@ -377,6 +395,7 @@ impl TemplateBuilds {
         }
         uploads::store_upload(
             &self.files_dir,
+            &scope_of(link.owner),
             &link.files_hash,
             token,
             stream,
@@ -386,13 +405,70 @@ impl TemplateBuilds {
     }
 
     /// Every template of the store.
-    pub fn list(&self, _owner: Option<i64>) -> Result<Vec<Template>, BuildServiceError> {
-        Ok(self.store.list()?)
+    /// The templates `caller` may see: its team's and the built-ins (all for admins).
+    pub fn list(&self, caller: &Caller) -> Result<Vec<Template>, BuildServiceError> {
+        let mut all = self.store.list()?;
+        all.retain(|t| self.visible(caller, &t.name));
+        Ok(all)
+    }
+
+    /// Whether `caller` may see (and start sandboxes from) template `name`. One the
+    /// owner table does not name is the operator's alone.
+    fn visible(&self, caller: &Caller, name: &str) -> bool {
+        match self.owners.template_owner(name) {
+            Ok(Some(owner)) => caller.sees_template(owner),
+            Ok(None) => caller.admin,
+            Err(e) => {
+                tracing::error!(template = name, error = %chain(&e), "reading a template's owner failed");
+                false
+            }
+        }
+    }
+
+    /// Template `name` may be changed (rebuilt, tagged, deleted) by `caller`; a
+    /// built-in by admins only (403), another team's is missing (404).
+    fn changeable(&self, caller: &Caller, name: &str) -> Result<(), BuildServiceError> {
+        let owner = self.owners.template_owner(name)?;
+        match owner {
+            Some(owner) if caller.may_change_template(owner) => Ok(()),
+            Some(None) => Err(BuildServiceError::BuiltIn {
+                name: name.to_string(),
+            }),
+            None if caller.admin => Ok(()),
+            _ => Err(BuildServiceError::TemplateNotFound {
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    /// Makes `caller`'s team the owner of the new name `name`, or checks that it may
+    /// build over the one who has it.
+    fn claim(&self, caller: &Caller, name: &str) -> Result<(), BuildServiceError> {
+        match self.owners.template_owner(name)? {
+            Some(owner) if caller.may_change_template(owner) => Ok(()),
+            Some(None) => Err(BuildServiceError::BuiltIn {
+                name: name.to_string(),
+            }),
+            Some(Some(_)) => Err(BuildServiceError::NameTaken {
+                name: name.to_string(),
+            }),
+            None => match self.owners.claim_template(name, caller.team_id)? {
+                Some(owner) if caller.sees(owner) => Ok(()),
+                _ => Err(BuildServiceError::NameTaken {
+                    name: name.to_string(),
+                }),
+            },
+        }
     }
 
     /// The template `id` names (`alias[:tag]`).
-    pub fn template(&self, _owner: Option<i64>, id: &str) -> Result<Template, BuildServiceError> {
+    pub fn template(&self, caller: &Caller, id: &str) -> Result<Template, BuildServiceError> {
         let (name, _) = parse_name(id)?;
+        if !self.visible(caller, &name) {
+            return Err(BuildServiceError::TemplateNotFound {
+                name: id.to_string(),
+            });
+        }
         self.store
             .get(&name)?
             .ok_or_else(|| BuildServiceError::TemplateNotFound {
@@ -403,7 +479,7 @@ impl TemplateBuilds {
     /// The template behind `name[:tag]` and the tag, checked to exist.
     fn tagged(
         &self,
-        owner: Option<i64>,
+        caller: &Caller,
         target: &str,
     ) -> Result<(Template, String), BuildServiceError> {
         let (name, tags) = parse_name(target)?;
@@ -412,7 +488,7 @@ impl TemplateBuilds {
                 target: target.to_string(),
             });
         }
-        let t = self.template(owner, &name)?;
+        let t = self.template(caller, &name)?;
         let tag = tags.into_iter().next().unwrap_or_else(|| "default".into());
         if tag != "default" && !self.tags.of(&name).iter().any(|(t, _)| *t == tag) {
             return Err(BuildServiceError::TagNotFound { name, tag });
@@ -423,11 +499,12 @@ impl TemplateBuilds {
     /// Gives the version `target` (`name[:tag]`) names the tags `tags`; returns it.
     pub fn assign_tags(
         &self,
-        owner: Option<i64>,
+        caller: &Caller,
         target: &str,
         tags: &[String],
     ) -> Result<Template, BuildServiceError> {
-        let (t, _) = self.tagged(owner, target)?;
+        let (t, _) = self.tagged(caller, target)?;
+        self.changeable(caller, &t.name)?;
         if tags.is_empty() {
             return Err(BuildServiceError::NoTags);
         }
@@ -445,11 +522,12 @@ impl TemplateBuilds {
     /// Takes `tags` (never `default`) from template `name`.
     pub fn remove_tags(
         &self,
-        owner: Option<i64>,
+        caller: &Caller,
         name: &str,
         tags: &[String],
     ) -> Result<(), BuildServiceError> {
-        let t = self.template(owner, name)?;
+        let t = self.template(caller, name)?;
+        self.changeable(caller, &t.name)?;
         if tags.iter().any(|t| t == "default") {
             return Err(BuildServiceError::DefaultTag);
         }
@@ -471,10 +549,10 @@ impl TemplateBuilds {
     /// kept, or `base`, has its version as the default).
     pub fn tags_of(
         &self,
-        owner: Option<i64>,
+        caller: &Caller,
         id: &str,
     ) -> Result<(Template, Vec<(String, TagInfo)>), BuildServiceError> {
-        let t = self.template(owner, id)?;
+        let t = self.template(caller, id)?;
         let mut tags = self.tags.of(&t.name);
         if !tags.iter().any(|(tag, _)| tag == "default") {
             let info = TagInfo {
@@ -488,13 +566,19 @@ impl TemplateBuilds {
     /// Deletes template `id`, after the builds of it that run or wait (never others).
     pub async fn remove_template(
         self: &Arc<Self>,
-        _owner: Option<i64>,
+        caller: &Caller,
         id: &str,
     ) -> Result<(), BuildServiceError> {
         let (name, _) = parse_name(id)?;
         if name == kiln_template::BASE {
             return Err(BuildServiceError::BaseNotDeletable);
         }
+        if !self.visible(caller, &name) {
+            return Err(BuildServiceError::TemplateNotFound {
+                name: id.to_string(),
+            });
+        }
+        self.changeable(caller, &name)?;
         let _building = self.template_locks.lock(&name).await;
         if !self.store.remove(&name)? {
             return Err(BuildServiceError::TemplateNotFound {
@@ -502,6 +586,7 @@ impl TemplateBuilds {
             });
         }
         self.templates.remove(&name);
+        self.owners.forget_template(&name)?;
         self.tags.update(&name, |t| t.clear())?;
         self.manager.discard_pool(&name).await;
         let this = Arc::clone(self);
@@ -521,6 +606,24 @@ impl TemplateBuilds {
 }
 
 mod run;
+
+/// The team a caller's builds and uploads belong to (`None`: the server's own).
+fn team_of(caller: &Caller) -> Option<i64> {
+    (*caller != Caller::OPERATOR).then_some(caller.team_id)
+}
+
+/// Whether `caller` may see a build (or upload) of `owner`.
+fn sees_build(caller: &Caller, owner: Option<i64>) -> bool {
+    match owner {
+        Some(team) => caller.sees(team),
+        None => caller.admin,
+    }
+}
+
+/// The cache scope of builds of `owner` (see `BuildRequest::scope`).
+fn scope_of(owner: Option<i64>) -> String {
+    owner.map_or_else(String::new, |team| format!("team{team}"))
+}
 
 /// Locks by template name, held by the build of a template that runs (and by its
 /// delete); an entry goes when nobody holds or waits for it.

@@ -187,6 +187,8 @@ impl RecordDir {
 pub struct BuildHandle {
     pub id: String,
     pub template_id: String,
+    /// The team whose build it is (`None`: the server's own).
+    pub owner: Option<i64>,
     cancel: CancellationToken,
     state: Mutex<HandleState>,
 }
@@ -226,6 +228,7 @@ impl BuildHandle {
         BuildHandle {
             id,
             template_id: record.template_id.clone(),
+            owner: record.owner,
             cancel: CancellationToken::new(),
             state: Mutex::new(HandleState { record, log }),
         }

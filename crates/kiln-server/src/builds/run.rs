@@ -9,7 +9,8 @@ use kiln_template::Template;
 use super::records::{BuildHandle, BuildRecord, Reason, Status};
 use super::timeout::{Overrun, TimedRunner};
 use super::{failure_message, info_of, BuildServiceError, LogEntry, TagInfo, TemplateBuilds};
-use crate::error::chain;
+use crate::authz::Caller;
+use crate::report::chain;
 use crate::templates::TemplateInfo;
 
 /// Why a build did not produce its template.
@@ -196,11 +197,11 @@ impl TemplateBuilds {
             logs: Vec::new(),
         };
         let build_id = self.add_build(record);
-        self.start_build(None, &project.name, &build_id, spec)?;
+        self.start_build(&Caller::OPERATOR, &project.name, &build_id, spec)?;
         let mut printed = 0;
         loop {
             let s = self
-                .build_status(None, &project.name, &build_id, printed, 1000)
+                .build_status(&Caller::OPERATOR, &project.name, &build_id, printed, 1000)
                 .await?;
             printed += s.entries.len();
             for e in &s.entries {

@@ -90,6 +90,7 @@ impl UploadLinks {
 /// cannot both land).
 pub(super) async fn store_upload<S, B, E>(
     files_dir: &FsPath,
+    scope: &str,
     hash: &str,
     token: &str,
     mut stream: S,
@@ -106,11 +107,13 @@ where
             hash: hash.to_string(),
         });
     }
-    let path = files_dir.join(hash);
+    // Each team's uploads are its own (see `BuildRequest::scope`).
+    let name = kiln_template::build::upload_name(scope, hash);
+    let path = files_dir.join(&name);
     if tokio::fs::symlink_metadata(&path).await.is_ok() {
         return Ok(());
     }
-    let tmp = files_dir.join(format!(".{hash}.{token}.part"));
+    let tmp = files_dir.join(format!(".{name}.{token}.part"));
     let io = BuildServiceError::UploadStore;
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
@@ -160,10 +163,17 @@ mod tests {
     async fn upload_second_upload_does_not_replace_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let hash = "ab".repeat(32);
-        store_upload(dir.path(), &hash, "t1", chunks(&[b"first", b" upload"]), 64)
-            .await
-            .unwrap();
-        store_upload(dir.path(), &hash, "t2", chunks(&[b"second"]), 64)
+        store_upload(
+            dir.path(),
+            "",
+            &hash,
+            "t1",
+            chunks(&[b"first", b" upload"]),
+            64,
+        )
+        .await
+        .unwrap();
+        store_upload(dir.path(), "", &hash, "t2", chunks(&[b"second"]), 64)
             .await
             .unwrap();
         assert_eq!(
@@ -179,7 +189,7 @@ mod tests {
     async fn upload_refuses_a_hash_that_is_not_hex_sha256() {
         let dir = tempfile::tempdir().unwrap();
         for bad in ["../../etc/passwd", "AB", &"AB".repeat(32), &"g".repeat(64)] {
-            let e = store_upload(dir.path(), bad, "t", chunks(&[b"x"]), 64)
+            let e = store_upload(dir.path(), "", bad, "t", chunks(&[b"x"]), 64)
                 .await
                 .unwrap_err();
             assert!(
@@ -198,7 +208,7 @@ mod tests {
         // A stream that declares no length and goes past the cap (a small one here;
         // the handler passes MAX_UPLOAD_BYTES).
         let stream = chunks(&[b"0123456789", b"0123456789"]);
-        let e = store_upload(dir.path(), &hash, "t", stream, 15)
+        let e = store_upload(dir.path(), "", &hash, "t", stream, 15)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("larger than 15 bytes"), "{e}");

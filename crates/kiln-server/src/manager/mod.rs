@@ -26,7 +26,7 @@ pub use list::{parse_metadata_filter, ListQuery, Page};
 
 use crate::authz::Caller;
 use crate::config::LimitsConfig;
-use crate::error::chain;
+use crate::report::chain;
 use crate::store::{RecordState, SandboxRecord, Store};
 use crate::templates::{TemplateInfo, Templates};
 

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use super::SandboxError;
 use super::{Command, SandboxEntry, SandboxManager};
-use crate::error::chain;
+use crate::report::chain;
 use crate::store::RecordState;
 
 /// A paused sandbox's owner only wakes for commands; this just bounds the timer.

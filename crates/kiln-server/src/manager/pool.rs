@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use kiln_runtime::{SandboxConfig, SandboxInstance};
 
 use super::SandboxManager;
-use crate::error::chain;
+use crate::report::chain;
 use crate::templates::TemplateInfo;
 
 /// An idle sandbox and the template version (its root filesystem) it was started from.

@@ -9,45 +9,131 @@ use std::sync::Arc;
 
 use axum::body::Body as RawBody;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json};
 use kiln_template::recipe::BuildSpec;
 use kiln_template::Template;
 use serde::Deserialize;
 
-use super::{BuildStatus, TemplateBuilds, MAX_LOG_PAGE, UPLOAD_PREFIX};
-use crate::api::{Body, OptionalBody, QueryParams};
-use crate::app::AppState;
+use crate::authz::Caller;
+use crate::builds::{BuildServiceError, BuildStatus, TemplateBuilds, MAX_LOG_PAGE, UPLOAD_PREFIX};
+use crate::endpoint::{Access, Endpoint};
 use crate::error::AppError;
+use crate::extract::{Body, OptionalBody, QueryParams};
+use crate::state::AppState;
 
-/// The caller's team. Teams are not wired in yet: every caller is nobody's.
-const NO_OWNER: Option<i64> = None;
-
-/// Routes behind the API key.
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v3/templates", post(create))
-        .route("/templates", get(list))
-        .route("/templates/{id}", get(detail).delete(remove))
-        .route("/templates/aliases/{alias}", get(alias))
-        .route("/templates/{id}/files/{hash}", get(files_link))
-        .route("/v2/templates/{id}/builds/{build}", post(start))
-        .route("/templates/{id}/builds/{build}", delete(cancel))
-        .route("/templates/{id}/builds/{build}/status", get(status))
-        .route(
+/// The template endpoints. Upload links carry no API key: the token in the link is
+/// the credential (it is `UPLOAD_PREFIX` + token).
+pub fn endpoints() -> Vec<Endpoint> {
+    use Access::{Admin, Member, Public};
+    vec![
+        Endpoint::new(
+            Method::POST,
+            "/v3/templates",
+            Member,
+            "Create a template build (E2B Template SDK)",
+            create,
+        ),
+        Endpoint::new(
+            Method::GET,
+            "/templates",
+            Member,
+            "List the templates the caller may use",
+            list,
+        ),
+        Endpoint::new(
+            Method::GET,
+            "/templates/{id}",
+            Member,
+            "Get a template",
+            detail,
+        ),
+        Endpoint::new(
+            Method::DELETE,
+            "/templates/{id}",
+            Member,
+            "Delete a template",
+            remove,
+        ),
+        Endpoint::new(
+            Method::GET,
+            "/templates/aliases/{alias}",
+            Member,
+            "Resolve a template alias",
+            alias,
+        ),
+        Endpoint::new(
+            Method::GET,
+            "/templates/{id}/files/{hash}",
+            Member,
+            "An upload link for a COPY context",
+            files_link,
+        ),
+        Endpoint::new(
+            Method::PUT,
+            "/_kiln/uploads/{token}",
+            Public,
+            "Upload a COPY context (the link's token is the credential)",
+            upload,
+        ),
+        Endpoint::new(
+            Method::POST,
+            "/v2/templates/{id}/builds/{build}",
+            Member,
+            "Start a build with its recipe",
+            start,
+        ),
+        Endpoint::new(
+            Method::DELETE,
+            "/templates/{id}/builds/{build}",
+            Member,
+            "Cancel a waiting or running build",
+            cancel,
+        ),
+        Endpoint::new(
+            Method::GET,
+            "/templates/{id}/builds/{build}/status",
+            Member,
+            "A build's status and a page of its log",
+            status,
+        ),
+        Endpoint::new(
+            Method::GET,
             "/templates/{id}/builds/{build}/logs/stream",
-            get(log_stream),
-        )
-        .route("/templates/tags", post(assign_tags).delete(remove_tags))
-        .route("/templates/{id}/tags", get(get_tags))
-        .route("/templates/gc", post(gc))
-}
-
-/// Routes without the API key: the upload links (the token is the credential).
-pub fn public_routes() -> Router<Arc<AppState>> {
-    Router::new().route(&format!("{UPLOAD_PREFIX}{{token}}"), put(upload))
+            Member,
+            "A build's log as NDJSON, as it runs",
+            log_stream,
+        ),
+        Endpoint::new(
+            Method::POST,
+            "/templates/tags",
+            Member,
+            "Tag a template version",
+            assign_tags,
+        ),
+        Endpoint::new(
+            Method::DELETE,
+            "/templates/tags",
+            Member,
+            "Remove tags",
+            remove_tags,
+        ),
+        Endpoint::new(
+            Method::GET,
+            "/templates/{id}/tags",
+            Member,
+            "A template's tags",
+            get_tags,
+        ),
+        Endpoint::new(
+            Method::POST,
+            "/templates/gc",
+            Admin,
+            "Collect the template caches (every team's)",
+            gc,
+        ),
+    ]
 }
 
 fn builds(state: &AppState) -> Result<&Arc<TemplateBuilds>, AppError> {
@@ -74,14 +160,15 @@ struct NewTemplate {
 /// `POST /v3/templates`: 202 with the new build's ids.
 async fn create(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Body(req): Body<NewTemplate>,
 ) -> Result<Response, AppError> {
     let b = builds(&state)?;
     let name = req
         .name
         .or(req.alias)
-        .ok_or(super::BuildServiceError::MissingName)?;
-    let new = b.create_build(NO_OWNER, &name, req.tags, req.cpu_count, req.memory_mb)?;
+        .ok_or(BuildServiceError::MissingName)?;
+    let new = b.create_build(&caller, &name, req.tags, req.cpu_count, req.memory_mb)?;
     let body = serde_json::json!({
         "templateID": new.template_id, "buildID": new.build_id, "public": false,
         "names": [new.template_id], "tags": new.tags, "aliases": [new.template_id],
@@ -92,6 +179,7 @@ async fn create(
 /// `GET /templates/{id}/files/{hash}`: 201 `{"present", "url"}`.
 async fn files_link(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((_id, hash)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
@@ -104,7 +192,7 @@ async fn files_link(
         .get("x-forwarded-proto")
         .and_then(|h| h.to_str().ok())
         .unwrap_or("http");
-    let (present, token) = b.files_link(NO_OWNER, &hash)?;
+    let (present, token) = b.files_link(&caller, &hash)?;
     let url = format!("{proto}://{host}{UPLOAD_PREFIX}{token}");
     Ok((
         StatusCode::CREATED,
@@ -132,10 +220,11 @@ async fn upload(
 /// `POST /v2/templates/{id}/builds/{buildID}`: 202; the build runs in the background.
 async fn start(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((id, build_id)): Path<(String, String)>,
     Body(spec): Body<BuildSpec>,
 ) -> Result<StatusCode, AppError> {
-    builds(&state)?.start_build(NO_OWNER, &id, &build_id, spec)?;
+    builds(&state)?.start_build(&caller, &id, &build_id, spec)?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -143,9 +232,10 @@ async fn start(
 /// running build, 204; 404 for an unknown build, 409 for a finished one.
 async fn cancel(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((id, build_id)): Path<(String, String)>,
 ) -> Result<StatusCode, AppError> {
-    builds(&state)?.cancel_build(NO_OWNER, &id, &build_id)?;
+    builds(&state)?.cancel_build(&caller, &id, &build_id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -161,12 +251,13 @@ struct StatusQuery {
 /// `GET /templates/{id}/builds/{buildID}/status?logsOffset=N&limit=M`.
 async fn status(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((id, build_id)): Path<(String, String)>,
     QueryParams(q): QueryParams<StatusQuery>,
 ) -> Result<Response, AppError> {
     let limit = q.limit.unwrap_or(MAX_LOG_PAGE).min(MAX_LOG_PAGE);
     let s = builds(&state)?
-        .build_status(NO_OWNER, &id, &build_id, q.logs_offset.unwrap_or(0), limit)
+        .build_status(&caller, &id, &build_id, q.logs_offset.unwrap_or(0), limit)
         .await?;
     let logs: Vec<String> = s
         .entries
@@ -192,18 +283,19 @@ const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 /// the end of the response.
 async fn log_stream(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((id, build_id)): Path<(String, String)>,
 ) -> Result<Response, AppError> {
     let b = builds(&state)?.clone();
     // An unknown build is refused before the stream starts.
-    b.build_status(NO_OWNER, &id, &build_id, 0, 0).await?;
+    b.build_status(&caller, &id, &build_id, 0, 0).await?;
     let lines = futures::stream::unfold(Some(0usize), move |offset| {
         let (b, id, build_id) = (b.clone(), id.clone(), build_id.clone());
         async move {
             let offset = offset?;
             loop {
                 let s: BuildStatus = match b
-                    .build_status(NO_OWNER, &id, &build_id, offset, MAX_LOG_PAGE)
+                    .build_status(&caller, &id, &build_id, offset, MAX_LOG_PAGE)
                     .await
                 {
                     Ok(s) => s,
@@ -254,9 +346,10 @@ struct RemoveTags {
 /// `POST /templates/tags` (`Template.assign_tags`): 201 `{"tags", "buildID"}`.
 async fn assign_tags(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Body(req): Body<AssignTags>,
 ) -> Result<Response, AppError> {
-    let t = builds(&state)?.assign_tags(NO_OWNER, &req.target, &req.tags)?;
+    let t = builds(&state)?.assign_tags(&caller, &req.target, &req.tags)?;
     let body = serde_json::json!({"tags": req.tags, "buildID": build_uuid(&t.meta.build_hash)});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -264,18 +357,20 @@ async fn assign_tags(
 /// `DELETE /templates/tags` (`Template.remove_tags`): 204.
 async fn remove_tags(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Body(req): Body<RemoveTags>,
 ) -> Result<StatusCode, AppError> {
-    builds(&state)?.remove_tags(NO_OWNER, &req.name, &req.tags)?;
+    builds(&state)?.remove_tags(&caller, &req.name, &req.tags)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /templates/{id}/tags` (`Template.get_tags`): `[{"tag", "buildID", "createdAt"}]`.
 async fn get_tags(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
-    let (t, tags) = builds(&state)?.tags_of(NO_OWNER, &id)?;
+    let (t, tags) = builds(&state)?.tags_of(&caller, &id)?;
     let build_id = build_uuid(&t.meta.build_hash);
     let body: Vec<serde_json::Value> = tags
         .into_iter()
@@ -315,16 +410,20 @@ fn build_uuid(hash: &str) -> String {
     )
 }
 
-async fn list(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
-    let list = builds(&state)?.list(NO_OWNER)?;
+async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, AppError> {
+    let list = builds(&state)?.list(&caller)?;
     Ok(Json(list.iter().map(template_json).collect::<Vec<_>>()).into_response())
 }
 
 async fn detail(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
-    let t = builds(&state)?.template(NO_OWNER, &id)?;
+    let t = builds(&state)?.template(&caller, &id)?;
     let mut v = template_json(&t);
     v["builds"] = serde_json::json!([{
         "buildID": build_uuid(&t.meta.build_hash), "status": "ready",
@@ -337,18 +436,20 @@ async fn detail(
 
 async fn alias(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(alias): Path<String>,
 ) -> Result<Response, AppError> {
-    let t = builds(&state)?.template(NO_OWNER, &alias)?;
+    let t = builds(&state)?.template(&caller, &alias)?;
     Ok(Json(serde_json::json!({"templateID": t.name, "public": false})).into_response())
 }
 
 /// `DELETE /templates/{id}`: 204, once the builds of that template are done.
 async fn remove(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
-    builds(&state)?.remove_template(NO_OWNER, &id).await?;
+    builds(&state)?.remove_template(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

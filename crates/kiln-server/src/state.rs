@@ -1,0 +1,20 @@
+//! What every request handler shares: the manager, the store, the template registry
+//! and the build service.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::builds::TemplateBuilds;
+use crate::manager::SandboxManager;
+use crate::store::Store;
+use crate::templates::Templates;
+
+pub struct AppState {
+    pub manager: Arc<SandboxManager>,
+    pub store: Arc<dyn Store>,
+    pub templates: Arc<Templates>,
+    pub ready: AtomicBool,
+    pub domain: Option<String>,
+    /// Template builds ([`crate::builds`]); `None` where the server cannot build.
+    pub builds: Option<Arc<TemplateBuilds>>,
+}
