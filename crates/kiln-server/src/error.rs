@@ -185,6 +185,7 @@ impl From<crate::builds::BuildServiceError> for AppError {
             | E::UnknownUpload => AppError::NotFound(e.to_string()),
             E::AlreadyFinished { .. } | E::NameTaken { .. } => AppError::Conflict(e.to_string()),
             E::BuiltIn { .. } => AppError::Forbidden(e.to_string()),
+            E::OverDiskQuota { .. } => AppError::TooManyRequests(e.to_string()),
             E::Owners(source) => source.into(),
             E::UploadExpired { .. } => AppError::Gone(e.to_string()),
             E::UploadTooLarge { .. } => AppError::PayloadTooLarge(e.to_string()),

@@ -338,16 +338,7 @@ impl Harness {
     /// A template `name` of team A, built (with the fake step runner); returns the
     /// build's id.
     async fn team_a_template(&self, name: &str) -> String {
-        let (s, v) = self
-            .api(
-                "POST",
-                "/v3/templates",
-                &self.member_a,
-                Some(serde_json::json!({"name": name})),
-            )
-            .await;
-        assert_eq!(s, 202, "{v}");
-        let build = v["buildID"].as_str().unwrap().to_string();
+        let build = self.team_a_waiting_build(name).await;
         let spec = serde_json::json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["true"]}]});
         let path = format!("/v2/templates/{name}/builds/{build}");
         let (s, v) = self.api("POST", &path, &self.member_a, Some(spec)).await;
@@ -706,6 +697,41 @@ async fn team_quotas_answer_429_naming_the_quota() {
     let err = b.create(&new_sandbox(60, &[])).await.unwrap_err();
     assert!(err.to_string().contains("maxMemoryMB"), "{err}");
     assert_eq!(status_of(err), 429);
+}
+
+#[tokio::test]
+async fn a_team_over_its_template_disk_quota_starts_no_build() {
+    let h = start(LimitsConfig::default()).await;
+    let quota = |mb| kiln_server::store::Quotas {
+        max_template_disk_mb: mb,
+        ..Default::default()
+    };
+    h.store.set_quotas(1, quota(Some(0))).unwrap();
+    let (s, v) = h
+        .api(
+            "POST",
+            "/v3/templates",
+            &h.member_a,
+            Some(json!({"name": "big"})),
+        )
+        .await;
+    assert_eq!(s, 429, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("maxTemplateDiskMB"),
+        "{v}"
+    );
+    // Another team is not held back, and neither is this one once the quota allows.
+    let (s, v) = h
+        .api(
+            "POST",
+            "/v3/templates",
+            &h.member_b,
+            Some(json!({"name": "theirs"})),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    h.store.set_quotas(1, quota(Some(1024))).unwrap();
+    h.team_a_template("big").await;
 }
 
 #[tokio::test]

@@ -27,6 +27,11 @@ pub enum BuildServiceError {
     BuiltIn { name: String },
     #[error("the template name {name:?} is taken; choose another name")]
     NameTaken { name: String },
+    #[error(
+        "your team's templates take {used_mb} MiB, at or over its quota of {max_mb} MiB \
+         (maxTemplateDiskMB); delete a template or ask the operator to raise the quota"
+    )]
+    OverDiskQuota { used_mb: u64, max_mb: u64 },
     #[error("the control plane's database failed")]
     Owners(#[from] crate::store::StoreError),
     #[error("cpuCount must be 1-64 and memoryMB 128-65536 (got {cpu_count} and {memory_mb})")]

@@ -219,8 +219,11 @@ impl TemplateBuilds {
                 memory_mb,
             });
         }
-        self.claim(caller, &alias)?;
         let owner = team_of(caller);
+        if let Some(team) = owner {
+            self.check_disk_quota(team)?;
+        }
+        self.claim(caller, &alias)?;
         let record = BuildRecord {
             template_id: alias.clone(),
             status: Status::Waiting,
@@ -439,6 +442,30 @@ impl TemplateBuilds {
                 name: name.to_string(),
             }),
         }
+    }
+
+    /// A team whose templates already fill its `maxTemplateDiskMB` starts no build (the
+    /// size of a build's result is known only once it is built, so this is checked
+    /// before each build, against what the team's templates take now).
+    fn check_disk_quota(&self, team: i64) -> Result<(), BuildServiceError> {
+        let Some(max_mb) = self
+            .owners
+            .team(team)?
+            .and_then(|t| t.quotas.max_template_disk_mb)
+        else {
+            return Ok(());
+        };
+        let mut used = 0u64;
+        for t in self.store.list()? {
+            if self.owners.template_owner(&t.name)? == Some(Some(team)) {
+                used = used.saturating_add(t.meta.rootfs_bytes);
+            }
+        }
+        let used_mb = used.div_ceil(1 << 20);
+        if used_mb >= max_mb {
+            return Err(BuildServiceError::OverDiskQuota { used_mb, max_mb });
+        }
+        Ok(())
     }
 
     /// Makes `caller`'s team the owner of the new name `name`, or checks that it may
