@@ -126,9 +126,9 @@ impl From<crate::manager::SandboxError> for AppError {
             E::NotFound(_) | E::Template(LookupError::NotFound { .. }) => {
                 AppError::NotFound(message)
             }
-            E::Template(LookupError::Building(_)) | E::StartTimedOut(_) => {
-                AppError::Unavailable(message)
-            }
+            E::Template(LookupError::Building(_))
+            | E::StartTimedOut(_)
+            | E::RuntimeTimedOut { .. } => AppError::Unavailable(message),
             E::TimeoutNotPositive(_)
             | E::TimeoutOverCap { .. }
             | E::DurationOutOfRange(_)

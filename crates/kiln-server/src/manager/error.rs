@@ -57,6 +57,8 @@ pub enum SandboxError {
     Lost(String),
     #[error("the runtime did not start the sandbox within {0} s; try again")]
     StartTimedOut(u64),
+    #[error("the runtime did not finish {what} within {secs} s; try again")]
+    RuntimeTimedOut { what: &'static str, secs: u64 },
     /// The sandbox started but its guest did not become ready (envd's own words, or
     /// which step timed out).
     #[error("sandbox {id} started but {detail}")]

@@ -746,7 +746,13 @@ impl SandboxManager {
         id: &str,
     ) -> Result<Vec<SandboxMetric>, SandboxError> {
         let entry = self.require(caller, id)?;
-        let stats = self.runtime.stats(id).await.map_err(|e| match e {
+        let stats = within(
+            "reading the metrics",
+            STATS_DEADLINE,
+            self.runtime.stats(id),
+        )
+        .await?
+        .map_err(|e| match e {
             kiln_runtime::RuntimeError::NotFound { .. } => not_found(id),
             other => SandboxError::runtime("reading sandbox metrics failed", other),
         })?;
@@ -915,6 +921,26 @@ impl SandboxManager {
 
 /// How long a template's ready command may keep failing before a create gives up.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the runtime may take to pause or resume a sandbox (a gVisor checkpoint
+/// writes the sandbox's memory to disk).
+pub(super) const PAUSE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long the runtime may take to read a sandbox's usage.
+const STATS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `fut` (a runtime call), or [`SandboxError::RuntimeTimedOut`] once `limit` passes.
+pub(super) async fn within<T>(
+    what: &'static str,
+    limit: std::time::Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, SandboxError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| SandboxError::RuntimeTimedOut {
+            what,
+            secs: limit.as_secs(),
+        })
+}
+
 /// How long the runtime may take to start a sandbox.
 pub(super) const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 /// How long the runtime may take to say whether a sandbox still runs.

@@ -72,7 +72,13 @@ async fn pause(manager: &SandboxManager, entry: &SandboxEntry) -> Result<(), San
     if entry.record().state == RecordState::Paused {
         return Err(SandboxError::AlreadyPaused(id));
     }
-    manager.runtime.pause(&id).await.map_err(|e| match e {
+    super::within(
+        "pausing the sandbox",
+        super::PAUSE_DEADLINE,
+        manager.runtime.pause(&id),
+    )
+    .await?
+    .map_err(|e| match e {
         kiln_runtime::RuntimeError::Unsupported(message) => SandboxError::PauseUnsupported(message),
         other => SandboxError::runtime(format!("pausing sandbox {id} failed"), other),
     })?;
@@ -90,11 +96,13 @@ async fn resume(
     if entry.record().state != RecordState::Paused {
         return Ok(false);
     }
-    manager
-        .runtime
-        .resume(&id)
-        .await
-        .map_err(|e| SandboxError::runtime(format!("resuming sandbox {id} failed"), e))?;
+    super::within(
+        "resuming the sandbox",
+        super::PAUSE_DEADLINE,
+        manager.runtime.resume(&id),
+    )
+    .await?
+    .map_err(|e| SandboxError::runtime(format!("resuming sandbox {id} failed"), e))?;
     set_deadline(manager, entry, end_at, false)?;
     set_state(manager, entry, RecordState::Running)?;
     tracing::info!(%id, "sandbox resumed");
