@@ -31,6 +31,20 @@ pub fn endpoints() -> Vec<Endpoint> {
             healthz,
         ),
         Endpoint::new(
+            Method::GET,
+            "/health",
+            Public,
+            "Liveness (the same answer as /healthz)",
+            healthz,
+        ),
+        Endpoint::new(
+            Method::GET,
+            "/metrics",
+            Public,
+            "Prometheus metrics: loopback clients only, or with KILN_METRICS_TOKEN as a Bearer token",
+            prometheus,
+        ),
+        Endpoint::new(
             Method::POST,
             "/sandboxes",
             Member,
@@ -126,6 +140,38 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
             "kiln is starting (building templates)",
         )
     }
+}
+
+/// `GET /metrics`. Not behind an API key (Prometheus has none): loopback clients only,
+/// or, when the operator set `KILN_METRICS_TOKEN`, any client with that token.
+async fn prometheus(State(state): State<Arc<AppState>>, req: axum::extract::Request) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let allowed = match &state.metrics_token {
+        Some(token) => req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| crate::keys::same_secret(given, token)),
+        None => peer.is_some_and(|p| p.ip().is_loopback()),
+    };
+    if !allowed {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "GET /metrics answers loopback clients only, or clients with the token in \
+             KILN_METRICS_TOKEN (Authorization: Bearer TOKEN)",
+        );
+    }
+    state.manager.observe().await;
+    (
+        StatusCode::OK,
+        [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        state.manager.meters().encode(),
+    )
+        .into_response()
 }
 
 async fn create(

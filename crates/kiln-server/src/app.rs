@@ -322,6 +322,9 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         ready: AtomicBool::new(false),
         domain: config.domain.clone(),
         builds: Some(builds.clone()),
+        metrics_token: std::env::var("KILN_METRICS_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty()),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -341,11 +344,14 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut graceful = stop_rx.clone();
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = graceful.wait_for(|stop| *stop).await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = graceful.wait_for(|stop| *stop).await;
+        })
+        .await
     });
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -15,7 +15,9 @@ use hyper_util::rt::TokioIo;
 use kiln_api::{SandboxGoneBody, ENVD_PORT, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
 
 use crate::error::json_error;
+use crate::exec_watch::Watched;
 use crate::manager::SandboxManager;
+use crate::metrics::{ProxyFailure, ProxyLabels};
 use crate::report::chain;
 
 /// Where a request is headed, when it is sandbox traffic.
@@ -205,6 +207,8 @@ pub async fn forward(
         // paused sandbox as unreachable.
         return paused(&id);
     }
+    let execution = crate::exec_watch::kind_of(port, req.method(), req.uri().path());
+    let began = std::time::Instant::now();
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
@@ -227,6 +231,16 @@ pub async fn forward(
             if manager.get(&id).is_none() {
                 return gone(&id);
             }
+            let failure = if port == ENVD_PORT {
+                ProxyFailure::Envd
+            } else {
+                ProxyFailure::Tunnel
+            };
+            manager
+                .meters()
+                .proxy_errors
+                .get_or_create(&ProxyLabels { failure })
+                .inc();
             tracing::warn!(%id, port, error = %message, "proxying to sandbox failed");
             return json_error(StatusCode::BAD_GATEWAY, message);
         }
@@ -254,7 +268,13 @@ pub async fn forward(
         return Response::from_parts(parts, Body::empty());
     }
     strip_hop_by_hop(resp.headers_mut(), false);
-    resp.map(Body::new)
+    match execution {
+        Some(kind) => {
+            let metrics = manager.meters().clone();
+            resp.map(|b| Body::new(Watched::new(Body::new(b), kind, metrics, began)))
+        }
+        None => resp.map(Body::new),
+    }
 }
 
 async fn via_tunnel(

@@ -17,4 +17,7 @@ pub struct AppState {
     pub domain: Option<String>,
     /// Template builds ([`crate::builds`]); `None` where the server cannot build.
     pub builds: Option<Arc<TemplateBuilds>>,
+    /// `KILN_METRICS_TOKEN`: with it, `GET /metrics` wants it as a Bearer token;
+    /// without, it answers loopback clients only.
+    pub metrics_token: Option<String>,
 }

@@ -186,6 +186,8 @@ struct Harness {
     manager: Arc<kiln_server::manager::SandboxManager>,
     templates: Arc<Templates>,
     url: String,
+    /// The same server, with `KILN_METRICS_TOKEN` set to `scrape-secret`.
+    url_with_metrics_token: String,
     /// An admin key of the default team.
     key: String,
     /// A member key of the default team ("team A").
@@ -258,18 +260,24 @@ async fn start(limits: LimitsConfig) -> Harness {
         ready: AtomicBool::new(true),
         domain: None,
         builds: Some(Arc::new(builds)),
+        metrics_token: None,
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        axum::serve(listener, kiln_server::router(state))
-            .await
-            .unwrap();
+    let url = serve_state(state.clone()).await;
+    let token_state = Arc::new(AppState {
+        manager: manager.clone(),
+        store: store.clone(),
+        templates: templates.clone(),
+        ready: AtomicBool::new(true),
+        domain: None,
+        builds: state.builds.clone(),
+        metrics_token: Some("scrape-secret".into()),
     });
+    let url_with_metrics_token = serve_state(token_state).await;
     Harness {
         manager,
         templates,
         url,
+        url_with_metrics_token,
         key,
         member_a,
         member_b,
@@ -277,6 +285,18 @@ async fn start(limits: LimitsConfig) -> Harness {
         runtime,
         _dir: dir,
     }
+}
+
+/// Serves `state` as `kiln serve` does (with the peer's address known); returns the URL.
+async fn serve_state(state: Arc<AppState>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let app = kiln_server::router(state)
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, app).await.unwrap();
+    });
+    url
 }
 
 fn new_sandbox(timeout: i64, metadata: &[(&str, &str)]) -> NewSandbox {
@@ -396,7 +416,7 @@ async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Cas
     };
     let on = |p: &str, id: &str| p.replace("{id}", id);
     match (method, path) {
-        ("GET", "/healthz") => own(path, None),
+        ("GET", "/healthz") | ("GET", "/health") | ("GET", "/metrics") => own(path, None),
         ("POST", "/sandboxes") => own(path, Some(json!({"templateID": "base", "timeout": 60}))),
         ("GET", "/sandboxes") | ("GET", "/v2/sandboxes") => own(path, None),
         ("GET", "/sandboxes/{id}")
@@ -732,6 +752,49 @@ async fn a_team_over_its_template_disk_quota_starts_no_build() {
     assert_eq!(s, 202, "{v}");
     h.store.set_quotas(1, quota(Some(1024))).unwrap();
     h.team_a_template("big").await;
+}
+
+#[tokio::test]
+async fn metrics_count_sandboxes_and_executions_for_loopback_or_the_token() {
+    let h = start(LimitsConfig::default()).await;
+    let a = Client::new(&h.url, &h.member_a);
+    let sbx = a.create(&new_sandbox(60, &[])).await.unwrap();
+    a.exec(&sbx.sandbox_id, "true", None, |_| {}).await.unwrap();
+    a.exec(&sbx.sandbox_id, "false", None, |_| {})
+        .await
+        .unwrap();
+    let text = reqwest::get(format!("{}/metrics", h.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "e2b_sandboxes_active 1".to_string(),
+        "e2b_sandboxes_created_total 1".to_string(),
+        "e2b_executions_total{kind=\"command\"} 2".to_string(),
+        "e2b_executions_failed_total{kind=\"command\"} 1".to_string(),
+        format!(
+            "e2b_sandbox_memory_bytes{{sandbox_id=\"{}\",template=\"base\"}} 10485760",
+            sbx.sandbox_id
+        ),
+        "kiln_sandbox_create_duration_seconds_count{runtime=\"jail\",pool=\"miss\"} 1".to_string(),
+    ] {
+        assert!(text.contains(&needle), "{needle} missing from:\n{text}");
+    }
+    // With a token configured, it is wanted even from loopback.
+    let url = format!("{}/metrics", h.url_with_metrics_token);
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 403);
+    let wrong = http.get(&url).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(wrong.status(), 403);
+    let right = http
+        .get(&url)
+        .bearer_auth("scrape-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
 }
 
 #[tokio::test]

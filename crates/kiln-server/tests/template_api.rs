@@ -179,6 +179,7 @@ async fn serve_with(dir: tempfile::TempDir, setup: Setup) -> Harness {
         ready: AtomicBool::new(true),
         domain: None,
         builds: Some(builds.clone()),
+        metrics_token: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -33,7 +33,21 @@ type Version = Option<(String, chrono::DateTime<chrono::Utc>)>;
 
 impl TemplateBuilds {
     pub(super) async fn run(self: Arc<Self>, handle: Arc<BuildHandle>, req: BuildRequest) {
+        let began = std::time::Instant::now();
         let outcome = self.execute(&handle, &req).await;
+        let metrics = self.manager.meters();
+        let result = if outcome.is_ok() {
+            crate::metrics::BuildOutcome::Ready
+        } else {
+            crate::metrics::BuildOutcome::Error
+        };
+        metrics
+            .builds
+            .get_or_create(&crate::metrics::BuildLabels { outcome: result })
+            .inc();
+        metrics
+            .build_duration
+            .observe(began.elapsed().as_secs_f64());
         let record = match outcome {
             Ok(t) => {
                 tracing::info!(template = %t.name, build = %req.build_id, "template built");

@@ -88,6 +88,7 @@ pub struct SandboxManager {
     /// Sandboxes being torn down: unrouted, their record in `Killing` until the
     /// runtime confirms every host resource is gone. They still count as on the host.
     killing: Mutex<std::collections::HashSet<String>>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Paused sandboxes the host lost (a reboot under a runtime whose pause lives in
     /// memory): their team, and the message a resume gets.
     lost: Mutex<HashMap<String, (i64, String)>>,
@@ -167,6 +168,7 @@ impl SandboxManager {
             building: Arc::default(),
             pools: pool::Pools::default(),
             killing: Mutex::default(),
+            metrics: Arc::default(),
             lost: Mutex::new(HashMap::new()),
         })
     }
@@ -194,6 +196,57 @@ impl SandboxManager {
     /// `E2B_EXECUTION_TIMEOUT_SEC`: the longest deadline one command may ask for.
     pub fn execution_timeout_secs(&self) -> u64 {
         self.limits.execution_timeout_secs
+    }
+
+    /// The server's metrics (the manager records creates; the proxy and the build
+    /// service record through it too).
+    pub fn meters(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// Brings the gauges read at scrape time up to date: active sandboxes, each running
+    /// sandbox's memory (asked of the runtime, a few seconds at most each), idle pooled
+    /// sandboxes.
+    pub async fn observe(&self) {
+        use crate::metrics::{SandboxLabels, TemplateLabels};
+        let running: Vec<SandboxRecord> = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| e.record())
+            .filter(|r| r.state == RecordState::Running)
+            .collect();
+        self.metrics.sandboxes_active.set(running.len() as i64);
+        let samples = futures::future::join_all(running.iter().map(|r| async move {
+            let stats = within(
+                "reading the metrics",
+                STATS_DEADLINE,
+                self.runtime.stats(&r.id),
+            );
+            (r, stats.await)
+        }))
+        .await;
+        self.metrics.sandbox_memory.clear();
+        for (r, stats) in samples {
+            if let Ok(Ok(stats)) = stats {
+                let labels = SandboxLabels {
+                    sandbox_id: r.id.clone(),
+                    template: r.template_id.clone(),
+                };
+                self.metrics
+                    .sandbox_memory
+                    .get_or_create(&labels)
+                    .set(stats.mem_used_bytes as f64);
+            }
+        }
+        self.metrics.pool_idle.clear();
+        for (template, idle) in self.pools.idle_counts() {
+            self.metrics
+                .pool_idle
+                .get_or_create(&TemplateLabels { template })
+                .set(idle as i64);
+        }
     }
 
     /// Creates that have not finished yet.
@@ -453,6 +506,7 @@ impl SandboxManager {
         };
         let _slot = self.reserve_slot(&template.name, allow_internet, caller.team_id, want)?;
         let secure = req.secure.unwrap_or(false);
+        let began = Instant::now();
         let (instance, started) = self.acquire(&template, allow_internet).await?;
         let id = instance.id.clone();
         let config = self.sandbox_config(id.clone(), &template, allow_internet)?;
@@ -511,7 +565,20 @@ impl SandboxManager {
             self.destroy(&id).await;
             return Err(e.into());
         }
+        let runtime = record.runtime.clone();
         self.spawn_owner(record, instance.envd_socket);
+        self.metrics.sandboxes_created.inc();
+        self.metrics
+            .create_duration
+            .get_or_create(&crate::metrics::CreateLabels {
+                runtime,
+                pool: if started {
+                    crate::metrics::PoolUse::Hit
+                } else {
+                    crate::metrics::PoolUse::Miss
+                },
+            })
+            .observe(began.elapsed().as_secs_f64());
         tracing::info!(%id, template = %template.name, "sandbox created");
         Ok(Sandbox {
             template_id: template.name,

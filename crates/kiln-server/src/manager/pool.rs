@@ -66,6 +66,16 @@ impl Pools {
             .map_or(0, Vec::len)
     }
 
+    /// Idle sandboxes by template.
+    pub(super) fn idle_counts(&self) -> Vec<(String, usize)> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(t, v)| (t.clone(), v.len()))
+            .collect()
+    }
+
     pub(super) fn drain(&self) -> Vec<SandboxInstance> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.drain()
