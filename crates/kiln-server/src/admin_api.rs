@@ -6,10 +6,11 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::authz::Caller;
 use crate::endpoint::{Access::Admin, Endpoint};
 use crate::error::AppError;
 use crate::extract::Body;
@@ -202,6 +203,7 @@ struct NewKey {
 
 async fn create_key(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Body(req): Body<NewKey>,
 ) -> Result<Response, AppError> {
     if req.name.trim().is_empty() || req.name.len() > 128 {
@@ -216,6 +218,11 @@ async fn create_key(
     let key = keys::generate();
     let id = keys::register(state.store.as_ref(), &req.name, &key, req.admin, team.id)
         .map_err(|e| AppError::internal("registering the key failed", e))?;
+    state.manager.audit().record(
+        crate::audit::Event::new("key.created", true)
+            .user(caller.team_id, caller.key_id)
+            .subject(format!("key:{id}")),
+    );
     let info = KeyInfo {
         id,
         name: req.name,
@@ -231,6 +238,7 @@ async fn create_key(
 
 async fn revoke_key(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
     let id: i64 = id
@@ -238,6 +246,13 @@ async fn revoke_key(
         .map_err(|_| AppError::BadRequest(format!("key id must be a number, got {id:?}")))?;
     match state.store.revoke_key(&id.to_string())? {
         0 => Err(AppError::NotFound(format!("no active key with id {id}"))),
-        _ => Ok(StatusCode::NO_CONTENT),
+        _ => {
+            state.manager.audit().record(
+                crate::audit::Event::new("key.revoked", true)
+                    .user(caller.team_id, caller.key_id)
+                    .subject(format!("key:{id}")),
+            );
+            Ok(StatusCode::NO_CONTENT)
+        }
     }
 }

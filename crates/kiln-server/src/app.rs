@@ -52,6 +52,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditConfigError),
     #[error("recovering sandboxes from the previous run failed: {0}")]
     Recover(String),
     #[error("building the base template failed")]
@@ -109,13 +111,22 @@ async fn divert_sandbox_traffic(
     req: Request,
     next: Next,
 ) -> Response {
-    match proxy::target(req.headers(), state.domain.as_deref()) {
-        None => crate::error::with_request_id(req, next).await,
-        Some(Target::Invalid(message)) => json_error(StatusCode::BAD_REQUEST, message),
-        Some(Target::Sandbox { id, port }) => {
-            proxy::forward(state.manager.clone(), id, port, req).await
+    // Where the request came from, for the audit records made while serving it.
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let origin = crate::audit::Origin::from_request(peer, req.headers());
+    crate::audit::scoped(origin, async move {
+        match proxy::target(req.headers(), state.domain.as_deref()) {
+            None => crate::error::with_request_id(req, next).await,
+            Some(Target::Invalid(message)) => json_error(StatusCode::BAD_REQUEST, message),
+            Some(Target::Sandbox { id, port }) => {
+                proxy::forward(state.manager.clone(), id, port, req).await
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Middleware of `Access::Member` endpoints: a live key, or 401.
@@ -147,6 +158,17 @@ pub async fn authenticate_admin(
 }
 
 fn caller_of(state: &AppState, req: &Request) -> Result<Caller, AppError> {
+    let caller = key_of(state, req);
+    if let Err(AppError::Unauthorized(_)) = &caller {
+        state
+            .manager
+            .audit()
+            .record(crate::audit::Event::new("auth.failed", false));
+    }
+    caller
+}
+
+fn key_of(state: &AppState, req: &Request) -> Result<Caller, AppError> {
     let key = req
         .headers()
         .get(API_KEY_HEADER)
@@ -280,6 +302,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("kiln.db"))?);
     let key_notice = prepare_keys(store.as_ref(), &config)?;
 
+    let audit_sink = crate::audit::AuditSink::from_env(data)?;
     let templates = Arc::new(Templates::default());
     let manager = SandboxManager::new(
         runtime.clone(),
@@ -287,6 +310,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         templates.clone(),
         config.limits,
     );
+    manager.set_audit(Arc::new(crate::audit::AuditLog::new(audit_sink)));
     let (adopted, cleaned) = manager
         .recover()
         .await

@@ -18,12 +18,43 @@ use axum::body::{Body, Bytes, HttpBody};
 use hyper::body::Frame;
 use kiln_proto::connect::EnvelopeDecoder;
 
+use crate::audit::{AuditLog, Event};
 use crate::metrics::{ExecKind, Metrics};
 
 /// The code interpreter's port (`e2b-code-interpreter`).
 pub const INTERPRETER_PORT: u16 = 49999;
 const MAX_ENVELOPE: usize = 16 << 20;
 const MAX_LINE: usize = 1 << 20;
+/// How much of a `run_code` request is kept to read its language.
+const MAX_REQUEST_PEEK: usize = 64 << 10;
+
+/// The audit record an execution makes when it ends: prefilled (sandbox, team,
+/// agent, origin), and for `run_code` the start of the request, to read its language.
+pub struct AuditNote {
+    pub log: Arc<AuditLog>,
+    pub event: Event,
+    pub request: Option<Arc<std::sync::Mutex<Vec<u8>>>>,
+}
+
+impl AuditNote {
+    fn finish(mut self, kind: ExecKind, failed: bool, took: std::time::Duration) {
+        let language = match kind {
+            ExecKind::Command => "bash".to_string(),
+            ExecKind::RunCode => self
+                .request
+                .as_ref()
+                .and_then(|r| {
+                    let peek = r.lock().unwrap_or_else(|e| e.into_inner());
+                    serde_json::from_slice::<serde_json::Value>(&peek).ok()
+                })
+                .and_then(|v| v["language"].as_str().map(|l| l.chars().take(32).collect()))
+                .unwrap_or_else(|| "python".to_string()),
+        };
+        self.event.success = !failed;
+        self.log
+            .record(self.event.language(&language).duration(took));
+    }
+}
 
 /// Which execution, if any, a request to `port` and `path` is.
 pub fn kind_of(port: u16, method: &http::Method, path: &str) -> Option<ExecKind> {
@@ -60,6 +91,7 @@ struct Watch {
     reader: Reader,
     verdict: Verdict,
     recorded: bool,
+    audit: Option<AuditNote>,
 }
 
 impl Watch {
@@ -116,8 +148,12 @@ impl Watch {
         }
         self.recorded = true;
         let failed = self.verdict == Verdict::Failed;
+        let took = self.began.elapsed();
         self.metrics
-            .execution(self.kind, self.began.elapsed().as_secs_f64(), failed);
+            .execution(self.kind, took.as_secs_f64(), failed);
+        if let Some(note) = self.audit.take() {
+            note.finish(self.kind, failed, took);
+        }
     }
 }
 
@@ -169,7 +205,13 @@ pub struct Watched {
 }
 
 impl Watched {
-    pub fn new(inner: Body, kind: ExecKind, metrics: Arc<Metrics>, began: Instant) -> Self {
+    pub fn new(
+        inner: Body,
+        kind: ExecKind,
+        metrics: Arc<Metrics>,
+        began: Instant,
+        audit: Option<AuditNote>,
+    ) -> Self {
         let reader = match kind {
             ExecKind::Command => Reader::Connect(EnvelopeDecoder::new(MAX_ENVELOPE)),
             ExecKind::RunCode => Reader::Ndjson {
@@ -186,6 +228,7 @@ impl Watched {
                 reader,
                 verdict: Verdict::Unknown,
                 recorded: false,
+                audit,
             },
         }
     }
@@ -222,6 +265,47 @@ impl HttpBody for Watched {
     }
 }
 
+/// A request body passed through untouched, its first bytes kept in `peek`.
+pub struct Peeked {
+    inner: Body,
+    peek: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Peeked {
+    pub fn new(inner: Body, peek: Arc<std::sync::Mutex<Vec<u8>>>) -> Self {
+        Peeked { inner, peek }
+    }
+}
+
+impl HttpBody for Peeked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let mut peek = this.peek.lock().unwrap_or_else(|e| e.into_inner());
+                let room = MAX_REQUEST_PEEK.saturating_sub(peek.len());
+                peek.extend_from_slice(&data[..data.len().min(room)]);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +327,7 @@ mod tests {
             kind,
             metrics.clone(),
             Instant::now(),
+            None,
         );
         body.collect().await.unwrap();
         metrics.encode()

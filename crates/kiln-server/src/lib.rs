@@ -6,6 +6,7 @@
 pub mod admin_api;
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod authz;
 pub mod builds;
 pub mod builtins;

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use kiln_api::{SandboxGoneBody, ENVD_PORT, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
 
 use crate::error::json_error;
-use crate::exec_watch::Watched;
+use crate::exec_watch::{AuditNote, Peeked, Watched};
 use crate::manager::SandboxManager;
 use crate::metrics::{ProxyFailure, ProxyLabels};
 use crate::report::chain;
@@ -209,6 +209,24 @@ pub async fn forward(
     }
     let execution = crate::exec_watch::kind_of(port, req.method(), req.uri().path());
     let began = std::time::Instant::now();
+    let audit = execution.map(|kind| {
+        let rec = entry.record();
+        let event = crate::audit::Event::new("sandbox.executed", true)
+            .sandbox(&id)
+            .user(rec.team_id, 0)
+            .agent_or(rec.metadata.get("agent_id"));
+        let request = (kind == crate::metrics::ExecKind::RunCode).then(Default::default);
+        if let Some(peek) = &request {
+            let peek = Arc::clone(peek);
+            let (parts, body) = std::mem::take(&mut req).into_parts();
+            req = Request::from_parts(parts, Body::new(Peeked::new(body, peek)));
+        }
+        AuditNote {
+            log: manager.audit(),
+            event,
+            request,
+        }
+    });
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
@@ -271,7 +289,7 @@ pub async fn forward(
     match execution {
         Some(kind) => {
             let metrics = manager.meters().clone();
-            resp.map(|b| Body::new(Watched::new(Body::new(b), kind, metrics, began)))
+            resp.map(|b| Body::new(Watched::new(Body::new(b), kind, metrics, began, audit)))
         }
         None => resp.map(Body::new),
     }

@@ -798,6 +798,84 @@ async fn metrics_count_sandboxes_and_executions_for_loopback_or_the_token() {
 }
 
 #[tokio::test]
+async fn the_audit_log_has_a_parseable_line_per_event_and_no_secrets() {
+    let h = start(LimitsConfig::default()).await;
+    let path = h._dir.path().join("audit/audit.log");
+    h.manager
+        .set_audit(Arc::new(kiln_server::audit::AuditLog::new(
+            kiln_server::audit::AuditSink::File {
+                path: path.clone(),
+                max_bytes: 1 << 20,
+                keep: 1,
+            },
+        )));
+    let a = Client::new(&h.url, &h.member_a);
+    let sbx = a
+        .create(&new_sandbox(60, &[("agent_id", "planner-7")]))
+        .await
+        .unwrap();
+    a.exec(&sbx.sandbox_id, "true", None, |_| {}).await.unwrap();
+    a.kill(&sbx.sandbox_id).await.unwrap();
+    let bogus = Client::new(&h.url, "e2b_0000000000000000000000000000000000000000");
+    assert!(bogus.list(&BTreeMap::new()).await.is_err());
+    let (s, v) = h
+        .api(
+            "POST",
+            "/admin/keys",
+            &h.key,
+            Some(json!({"name": "audited", "team": "other"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let secret = v["key"].as_str().unwrap().to_string();
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        !text.contains(&secret) && !text.contains(&h.member_a),
+        "a key in the audit log"
+    );
+    assert!(
+        !text.contains(sbx.envd_access_token.as_deref().unwrap()),
+        "a token in the audit log"
+    );
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |t: &str| lines.iter().find(|l| l["event_type"] == t).cloned();
+    for l in &lines {
+        for key in [
+            "timestamp",
+            "event_type",
+            "sandbox_id",
+            "user_id",
+            "agent_id",
+            "language",
+            "duration_ms",
+            "success",
+            "ip_address",
+        ] {
+            assert!(l.get(key).is_some(), "{key} missing: {l}");
+        }
+        assert_eq!(l["ip_address"], "127.0.0.1", "{l}");
+    }
+    let created = of("sandbox.created").expect("sandbox.created");
+    assert_eq!(created["sandbox_id"], sbx.sandbox_id.as_str());
+    assert_eq!(created["agent_id"], "planner-7");
+    assert!(created["user_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("team:1/key:"));
+    let executed = of("sandbox.executed").expect("sandbox.executed");
+    assert_eq!(executed["language"], "bash");
+    assert_eq!(executed["success"], true);
+    assert_eq!(executed["agent_id"], "planner-7");
+    assert!(of("sandbox.terminated").is_some());
+    assert_eq!(of("auth.failed").expect("auth.failed")["success"], false);
+    assert!(of("key.created").is_some());
+}
+
+#[tokio::test]
 async fn a_template_of_another_team_is_not_found() {
     let h = start(LimitsConfig::default()).await;
     h.templates.insert(TemplateInfo {

@@ -48,6 +48,13 @@ impl TemplateBuilds {
         metrics
             .build_duration
             .observe(began.elapsed().as_secs_f64());
+        let mut event = crate::audit::Event::new("template.built", outcome.is_ok())
+            .subject(format!("template:{}", req.name))
+            .duration(began.elapsed());
+        if let Some(team) = handle.owner {
+            event = event.user(team, 0);
+        }
+        self.manager.audit().record(event);
         let record = match outcome {
             Ok(t) => {
                 tracing::info!(template = %t.name, build = %req.build_id, "template built");

@@ -89,6 +89,7 @@ pub struct SandboxManager {
     /// runtime confirms every host resource is gone. They still count as on the host.
     killing: Mutex<std::collections::HashSet<String>>,
     metrics: Arc<crate::metrics::Metrics>,
+    audit: RwLock<Arc<crate::audit::AuditLog>>,
     /// Paused sandboxes the host lost (a reboot under a runtime whose pause lives in
     /// memory): their team, and the message a resume gets.
     lost: Mutex<HashMap<String, (i64, String)>>,
@@ -169,6 +170,7 @@ impl SandboxManager {
             pools: pool::Pools::default(),
             killing: Mutex::default(),
             metrics: Arc::default(),
+            audit: RwLock::new(Arc::new(crate::audit::AuditLog::off())),
             lost: Mutex::new(HashMap::new()),
         })
     }
@@ -202,6 +204,15 @@ impl SandboxManager {
     /// service record through it too).
     pub fn meters(&self) -> &Arc<crate::metrics::Metrics> {
         &self.metrics
+    }
+
+    /// The audit log (off until [`Self::set_audit`]).
+    pub fn audit(&self) -> Arc<crate::audit::AuditLog> {
+        self.audit.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_audit(&self, log: Arc<crate::audit::AuditLog>) {
+        *self.audit.write().unwrap_or_else(|e| e.into_inner()) = log;
     }
 
     /// Brings the gauges read at scrape time up to date: active sandboxes, each running
@@ -479,7 +490,39 @@ impl SandboxManager {
         req: NewSandbox,
         caller: Caller,
     ) -> Result<Sandbox, SandboxError> {
-        tokio::spawn(async move { self.create(req, caller).await }).await?
+        let origin = crate::audit::current();
+        let began = Instant::now();
+        let manager = self.clone();
+        let agent = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("agent_id"))
+            .cloned();
+        let created = tokio::spawn(crate::audit::scoped(origin.clone(), async move {
+            manager.create(req, caller).await
+        }))
+        .await?;
+        // A create the server could not carry out (not one it refused) is a failure
+        // of the sandbox.
+        if let Err(e) = &created {
+            if matches!(
+                e,
+                SandboxError::GuestNotReady { .. }
+                    | SandboxError::Runtime { .. }
+                    | SandboxError::StartTimedOut(_)
+                    | SandboxError::Store(_)
+            ) {
+                let mut event = crate::audit::Event::new("sandbox.failed", false)
+                    .user(caller.team_id, caller.key_id)
+                    .agent_or(agent.as_ref())
+                    .duration(began.elapsed());
+                if let SandboxError::GuestNotReady { id, .. } = e {
+                    event = event.sandbox(id);
+                }
+                crate::audit::scoped(origin, async { self.audit().record(event) }).await;
+            }
+        }
+        created
     }
 
     /// `POST /sandboxes` (see [`Self::create_detached`]).
@@ -566,7 +609,15 @@ impl SandboxManager {
             return Err(e.into());
         }
         let runtime = record.runtime.clone();
+        let agent = record.metadata.get("agent_id").cloned();
         self.spawn_owner(record, instance.envd_socket);
+        self.audit().record(
+            crate::audit::Event::new("sandbox.created", true)
+                .sandbox(&id)
+                .user(caller.team_id, caller.key_id)
+                .agent_or(agent.as_ref())
+                .duration(began.elapsed()),
+        );
         self.metrics.sandboxes_created.inc();
         self.metrics
             .create_duration
@@ -785,7 +836,16 @@ impl SandboxManager {
             return Ok(());
         }
         let (reply, rx) = oneshot::channel();
+        let agent = self
+            .get(id)
+            .and_then(|e| e.record().metadata.get("agent_id").cloned());
         self.send(caller, id, |_| Command::Kill { reply }).await?;
+        self.audit().record(
+            crate::audit::Event::new("sandbox.terminated", true)
+                .sandbox(id)
+                .user(caller.team_id, caller.key_id)
+                .agent_or(agent.as_ref()),
+        );
         rx.await.map_err(|_| not_found(id))?
     }
 

@@ -57,6 +57,13 @@ pub(super) async fn run(
                     }
                 } else if rec.state == RecordState::Running && rec.end_at <= Utc::now() {
                     tracing::info!(%id, "sandbox reached its timeout");
+                    manager.audit().record(
+                        crate::audit::Event::new("sandbox.terminated", true)
+                            .sandbox(&id)
+                            .user(rec.team_id, 0)
+                            .agent_or(rec.metadata.get("agent_id"))
+                            .subject("timeout".into()),
+                    );
                     if let Err(e) = teardown(&manager, &id).await {
                         tracing::error!(%id, error = %chain(&e), "killing an expired sandbox failed");
                     }
