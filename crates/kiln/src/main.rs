@@ -1,7 +1,10 @@
 //! `kiln`: the command line. Thin: it parses, calls a library, renders.
 
+#![forbid(unsafe_code)]
+
 mod build_progress;
 mod code_cmd;
+mod doctor;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -48,6 +51,9 @@ enum Command {
     InstallPackage(code_cmd::InstallArgs),
     /// Print a sandbox's Python environment as JSON: version, platform, packages.
     EnvInfo(code_cmd::EnvInfoArgs),
+    /// Check this host for what sandboxes need (runsc, cgroups, namespaces, overlayfs,
+    /// iptables, disk, the data directory, the guest binaries); exits 1 on a FAIL.
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Subcommand)]
@@ -355,48 +361,68 @@ fn main() -> Result<()> {
             Command::RunCode(args) => code_cmd::run_code(args).await,
             Command::InstallPackage(args) => code_cmd::install(args).await,
             Command::EnvInfo(args) => code_cmd::env_info(args).await,
+            Command::Doctor(args) => doctor::doctor(args),
         }
     })
 }
 
-/// The binaries `kiln serve` runs beside itself: the jail helper and the guest binaries
-/// every sandbox gets (kiln-sudo for gVisor's `sudo`), plus kiln-interpreter when the
-/// code-interpreter template is built. A missing one is a start-up error naming the
-/// fix, never a silent fall-back to the jail or a template that cannot start.
-fn required_binaries(builtins: &[String]) -> Vec<&'static str> {
-    let mut names = vec!["kiln-jail", "kiln-init", "kiln-envd", "kiln-sudo"];
-    if builtins.iter().any(|b| b == "code-interpreter-v1") {
-        names.push("kiln-interpreter");
-    }
-    names
+/// Where kiln-jail and the guest binaries are when `--bin-dir` is not given: beside
+/// the running `kiln`.
+fn default_bin_dir() -> Result<PathBuf> {
+    Ok(std::env::current_exe()
+        .context("locating the kiln binary")?
+        .parent()
+        .context("the kiln binary has no parent directory")?
+        .to_path_buf())
 }
 
-fn check_binaries(bin_dir: &std::path::Path, builtins: &[String]) -> Result<()> {
-    let missing: Vec<&str> = required_binaries(builtins)
-        .into_iter()
-        .filter(|name| !bin_dir.join(name).is_file())
-        .collect();
-    if missing.is_empty() {
+/// The host checks of `kiln doctor`, before any runtime is set up: fixes what Kiln may
+/// (the search bit above the data directory), prints what changed and the warnings,
+/// and refuses to start on a FAIL, naming the fix.
+fn preflight(args: &ServeArgs, bin_dir: &std::path::Path) -> Result<()> {
+    // Made here (the server would make it anyway) so its own mode is checked too.
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let report = doctor::run(&doctor::Options {
+        data_dir: &args.data_dir,
+        bin_dir,
+        runtime: args.runtime,
+        runsc: args.runsc.as_deref(),
+        runsc_platform: args.runsc_platform.as_deref(),
+        builtins: &args.builtin_templates.0,
+        fix: true,
+        probe: false,
+    });
+    for change in &report.changes {
+        eprintln!("{change}");
+    }
+    for check in report
+        .checks
+        .iter()
+        .filter(|c| c.level == doctor::Level::Warn)
+    {
+        // Under `auto` the runtime's own fall-back warning says this, with the reason.
+        if check.name == doctor::RUNSC && matches!(args.runtime, RuntimeChoice::Auto) {
+            continue;
+        }
+        eprintln!("{check}");
+    }
+    let failures: Vec<String> = report.failures().map(|c| c.to_string()).collect();
+    if failures.is_empty() {
         return Ok(());
     }
-    anyhow::bail!(
-        "{} missing from {}: build every binary with `cargo build --release --bins` \
-         (./scripts/serve does), or point --bin-dir at a directory that has them",
-        missing.join(", "),
-        bin_dir.display()
+    bail!(
+        "this host cannot run sandboxes:\n{}\n(`kiln doctor` runs every check again)",
+        failures.join("\n")
     )
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let bin_dir = match args.bin_dir {
+    let bin_dir = match args.bin_dir.clone() {
         Some(d) => d,
-        None => std::env::current_exe()
-            .context("locating the kiln binary")?
-            .parent()
-            .context("the kiln binary has no parent directory")?
-            .to_path_buf(),
+        None => default_bin_dir()?,
     };
-    check_binaries(&bin_dir, &args.builtin_templates.0)?;
+    preflight(&args, &bin_dir)?;
     let mut limits = kiln_server::LimitsConfig::from_env()?;
     if let Some(n) = args.pool_size {
         limits.pool_size = n;
@@ -823,31 +849,5 @@ async fn template(cmd: TemplateCommand) -> Result<()> {
             }
             Ok(())
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_missing_guest_binary_is_named_with_the_fix() {
-        let dir = tempfile::tempdir().unwrap();
-        for name in ["kiln-jail", "kiln-init", "kiln-envd"] {
-            std::fs::write(dir.path().join(name), "").unwrap();
-        }
-        let builtins = vec!["code-interpreter-v1".to_string()];
-        let err = check_binaries(dir.path(), &builtins)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("kiln-sudo, kiln-interpreter missing from"),
-            "{err}"
-        );
-        assert!(err.contains("cargo build --release --bins"), "{err}");
-        // Without the code interpreter, kiln-interpreter is not needed.
-        std::fs::write(dir.path().join("kiln-sudo"), "").unwrap();
-        assert!(check_binaries(dir.path(), &[]).is_ok());
-        assert!(check_binaries(dir.path(), &builtins).is_err());
     }
 }
