@@ -9,9 +9,13 @@
 #   docker-registry a local OCI registry (distribution v2) the registry-pull tests start
 #   e2fsprogs       ext4 images for templates
 #   runsc           gVisor, for the gvisor runtime
+#   prometheus      promtool, which checks and unit-tests deploy/prometheus (scripts/test),
+#                   and the server tests/e2e/test_metrics.py starts on a free port (the
+#                   package's own service, if the host starts it, listens on :9090 and
+#                   does not get in the way)
 set -euo pipefail
 
-packages=(mmdebstrap iptables iproute2 uidmap busybox-static e2fsprogs ca-certificates runsc docker-registry)
+packages=(mmdebstrap iptables iproute2 uidmap busybox-static e2fsprogs ca-certificates runsc docker-registry prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
