@@ -13,9 +13,10 @@
 #                   and the server tests/e2e/test_metrics.py starts on a free port (the
 #                   package's own service, if the host starts it, listens on :9090 and
 #                   does not get in the way)
+#   nats-server     the NATS server kiln-server's event tests start on a free port
 set -euo pipefail
 
-packages=(mmdebstrap iptables iproute2 uidmap busybox-static e2fsprogs ca-certificates runsc docker-registry prometheus)
+packages=(mmdebstrap iptables iproute2 uidmap busybox-static e2fsprogs ca-certificates runsc docker-registry prometheus nats-server)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

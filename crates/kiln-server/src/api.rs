@@ -45,6 +45,13 @@ pub fn endpoints() -> Vec<Endpoint> {
             prometheus,
         ),
         Endpoint::new(
+            Method::GET,
+            "/events",
+            Member,
+            "Lifecycle events of the caller's team, as server-sent events",
+            events,
+        ),
+        Endpoint::new(
             Method::POST,
             "/sandboxes",
             Member,
@@ -172,6 +179,43 @@ async fn prometheus(State(state): State<Arc<AppState>>, req: axum::extract::Requ
         state.manager.meters().encode(),
     )
         .into_response()
+}
+
+/// `GET /events`: the team's lifecycle events as they happen (server-sent events, one
+/// `event: <type>` with the JSON payload NATS gets); admins get every team's.
+async fn events(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = state.manager.events().subscribe();
+    let stream = futures::stream::unfold(rx, move |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    let visible = match e.team_id {
+                        Some(team) => caller.sees(team),
+                        None => caller.admin,
+                    };
+                    if !visible {
+                        continue;
+                    }
+                    let data = serde_json::to_string(&e).unwrap_or_default();
+                    return Some((Ok(Event::default().event(e.kind).data(data)), rx));
+                }
+                // A reader that fell behind is told how many it missed.
+                Err(RecvError::Lagged(n)) => {
+                    let missed = Event::default().event("lagged").data(n.to_string());
+                    return Some((Ok(missed), rx));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 async fn create(

@@ -311,6 +311,10 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         config.limits,
     );
     manager.set_audit(Arc::new(crate::audit::AuditLog::new(audit_sink)));
+    if let Some(url) = &config.nats_url {
+        manager.events().connect_nats(url);
+        tracing::info!(%url, "publishing lifecycle events to NATS");
+    }
     let (adopted, cleaned) = manager
         .recover()
         .await

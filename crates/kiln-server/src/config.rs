@@ -192,6 +192,8 @@ pub struct ServerConfig {
     pub builtins: Vec<String>,
     /// Template build concurrency and timeouts.
     pub builds: BuildConfig,
+    /// NATS server for lifecycle events (`--nats-url`); `None`: no NATS.
+    pub nats_url: Option<String>,
 }
 
 #[cfg(test)]

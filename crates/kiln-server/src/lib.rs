@@ -14,6 +14,7 @@ pub mod config;
 pub mod endpoint;
 pub mod envd;
 pub mod error;
+pub mod events;
 pub mod exec_watch;
 pub mod extract;
 pub mod keys;

@@ -351,6 +351,9 @@ impl Harness {
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
+        if is_stream(&resp) {
+            return (status, serde_json::Value::Null);
+        }
         let text = resp.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or_default())
     }
@@ -417,6 +420,7 @@ async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Cas
     let on = |p: &str, id: &str| p.replace("{id}", id);
     match (method, path) {
         ("GET", "/healthz") | ("GET", "/health") | ("GET", "/metrics") => own(path, None),
+        ("GET", "/events") => own(path, None),
         ("POST", "/sandboxes") => own(path, Some(json!({"templateID": "base", "timeout": 60}))),
         ("GET", "/sandboxes") | ("GET", "/v2/sandboxes") => own(path, None),
         ("GET", "/sandboxes/{id}")
@@ -549,6 +553,14 @@ async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Cas
     }
 }
 
+/// A server-sent event stream never ends: its status is the answer.
+fn is_stream(resp: &reqwest::Response) -> bool {
+    resp.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
 /// The answer for a resource that does not exist, with its name taken out, to compare
 /// with the answer another team gets.
 fn without(v: &serde_json::Value, name: &str) -> String {
@@ -581,6 +593,9 @@ async fn every_route_enforces_authorization() {
             async move {
                 let resp = req.send().await.unwrap();
                 let status = resp.status().as_u16();
+                if is_stream(&resp) {
+                    return (status, serde_json::Value::Null);
+                }
                 let text = resp.text().await.unwrap();
                 (
                     status,
@@ -873,6 +888,129 @@ async fn the_audit_log_has_a_parseable_line_per_event_and_no_secrets() {
     assert!(of("sandbox.terminated").is_some());
     assert_eq!(of("auth.failed").expect("auth.failed")["success"], false);
     assert!(of("key.created").is_some());
+}
+
+/// The next server-sent event of `resp` (its `event:` and parsed `data:`).
+async fn next_event(resp: &mut reqwest::Response, buf: &mut String) -> (String, serde_json::Value) {
+    loop {
+        if let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+            };
+            if let (Some(kind), Some(data)) = (field("event:"), field("data:")) {
+                return (kind, serde_json::from_str(&data).unwrap());
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .expect("the stream goes on");
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn events_stream_a_teams_own_lifecycle() {
+    let h = start(LimitsConfig::default()).await;
+    let mut stream = reqwest::Client::new()
+        .get(format!("{}/events", h.url))
+        .header("x-api-key", &h.member_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let a = Client::new(&h.url, &h.member_a);
+    let b = Client::new(&h.url, &h.member_b);
+    // B's sandbox comes first but is not A's to see.
+    let theirs = b.create(&new_sandbox(60, &[])).await.unwrap();
+    let mine = a.create(&new_sandbox(60, &[])).await.unwrap();
+    a.kill(&mine.sandbox_id).await.unwrap();
+    let mut buf = String::new();
+    let (kind, data) = next_event(&mut stream, &mut buf).await;
+    assert_eq!(kind, "sandbox.created");
+    assert_eq!(data["sandbox_id"], mine.sandbox_id.as_str());
+    assert_eq!(data["version"], 1);
+    assert_eq!(data["template_id"], "base");
+    let (kind, data) = next_event(&mut stream, &mut buf).await;
+    assert_eq!(kind, "sandbox.killed");
+    assert_eq!(data["sandbox_id"], mine.sandbox_id.as_str());
+    b.kill(&theirs.sandbox_id).await.unwrap();
+}
+
+/// A real `nats-server` (Debian's package; CI installs it): events arrive on their
+/// versioned subjects.
+#[tokio::test]
+async fn lifecycle_events_are_published_on_nats() {
+    let Some(server) = [
+        "/usr/bin/nats-server",
+        "/usr/sbin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists()) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nats-server is not installed: install Debian's nats-server package (scripts/install-deps.sh)"
+        );
+        eprintln!("skipping: no nats-server (CI installs it)");
+        return;
+    };
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut nats = std::process::Command::new(server)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let result = async {
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(c) = async_nats::connect(url.as_str()).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let client = client.expect("nats-server started");
+        let mut sub = client.subscribe("kiln.>").await.unwrap();
+        client.flush().await.unwrap();
+        let h = start(LimitsConfig::default()).await;
+        h.manager.events().connect_nats(&url);
+        // The publisher connects in the background: create until an event arrives.
+        let a = Client::new(&h.url, &h.member_a);
+        let mut created = None;
+        for _ in 0..50 {
+            let sbx = a.create(&new_sandbox(60, &[])).await.unwrap();
+            if let Ok(Some(msg)) = tokio::time::timeout(
+                Duration::from_millis(200),
+                futures::StreamExt::next(&mut sub),
+            )
+            .await
+            {
+                created = Some((sbx, msg));
+                break;
+            }
+        }
+        let (_, msg) = created.expect("an event on NATS");
+        assert_eq!(msg.subject.as_str(), "kiln.sandbox.created.v1");
+        let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(v["type"], "sandbox.created");
+        assert_eq!(v["version"], 1);
+    }
+    .await;
+    let _ = nats.kill();
+    let _ = nats.wait();
+    result
 }
 
 #[tokio::test]

@@ -127,6 +127,10 @@ struct ServeArgs {
     /// Where Kiln keeps its database, templates and sandboxes.
     #[arg(long, default_value = "/var/lib/kiln", env = "KILN_DATA_DIR")]
     data_dir: PathBuf,
+    /// Publish lifecycle events (`kiln.<type>.v1`) to this NATS server, e.g.
+    /// nats://127.0.0.1:4222. Kiln keeps serving when NATS is down.
+    #[arg(long, env = "KILN_NATS_URL")]
+    nats_url: Option<String>,
     /// Isolation runtime (`auto`: gVisor when it works on this host, else the jail).
     #[arg(long, value_enum, default_value = "auto", env = "KILN_RUNTIME")]
     runtime: RuntimeChoice,
@@ -492,6 +496,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         api_key,
         builtins: args.builtin_templates.0,
         builds: kiln_server::BuildConfig::from_env()?,
+        nats_url: args.nats_url.clone(),
     };
     kiln_server::serve(config, runtime)
         .await

@@ -55,6 +55,19 @@ impl TemplateBuilds {
             event = event.user(team, 0);
         }
         self.manager.audit().record(event);
+        let mut lifecycle = crate::events::LifecycleEvent::new(
+            if outcome.is_ok() {
+                "template.built"
+            } else {
+                "template.failed"
+            },
+            handle.owner,
+        )
+        .template(&req.name);
+        if let Err(f) = &outcome {
+            lifecycle = lifecycle.reason(f.message.clone());
+        }
+        self.manager.events().publish(lifecycle);
         let record = match outcome {
             Ok(t) => {
                 tracing::info!(template = %t.name, build = %req.build_id, "template built");

@@ -90,6 +90,7 @@ pub struct SandboxManager {
     killing: Mutex<std::collections::HashSet<String>>,
     metrics: Arc<crate::metrics::Metrics>,
     audit: RwLock<Arc<crate::audit::AuditLog>>,
+    events: Arc<crate::events::EventBus>,
     /// Paused sandboxes the host lost (a reboot under a runtime whose pause lives in
     /// memory): their team, and the message a resume gets.
     lost: Mutex<HashMap<String, (i64, String)>>,
@@ -159,6 +160,7 @@ impl SandboxManager {
         templates: Arc<Templates>,
         limits: LimitsConfig,
     ) -> Arc<Self> {
+        let metrics: Arc<crate::metrics::Metrics> = Arc::default();
         Arc::new(SandboxManager {
             runtime,
             store,
@@ -169,7 +171,8 @@ impl SandboxManager {
             building: Arc::default(),
             pools: pool::Pools::default(),
             killing: Mutex::default(),
-            metrics: Arc::default(),
+            metrics: metrics.clone(),
+            events: Arc::new(crate::events::EventBus::new(metrics)),
             audit: RwLock::new(Arc::new(crate::audit::AuditLog::off())),
             lost: Mutex::new(HashMap::new()),
         })
@@ -204,6 +207,11 @@ impl SandboxManager {
     /// service record through it too).
     pub fn meters(&self) -> &Arc<crate::metrics::Metrics> {
         &self.metrics
+    }
+
+    /// Where lifecycle events go (`GET /events`, NATS).
+    pub fn events(&self) -> &Arc<crate::events::EventBus> {
+        &self.events
     }
 
     /// The audit log (off until [`Self::set_audit`]).
@@ -516,9 +524,14 @@ impl SandboxManager {
                     .user(caller.team_id, caller.key_id)
                     .agent_or(agent.as_ref())
                     .duration(began.elapsed());
+                let mut lifecycle =
+                    crate::events::LifecycleEvent::new("sandbox.failed", Some(caller.team_id))
+                        .reason(e.to_string());
                 if let SandboxError::GuestNotReady { id, .. } = e {
                     event = event.sandbox(id);
+                    lifecycle.sandbox_id = Some(id.clone());
                 }
+                self.events.publish(lifecycle);
                 crate::audit::scoped(origin, async { self.audit().record(event) }).await;
             }
         }
@@ -611,6 +624,10 @@ impl SandboxManager {
         let runtime = record.runtime.clone();
         let agent = record.metadata.get("agent_id").cloned();
         self.spawn_owner(record, instance.envd_socket);
+        self.events.publish(
+            crate::events::LifecycleEvent::new("sandbox.created", Some(caller.team_id))
+                .sandbox(&id, &template.name),
+        );
         self.audit().record(
             crate::audit::Event::new("sandbox.created", true)
                 .sandbox(&id)

@@ -90,6 +90,7 @@ async fn pause(manager: &SandboxManager, entry: &SandboxEntry) -> Result<(), San
         other => SandboxError::runtime(format!("pausing sandbox {id} failed"), other),
     })?;
     set_state(manager, entry, RecordState::Paused)?;
+    publish(manager, entry, "sandbox.paused", None);
     tracing::info!(%id, "sandbox paused");
     Ok(())
 }
@@ -112,8 +113,24 @@ async fn resume(
     .map_err(|e| SandboxError::runtime(format!("resuming sandbox {id} failed"), e))?;
     set_deadline(manager, entry, end_at, false)?;
     set_state(manager, entry, RecordState::Running)?;
+    publish(manager, entry, "sandbox.resumed", None);
     tracing::info!(%id, "sandbox resumed");
     Ok(true)
+}
+
+fn publish(
+    manager: &SandboxManager,
+    entry: &SandboxEntry,
+    kind: &'static str,
+    reason: Option<&str>,
+) {
+    let rec = entry.record();
+    let mut event = crate::events::LifecycleEvent::new(kind, Some(rec.team_id))
+        .sandbox(&rec.id, &rec.template_id);
+    if let Some(reason) = reason {
+        event = event.reason(reason);
+    }
+    manager.events().publish(event);
 }
 
 fn set_state(
@@ -157,11 +174,16 @@ fn set_deadline(
 /// [`SandboxManager::destroy`], which retries until the runtime has removed it. For
 /// the caller the sandbox is gone either way.
 async fn teardown(manager: &Arc<SandboxManager>, id: &str) -> Result<(), SandboxError> {
-    manager
+    let entry = manager
         .sandboxes
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .remove(id);
+    if let Some(entry) = entry {
+        let rec = entry.record();
+        let reason = (rec.end_at <= chrono::Utc::now()).then_some("timeout");
+        publish(manager, &entry, "sandbox.killed", reason);
+    }
     manager.destroy(id).await;
     tracing::info!(%id, "sandbox killed");
     Ok(())
