@@ -35,8 +35,46 @@ fi
 # has no systrap platform. The gvisor runtime uses trixie's build instead (a static
 # binary, no Depends), installed as /usr/local/bin/runsc, which comes before /usr/bin
 # on PATH; bookworm's runsc package stays installed. Fetched with apt from Debian's
-# archive through a temporary sources list (signatures checked against
+# archive (the host's configured mirror) through a temporary sources list (signatures checked against
 # debian-archive-keyring), so nothing else on the host changes.
+# The Debian archive this host already uses (its mirror; apt's own proxy settings apply
+# as for any apt-get here): the first URI serving a Debian suite's main component in
+# the host's sources, deb822 (*.sources) or one-line (*.list). KILN_DEBIAN_MIRROR
+# overrides it; with none found, Debian's own deb.debian.org.
+debian_mirror() {
+  if [ -n "${KILN_DEBIAN_MIRROR:-}" ]; then
+    echo "$KILN_DEBIAN_MIRROR"
+    return
+  fi
+  local found
+  found="$(
+    for f in /etc/apt/sources.list.d/*.sources; do
+      [ -r "$f" ] || continue
+      # One stanza per paragraph; take URIs of stanzas whose Suites name a Debian
+      # release (not -security) and whose Components include main.
+      awk 'BEGIN { RS = ""; FS = "\n" }
+        {
+          uris = ""; suites = ""; comps = ""
+          for (i = 1; i <= NF; i++) {
+            if ($i ~ /^URIs:/) uris = substr($i, 6)
+            if ($i ~ /^Suites:/) suites = substr($i, 8)
+            if ($i ~ /^Components:/) comps = substr($i, 12)
+          }
+          if (suites ~ /(bookworm|trixie|bullseye|sid)( |$)/ && comps ~ /(^| )main( |$)/) {
+            split(uris, u, " "); for (k in u) if (u[k] != "") { print u[k]; exit }
+          }
+        }' "$f"
+    done
+    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+      awk '$1 == "deb" {
+        n = 2; if ($2 ~ /^\[/) { while (n <= NF && $n !~ /\]$/) n++; n++ }
+        if ($(n+1) ~ /^(bookworm|trixie|bullseye|sid)$/) { print $n; exit }
+      }'
+  )"
+  found="$(echo "$found" | sed -n 's#/*$##; 1p')"
+  echo "${found:-http://deb.debian.org/debian}"
+}
+
 RUNSC_DEB_VERSION="0.0~20240729.0-4+b7"
 RUNSC_VERSION_LINE="runsc version ${RUNSC_DEB_VERSION%%-*}"
 RUNSC_DEST=/usr/local/bin/runsc
@@ -53,7 +91,9 @@ if [ "$("$RUNSC_DEST" --version 2>/dev/null | sed -n 1p)" != "$RUNSC_VERSION_LIN
   runsc_tmp="$(mktemp -d)"
   trap 'rm -rf "$runsc_tmp"' EXIT
   mkdir -p "$runsc_tmp/lists/partial" "$runsc_tmp/cache/archives/partial" "$runsc_tmp/deb"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+  mirror="$(debian_mirror)"
+  echo "install-deps: fetching it from $mirror (the host's Debian archive)"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" \
     >"$runsc_tmp/sources.list"
   # apt downloads as the unprivileged _apt user where it exists.
   chmod 0755 "$runsc_tmp"
