@@ -213,6 +213,35 @@ fi
 stop_server
 [ "$SERVER_STOP_FAILED" = 0 ] || failed+=("server did not stop on SIGTERM")
 
+# Every line the audit log got during the run is JSON with the seed's fields
+# (docs/operating.md, "Audit log"), and no API key is in it.
+AUDIT="$DATA_DIR/audit/audit.log"
+if ! python3 - "$AUDIT" "$E2B_API_KEY" <<'PYEOF'
+import json, sys
+path, key = sys.argv[1], sys.argv[2]
+fields = ["timestamp", "event_type", "sandbox_id", "user_id", "agent_id", "language",
+          "duration_ms", "success", "ip_address"]
+types = {"sandbox.created", "sandbox.executed", "sandbox.terminated", "sandbox.failed",
+         "template.built", "key.created", "key.revoked", "auth.failed"}
+seen = set()
+with open(path) as f:
+    for n, line in enumerate(f, 1):
+        if key in line:
+            sys.exit(f"{path}:{n}: an API key in the audit log")
+        rec = json.loads(line)
+        missing = [k for k in fields if k not in rec]
+        if missing or rec["event_type"] not in types:
+            sys.exit(f"{path}:{n}: missing {missing} or unknown type: {line.strip()}")
+        seen.add(rec["event_type"])
+want = {"sandbox.created", "sandbox.terminated"}
+if not want <= seen:
+    sys.exit(f"{path}: no {sorted(want - seen)} events in the run")
+print(f"audit log: {n} lines, all parse; types seen: {', '.join(sorted(seen))}")
+PYEOF
+then
+  failed+=("audit log")
+fi
+
 # Processes whose root or cwd is inside the data dir belong to a sandbox of this server.
 DATA_REAL="$(realpath "$DATA_DIR")"
 leaked_procs=""
