@@ -84,7 +84,7 @@ enum Reader {
     Blind,
 }
 
-struct Watch {
+pub struct Watch {
     kind: ExecKind,
     metrics: Arc<Metrics>,
     began: Instant,
@@ -198,11 +198,62 @@ fn ndjson_line_failed(line: &[u8]) -> bool {
         .is_ok_and(|v| v["type"].as_str() == Some("error"))
 }
 
-/// An answer body that records its execution when it ends.
-pub struct Watched {
-    inner: Body,
-    watch: Watch,
+/// What a [`Tap`] tells about the body it passes through.
+pub trait Observer: Send + Unpin + 'static {
+    fn data(&mut self, data: &[u8]);
+    /// The body ended (or failed); not called when it is dropped unread.
+    fn end(&mut self) {}
 }
+
+/// A body passed through untouched while an [`Observer`] sees its bytes.
+pub struct Tap<O> {
+    inner: Body,
+    observer: O,
+}
+
+impl<O: Observer> HttpBody for Tap<O> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.observer.data(data);
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.observer.end(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Observer for Watch {
+    fn data(&mut self, data: &[u8]) {
+        self.feed(data);
+    }
+
+    fn end(&mut self) {
+        self.record();
+    }
+}
+
+/// An answer body that records its execution when it ends (or is dropped).
+pub type Watched = Tap<Watch>;
 
 impl Watched {
     pub fn new(
@@ -219,9 +270,9 @@ impl Watched {
                 skipping: false,
             },
         };
-        Watched {
+        Tap {
             inner,
-            watch: Watch {
+            observer: Watch {
                 kind,
                 metrics,
                 began,
@@ -234,75 +285,26 @@ impl Watched {
     }
 }
 
-impl HttpBody for Watched {
-    type Data = Bytes;
-    type Error = axum::Error;
+/// Keeps the first bytes of a body (a `run_code` request, for its language).
+pub struct Peek(Arc<std::sync::Mutex<Vec<u8>>>);
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.watch.feed(data);
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.watch.record(),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+impl Observer for Peek {
+    fn data(&mut self, data: &[u8]) {
+        let mut peek = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let room = MAX_REQUEST_PEEK.saturating_sub(peek.len());
+        peek.extend_from_slice(&data[..data.len().min(room)]);
     }
 }
 
 /// A request body passed through untouched, its first bytes kept in `peek`.
-pub struct Peeked {
-    inner: Body,
-    peek: Arc<std::sync::Mutex<Vec<u8>>>,
-}
+pub type Peeked = Tap<Peek>;
 
 impl Peeked {
     pub fn new(inner: Body, peek: Arc<std::sync::Mutex<Vec<u8>>>) -> Self {
-        Peeked { inner, peek }
-    }
-}
-
-impl HttpBody for Peeked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let mut peek = this.peek.lock().unwrap_or_else(|e| e.into_inner());
-                let room = MAX_REQUEST_PEEK.saturating_sub(peek.len());
-                peek.extend_from_slice(&data[..data.len().min(room)]);
-            }
+        Tap {
+            inner,
+            observer: Peek(peek),
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -125,11 +125,7 @@ impl Plan {
         match create() {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let age = std::fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .unwrap_or_default();
+                let age = super::claim_age(&path);
                 let holder = std::fs::read(&path).unwrap_or_default();
                 let recorded = read_record(Path::new(&*String::from_utf8_lossy(&holder)))
                     .ok()

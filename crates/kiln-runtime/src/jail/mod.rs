@@ -661,6 +661,16 @@ impl JailRuntime {
     }
 }
 
+/// How long ago a host-wide claim file (a network slot's, an id range's) was made
+/// (zero when that cannot be told, so a claim is never taken over by mistake).
+fn claim_age(path: &std::path::Path) -> std::time::Duration {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -307,11 +307,7 @@ fn claim(dir: &Path, slot: Slot, device_exists: bool) -> bool {
     match create() {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let age = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or_default();
+            let age = super::claim_age(&path);
             !device_exists
                 && age > STALE_CLAIM
                 && std::fs::remove_file(&path).is_ok()
