@@ -971,11 +971,13 @@ impl SandboxManager {
                 }
             }
         }
-        let on_host = self
-            .runtime
-            .list()
-            .await
-            .map_err(|e| SandboxError::runtime("listing the runtime's sandboxes failed", e))?;
+        let on_host = within(
+            "listing the runtime's sandboxes",
+            ADOPT_DEADLINE,
+            self.runtime.list(),
+        )
+        .await?
+        .map_err(|e| SandboxError::runtime("listing the runtime's sandboxes failed", e))?;
         for id in on_host.into_iter().filter(|id| !known.contains(id)) {
             tracing::info!(%id, "removing a sandbox the store does not know");
             if let Err(e) = self.runtime.kill(&id).await {
