@@ -251,3 +251,11 @@ def test_chunked_multipart_upload_on_keepalive_connection(sbx, uniq):
         sock.close()
     assert not failures, failures
     assert probe(sbx, f"cat /tmp/chunked-{uniq}-7 | od -An -tx1 | head -1").split()[0] == "07"
+
+
+def test_reading_a_kernel_file_gives_what_cat_prints(sbx):
+    # procfs files say their size is 0: the whole content still comes back.
+    via_files = sbx.files.read("/proc/self/status")
+    assert via_files.startswith("Name:"), via_files[:80]
+    version = sbx.files.read("/proc/version")
+    assert version.strip() == sbx.commands.run("cat /proc/version").stdout.strip()

@@ -125,7 +125,12 @@ async fn download(
         }
     };
     set(header::CONTENT_TYPE, content_type(&path).to_owned());
-    set(header::CONTENT_LENGTH, meta.len().to_string());
+    // Kernel files (procfs, sysfs) report a size of 0 or a page whatever they hold:
+    // their answer streams without a length, as one of unknown size.
+    let kernel_file = path.starts_with("/proc") || path.starts_with("/sys");
+    if meta.is_file() && meta.len() > 0 && !kernel_file {
+        set(header::CONTENT_LENGTH, meta.len().to_string());
+    }
     set(
         header::CONTENT_DISPOSITION,
         format!("inline; filename=\"{name}\""),
