@@ -1014,6 +1014,37 @@ async fn lifecycle_events_are_published_on_nats() {
 }
 
 #[tokio::test]
+async fn a_timeout_of_zero_ends_the_sandbox_now() {
+    let h = start(LimitsConfig::default()).await;
+    let a = Client::new(&h.url, &h.member_a);
+    let sbx = a.create(&new_sandbox(300, &[])).await.unwrap();
+    let (s, v) = h
+        .api(
+            "POST",
+            &format!("/sandboxes/{}/timeout", sbx.sandbox_id),
+            &h.member_a,
+            Some(json!({"timeout": 0})),
+        )
+        .await;
+    assert_eq!(s, 204, "{v}");
+    eventually("the sandbox is gone", || {
+        h.manager.get(&sbx.sandbox_id).is_none()
+    })
+    .await;
+    eventually("its runtime sandbox is killed", || {
+        h.runtime.killed.lock().unwrap().contains(&sbx.sandbox_id)
+    })
+    .await;
+    // Negative stays an error.
+    let other = a.create(&new_sandbox(300, &[])).await.unwrap();
+    let path = format!("/sandboxes/{}/timeout", other.sandbox_id);
+    let (s, _) = h
+        .api("POST", &path, &h.member_a, Some(json!({"timeout": -1})))
+        .await;
+    assert_eq!(s, 400);
+}
+
+#[tokio::test]
 async fn a_template_of_another_team_is_not_found() {
     let h = start(LimitsConfig::default()).await;
     h.templates.insert(TemplateInfo {

@@ -777,7 +777,12 @@ impl SandboxManager {
         id: &str,
         timeout: i64,
     ) -> Result<(), SandboxError> {
-        let ttl = self.validate_timeout(timeout)?;
+        // As E2B: 0 ends the sandbox now (at its deadline, which is now).
+        let ttl = if timeout == 0 {
+            Duration::zero()
+        } else {
+            self.validate_timeout(timeout)?
+        };
         self.set_deadline(caller, id, ttl, false).await
     }
 
