@@ -183,6 +183,25 @@ export KILN_E2E_DATA_DIR="$DATA_DIR"
 
 # --- run the suites --------------------------------------------------------------------
 failed=()
+
+# What the README promises right after the start completes: the code interpreter
+# answers run_code("1+1") with 2 (skipped when the built-ins are turned off).
+if [ "${KILN_BUILTIN_TEMPLATES:-}" != none ]; then
+  log "README check: e2b-code-interpreter run_code(\"1+1\")"
+  if ! (cd "$HERE" && timeout 300 .venv/bin/python - <<'PYEOF'
+from e2b_code_interpreter import Sandbox
+sbx = Sandbox.create(timeout=120)
+try:
+    out = sbx.run_code("1+1")
+    assert out.text == "2", f"run_code('1+1') gave {out.text!r} (error: {out.error})"
+    print("run_code('1+1') ->", out.text)
+finally:
+    sbx.kill()
+PYEOF
+  ); then
+    failed+=("README check: run_code")
+  fi
+fi
 log "pytest (Python SDK e2b==2.45.1)"
 (cd "$HERE" && .venv/bin/pytest -v "$@") || failed+=("pytest")
 
