@@ -1044,6 +1044,25 @@ async fn a_timeout_of_zero_ends_the_sandbox_now() {
     assert_eq!(s, 400);
 }
 
+/// Shutdown while pooled sandboxes are still starting: none is left behind.
+#[tokio::test]
+async fn draining_the_pools_waits_for_starts_under_way() {
+    let h = start(LimitsConfig::default()).await;
+    h.runtime.start_delay_ms.store(300, Ordering::Release);
+    let a = Client::new(&h.url, &h.member_a);
+    // The create starts its sandbox, then starts the template's pool in the background.
+    let sbx = a.create(&new_sandbox(60, &[])).await.unwrap();
+    a.kill(&sbx.sandbox_id).await.unwrap();
+    h.manager.drain_pools().await;
+    // Past any start that was under way.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        h.runtime.running.lock().unwrap().is_empty(),
+        "left running: {:?}",
+        h.runtime.running.lock().unwrap().keys().collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn a_template_of_another_team_is_not_found() {
     let h = start(LimitsConfig::default()).await;

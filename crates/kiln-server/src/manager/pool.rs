@@ -37,6 +37,9 @@ pub(super) struct Pools {
     idle: Mutex<HashMap<String, Vec<Pooled>>>,
     /// Starts under way by template name, so refills do not overshoot.
     starting: Mutex<HashMap<String, usize>>,
+    /// Set by [`Pools::drain`] at shutdown: a start that finishes after it is not
+    /// pooled but handed back to be killed, so no sandbox outlives the server unowned.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pools {
@@ -77,6 +80,8 @@ impl Pools {
     }
 
     pub(super) fn drain(&self) -> Vec<SandboxInstance> {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.drain()
             .flat_map(|(_, v)| v)
@@ -120,20 +125,38 @@ impl Pools {
         list.pop().map(|p| p.instance)
     }
 
-    fn finish(&self, template: &str, instance: Option<Pooled>) {
+    /// A start is over: its sandbox joins the pool, or, once the pools are drained,
+    /// comes back to be killed (it still counts as starting until [`Self::gone`]).
+    fn finish(&self, template: &str, instance: Option<Pooled>) -> Option<SandboxInstance> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        match instance {
+            Some(i) if self.closed.load(std::sync::atomic::Ordering::Acquire) => Some(i.instance),
+            instance => {
+                if let Some(i) = instance {
+                    idle.entry(template.to_string()).or_default().push(i);
+                }
+                drop(idle);
+                self.gone(template);
+                None
+            }
+        }
+    }
+
+    /// One start of `template` no longer under way.
+    fn gone(&self, template: &str) {
         let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = starting.get_mut(template) {
             *n = n.saturating_sub(1);
         }
-        drop(starting);
-        if let Some(i) = instance {
-            self.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(template.to_string())
-                .or_default()
-                .push(i);
-        }
+    }
+
+    /// Starts under way.
+    fn starting_count(&self) -> usize {
+        self.starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
     }
 }
 
@@ -194,17 +217,28 @@ impl SandboxManager {
                         None
                     }
                 };
-                manager.pools.finish(&template.name, instance);
+                if let Some(late) = manager.pools.finish(&template.name, instance) {
+                    if let Err(e) = manager.runtime.kill(&late.id).await {
+                        tracing::warn!(id = %late.id, error = %chain(&e),
+                            "killing a pooled sandbox started during shutdown failed");
+                    }
+                    manager.pools.gone(&template.name);
+                }
             });
         }
     }
 
-    /// Kill every idle pooled sandbox (shutdown, tests).
+    /// Kill every pooled sandbox (shutdown, tests): the idle ones now, and those still
+    /// starting as their starts end (waited for, up to the runtime's start deadline).
     pub async fn drain_pools(&self) {
         for i in self.pools.drain() {
             if let Err(e) = self.runtime.kill(&i.id).await {
                 tracing::warn!(id = %i.id, error = %chain(&e), "killing a pooled sandbox failed");
             }
+        }
+        let deadline = std::time::Instant::now() + super::START_DEADLINE;
+        while self.pools.starting_count() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 
