@@ -350,7 +350,16 @@ async fn timeout_is_process_lifetime_and_stream_close_does_not_kill() {
         .await;
     let events = s.drain(10).await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(end_event(&events)["status"], "signal: killed");
+    // The stream ends with deadline_exceeded (the SDK's TimeoutException), as E2B's
+    // envd ends it, and the process is gone: the deadline is its lifetime.
+    let end = s.end.clone().expect("an end-of-stream message");
+    assert_eq!(end["error"]["code"], "deadline_exceeded", "{end}");
+    let pid = events[0]["event"]["start"]["pid"].as_u64().unwrap();
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert!(gone, "process {pid} outlived its deadline");
 
     // Dropping the Start stream leaves the process running; Connect reattaches.
     let marker = envd.path("marker");

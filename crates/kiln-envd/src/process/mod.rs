@@ -162,8 +162,10 @@ async fn start(
         Ok(rx) => EventStream {
             rx,
             keepalive: Some((ctx.keepalive, keepalive())),
-            // `Connect-Timeout-Ms` bounds the process, which ends the stream.
-            deadline: None,
+            // `Connect-Timeout-Ms` bounds the process (`supervise` kills it then) and
+            // the stream, which ends with `deadline_exceeded`, as E2B's envd does: the
+            // SDK raises its TimeoutException rather than reporting a killed process.
+            deadline: ctx.deadline(),
         }
         .into_response(),
         Err(e) => stream_error(e.into()),
