@@ -233,3 +233,27 @@ def test_sandbox_cannot_reach_host(new_sandbox, server_port):
 
 def subprocess_ok(cmd: str) -> bool:
     return subprocess.run(cmd, shell=True, capture_output=True).returncode == 0
+
+
+def test_list_orders_and_filters_by_start_time_and_template(new_sandbox, uniq):
+    before = datetime.now(timezone.utc)
+    first = new_sandbox(metadata={"kiln-e2e-order": uniq})
+    time.sleep(0.05)
+    second = new_sandbox(metadata={"kiln-e2e-order": uniq})
+    query = SandboxQuery(metadata={"kiln-e2e-order": uniq}, started_after=before)
+
+    def ids(order=None, query=query):
+        paginator = Sandbox.list(query=query, order=order)
+        items = list(paginator.next_items())
+        while paginator.has_next:
+            items.extend(paginator.next_items())
+        return [s.sandbox_id for s in items]
+
+    assert ids("asc") == [first.sandbox_id, second.sandbox_id]
+    assert ids("desc") == [second.sandbox_id, first.sandbox_id]
+    later = SandboxQuery(metadata={"kiln-e2e-order": uniq}, started_after=datetime.now(timezone.utc))
+    assert ids(query=later) == []
+    by_template = SandboxQuery(metadata={"kiln-e2e-order": uniq}, template=first.get_info().template_id)
+    assert set(ids(query=by_template)) == {first.sandbox_id, second.sandbox_id}
+    elsewhere = SandboxQuery(metadata={"kiln-e2e-order": uniq}, template="no-such-template")
+    assert ids(query=elsewhere) == []

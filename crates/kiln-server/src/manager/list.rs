@@ -19,6 +19,12 @@ pub struct ListQuery {
     pub metadata: Option<String>,
     pub limit: Option<usize>,
     pub next_token: Option<String>,
+    /// `asc` (oldest first) or `desc` (newest first, the default), by start time.
+    pub order: Option<String>,
+    /// Only sandboxes started after this instant (RFC 3339; without an offset: UTC).
+    pub started_after: Option<String>,
+    /// Only sandboxes of this template (a name, with or without `:tag`).
+    pub template: Option<String>,
 }
 
 pub struct Page {
@@ -50,17 +56,28 @@ pub fn parse_metadata_filter(raw: &str) -> Result<BTreeMap<String, String>, Sand
     Ok(out)
 }
 
-fn sort_key(r: &SandboxRecord) -> (i64, String) {
-    // Newest first; ties broken by id so pages are stable.
-    (
-        -r.started_at.timestamp_nanos_opt().unwrap_or(i64::MAX),
-        r.id.clone(),
-    )
+/// The position of a record in a listing: by start time (`descending`: newest first),
+/// ties broken by id so pages are stable.
+fn sort_key(r: &SandboxRecord, descending: bool) -> (i64, String) {
+    let t = r.started_at.timestamp_nanos_opt().unwrap_or(i64::MAX);
+    (if descending { -t } else { t }, r.id.clone())
 }
 
-fn encode_token(r: &SandboxRecord) -> String {
-    let (t, id) = sort_key(r);
-    hex::encode(format!("{t}:{id}"))
+fn encode_token(key: &(i64, String)) -> String {
+    hex::encode(format!("{}:{}", key.0, key.1))
+}
+
+fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, SandboxError> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .map(|t| t.and_utc())
+        .map_err(|_| {
+            SandboxError::BadQuery(format!(
+                "startedAfter {s:?} is not a date and time (RFC 3339, e.g. 2026-12-07T06:00:00Z)"
+            ))
+        })
 }
 
 fn decode_token(token: &str) -> Result<(i64, String), SandboxError> {
@@ -100,18 +117,35 @@ pub(super) fn page(mut all: Vec<SandboxRecord>, q: &ListQuery) -> Result<Page, S
         )));
     }
     let after = q.next_token.as_deref().map(decode_token).transpose()?;
+    let descending = match q.order.as_deref().map(str::trim) {
+        None | Some("") | Some("desc") => true,
+        Some("asc") => false,
+        Some(other) => {
+            return Err(SandboxError::BadQuery(format!(
+                "unknown order {other:?}: use asc or desc"
+            )))
+        }
+    };
+    let started_after = q.started_after.as_deref().map(parse_instant).transpose()?;
+    let template = q
+        .template
+        .as_deref()
+        .map(|t| t.split_once(':').map_or(t, |(name, _)| name));
 
     all.retain(|r| {
         (states.is_empty() || states.contains(&r.state.as_str()))
             && metadata
                 .as_ref()
                 .is_none_or(|m| m.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
+            && started_after.is_none_or(|t| r.started_at >= t)
+            && template.is_none_or(|t| r.template_id == t)
     });
-    all.sort_by_key(sort_key);
+    all.sort_by_key(|r| sort_key(r, descending));
     if let Some(after) = after {
-        all.retain(|r| sort_key(r) > after);
+        all.retain(|r| sort_key(r, descending) > after);
     }
-    let next_token = (all.len() > limit).then(|| encode_token(&all[limit - 1]));
+    let next_token =
+        (all.len() > limit).then(|| encode_token(&sort_key(&all[limit - 1], descending)));
     all.truncate(limit);
     Ok(Page {
         items: all.iter().map(super::detail_of).collect(),
@@ -175,6 +209,71 @@ mod tests {
             }
         }
         assert_eq!(seen, ["s0", "s1", "s2", "s3", "s4"]);
+    }
+
+    #[test]
+    fn order_start_time_and_template_filter_and_page() {
+        let mut all: Vec<_> = (0..5).map(|i| rec(&format!("s{i}"), i * 10, &[])).collect();
+        all[1].template_id = "other".into();
+        let ids = |q: &ListQuery| -> Vec<String> {
+            let mut q = ListQuery {
+                limit: Some(2),
+                order: q.order.clone(),
+                started_after: q.started_after.clone(),
+                template: q.template.clone(),
+                ..Default::default()
+            };
+            let mut seen = Vec::new();
+            loop {
+                let p = page(all.clone(), &q).unwrap();
+                seen.extend(p.items.iter().map(|d| d.sandbox_id.clone()));
+                match p.next_token {
+                    Some(t) => q.next_token = Some(t),
+                    None => return seen,
+                }
+            }
+        };
+        let asc = ListQuery {
+            order: Some("asc".into()),
+            ..Default::default()
+        };
+        assert_eq!(ids(&asc), ["s4", "s3", "s2", "s1", "s0"]);
+        // Started in the last 25 s: s0 (now), s1 (10 s ago), s2 (20 s ago).
+        let recent = ListQuery {
+            started_after: Some((Utc::now() - Duration::seconds(25)).to_rfc3339()),
+            ..Default::default()
+        };
+        assert_eq!(ids(&recent), ["s0", "s1", "s2"]);
+        let naive = ListQuery {
+            started_after: Some(
+                (Utc::now() - Duration::seconds(25))
+                    .naive_utc()
+                    .format("%Y-%m-%dT%H:%M:%S%.f")
+                    .to_string(),
+            ),
+            ..Default::default()
+        };
+        assert_eq!(ids(&naive), ["s0", "s1", "s2"]);
+        let other = ListQuery {
+            template: Some("other:default".into()),
+            ..Default::default()
+        };
+        assert_eq!(ids(&other), ["s1"]);
+        for bad in [
+            ListQuery {
+                order: Some("sideways".into()),
+                ..Default::default()
+            },
+            ListQuery {
+                started_after: Some("yesterday".into()),
+                ..Default::default()
+            },
+        ] {
+            assert!(matches!(
+                page(all.clone(), &bad),
+                Err(SandboxError::BadQuery(_))
+            ));
+        }
     }
 
     #[test]
