@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use jupyter_zmq_client::KernelspecDir;
 use serde::Serialize;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::kernel::{Kernel, KernelError, LaunchOptions};
 use crate::kernelspec::{KernelspecError, SearchPath};
@@ -221,17 +221,47 @@ impl Registry {
         if let Some(context) = self.existing_default(language) {
             return Ok(context);
         }
-        let gate = lock(&self.default_locks)
+        let guard = self.gate(language).lock_owned().await;
+        self.default_held(language, guard).await
+    }
+
+    fn gate(&self, language: &Language) -> Arc<Mutex<()>> {
+        lock(&self.default_locks)
             .entry(language.clone())
             .or_default()
-            .clone();
-        let _guard = gate.lock().await;
+            .clone()
+    }
+
+    /// Marks `language`'s default context as on its way, at once: [`Self::list_settled`]
+    /// waits for it from now on. Pass the guard to [`Self::default_held`].
+    pub fn announce_default(&self, language: &Language) -> Option<OwnedMutexGuard<()>> {
+        self.gate(language).try_lock_owned().ok()
+    }
+
+    /// [`Self::default_for`] for a caller holding the language's gate.
+    pub async fn default_held(
+        &self,
+        language: &Language,
+        _gate: OwnedMutexGuard<()>,
+    ) -> Result<Arc<Context>, ContextError> {
         if let Some(context) = self.existing_default(language) {
             return Ok(context);
         }
         let context = self.create(language.clone(), None).await?;
         lock(&self.defaults).insert(language.clone(), context.id.clone());
         Ok(context)
+    }
+
+    /// [`Self::list`] once the default contexts being started have started (or failed,
+    /// or 60 s passed): a list right after the server starts shows the default
+    /// JavaScript context too, as E2B's does, instead of missing it while its kernel
+    /// boots.
+    pub async fn list_settled(&self) -> Vec<ContextInfo> {
+        let gates: Vec<Arc<Mutex<()>>> = lock(&self.default_locks).values().cloned().collect();
+        for gate in gates {
+            let _ = tokio::time::timeout(Duration::from_secs(60), gate.lock()).await;
+        }
+        self.list()
     }
 
     fn existing_default(&self, language: &Language) -> Option<Arc<Context>> {

@@ -160,10 +160,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Warm before serving: `/health` answering means the first run_code is fast.
     warm(&registry, &args.warm).await;
     tracing::info!(addr = %listener.local_addr()?, "kiln-interpreter listening");
+    // Announced before serving, so a list of contexts waits for them.
+    let announced: Vec<_> = args
+        .warm_background
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| Language::normalize(Some(l)))
+        .filter_map(|l| registry.announce_default(&l).map(|gate| (l, gate)))
+        .collect();
     tokio::spawn({
         let registry = registry.clone();
-        let languages = args.warm_background.clone();
-        async move { warm(&registry, &languages).await }
+        async move { warm_announced(&registry, announced).await }
     });
     let app = server::router(server::AppState {
         registry: registry.clone(),
@@ -189,10 +196,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// Starts the default context of each of `languages`, one after another (they compete
 /// for the same CPUs), logging how long each took.
 async fn warm(registry: &Registry, languages: &[String]) {
-    for language in languages.iter().filter(|l| !l.trim().is_empty()) {
-        let language = Language::normalize(Some(language));
+    let announced = languages
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| Language::normalize(Some(l)))
+        .filter_map(|l| registry.announce_default(&l).map(|gate| (l, gate)))
+        .collect();
+    warm_announced(registry, announced).await;
+}
+
+async fn warm_announced(
+    registry: &Registry,
+    announced: Vec<(Language, tokio::sync::OwnedMutexGuard<()>)>,
+) {
+    for (language, gate) in announced {
         let started = std::time::Instant::now();
-        match registry.default_for(&language).await {
+        match registry.default_held(&language, gate).await {
             Ok(context) => {
                 tracing::info!(%language, context = %context.id, ms = started.elapsed().as_millis() as u64, "default context ready")
             }

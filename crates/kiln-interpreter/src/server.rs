@@ -136,7 +136,7 @@ async fn create_context(
 }
 
 async fn list_contexts(State(state): State<AppState>) -> Json<Vec<ContextInfo>> {
-    Json(state.registry.list())
+    Json(state.registry.list_settled().await)
 }
 
 async fn restart_context(
