@@ -119,6 +119,7 @@ pub(crate) fn new_sandbox(template: &str) -> kiln_api::NewSandbox {
         )])),
         env_vars: None,
         auto_pause: None,
+        ..Default::default()
     }
 }
 

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub mod spell;
+
 /// The envd version Kiln reports; the SDK gates features on it (spec §1.6).
 pub const ENVD_VERSION: &str = "0.6.13";
 /// E2B's public API always answers this client id.
@@ -49,6 +51,14 @@ pub struct NewSandbox {
     pub env_vars: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
+    /// Kiln's extension: memory of this sandbox in MiB instead of its template's, up to
+    /// the server's cap (such a sandbox never comes from a warm pool).
+    #[serde(default, rename = "memoryMB", skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Kiln's extension: CPUs of this sandbox instead of its template's, up to the
+    /// server's cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_count: Option<u32>,
 }
 
 /// Create/connect answer.

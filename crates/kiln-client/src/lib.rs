@@ -5,6 +5,7 @@
 
 mod exec;
 mod interpreter;
+mod spells;
 mod templates;
 
 use std::collections::BTreeMap;

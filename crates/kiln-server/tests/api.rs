@@ -313,6 +313,7 @@ fn new_sandbox(timeout: i64, metadata: &[(&str, &str)]) -> NewSandbox {
         ),
         env_vars: Some(BTreeMap::from([("FOO".to_string(), "bar".to_string())])),
         auto_pause: None,
+        ..Default::default()
     }
 }
 

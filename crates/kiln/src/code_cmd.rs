@@ -98,6 +98,7 @@ impl Session {
                     metadata: None,
                     env_vars: None,
                     auto_pause: None,
+                    ..Default::default()
                 };
                 let sbx = client
                     .create(&req)

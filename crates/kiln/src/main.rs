@@ -542,6 +542,7 @@ async fn sandbox(cmd: SandboxCommand) -> Result<()> {
                 metadata: Some(metadata.into_iter().collect::<BTreeMap<_, _>>()),
                 env_vars: Some(env.into_iter().collect::<BTreeMap<_, _>>()),
                 auto_pause: None,
+                ..Default::default()
             };
             let sbx = client.create(&req).await?;
             println!("{}", sbx.sandbox_id);
