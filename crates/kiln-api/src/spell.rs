@@ -137,3 +137,96 @@ pub struct SpellRun {
     #[serde(default)]
     pub truncated: bool,
 }
+
+/// Checks a pip requirement as an agent would pass it (`pandas`, `numpy==2.1`,
+/// `requests[socks]>=2`): no options, no paths or URLs, no whitespace.
+pub fn check_package_spec(spec: &str) -> Result<(), String> {
+    let ok_start = spec
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = spec
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-[],<>=!~*".contains(c));
+    if spec.len() <= 200 && ok_start && ok_chars {
+        Ok(())
+    } else {
+        Err(format!(
+            "{spec:?} is not a package requirement: use a name with an optional version \
+             (e.g. pandas, numpy==2.1.0, requests[socks]>=2); options, paths and URLs are \
+             not accepted"
+        ))
+    }
+}
+
+/// Checks an npm package as a spell names it (`lodash`, `lodash@4.17.21`,
+/// `@types/node@20`): no options, paths or URLs.
+pub fn check_npm_package_spec(spec: &str) -> Result<(), String> {
+    let ok_start = spec
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '@');
+    let ok_chars = spec
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "@/._-~^<>=*".contains(c));
+    if spec.len() <= 200 && ok_start && ok_chars && !spec.contains("..") && !spec.contains("//")
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{spec:?} is not an npm package: use a name with an optional version (e.g. \
+             lodash, lodash@4.17.21, @types/node@20); options, paths and URLs are not accepted"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pip_package_specs() {
+        for ok in [
+            "pandas",
+            "numpy==2.1.0",
+            "requests[socks]>=2,<3",
+            "a.b-c_d~=1.0",
+        ] {
+            assert!(check_package_spec(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-r req.txt",
+            "--index-url=http://x",
+            "pkg; rm -rf /",
+            "./local",
+            "git+https://x/y",
+            "a b",
+        ] {
+            assert!(check_package_spec(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn npm_package_specs() {
+        for ok in ["lodash", "lodash@4.17.21", "@types/node@20"] {
+            assert!(check_npm_package_spec(ok).is_ok(), "{ok}");
+        }
+        for bad in ["--save", "../x", "https://x", "file:x", "a b", ""] {
+            assert!(check_npm_package_spec(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_spell_reads_from_json_with_camel_case_limits() {
+        let s: Spell = serde_json::from_str(
+            r#"{"name":"x","language":"python","code":"print(1)","timeoutSecs":5,
+                "memoryMB":256,"parameters":[{"name":"n","type":"integer","default":3}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.timeout_secs, Some(5));
+        assert_eq!(s.memory_mb, Some(256));
+        assert_eq!(s.parameters[0].kind, ParamType::Integer);
+        assert!(serde_json::from_str::<Spell>(r#"{"name":"x","language":"cobol","code":""}"#).is_err());
+    }
+}

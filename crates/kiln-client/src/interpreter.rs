@@ -142,26 +142,7 @@ _kiln_json.dumps({
 })
 "#;
 
-/// Checks a pip requirement as an agent would pass it (`pandas`, `numpy==2.1`,
-/// `requests[socks]>=2`): no options, no paths or URLs, no whitespace.
-pub fn check_package_spec(spec: &str) -> Result<(), String> {
-    let ok_start = spec
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    let ok_chars = spec
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-[],<>=!~*".contains(c));
-    if spec.len() <= 200 && ok_start && ok_chars {
-        Ok(())
-    } else {
-        Err(format!(
-            "{spec:?} is not a package requirement: use a name with an optional version \
-             (e.g. pandas, numpy==2.1.0, requests[socks]>=2); options, paths and URLs are \
-             not accepted"
-        ))
-    }
-}
+pub use kiln_api::spell::check_package_spec;
 
 impl Client {
     /// Runs `req` in sandbox `id`'s code interpreter, calling `on_event` for every
@@ -316,29 +297,6 @@ mod tests {
         assert_eq!(exec.results.len(), 2);
         assert!(exec.results[0].get("type").is_none());
         assert_eq!(exec.error.as_ref().map(|e| e.name.as_str()), Some("E"));
-    }
-
-    #[test]
-    fn package_specs() {
-        for ok in [
-            "pandas",
-            "numpy==2.1.0",
-            "requests[socks]>=2,<3",
-            "a.b-c_d~=1.0",
-        ] {
-            assert!(check_package_spec(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "-r req.txt",
-            "--index-url=http://x",
-            "pkg; rm -rf /",
-            "./local",
-            "git+https://x/y",
-            "a b",
-        ] {
-            assert!(check_package_spec(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]
