@@ -343,6 +343,11 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
     builds.register_all();
     let builds = Arc::new(builds);
     let store_for_owners = store.clone();
+    let spells = Arc::new(crate::spells::Spells::new(
+        store.clone(),
+        config.data_dir.join("spells"),
+        config.spells,
+    ));
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store,
@@ -353,6 +358,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         metrics_token: std::env::var("KILN_METRICS_TOKEN")
             .ok()
             .filter(|t| !t.trim().is_empty()),
+        spells: spells.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -192,8 +192,26 @@ pub struct ServerConfig {
     pub builtins: Vec<String>,
     /// Template build concurrency and timeouts.
     pub builds: BuildConfig,
-    /// NATS server for lifecycle events (`--nats-url`); `None`: no NATS.
+    /// NATS server for lifecycle events and work requests (`--nats-url`); `None`: no
+    /// NATS.
     pub nats_url: Option<String>,
+    /// The team on whose behalf work requested over NATS runs (`KILN_NATS_TEAM`,
+    /// default the `default` team).
+    pub nats_team: Option<String>,
+    /// Spell timeout and memory caps.
+    pub spells: crate::spells::SpellLimits,
+}
+
+impl crate::spells::SpellLimits {
+    /// Defaults overridden by `E2B_SPELLS_TIMEOUT` (seconds) and `E2B_SPELLS_MAX_MEMORY`
+    /// (MiB).
+    pub fn from_env() -> Result<Self, EnvError> {
+        let d = Self::default();
+        Ok(Self {
+            timeout_secs: env_num("E2B_SPELLS_TIMEOUT", d.timeout_secs)?,
+            max_memory_mb: env_num("E2B_SPELLS_MAX_MEMORY", d.max_memory_mb)?,
+        })
+    }
 }
 
 #[cfg(test)]

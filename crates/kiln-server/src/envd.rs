@@ -179,21 +179,135 @@ async fn run_once(
     access_token: Option<&str>,
     deadline: Option<std::time::Duration>,
 ) -> Result<Option<Exit>, EnvdError> {
+    let process = serde_json::json!({"cmd": "/bin/bash", "args": ["-l", "-c", command]});
+    let resp = start(socket, process, Some(user), access_token, deadline).await?;
+    let mut output = Vec::new();
+    for_each_event(resp, |event| {
+        if event.get("start").is_some() && !wait {
+            return Some(None);
+        }
+        if let Some(data) = event.get("data") {
+            for stream in ["stdout", "stderr"] {
+                output.extend(decode_chunk(&data[stream]));
+            }
+            if output.len() > OUTPUT_TAIL {
+                output.drain(..output.len() - OUTPUT_TAIL);
+            }
+        }
+        event.get("end").map(|end| {
+            Some(Exit {
+                code: end["exitCode"].as_i64().unwrap_or(0) as i32,
+                output: String::from_utf8_lossy(&output).into_owned(),
+            })
+        })
+    })
+    .await
+}
+
+/// A process to start through envd's `Start` (no shell unless `cmd` is one).
+#[derive(Debug, Clone, Default)]
+pub struct Exec {
+    pub cmd: String,
+    pub args: Vec<String>,
+    pub envs: std::collections::BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// `None`: the sandbox's default user.
+    pub user: Option<String>,
+}
+
+/// What a process wrote and how it ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// `None` when it did not end by itself (killed at its deadline).
+    pub exit_code: Option<i32>,
+    /// Some output was dropped: each stream keeps its last `cap` bytes.
+    pub truncated: bool,
+    pub timed_out: bool,
+}
+
+/// Run `exec` to its end, keeping the last `cap` bytes of each stream. With
+/// `deadline`, envd kills it when the deadline passes (`timed_out`).
+pub async fn exec(
+    socket: &Path,
+    exec: &Exec,
+    access_token: Option<&str>,
+    deadline: std::time::Duration,
+    cap: usize,
+) -> Result<Collected, EnvdError> {
+    let mut process = serde_json::json!({"cmd": exec.cmd, "args": exec.args, "envs": exec.envs});
+    if let Some(cwd) = &exec.cwd {
+        process["cwd"] = cwd.clone().into();
+    }
+    let run = async {
+        let resp = start(
+            socket,
+            process,
+            exec.user.as_deref(),
+            access_token,
+            Some(deadline),
+        )
+        .await?;
+        let mut out = Collected::default();
+        let ended = for_each_event(resp, |event| {
+            if let Some(data) = event.get("data") {
+                for (stream, buf) in [("stdout", &mut out.stdout), ("stderr", &mut out.stderr)] {
+                    buf.extend(decode_chunk(&data[stream]));
+                    if buf.len() > cap {
+                        buf.drain(..buf.len() - cap);
+                        out.truncated = true;
+                    }
+                }
+            }
+            event.get("end").map(|end| {
+                let exited = end["exited"].as_bool().unwrap_or(true);
+                exited.then(|| end["exitCode"].as_i64().unwrap_or(0) as i32)
+            })
+        })
+        .await;
+        match ended {
+            Ok(code) => {
+                out.exit_code = code;
+                Ok(out)
+            }
+            // envd ends a process past its deadline with `deadline_exceeded`.
+            Err(EnvdError::Status { body, .. }) if body.contains("deadline_exceeded") => {
+                out.timed_out = true;
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
+    };
+    tokio::time::timeout(deadline + DEADLINE_GRACE, run)
+        .await
+        .unwrap_or(Err(EnvdError::Timeout {
+            what: "process Start",
+            after: deadline + DEADLINE_GRACE,
+        }))
+}
+
+/// Send envd's `Start` for `process` and check the answer's status.
+async fn start(
+    socket: &Path,
+    process: serde_json::Value,
+    user: Option<&str>,
+    access_token: Option<&str>,
+    deadline: Option<std::time::Duration>,
+) -> Result<Response<Incoming>, EnvdError> {
     use base64::Engine;
-    use http_body_util::BodyExt;
     use kiln_proto::connect;
 
-    let body = serde_json::json!({
-        "process": {"cmd": "/bin/bash", "args": ["-l", "-c", command]},
-        "stdin": false,
-    });
+    let body = serde_json::json!({ "process": process, "stdin": false });
     let payload = connect::encode_message(&body).expect("a JSON value always serializes");
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
     let mut req = Request::post("/process.Process/Start")
         .header(http::header::HOST, "envd")
         .header(http::header::CONTENT_TYPE, connect::CONTENT_TYPE_STREAM)
-        .header(connect::HEADER_PROTOCOL_VERSION, "1")
-        .header(http::header::AUTHORIZATION, format!("Basic {basic}"));
+        .header(connect::HEADER_PROTOCOL_VERSION, "1");
+    if let Some(user) = user {
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+        req = req.header(http::header::AUTHORIZATION, format!("Basic {basic}"));
+    }
     if let Some(token) = access_token {
         req = req.header(kiln_proto::envd::HEADER_ACCESS_TOKEN, token);
     }
@@ -212,9 +326,27 @@ async fn run_once(
             body: read_body(resp).await,
         });
     }
+    Ok(resp)
+}
+
+fn decode_chunk(v: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine;
+    v.as_str()
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .unwrap_or_default()
+}
+
+/// Feed each `event` of a `Start` stream to `f` until it returns an answer. A stream
+/// that ends first, or with an error, is an error.
+async fn for_each_event<R>(
+    resp: Response<Incoming>,
+    mut f: impl FnMut(&serde_json::Value) -> Option<R>,
+) -> Result<R, EnvdError> {
+    use http_body_util::BodyExt;
+    use kiln_proto::connect;
+
     let mut decoder = connect::EnvelopeDecoder::new(16 << 20);
     let mut body = resp.into_body();
-    let mut output = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(EnvdError::Http)?;
         let Some(data) = frame.data_ref() else {
@@ -237,29 +369,8 @@ async fn run_once(
                 }
                 continue;
             }
-            let event = &v["event"];
-            if event.get("start").is_some() && !wait {
-                return Ok(None);
-            }
-            if let Some(data) = event.get("data") {
-                for stream in ["stdout", "stderr"] {
-                    if let Some(b) = data[stream].as_str() {
-                        output.extend(
-                            base64::engine::general_purpose::STANDARD
-                                .decode(b)
-                                .unwrap_or_default(),
-                        );
-                    }
-                }
-                if output.len() > OUTPUT_TAIL {
-                    output.drain(..output.len() - OUTPUT_TAIL);
-                }
-            }
-            if let Some(end) = event.get("end") {
-                return Ok(Some(Exit {
-                    code: end["exitCode"].as_i64().unwrap_or(0) as i32,
-                    output: String::from_utf8_lossy(&output).into_owned(),
-                }));
+            if let Some(answer) = f(&v["event"]) {
+                return Ok(answer);
             }
         }
     }
@@ -268,4 +379,76 @@ async fn run_once(
         status: StatusCode::OK,
         body: "stream ended without an end event".into(),
     })
+}
+
+fn files_uri(path: &str) -> String {
+    let path = percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC);
+    format!("/files?path={path}")
+}
+
+/// Write `data` to `path` in the sandbox as its default user (envd's `POST /files`).
+pub async fn write_file(
+    socket: &Path,
+    path: &str,
+    data: Vec<u8>,
+    access_token: Option<&str>,
+) -> Result<(), EnvdError> {
+    let mut req = Request::post(files_uri(path))
+        .header(http::header::HOST, "envd")
+        .header(http::header::CONTENT_TYPE, "application/octet-stream");
+    if let Some(token) = access_token {
+        req = req.header(kiln_proto::envd::HEADER_ACCESS_TOKEN, token);
+    }
+    let req = req
+        .body(Body::from(data))
+        .expect("static request parts are valid");
+    let resp = send(socket, req).await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(EnvdError::Status {
+            what: "POST /files",
+            status,
+            body: read_body(resp).await,
+        });
+    }
+    Ok(())
+}
+
+/// Read `path` from the sandbox, at most `cap` bytes: `Ok(None)` when the file is
+/// longer (whatever size the guest claims, no more than `cap + 1` bytes are read).
+pub async fn read_file(
+    socket: &Path,
+    path: &str,
+    access_token: Option<&str>,
+    cap: usize,
+) -> Result<Option<Vec<u8>>, EnvdError> {
+    use http_body_util::BodyExt;
+
+    let mut req = Request::get(files_uri(path)).header(http::header::HOST, "envd");
+    if let Some(token) = access_token {
+        req = req.header(kiln_proto::envd::HEADER_ACCESS_TOKEN, token);
+    }
+    let req = req
+        .body(Body::empty())
+        .expect("static request parts are valid");
+    let resp = send(socket, req).await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(EnvdError::Status {
+            what: "GET /files",
+            status,
+            body: read_body(resp).await,
+        });
+    }
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.map_err(EnvdError::Http)?.data_ref() {
+            if out.len() + data.len() > cap {
+                return Ok(None);
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(Some(out))
 }

@@ -133,6 +133,7 @@ impl From<crate::manager::SandboxError> for AppError {
             | E::TimeoutOverCap { .. }
             | E::DurationOutOfRange(_)
             | E::BadEnvName(_)
+            | E::ZeroSize
             | E::OverServerCap { .. }
             | E::BadQuery(_)
             | E::PauseUnsupported(_) => AppError::BadRequest(message),
@@ -148,6 +149,25 @@ impl From<crate::manager::SandboxError> for AppError {
                 message,
                 source: Some(anyhow::Error::new(e)),
             },
+        }
+    }
+}
+
+impl From<crate::spells::SpellError> for AppError {
+    fn from(e: crate::spells::SpellError) -> Self {
+        use crate::spells::SpellError as E;
+        match e {
+            E::NotFound(_) => AppError::NotFound(e.to_string()),
+            E::Invalid { .. } | E::BadArgs { .. } | E::NameMismatch { .. } | E::Install { .. } => {
+                AppError::BadRequest(e.to_string())
+            }
+            E::NotYours(_) => AppError::Forbidden(e.to_string()),
+            E::Sandbox(source) => source.into(),
+            E::Guest { .. } => AppError::Internal {
+                message: e.to_string(),
+                source: Some(anyhow::Error::new(e)),
+            },
+            E::Store(source) => AppError::internal("the spell store failed", source),
         }
     }
 }

@@ -25,6 +25,8 @@ pub mod progress;
 pub mod proxy;
 pub mod report;
 pub mod routes;
+pub mod spell_api;
+pub mod spells;
 pub mod state;
 pub mod store;
 pub mod template_api;

@@ -7,5 +7,6 @@ pub fn endpoints() -> Vec<Endpoint> {
     let mut all = crate::api::endpoints();
     all.extend(crate::admin_api::endpoints());
     all.extend(crate::template_api::endpoints());
+    all.extend(crate::spell_api::endpoints());
     all
 }

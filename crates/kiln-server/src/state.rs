@@ -20,4 +20,6 @@ pub struct AppState {
     /// `KILN_METRICS_TOKEN`: with it, `GET /metrics` wants it as a Bearer token;
     /// without, it answers loopback clients only.
     pub metrics_token: Option<String>,
+    /// Spells: Kiln's library, the operator's files, each team's own.
+    pub spells: Arc<crate::spells::Spells>,
 }

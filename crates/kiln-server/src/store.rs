@@ -166,6 +166,13 @@ pub trait Store: Send + Sync {
     fn claim_template(&self, name: &str, team_id: i64) -> Result<Option<i64>, StoreError>;
     fn forget_template(&self, name: &str) -> Result<(), StoreError>;
 
+    /// A team's own spells, as `(name, definition JSON)`, by name.
+    fn team_spells(&self, team_id: i64) -> Result<Vec<(String, String)>, StoreError>;
+    /// Define or replace one of a team's spells.
+    fn put_spell(&self, team_id: i64, name: &str, definition: &str) -> Result<(), StoreError>;
+    /// Whether there was such a spell.
+    fn delete_spell(&self, team_id: i64, name: &str) -> Result<bool, StoreError>;
+
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError>;
     fn set_end_at(&self, id: &str, end_at: DateTime<Utc>) -> Result<(), StoreError>;
     fn set_state(&self, id: &str, state: RecordState) -> Result<(), StoreError>;
@@ -236,6 +243,16 @@ const MIGRATIONS: &[Migration] = &[
         CREATE TABLE templates (
             name TEXT PRIMARY KEY,
             team_id INTEGER REFERENCES teams(id)
+        );",
+    ),
+    // 4: spells a team defined through the API.
+    Migration::Sql(
+        "CREATE TABLE spells (
+            team_id INTEGER NOT NULL REFERENCES teams(id),
+            name TEXT NOT NULL,
+            definition TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (team_id, name)
         );",
     ),
 ];
@@ -589,6 +606,40 @@ impl Store for SqliteStore {
             .execute("DELETE FROM templates WHERE name = ?1", params![name])
             .map_err(q("forget template"))?;
         Ok(())
+    }
+
+    fn team_spells(&self, team_id: i64) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, definition FROM spells WHERE team_id = ?1 ORDER BY name")
+            .map_err(q("list spells"))?;
+        let rows = stmt
+            .query_map(params![team_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(q("list spells"))?;
+        rows.collect::<Result<_, _>>().map_err(q("list spells"))
+    }
+
+    fn put_spell(&self, team_id: i64, name: &str, definition: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO spells (team_id, name, definition, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(team_id, name) DO UPDATE SET definition = excluded.definition,
+                 updated_at = excluded.updated_at",
+                params![team_id, name, definition, Utc::now().to_rfc3339()],
+            )
+            .map_err(q("store spell"))?;
+        Ok(())
+    }
+
+    fn delete_spell(&self, team_id: i64, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "DELETE FROM spells WHERE team_id = ?1 AND name = ?2",
+                params![team_id, name],
+            )
+            .map_err(q("delete spell"))?;
+        Ok(n > 0)
     }
 
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {

@@ -71,7 +71,19 @@ impl Runtime for FakeRuntime {
                 post(move |body: axum::body::Bytes| async move {
                     let envs = kiln_proto::connect::decode_envelopes(&body, 1 << 20).unwrap();
                     let req: serde_json::Value = serde_json::from_slice(&envs[0].payload).unwrap();
-                    let cmd = req["process"]["args"][2].as_str().unwrap().to_string();
+                    // `bash -l -c CMD` as the server's own commands run, else the argv.
+                    let args = req["process"]["args"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    let cmd = match args.get(2).and_then(|a| a.as_str()) {
+                        Some(c) if args.len() == 3 => c.to_string(),
+                        _ => std::iter::once(&req["process"]["cmd"])
+                            .chain(&args)
+                            .map(|a| a.as_str().unwrap_or_default())
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    };
                     commands.lock().unwrap().push(cmd.clone());
                     let code = if cmd == "false" { 1 } else { 0 };
                     let mut out = Vec::new();
@@ -97,6 +109,10 @@ impl Runtime for FakeRuntime {
             .route(
                 "/health",
                 get(|| async { axum::http::StatusCode::NO_CONTENT }),
+            )
+            .route(
+                "/files",
+                post(|| async { axum::http::StatusCode::NO_CONTENT }),
             )
             .route(
                 "/echo",
@@ -253,6 +269,11 @@ async fn start(limits: LimitsConfig) -> Harness {
         BuildConfig::default(),
     )
     .unwrap();
+    let spells = Arc::new(kiln_server::spells::Spells::new(
+        store.clone(),
+        dir.path().join("spells"),
+        kiln_server::spells::SpellLimits::default(),
+    ));
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store: store.clone(),
@@ -261,6 +282,7 @@ async fn start(limits: LimitsConfig) -> Harness {
         domain: None,
         builds: Some(Arc::new(builds)),
         metrics_token: None,
+        spells: spells.clone(),
     });
     let url = serve_state(state.clone()).await;
     let token_state = Arc::new(AppState {
@@ -271,6 +293,7 @@ async fn start(limits: LimitsConfig) -> Harness {
         domain: None,
         builds: state.builds.clone(),
         metrics_token: Some("scrape-secret".into()),
+        spells,
     });
     let url_with_metrics_token = serve_state(token_state).await;
     Harness {
@@ -395,6 +418,10 @@ impl Harness {
 }
 
 const NOBODY: &str = "nobody0000000000000a";
+
+fn spell_body(name: &str) -> serde_json::Value {
+    json!({"name": name, "language": "bash", "code": "echo hi"})
+}
 const NO_BUILD: &str = "00000000-0000-0000-0000-000000000000";
 
 /// The authorization test's table: every endpoint the router serves must be here.
@@ -550,6 +577,30 @@ async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Cas
             })
         }
         ("POST", "/templates/gc") => own(path, None),
+        ("GET", "/spells") => own(path, None),
+        ("POST", "/spells") => own(path, Some(spell_body(&format!("new{n}")))),
+        ("PUT", "/spells/{name}") => {
+            // Another team's PUT defines a spell of its own: nothing to attack.
+            let name = format!("mine{n}");
+            own(&format!("/spells/{name}"), Some(spell_body(&name)))
+        }
+        ("GET", "/spells/{name}")
+        | ("DELETE", "/spells/{name}")
+        | ("POST", "/spells/{name}/runs") => {
+            let name = format!("mine{n}");
+            let (s, v) = h
+                .api(
+                    "PUT",
+                    &format!("/spells/{name}"),
+                    &h.member_a,
+                    Some(spell_body(&name)),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            let at = |x: &str| path.replace("{name}", x);
+            let body = (method == "POST").then(|| json!({"args": {}}));
+            scoped(at(&name), at("nosuchspell"), body)
+        }
         _ => None,
     }
 }
@@ -1734,4 +1785,110 @@ async fn arbitrary_create_bodies_get_clean_answers() {
             .unwrap();
         assert!(resp.status().as_u16() < 500, "{map:?} -> {}", resp.status());
     }
+}
+
+#[tokio::test]
+async fn a_create_may_ask_for_its_own_memory_and_cpus_within_the_caps() {
+    let h = start(LimitsConfig::default()).await;
+    let (s, v) = h
+        .api(
+            "POST",
+            "/sandboxes",
+            &h.member_a,
+            Some(json!({"templateID": "base", "memoryMB": 256, "cpuCount": 1})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["sandboxID"].as_str().unwrap();
+    let (_, d) = h
+        .api("GET", &format!("/sandboxes/{id}"), &h.member_a, None)
+        .await;
+    assert_eq!(
+        (d["memoryMB"].as_u64(), d["cpuCount"].as_u64()),
+        (Some(256), Some(1))
+    );
+    let (s, v) = h
+        .api(
+            "POST",
+            "/sandboxes",
+            &h.member_a,
+            Some(json!({"templateID": "base", "memoryMB": 1 << 20})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("this create asks for") && msg.contains("KILN_MAX_MEMORY_MB"),
+        "{msg}"
+    );
+    let (s, v) = h
+        .api(
+            "POST",
+            "/sandboxes",
+            &h.member_a,
+            Some(json!({"templateID": "base", "cpuCount": 0})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+}
+
+#[tokio::test]
+async fn spell_arguments_are_checked_before_any_sandbox_starts() {
+    let h = start(LimitsConfig::default()).await;
+    let spell = json!({
+        "name": "count", "language": "python", "code": "print(args['n'])",
+        "parameters": [{"name": "n", "type": "integer"}],
+    });
+    let (s, v) = h
+        .api("POST", "/spells", &h.member_a, Some(spell.clone()))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["source"], "team");
+    let (s, _) = h.api("POST", "/spells", &h.member_a, Some(spell)).await;
+    assert_eq!(s, 409);
+    let started = h.runtime.started.lock().unwrap().len();
+    for (args, needle) in [
+        (json!({}), "missing argument \"n\""),
+        (json!({"n": "three"}), "must be an integer, got string"),
+        (json!({"n": 3, "m": 1}), "unknown argument \"m\""),
+    ] {
+        let (s, v) = h
+            .api(
+                "POST",
+                "/spells/count/runs",
+                &h.member_a,
+                Some(json!({"args": args})),
+            )
+            .await;
+        assert_eq!(s, 400, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
+    }
+    assert_eq!(h.runtime.started.lock().unwrap().len(), started);
+    // The run itself: a sandbox of the caller's team, killed at the end.
+    let (s, v) = h
+        .api(
+            "POST",
+            "/spells/count/runs",
+            &h.member_a,
+            Some(json!({"args": {"n": 3}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["exitCode"], 0);
+    let id = v["sandboxID"].as_str().unwrap();
+    assert!(h.runtime.killed.lock().unwrap().iter().any(|k| k == id));
+    let commands = h.runtime.commands.lock().unwrap().clone();
+    assert!(
+        commands
+            .iter()
+            .any(|c| c == "python3 /tmp/kiln-spell/run.py"),
+        "{commands:?}"
+    );
+    // Shared spells are not a team's to delete; another team does not see this one.
+    let (s, _) = h
+        .api("DELETE", "/spells/run-python", &h.member_a, None)
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = h.api("GET", "/spells/count", &h.member_b, None).await;
+    assert_eq!(s, 404);
 }

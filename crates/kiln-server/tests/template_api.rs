@@ -172,7 +172,13 @@ async fn serve_with(dir: tempfile::TempDir, setup: Setup) -> Harness {
         builds = builds.with_upload_ttl(ttl);
     }
     let builds = Arc::new(builds);
+    let spells = Arc::new(kiln_server::spells::Spells::new(
+        store.clone(),
+        dir.path().join("spells"),
+        kiln_server::spells::SpellLimits::default(),
+    ));
     let state = Arc::new(AppState {
+        spells,
         manager,
         store,
         templates: templates.clone(),

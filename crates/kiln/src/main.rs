@@ -497,6 +497,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         builtins: args.builtin_templates.0,
         builds: kiln_server::BuildConfig::from_env()?,
         nats_url: args.nats_url.clone(),
+        nats_team: std::env::var("KILN_NATS_TEAM")
+            .ok()
+            .filter(|t| !t.is_empty()),
+        spells: kiln_server::spells::SpellLimits::from_env()?,
     };
     kiln_server::serve(config, runtime)
         .await

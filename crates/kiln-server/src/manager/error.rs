@@ -25,12 +25,15 @@ pub enum SandboxError {
          neither '=' nor NUL"
     )]
     BadEnvName(String),
+    #[error("memoryMB and cpuCount must be at least 1 when given")]
+    ZeroSize,
     #[error(
-        "template \"{template}\" asks for {asked} {resource}; this server allows at most \
-         {max} per sandbox ({})", .resource.setting()
+        "{who} asks for {asked} {resource}; this server allows at most {max} per sandbox \
+         ({})", .resource.setting()
     )]
     OverServerCap {
-        template: String,
+        /// `template "name"` or `this create`.
+        who: String,
         resource: Resource,
         asked: u64,
         max: u64,

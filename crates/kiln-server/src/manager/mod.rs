@@ -96,6 +96,14 @@ pub struct SandboxManager {
     lost: Mutex<HashMap<String, (i64, String)>>,
 }
 
+/// The memory and CPUs of one sandbox; `None` where the template (or the server's
+/// default) decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Size {
+    pub memory_mb: Option<u64>,
+    pub cpu_count: Option<u32>,
+}
+
 /// What one sandbox takes from its team's quotas.
 #[derive(Debug, Clone, Copy, Default)]
 struct Usage {
@@ -301,11 +309,27 @@ impl SandboxManager {
     /// a request) asking for more memory or CPUs than the operator allows is refused
     /// with the cap named, never granted.
     /// The memory (MiB) and CPUs a sandbox of `template` gets.
-    fn sandbox_size(&self, template: &TemplateInfo) -> Result<(u64, u32), SandboxError> {
-        let memory_mb = template.meta.memory_mb.unwrap_or(self.limits.memory_mb);
-        let cpu_count = template.meta.cpu_count.unwrap_or(self.limits.cpu_count);
-        let over = |resource, asked: u64, max: u64| SandboxError::OverServerCap {
-            template: template.name.clone(),
+    /// The memory and CPUs of a sandbox of `template`: what the create asked for
+    /// (Kiln's `memoryMB`/`cpuCount`), else the template's, else the server's default;
+    /// never past the server's caps.
+    fn sandbox_size(&self, template: &TemplateInfo, asked: Size) -> Result<Size, SandboxError> {
+        if asked.memory_mb == Some(0) || asked.cpu_count == Some(0) {
+            return Err(SandboxError::ZeroSize);
+        }
+        let memory_mb = asked
+            .memory_mb
+            .or(template.meta.memory_mb)
+            .unwrap_or(self.limits.memory_mb);
+        let cpu_count = asked
+            .cpu_count
+            .or(template.meta.cpu_count)
+            .unwrap_or(self.limits.cpu_count);
+        let over = |resource, asked: u64, max: u64, by_request: bool| SandboxError::OverServerCap {
+            who: if by_request {
+                "this create".to_string()
+            } else {
+                format!("template \"{}\"", template.name)
+            },
             resource,
             asked,
             max,
@@ -315,6 +339,7 @@ impl SandboxManager {
                 Resource::MemoryMb,
                 memory_mb,
                 self.limits.max_memory_mb,
+                asked.memory_mb.is_some(),
             ));
         }
         if cpu_count > self.limits.max_cpu_count {
@@ -322,9 +347,13 @@ impl SandboxManager {
                 Resource::Cpus,
                 cpu_count.into(),
                 self.limits.max_cpu_count.into(),
+                asked.cpu_count.is_some(),
             ));
         }
-        Ok((memory_mb, cpu_count))
+        Ok(Size {
+            memory_mb: Some(memory_mb),
+            cpu_count: Some(cpu_count),
+        })
     }
 
     fn sandbox_config(
@@ -332,14 +361,15 @@ impl SandboxManager {
         id: String,
         template: &TemplateInfo,
         internet: bool,
+        asked: Size,
     ) -> Result<SandboxConfig, SandboxError> {
-        let (memory_mb, cpu_count) = self.sandbox_size(template)?;
+        let size = self.sandbox_size(template, asked)?;
         Ok(SandboxConfig {
             id,
             rootfs: template.rootfs.clone(),
             limits: Limits {
-                memory_mb,
-                cpu_count,
+                memory_mb: size.memory_mb.unwrap_or(self.limits.memory_mb),
+                cpu_count: size.cpu_count.unwrap_or(self.limits.cpu_count),
                 pids_max: self.limits.pids_max,
                 disk_mb: self.limits.disk_size_mb,
             },
@@ -440,7 +470,7 @@ impl SandboxManager {
     fn reserve_slot(
         self: &Arc<Self>,
         template: &str,
-        internet: bool,
+        poolable: bool,
         team_id: i64,
         want: Usage,
     ) -> Result<SlotGuard<'_>, SandboxError> {
@@ -464,7 +494,7 @@ impl SandboxManager {
         )?;
         // A create that will claim one of its template's idle pooled sandboxes moves
         // it from the pool to the running set: no new sandbox on the host.
-        let claims_pooled = internet && self.pools.idle_count(template) > 0;
+        let claims_pooled = poolable && self.pools.idle_count(template) > 0;
         if !claims_pooled && !self.make_room(in_flight.creates.len()) {
             return Err(SandboxError::HostFull {
                 max: self.limits.max_sandboxes,
@@ -554,18 +584,23 @@ impl SandboxManager {
             self.template_visible(&caller, name)
         })?;
         let allow_internet = req.allow_internet_access.unwrap_or(true);
-        let (memory_mb, cpus) = self.sandbox_size(&template)?;
+        let asked = Size {
+            memory_mb: req.memory_mb,
+            cpu_count: req.cpu_count,
+        };
+        let size = self.sandbox_size(&template, asked)?;
         let want = Usage {
             sandboxes: 1,
-            memory_mb,
-            cpus,
+            memory_mb: size.memory_mb.unwrap_or_default(),
+            cpus: size.cpu_count.unwrap_or_default(),
         };
-        let _slot = self.reserve_slot(&template.name, allow_internet, caller.team_id, want)?;
+        let poolable = allow_internet && size == self.sandbox_size(&template, Size::default())?;
+        let _slot = self.reserve_slot(&template.name, poolable, caller.team_id, want)?;
         let secure = req.secure.unwrap_or(false);
         let began = Instant::now();
-        let (instance, started) = self.acquire(&template, allow_internet).await?;
+        let (instance, started) = self.acquire(&template, allow_internet, asked).await?;
         let id = instance.id.clone();
-        let config = self.sandbox_config(id.clone(), &template, allow_internet)?;
+        let config = self.sandbox_config(id.clone(), &template, allow_internet, asked)?;
         let (cpu_count, memory_mb) = (config.limits.cpu_count, config.limits.memory_mb);
         let access_token = secure.then(new_token);
         let now = Utc::now();

@@ -163,7 +163,12 @@ impl Pools {
 impl SandboxManager {
     /// Top up the pool of `template` to the configured size, in the background.
     pub fn fill_pool(self: &Arc<Self>, template: &TemplateInfo) {
-        let config = match self.sandbox_config(super::new_id(), template, true) {
+        let config = match self.sandbox_config(
+            super::new_id(),
+            template,
+            true,
+            super::Size::default(),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(template = %template.name, error = %e, "not pooling this template");
@@ -270,11 +275,17 @@ impl SandboxManager {
         self: &Arc<Self>,
         template: &TemplateInfo,
         internet: bool,
+        asked: super::Size,
     ) -> Result<(SandboxInstance, bool), super::SandboxError> {
         // Within the caps before anything starts (a pooled one was checked when it
         // was started, against the same template version).
-        let config: SandboxConfig = self.sandbox_config(super::new_id(), template, internet)?;
-        if internet {
+        let config: SandboxConfig =
+            self.sandbox_config(super::new_id(), template, internet, asked)?;
+        // Pooled sandboxes have their template's size: a create that asks for another
+        // starts one of its own.
+        let pooled_size = self.sandbox_size(template, super::Size::default())?;
+        let size = self.sandbox_size(template, asked)?;
+        if internet && size == pooled_size {
             let (claimed, stale) = self.pools.claim(&template.name, &template.rootfs);
             if !stale.is_empty() {
                 let manager = self.clone();
