@@ -174,6 +174,24 @@ impl BuildConfig {
     }
 }
 
+/// Limits every spell runs under (`E2B_SPELLS_TIMEOUT`, `E2B_SPELLS_MAX_MEMORY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpellLimits {
+    /// A spell's timeout when it names none, and the most it may name, seconds.
+    pub timeout_secs: u64,
+    /// The memory of a spell's sandbox when it names none, and the most it may name.
+    pub max_memory_mb: u64,
+}
+
+impl Default for SpellLimits {
+    fn default() -> Self {
+        SpellLimits {
+            timeout_secs: 300,
+            max_memory_mb: 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -199,10 +217,10 @@ pub struct ServerConfig {
     /// default the `default` team).
     pub nats_team: Option<String>,
     /// Spell timeout and memory caps.
-    pub spells: crate::spells::SpellLimits,
+    pub spells: SpellLimits,
 }
 
-impl crate::spells::SpellLimits {
+impl SpellLimits {
     /// Defaults overridden by `E2B_SPELLS_TIMEOUT` (seconds) and `E2B_SPELLS_MAX_MEMORY`
     /// (MiB).
     pub fn from_env() -> Result<Self, EnvError> {

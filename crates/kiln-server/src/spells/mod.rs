@@ -19,29 +19,12 @@ use kiln_api::spell::{Spell, SpellLanguage, SpellParam, SpellSource};
 use serde::Deserialize;
 
 use crate::authz::Caller;
+pub use crate::config::SpellLimits;
 use crate::report::chain;
 use crate::store::Store;
 
 pub use args::resolve as resolve_args;
 pub use error::SpellError;
-
-/// Limits every spell runs under (`E2B_SPELLS_TIMEOUT`, `E2B_SPELLS_MAX_MEMORY`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpellLimits {
-    /// A spell's timeout when it names none, and the most it may name, seconds.
-    pub timeout_secs: u64,
-    /// The memory of a spell's sandbox when it names none, and the most it may name.
-    pub max_memory_mb: u64,
-}
-
-impl Default for SpellLimits {
-    fn default() -> Self {
-        SpellLimits {
-            timeout_secs: 300,
-            max_memory_mb: 1024,
-        }
-    }
-}
 
 /// The longest script a spell may carry.
 const MAX_CODE_BYTES: usize = 256 * 1024;
