@@ -56,6 +56,10 @@ pub enum ServeError {
     Audit(#[from] crate::audit::AuditConfigError),
     #[error("recovering sandboxes from the previous run failed: {0}")]
     Recover(String),
+    #[error(
+        "KILN_NATS_TEAM names team {0:?}, which does not exist (create it: kiln teams create {0})"
+    )]
+    NatsTeam(String),
     #[error("building the base template failed")]
     Template(#[source] kiln_template::TemplateError),
     #[error("the server stopped with an error")]
@@ -348,6 +352,27 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         config.data_dir.join("spells"),
         config.spells,
     ));
+    if let Some(url) = &config.nats_url {
+        let team_id = match &config.nats_team {
+            Some(name) => {
+                store
+                    .find_team(name)?
+                    .ok_or_else(|| ServeError::NatsTeam(name.clone()))?
+                    .id
+            }
+            None => keys::default_team(store.as_ref())?,
+        };
+        crate::work::start(
+            url.clone(),
+            crate::work::Worker {
+                manager: manager.clone(),
+                spells: spells.clone(),
+                team_id,
+                domain: config.domain.clone(),
+                listen_port: config.listen.port(),
+            },
+        );
+    }
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store,

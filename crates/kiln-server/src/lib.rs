@@ -32,6 +32,7 @@ pub mod store;
 pub mod template_api;
 pub mod template_runner;
 pub mod templates;
+pub mod work;
 
 pub use app::{router, serve, ServeError};
 pub use config::{BuildConfig, LimitsConfig, ServerConfig};

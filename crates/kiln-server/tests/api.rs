@@ -997,8 +997,9 @@ async fn events_stream_a_teams_own_lifecycle() {
 
 /// A real `nats-server` (Debian's package; CI installs it): events arrive on their
 /// versioned subjects.
-#[tokio::test]
-async fn lifecycle_events_are_published_on_nats() {
+/// A `nats-server` of the test's own on a free port, with its URL; `None` (a skip)
+/// only outside CI.
+fn nats_server() -> Option<(std::process::Child, String)> {
     let Some(server) = [
         "/usr/bin/nats-server",
         "/usr/sbin/nats-server",
@@ -1011,29 +1012,38 @@ async fn lifecycle_events_are_published_on_nats() {
             "nats-server is not installed: install Debian's nats-server package (scripts/install-deps.sh)"
         );
         eprintln!("skipping: no nats-server (CI installs it)");
-        return;
+        return None;
     };
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut nats = std::process::Command::new(server)
+    let child = std::process::Command::new(server)
         .args(["-a", "127.0.0.1", "-p", &port.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let url = format!("nats://127.0.0.1:{port}");
-    let result = async {
-        let mut client = None;
-        for _ in 0..100 {
-            if let Ok(c) = async_nats::connect(url.as_str()).await {
-                client = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    Some((child, format!("nats://127.0.0.1:{port}")))
+}
+
+async fn nats_client(url: &str) -> async_nats::Client {
+    for _ in 0..100 {
+        if let Ok(c) = async_nats::connect(url).await {
+            return c;
         }
-        let client = client.expect("nats-server started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nats-server did not start at {url}");
+}
+
+#[tokio::test]
+async fn lifecycle_events_are_published_on_nats() {
+    let Some((mut nats, url)) = nats_server() else {
+        return;
+    };
+    let result = async {
+        let client = nats_client(&url).await;
         let mut sub = client.subscribe("kiln.>").await.unwrap();
         client.flush().await.unwrap();
         let h = start(LimitsConfig::default()).await;
@@ -1891,4 +1901,125 @@ async fn spell_arguments_are_checked_before_any_sandbox_starts() {
     assert_eq!(s, 403);
     let (s, _) = h.api("GET", "/spells/count", &h.member_b, None).await;
     assert_eq!(s, 404);
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("an answer within 20 s")
+}
+
+/// The next message on `subject` (others, the requests included, are skipped).
+async fn answer(sub: &mut async_nats::Subscriber, subject: &str) -> serde_json::Value {
+    loop {
+        let msg = futures::StreamExt::next(sub)
+            .await
+            .expect("the subscription ended");
+        if msg.subject.as_str() == subject {
+            return serde_json::from_slice(&msg.payload).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn spells_and_desktops_requested_over_nats_get_their_answers() {
+    let Some((mut nats, url)) = nats_server() else {
+        return;
+    };
+    let result = async {
+        let client = nats_client(&url).await;
+        let mut answers = client.subscribe("e2b.>").await.unwrap();
+        client.flush().await.unwrap();
+        let h = start(LimitsConfig::default()).await;
+        let spells = Arc::new(kiln_server::spells::Spells::new(
+            h.store.clone(),
+            h._dir.path().join("spells"),
+            kiln_server::spells::SpellLimits::default(),
+        ));
+        kiln_server::work::start(
+            url.clone(),
+            kiln_server::work::Worker {
+                manager: h.manager.clone(),
+                spells,
+                team_id: 1,
+                domain: None,
+                listen_port: 3000,
+            },
+        );
+        // The worker subscribes in the background: ask until it answers.
+        let mut probed = None;
+        for _ in 0..50 {
+            client
+                .publish(
+                    "e2b.spell.execute.v1",
+                    r#"{"request_id": "probe", "spell": 1}"#.into(),
+                )
+                .await
+                .unwrap();
+            let got = tokio::time::timeout(
+                Duration::from_millis(300),
+                answer(&mut answers, "e2b.spell.failed.v1"),
+            )
+            .await;
+            if let Ok(v) = got {
+                probed = Some(v);
+                break;
+            }
+        }
+        let v = probed.expect("the worker answers a malformed message");
+        assert_eq!(v["request_id"], "probe");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("malformed e2b.spell.execute.v1"),
+            "{v}"
+        );
+        let run = json!({"request_id": "r1", "spell": "run-python", "agent_id": "a1",
+                         "args": {"code": "print(1)"}});
+        client
+            .publish(
+                "e2b.spell.execute.v1",
+                serde_json::to_vec(&run).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let v = within(answer(&mut answers, "e2b.spell.completed.v1")).await;
+        assert_eq!(
+            (v["request_id"].as_str(), v["agent_id"].as_str()),
+            (Some("r1"), Some("a1"))
+        );
+        assert_eq!(v["result"]["exitCode"], 0);
+
+        let bad = json!({"request_id": "r2", "spell": "run-python", "args": {"code": 5}});
+        client
+            .publish(
+                "e2b.spell.execute.v1",
+                serde_json::to_vec(&bad).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let v = within(answer(&mut answers, "e2b.spell.failed.v1")).await;
+        assert!(
+            v["error"].as_str().unwrap().contains("must be a string"),
+            "{v}"
+        );
+
+        // This harness has no desktop template: the request fails, saying so.
+        let desk = json!({"request_id": "d1", "agent_id": "a1", "duration": 60});
+        client
+            .publish(
+                "e2b.desktop.request.v1",
+                serde_json::to_vec(&desk).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let v = within(answer(&mut answers, "e2b.desktop.failed.v1")).await;
+        assert_eq!(v["request_id"], "d1");
+        assert!(v["error"].as_str().unwrap().contains("desktop"), "{v}");
+    }
+    .await;
+    let _ = nats.kill();
+    let _ = nats.wait();
+    result
 }

@@ -5,6 +5,7 @@
 mod build_progress;
 mod code_cmd;
 mod doctor;
+mod spell_cmd;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -51,6 +52,10 @@ enum Command {
     InstallPackage(code_cmd::InstallArgs),
     /// Print a sandbox's Python environment as JSON: version, platform, packages.
     EnvInfo(code_cmd::EnvInfoArgs),
+    /// List, define, delete and run spells (named code-execution patterns) on a
+    /// running server.
+    #[command(subcommand)]
+    Spell(spell_cmd::SpellCommand),
     /// Check this host for what sandboxes need (runsc, cgroups, namespaces, overlayfs,
     /// iptables, disk, the data directory, the guest binaries); exits 1 on a FAIL.
     Doctor(doctor::DoctorArgs),
@@ -366,6 +371,7 @@ fn main() -> Result<()> {
             Command::InstallPackage(args) => code_cmd::install(args).await,
             Command::EnvInfo(args) => code_cmd::env_info(args).await,
             Command::Doctor(args) => doctor::doctor(args),
+            Command::Spell(cmd) => spell_cmd::spell(cmd).await,
         }
     })
 }
