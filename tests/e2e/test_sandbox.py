@@ -148,6 +148,20 @@ def test_get_metrics(new_sandbox):
         assert m.mem_total > 0 and 0 <= m.mem_used <= m.mem_total
 
 
+def test_metrics_are_kept_as_history_a_range_selects_from(new_sandbox):
+    import datetime
+
+    sbx = new_sandbox()
+    # The server samples every running sandbox every 5 s.
+    assert wait_until(lambda: len(sbx.get_metrics()) >= 2, timeout=30)
+    samples = sbx.get_metrics()
+    stamps = [m.timestamp for m in samples]
+    assert stamps == sorted(stamps)
+    later = samples[-1].timestamp + datetime.timedelta(hours=1)
+    assert sbx.get_metrics(start=later) == []
+    assert len(sbx.get_metrics(end=samples[0].timestamp)) >= 1
+
+
 PYPI = "https://pypi.org/simple/"
 
 

@@ -123,6 +123,13 @@ pub fn endpoints() -> Vec<Endpoint> {
         ),
         Endpoint::new(
             Method::GET,
+            "/sandboxes/metrics",
+            Member,
+            "The latest resource sample of several sandboxes",
+            batch_metrics,
+        ),
+        Endpoint::new(
+            Method::GET,
             "/sandboxes/{id}/metrics",
             Member,
             "A sandbox's resource usage",
@@ -339,10 +346,52 @@ async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /sandboxes/{id}/metrics` query: a range in Unix seconds.
+#[derive(Debug, Default, serde::Deserialize)]
+struct MetricsRange {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
 async fn metrics(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    QueryParams(range): QueryParams<MetricsRange>,
 ) -> Result<Json<Vec<kiln_api::SandboxMetric>>, AppError> {
-    Ok(Json(state.manager.metrics(&caller, &id).await?))
+    Ok(Json(
+        state
+            .manager
+            .metrics(&caller, &id, range.start, range.end)
+            .await?,
+    ))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct BatchMetricsQuery {
+    /// Comma-separated sandbox ids.
+    sandbox_ids: Option<String>,
+}
+
+/// `GET /sandboxes/metrics`: `{"sandboxes": {id: latest sample}}`.
+async fn batch_metrics(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    QueryParams(query): QueryParams<BatchMetricsQuery>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let ids: Vec<String> = query
+        .sandbox_ids
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if ids.is_empty() {
+        return Err(AppError::BadRequest(
+            "sandbox_ids is required: a comma-separated list of sandbox ids".into(),
+        ));
+    }
+    let latest = state.manager.latest_metrics(&caller, &ids).await?;
+    Ok(Json(serde_json::json!({ "sandboxes": latest })))
 }

@@ -319,6 +319,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         manager.events().connect_nats(url);
         tracing::info!(%url, "publishing lifecycle events to NATS");
     }
+    manager.spawn_sampler();
     let (adopted, cleaned) = manager
         .recover()
         .await

@@ -577,6 +577,11 @@ async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Cas
             })
         }
         ("POST", "/templates/gc") => own(path, None),
+        ("GET", "/sandboxes/metrics") => {
+            // Another team's ids are left out of the answer (tested below), not refused.
+            let id = sandbox(h).await;
+            own(&format!("{path}?sandbox_ids={id}"), None)
+        }
         ("GET", "/spells") => own(path, None),
         ("POST", "/spells") => own(path, Some(spell_body(&format!("new{n}")))),
         ("PUT", "/spells/{name}") => {
@@ -2022,4 +2027,63 @@ async fn spells_and_desktops_requested_over_nats_get_their_answers() {
     let _ = nats.kill();
     let _ = nats.wait();
     result
+}
+
+#[tokio::test]
+async fn metrics_come_from_a_history_with_ranges_and_in_batches() {
+    let h = start(LimitsConfig::default()).await;
+    let a = Client::new(&h.url, &h.member_a);
+    let b = Client::new(&h.url, &h.member_b);
+    let mine = a.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id;
+    let theirs = b.create(&new_sandbox(60, &[])).await.unwrap().sandbox_id;
+    h.manager.sample_all().await;
+    h.manager.sample_all().await;
+    let (s, v) = h
+        .api(
+            "GET",
+            &format!("/sandboxes/{mine}/metrics"),
+            &h.member_a,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let samples = v.as_array().unwrap();
+    assert!(samples.len() >= 2, "{v}");
+    assert_eq!(samples[0]["memUsed"], 10 << 20);
+    let first = samples[0]["timestampUnix"].as_i64().unwrap();
+    let (_, v) = h
+        .api(
+            "GET",
+            &format!("/sandboxes/{mine}/metrics?start={}", first + 3600),
+            &h.member_a,
+            None,
+        )
+        .await;
+    assert_eq!(v, json!([]));
+    let (s, v) = h
+        .api(
+            "GET",
+            &format!("/sandboxes/{mine}/metrics?start=10&end=5"),
+            &h.member_a,
+            None,
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = h
+        .api(
+            "GET",
+            &format!("/sandboxes/metrics?sandbox_ids={mine},{theirs},nosuch"),
+            &h.member_a,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let got: Vec<&String> = v["sandboxes"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        got,
+        vec![&mine],
+        "another team's and unknown ids are left out"
+    );
+    let (s, _) = h.api("GET", "/sandboxes/metrics", &h.member_a, None).await;
+    assert_eq!(s, 400);
 }

@@ -7,6 +7,7 @@
 
 mod error;
 mod list;
+mod metrics;
 mod owner;
 mod pool;
 
@@ -62,6 +63,8 @@ pub struct SandboxEntry {
     commands: mpsc::Sender<Command>,
     /// Previous CPU sample, for the usage percentage of the metrics endpoint.
     last_cpu: Mutex<Option<(Instant, u64)>>,
+    /// Recent resource samples, oldest first ([`metrics`]).
+    history: Mutex<std::collections::VecDeque<SandboxMetric>>,
 }
 
 impl SandboxEntry {
@@ -759,6 +762,7 @@ impl SandboxManager {
             envd_socket,
             commands: tx,
             last_cpu: Mutex::new(None),
+            history: Mutex::default(),
         });
         self.sandboxes
             .write()
@@ -924,49 +928,6 @@ impl SandboxManager {
     }
 
     /// `GET /sandboxes/{id}/metrics`: one sample now.
-    pub async fn metrics(
-        &self,
-        caller: &Caller,
-        id: &str,
-    ) -> Result<Vec<SandboxMetric>, SandboxError> {
-        let entry = self.require(caller, id)?;
-        let stats = within(
-            "reading the metrics",
-            STATS_DEADLINE,
-            self.runtime.stats(id),
-        )
-        .await?
-        .map_err(|e| match e {
-            kiln_runtime::RuntimeError::NotFound { .. } => not_found(id),
-            other => SandboxError::runtime("reading sandbox metrics failed", other),
-        })?;
-        let rec = entry.record();
-        let now_i = Instant::now();
-        let cpu_pct = {
-            let mut last = entry.last_cpu.lock().unwrap_or_else(|e| e.into_inner());
-            let (since, base_ns) = last.unwrap_or_else(|| {
-                let age = (Utc::now() - rec.started_at).to_std().unwrap_or_default();
-                (now_i.checked_sub(age).unwrap_or(now_i), 0)
-            });
-            *last = Some((now_i, stats.cpu_usage_ns));
-            let wall_ns = now_i.duration_since(since).as_nanos().max(1) as f64;
-            let used = stats.cpu_usage_ns.saturating_sub(base_ns) as f64;
-            (100.0 * used / wall_ns / f64::from(stats.cpu_count.max(1))).clamp(0.0, 100.0)
-        };
-        let now = Utc::now();
-        Ok(vec![SandboxMetric {
-            timestamp: now,
-            timestamp_unix: now.timestamp(),
-            cpu_count: stats.cpu_count,
-            cpu_used_pct: (cpu_pct * 100.0).round() / 100.0,
-            mem_used: stats.mem_used_bytes,
-            mem_total: stats.mem_total_bytes,
-            mem_cache: stats.mem_cache_bytes,
-            disk_used: stats.disk_used_bytes,
-            disk_total: stats.disk_total_bytes,
-        }])
-    }
-
     /// After a restart: re-adopt the sandboxes the store remembers whose PID 1 still
     /// runs and whose deadline has not passed; kill every other trace. A sandbox the
     /// runtime could not answer about (an error, not "gone") is left running and asked
