@@ -271,3 +271,8 @@ def test_list_orders_and_filters_by_start_time_and_template(new_sandbox, uniq):
     assert set(ids(query=by_template)) == {first.sandbox_id, second.sandbox_id}
     elsewhere = SandboxQuery(metadata={"kiln-e2e-order": uniq}, template="no-such-template")
     assert ids(query=elsewhere) == []
+
+
+def test_base_has_python_as_well_as_python3(sbx):
+    out = sbx.commands.run("python --version && python3 --version && pip --version")
+    assert out.stdout.startswith("Python 3."), out.stdout

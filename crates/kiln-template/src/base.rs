@@ -63,6 +63,8 @@ pub const PACKAGES: &[&str] = &[
     "coreutils",
     "procps",
     "python3",
+    // `python` as well as `python3`, which many snippets assume (E2B's base has both).
+    "python-is-python3",
     "python3-pip",
     "python3-venv",
     "nodejs",
