@@ -259,3 +259,30 @@ def test_reading_a_kernel_file_gives_what_cat_prints(sbx):
     assert via_files.startswith("Name:"), via_files[:80]
     version = sbx.files.read("/proc/version")
     assert version.strip() == sbx.commands.run("cat /proc/version").stdout.strip()
+
+
+def test_file_metadata_is_kept_listed_renamed_and_dropped(sbx, uniq):
+    # gVisor's root filesystem refuses user.* attributes; envd keeps them in a store of
+    # its own there, so both runtimes answer the same.
+    d = f"/home/user/meta-{uniq}"
+    path = f"{d}/a.txt"
+    info = sbx.files.write(path, "hello", metadata={"Owner": "ann", "kind": "note"})
+    assert info.metadata == {"owner": "ann", "kind": "note"}
+    assert sbx.files.get_info(path).metadata == {"owner": "ann", "kind": "note"}
+    listed = {e.name: e for e in sbx.files.list(d)}
+    assert listed["a.txt"].metadata == {"owner": "ann", "kind": "note"}
+
+    moved = sbx.files.rename(path, f"{d}/b.txt")
+    assert moved.metadata == {"owner": "ann", "kind": "note"}
+    assert sbx.files.get_info(f"{d}/b.txt").metadata == {"owner": "ann", "kind": "note"}
+
+    # Content written by a process keeps it; a new upload without metadata clears it.
+    sbx.commands.run(f"echo more >> {d}/b.txt")
+    assert sbx.files.get_info(f"{d}/b.txt").metadata == {"owner": "ann", "kind": "note"}
+    sbx.files.write(f"{d}/b.txt", "again")
+    assert not sbx.files.get_info(f"{d}/b.txt").metadata
+
+    sbx.files.write(f"{d}/c.txt", "x", metadata={"owner": "bob"})
+    sbx.files.remove(f"{d}/c.txt")
+    sbx.commands.run(f"echo fresh > {d}/c.txt")
+    assert not sbx.files.get_info(f"{d}/c.txt").metadata

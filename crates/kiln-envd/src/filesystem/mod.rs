@@ -1,6 +1,7 @@
 //! `filesystem.Filesystem`: stat, list, make, move, remove, watch (spec §5.3).
 
 pub mod entry;
+pub mod meta_store;
 pub mod watch;
 pub mod xattr;
 
@@ -230,6 +231,7 @@ async fn move_entry(
                 .map_err(|e| FsError::io("creating directory", parent, e))?;
         }
         std::fs::rename(&source, &destination).map_err(|e| FsError::io("renaming", &source, e))?;
+        xattr::moved(&source, &destination);
         entry_info(&destination, &users).map_err(|e| FsError::io("stat", &destination, e))
     })
     .await?;
@@ -270,6 +272,9 @@ async fn remove(
             Ok(_) => std::fs::remove_file(&path),
             Err(e) => Err(e),
         };
+        if result.is_ok() {
+            xattr::removed(&path);
+        }
         match result {
             // Removing what is not there is success.
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

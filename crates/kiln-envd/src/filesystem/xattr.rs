@@ -89,9 +89,14 @@ pub fn read(path: &Path) -> BTreeMap<String, String> {
     let Ok(cpath) = c_path(path) else {
         return out;
     };
-    let Ok(names) = list_names(&cpath) else {
-        return out;
+    let names = match list_names(&cpath) {
+        Ok(names) => names,
+        Err(e) if is_unsupported(&e) => return super::meta_store::global().get(path),
+        Err(_) => return out,
     };
+    if !names.iter().any(|n| n.starts_with(PREFIX.as_bytes())) {
+        return super::meta_store::global().get(path);
+    }
     for name in names {
         let Some(key) = name.strip_prefix(PREFIX.as_bytes()) else {
             continue;
@@ -114,7 +119,8 @@ pub fn replace(path: &Path, metadata: &BTreeMap<String, String>) -> io::Result<(
     let cpath = c_path(path)?;
     let existing = match list_names(&cpath) {
         Ok(names) => names,
-        Err(e) if is_unsupported(&e) && metadata.is_empty() => return Ok(()),
+        // The filesystem has no user attributes: the fallback store keeps them.
+        Err(e) if is_unsupported(&e) => return super::meta_store::global().set(path, metadata),
         Err(e) => return Err(e),
     };
     for name in existing.iter().filter(|n| n.starts_with(PREFIX.as_bytes())) {
@@ -142,10 +148,30 @@ pub fn replace(path: &Path, metadata: &BTreeMap<String, String>) -> io::Result<(
             )
         };
         if rc < 0 {
-            return Err(io::Error::last_os_error());
+            let err = io::Error::last_os_error();
+            if is_unsupported(&err) {
+                // Listing worked but user attributes cannot be set (gVisor's root).
+                return super::meta_store::global().set(path, metadata);
+            }
+            return Err(err);
         }
     }
+    if metadata.is_empty() {
+        // Forget whatever the fallback store had for this path (a file written again
+        // without metadata).
+        super::meta_store::global().set(path, metadata)?;
+    }
     Ok(())
+}
+
+/// envd renamed `from` to `to`: metadata kept outside the file follows it.
+pub fn moved(from: &Path, to: &Path) {
+    super::meta_store::global().renamed(from, to);
+}
+
+/// envd removed `path`: metadata kept outside the file goes with it.
+pub fn removed(path: &Path) {
+    super::meta_store::global().removed(path);
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
