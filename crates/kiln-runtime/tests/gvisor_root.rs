@@ -732,6 +732,8 @@ fn checkpointed_sandbox_survives_restart_and_lost_host_side() {
         if !out.stdout.contains("dns-ok") {
             bail!("no DNS after the restore: {:?}", out.stdout);
         }
+        // The overlay mounted again is idmapped to the sandbox's own range.
+        id_ranges::check_remounted_range(&f, &rt, &cfg.id)?;
 
         // Killing a checkpointed sandbox removes its snapshot and everything else.
         let (inst2, _) = f.start(&second)?;

@@ -138,6 +138,35 @@ fn check_range(f: &Fixture, inst: &SandboxInstance, ids: HostIds, tag: &str) -> 
     Ok(())
 }
 
+/// After the host lost the overlay (a reboot) and a restore mounted it again: the
+/// Sentry runs as the sandbox's recorded range and root inside reads the template's
+/// `/root` and `/etc/sudoers` (the layer is idmapped again, not served as `nobody`).
+pub(super) fn check_remounted_range(f: &Fixture, rt: &GvisorRuntime, id: &str) -> Result<()> {
+    let ids = rt.host_ids(id);
+    ensure!(
+        ids.index().is_some(),
+        "{id} has no range of its own: {ids:?}"
+    );
+    let inst = f.tokio.block_on(rt.adopt(id))?.context("adopt")?;
+    let want = format!("{0} {0} {0} {0}", ids.root());
+    let got = status_ids(inst.pid, "Uid:")?;
+    ensure!(
+        got == want,
+        "restored Sentry of {id} runs as {got}, want {want}"
+    );
+    let out = exec_as(
+        &inst.envd_socket,
+        Some("root"),
+        "ls /root >/dev/null && head -c 1 /etc/sudoers >/dev/null && stat -c %u /etc/passwd",
+    )?;
+    ensure!(
+        out.stdout.trim() == "0",
+        "root after the remount: {:?}",
+        out.stdout
+    );
+    Ok(())
+}
+
 /// Two live gVisor sandboxes have disjoint host ranges of their own (Sentry and gofer
 /// ids, their files, envd's socket), root inside owns `/` and reads `/root` and
 /// `/etc/sudoers` from the template; a sandbox keeps its range across pause (a
