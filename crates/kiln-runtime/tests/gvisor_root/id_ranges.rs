@@ -183,7 +183,7 @@ fn each_gvisor_sandbox_has_a_host_id_range_of_its_own() {
     let mut c = f.config("gic", NetworkMode::Loopback, 256);
     c.host_ids = HostIdMode::Canonical;
     let result = (|| -> Result<()> {
-        let (ia, _) = f.start(&a)?;
+        let (ia, took_a) = f.start(&a)?;
         let (ib, _) = f.start(&b)?;
         let (ra, rb) = (f.rt.host_ids(&a.id), f.rt.host_ids(&b.id));
         eprintln!(
@@ -228,7 +228,8 @@ fn each_gvisor_sandbox_has_a_host_id_range_of_its_own() {
         ensure!(f.tokio.block_on(restarted.adopt(&b.id))?.is_some());
 
         // A template build step keeps the canonical range.
-        let (ic, _) = f.start(&c)?;
+        let (ic, took_c) = f.start(&c)?;
+        eprintln!("start to envd accepting, Loopback: own range {took_a:?}, canonical {took_c:?}");
         ensure!(
             f.rt.host_ids(&c.id) == HostIds::CANONICAL,
             "build sandbox range {:?}",
