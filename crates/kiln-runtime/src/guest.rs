@@ -183,9 +183,9 @@ pub fn read_capped_string(dir: &Path, name: &str, cap: usize) -> Result<String, 
 }
 
 /// The host ids of the sandbox whose envd socket is `<dir>/run/envd.sock`: the range
-/// `<dir>/idmap` records (a jail sandbox with a range of its own; `<dir>` is host-owned,
-/// the guest cannot write there), else the canonical range (gVisor sandboxes, build
-/// sandboxes of old, the simulated runtime).
+/// `<dir>/idmap` records (every jail or gVisor sandbox started since ranges exist;
+/// `<dir>` is host-owned, the guest cannot write there), else the canonical range
+/// (sandboxes of old, the simulated runtime).
 fn sandbox_ids(socket_dir: &Path) -> Result<HostIds, ids::IdsError> {
     match socket_dir.parent() {
         Some(dir) => Ok(ids::read_record(dir)?.unwrap_or(HostIds::CANONICAL)),
@@ -382,7 +382,7 @@ mod tests {
             client.unwrap();
             accepted.unwrap();
         }
-        // No record: the canonical range (gVisor, sandboxes from before ranges).
+        // No record: the canonical range (sandboxes from before ranges).
         std::fs::remove_file(dir.path().join(ids::RECORD)).unwrap();
         assert_eq!(sandbox_ids(&run).unwrap(), HostIds::CANONICAL);
         // A record that is not one: refused.

@@ -1,8 +1,8 @@
 //! Which host ids a sandbox's ids are: the canonical range templates are stored in
 //! (host `100000`), or a range of the sandbox's own (`docs/jail.md`, "Ids and
-//! ownership"), recorded in the sandbox's host-owned directory. The jail allocates
-//! ranges (`jail::ids`); the host's checks of what a guest made (`guest`) read them
-//! here.
+//! ownership"), recorded in the sandbox's host-owned directory. `jail::ids` allocates
+//! ranges for both runtimes; the host's checks of what a guest made (`guest`) read
+//! them here.
 
 use std::path::Path;
 
@@ -100,8 +100,8 @@ impl HostIds {
     }
 }
 
-/// The host ids a sandbox directory records (`None`: no record, i.e. not a jail
-/// sandbox with its own range, or one started before ranges existed: canonical).
+/// The host ids a sandbox directory records (`None`: no record, a sandbox started
+/// before ranges existed: canonical).
 pub fn read_record(sandbox_dir: &Path) -> Result<Option<HostIds>, IdsError> {
     let path = sandbox_dir.join(RECORD);
     match std::fs::read_to_string(&path) {

@@ -17,8 +17,8 @@ pub mod multi;
 pub mod userns;
 
 /// First host uid (and gid) of the canonical range: template root filesystems are
-/// stored already shifted into it (see `docs/jail.md`), build sandboxes and gVisor
-/// sandboxes map their ids 0.. to it. Other jail sandboxes get a range of their own
+/// stored already shifted into it (see `docs/jail.md`), build sandboxes map their ids
+/// 0.. to it. Other sandboxes (jail and gVisor) get a range of their own
 /// ([`HostIdMode::PerSandbox`], `jail::ids`).
 pub const ID_MAP_BASE: u32 = 100_000;
 /// Number of ids mapped into every sandbox (sandbox ids 0..65535).
@@ -109,9 +109,9 @@ pub struct SandboxConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostIdMode {
-    /// A range of its own, shared with no other live sandbox (the jail; the gVisor
-    /// runtime uses the canonical range whatever is asked, see `docs/gvisor.md`). The
-    /// template's layers appear through idmapped mounts.
+    /// A range of its own, shared with no other live sandbox of either runtime. The
+    /// template's layers appear through idmapped mounts (`docs/jail.md`,
+    /// `docs/gvisor.md`).
     #[default]
     PerSandbox,
     /// The canonical range [`ID_MAP_BASE`], the one template layers are stored in:

@@ -23,6 +23,10 @@ use kiln_runtime::gvisor::{GvisorOptions, GvisorRuntime};
 use kiln_runtime::{Limits, NetworkMode, Runtime, SandboxConfig, SandboxInstance};
 use serde_json::Value;
 
+/// Host id ranges per sandbox and template gc (`gvisor_root/id_ranges.rs`).
+#[path = "gvisor_root/id_ranges.rs"]
+mod id_ranges;
+
 const DEFAULT_ROOTFS: &str = "/var/lib/kiln-dev-data/templates/base/rootfs";
 
 fn find_bin(name: &str, env: &str) -> Option<PathBuf> {
@@ -124,6 +128,8 @@ impl Fixture {
         opts.runsc = runsc();
         opts.platform = std::env::var("KILN_RUNSC_PLATFORM").ok();
         opts.debug_log_dir = std::env::var_os("KILN_TEST_RUNSC_DEBUG").map(PathBuf::from);
+        // Mounts the overlay over the idmapped template layer (a range per sandbox).
+        opts.helper_exe = PathBuf::from(env!("CARGO_BIN_EXE_kiln-jail"));
         let rt = GvisorRuntime::new(opts).context("creating the gvisor runtime")?;
         eprintln!("runtime: {}", rt.describe());
         let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -225,11 +231,33 @@ fn http(
     ctype: &str,
     body: &[u8],
 ) -> Result<(u16, Vec<u8>)> {
+    http_as(socket, None, method, path, ctype, body)
+}
+
+/// [`http`] as the sandbox user `user` (envd's `Authorization: Basic base64(user:)`);
+/// `None`: the template's default user.
+fn http_as(
+    socket: &Path,
+    user: Option<&str>,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: &[u8],
+) -> Result<(u16, Vec<u8>)> {
+    use base64::Engine as _;
     let mut s =
         UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let auth = user
+        .map(|u| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:"))
+            )
+        })
+        .unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: envd\r\nConnection: close\r\nContent-Type: {ctype}\r\nConnect-Protocol-Version: 1\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: envd\r\nConnection: close\r\nContent-Type: {ctype}\r\nConnect-Protocol-Version: 1\r\n{auth}Content-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes())?;
@@ -273,14 +301,20 @@ struct Exec {
 
 /// Run `sh -c cmd` through envd's `process.Process/Start` (Connect streaming JSON).
 fn exec(socket: &Path, cmd: &str) -> Result<Exec> {
+    exec_as(socket, None, cmd)
+}
+
+/// [`exec`] as the sandbox user `user` (`None`: the template's default user).
+fn exec_as(socket: &Path, user: Option<&str>, cmd: &str) -> Result<Exec> {
     let req =
         serde_json::json!({"process": {"cmd": "/bin/sh", "args": ["-c", cmd]}, "stdin": false});
     let payload = serde_json::to_vec(&req)?;
     let mut body = vec![0u8];
     body.extend_from_slice(&u32::try_from(payload.len())?.to_be_bytes());
     body.extend_from_slice(&payload);
-    let (status, resp) = http(
+    let (status, resp) = http_as(
         socket,
+        user,
         "POST",
         "/process.Process/Start",
         "application/connect+json",
@@ -698,6 +732,8 @@ fn checkpointed_sandbox_survives_restart_and_lost_host_side() {
         if !out.stdout.contains("dns-ok") {
             bail!("no DNS after the restore: {:?}", out.stdout);
         }
+        // The overlay mounted again is idmapped to the sandbox's own range.
+        id_ranges::check_remounted_range(&f, &rt, &cfg.id)?;
 
         // Killing a checkpointed sandbox removes its snapshot and everything else.
         let (inst2, _) = f.start(&second)?;

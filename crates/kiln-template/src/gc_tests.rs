@@ -298,3 +298,16 @@ fn overlay_lower_dirs_come_from_mountinfo() {
     );
     assert_eq!(super::unescape_octal("a\\134b\\999\\"), "a\\b\\999\\");
 }
+
+/// The line a gVisor sandbox with a range of its own leaves in the host's mountinfo
+/// (measured): the helper mounted the overlay over the idmapped layer in a private
+/// namespace and moved it to the host's; the options still name the template's path.
+#[test]
+fn a_moved_gvisor_overlay_names_the_template() {
+    let text = "\
+111 27 0:47 / /var/lib/kiln/sandboxes-gvisor/x/rootfs rw,nosuid,nodev,relatime - overlay overlay rw,lowerdir=/var/lib/kiln/templates/base/rootfs,upperdir=/var/lib/kiln/sandboxes-gvisor/x/disk/upper,workdir=/var/lib/kiln/sandboxes-gvisor/x/disk/work,uuid=on\n";
+    assert_eq!(
+        super::overlay_lower_dirs(text),
+        [PathBuf::from("/var/lib/kiln/templates/base/rootfs")]
+    );
+}

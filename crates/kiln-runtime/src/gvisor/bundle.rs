@@ -11,10 +11,11 @@ use oci_spec::runtime::{
     UserBuilder,
 };
 
+use crate::idmap::HostIds;
 use crate::jail::cgroup::{CPU_PERIOD_US, PARENT};
 use crate::jail::mounts::tmpfs_sizes;
 use crate::jail::KEEP_CAPS;
-use crate::{Limits, GUEST_BIN_DIR, GUEST_ENVD_SOCKET, ID_MAP_BASE, ID_MAP_LEN};
+use crate::{Limits, GUEST_BIN_DIR, GUEST_ENVD_SOCKET, ID_MAP_LEN};
 
 const MIB: i64 = 1024 * 1024;
 const INIT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -51,6 +52,9 @@ pub struct BundleSpec<'a> {
     /// bind-mounted there and kiln-init starts its broker, because gVisor ignores
     /// set-user-ID bits. `None`: no sudo in the template (or no kiln-sudo binary).
     pub sudo: Option<&'a str>,
+    /// The host ids the sandbox's ids `0..65535` are (`uidMappings`/`gidMappings`):
+    /// the Sentry and gofer run as `ids.root()` on the host.
+    pub ids: HostIds,
 }
 
 /// Where templates keep sudo.
@@ -220,7 +224,7 @@ pub fn build(b: &BundleSpec<'_>) -> Result<Spec, BundleError> {
 
     let id_map = vec![LinuxIdMappingBuilder::default()
         .container_id(0u32)
-        .host_id(ID_MAP_BASE)
+        .host_id(b.ids.root())
         .size(ID_MAP_LEN)
         .build()
         .map_err(e)?];
@@ -289,6 +293,15 @@ mod tests {
     }
 
     fn spec_json_sudo(netns: Option<&Path>, cmd: Option<&[String]>, sudo: Option<&str>) -> Value {
+        spec_json_ids(netns, cmd, sudo, HostIds::CANONICAL)
+    }
+
+    fn spec_json_ids(
+        netns: Option<&Path>,
+        cmd: Option<&[String]>,
+        sudo: Option<&str>,
+        ids: HostIds,
+    ) -> Value {
         let s = build(&BundleSpec {
             id: "sb1",
             rootfs: Path::new("/data/sb1/rootfs"),
@@ -303,6 +316,7 @@ mod tests {
             netns,
             envd_command: cmd,
             sudo,
+            ids,
         })
         .unwrap();
         serde_json::to_value(&s).unwrap()
@@ -352,6 +366,12 @@ mod tests {
         let want = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
         assert_eq!(l["uidMappings"], want);
         assert_eq!(l["gidMappings"], want);
+        // A sandbox with a range of its own maps its ids there.
+        let own = HostIds::slot(3).unwrap();
+        let v = spec_json_ids(None, None, None, own);
+        let want = serde_json::json!([{"containerID": 0, "hostID": own.root(), "size": 65536}]);
+        assert_eq!(v["linux"]["uidMappings"], want);
+        assert_eq!(v["linux"]["gidMappings"], want);
     }
 
     #[test]

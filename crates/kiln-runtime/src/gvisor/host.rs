@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use super::bundle::BundlePaths;
+use super::rootfs::{self, RootfsError};
+use crate::idmap::HostIds;
 use crate::jail::disk::{self, DiskError};
 use crate::jail::mounts::{self, ensure_dir, hosts_file, write_etc, MountError};
 use crate::jail::net::{self, NetError, Slot};
-use crate::{GUEST_BIN_DIR, GUEST_ENVD_SOCKET, ID_MAP_BASE};
+use crate::{GUEST_BIN_DIR, GUEST_ENVD_SOCKET};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -37,6 +39,8 @@ pub enum HostError {
     },
     #[error("network")]
     Net(#[from] NetError),
+    #[error("mounting the overlay over the idmapped template layer")]
+    Idmapped(#[from] RootfsError),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> HostError + 'a {
@@ -62,26 +66,34 @@ fn mkdir(path: &Path, mode: u32, owner: Option<u32>) -> Result<(), HostError> {
 
 /// Create `state_dir/<id>/` (`0710 root:<sandbox root group>`: runsc's gofer runs as
 /// the sandbox's mapped root and must traverse it; no other host user can reach
-/// anything below, envd's socket included), the sandbox's disk (`disk.img` of
+/// anything below, envd's socket included) with the record of the sandbox's host ids
+/// (`idmap`, written first, see [`crate::idmap`]), the sandbox's disk (`disk.img` of
 /// `disk_mb` MiB mounted at `disk/`, `0700 root`: see [`crate::jail::disk`]) holding
-/// `upper/` (owned by sandbox root, host [`ID_MAP_BASE`]) and `work/`, and `run/`
-/// owned by sandbox root; mount the overlay at `rootfs/` and write `/etc` files.
+/// `upper/` (owned by sandbox root, host `ids.root()`) and `work/`, and `run/` owned
+/// by sandbox root; mount the overlay at `rootfs/` ([`mount_overlay`]) and write `/etc`
+/// files.
 pub fn prepare_rootfs(
     lower: &Path,
     paths: &BundlePaths,
     disk_mb: u64,
     etc_files: &[(&str, String)],
+    ids: HostIds,
+    helper: &Path,
 ) -> Result<(), HostError> {
+    let root_id = ids.root();
     mkdir(&paths.dir, 0o710, None)?;
-    std::os::unix::fs::chown(&paths.dir, Some(0), Some(ID_MAP_BASE))
+    std::os::unix::fs::chown(&paths.dir, Some(0), Some(root_id))
         .map_err(io_err("chown", &paths.dir))?;
+    // From here on the range is taken for every allocator that reads the state
+    // directory (a restarted server included), until `kill` removes the directory.
+    crate::idmap::write_record(&paths.dir, ids).map_err(io_err("writing", &paths.idmap()))?;
     mkdir(&paths.disk(), 0o700, None)?;
     disk::create(&paths.disk_image(), &paths.disk(), disk_mb)?;
-    mkdir(&paths.upper(), 0o755, Some(ID_MAP_BASE))?;
+    mkdir(&paths.upper(), 0o755, Some(root_id))?;
     mkdir(&paths.work(), 0o700, None)?;
     mkdir(&paths.rootfs(), 0o755, None)?;
-    mkdir(&paths.run(), 0o700, Some(ID_MAP_BASE))?;
-    mount_overlay(lower, paths)?;
+    mkdir(&paths.run(), 0o700, Some(root_id))?;
+    mount_overlay(lower, paths, ids, helper)?;
     let root = paths.rootfs();
     let run_dir = Path::new(GUEST_ENVD_SOCKET)
         .parent()
@@ -94,18 +106,26 @@ pub fn prepare_rootfs(
         GUEST_BIN_DIR,
         &run_dir.to_string_lossy(),
     ] {
-        ensure_dir(&root, dir, ID_MAP_BASE)?;
+        ensure_dir(&root, dir, root_id)?;
     }
     for (name, content) in etc_files {
-        write_etc(&root, name, content, ID_MAP_BASE)?;
+        write_etc(&root, name, content, root_id)?;
     }
     Ok(())
 }
 
 /// Mount the overlay `lowerdir=<lower>,upperdir=upper,workdir=work` at `rootfs/`
 /// (again, after a reboot, for a checkpointed sandbox: `upper/` keeps its writes on
-/// the disk image, which is mounted again first if the reboot took its mount).
-pub fn mount_overlay(lower: &Path, paths: &BundlePaths) -> Result<(), HostError> {
+/// the disk image, which is mounted again first if the reboot took its mount). With
+/// the canonical range (template builds) the server mounts it itself; with a range of
+/// its own the `helper` (`kiln-jail`) mounts it over the template layer idmapped to
+/// `ids` ([`rootfs`]).
+pub fn mount_overlay(
+    lower: &Path,
+    paths: &BundlePaths,
+    ids: HostIds,
+    helper: &Path,
+) -> Result<(), HostError> {
     let image = paths.disk_image();
     if image.is_file() && !disk::is_mounted(&paths.disk()) {
         disk::remount(&image, &paths.disk())?;
@@ -115,6 +135,10 @@ pub fn mount_overlay(lower: &Path, paths: &BundlePaths) -> Result<(), HostError>
         dir: paths.dir.clone(),
     };
     let opts = mounts::overlay_options(lower, &jail_paths)?;
+    if !ids.is_canonical() {
+        rootfs::mount_with_helper(helper, &paths.dir, lower)?;
+        return Ok(());
+    }
     let root = paths.rootfs();
     // nodev: a template must not smuggle in device nodes.
     mount(

@@ -6,12 +6,15 @@
 //! from [`bundle`], the `run/` directory envd's socket appears in), for Internet
 //! sandboxes a named network namespace with a veth ([`host`]), then runs
 //! `runsc run` as a supervising child ([`runsc`]). envd's Unix socket reaches the host
-//! through runsc's `--host-uds=all`. Pause is a checkpoint to disk (`pause`).
+//! through runsc's `--host-uds=all`. Pause is a checkpoint to disk (`pause`). Each
+//! sandbox has a host id range of its own (the jail's allocator, `jail::ids`), its
+//! template layer mounted idmapped by the `kiln-jail` helper ([`rootfs`]).
 //! Written down in `docs/gvisor.md`.
 
 pub mod bundle;
 pub mod host;
 mod pause;
+pub mod rootfs;
 pub mod runsc;
 
 use std::path::{Path, PathBuf};
@@ -23,10 +26,12 @@ use async_trait::async_trait;
 
 use self::bundle::{BundlePaths, BundleSpec};
 use self::runsc::{Network, Runsc};
+use crate::idmap::HostIds;
 use crate::jail::cgroup::{self, Cgroups};
-use crate::jail::{cgroup_err, chain, disk, net, spec::validate_id, validate};
+use crate::jail::{cgroup_err, chain, disk, ids, net, spec::validate_id, validate};
 use crate::{
-    Limits, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
+    HostIdMode, Limits, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance,
+    SandboxStats,
 };
 
 /// How the server configures the gVisor runtime.
@@ -52,12 +57,21 @@ pub struct GvisorOptions {
     /// Private ranges Internet sandboxes may reach anyway (`net::parse_egress_allow`);
     /// host-wide: give the jail runtime the same list.
     pub egress_allow: Vec<net::Ipv4Cidr>,
+    /// Give every sandbox that asks for it ([`HostIdMode::PerSandbox`], the default) a
+    /// host id range of its own, as the jail does (`jail::ids`; the template layer is
+    /// mounted idmapped by `helper_exe`). `false`: every sandbox's Sentry and gofer
+    /// run as the canonical range, as before ranges existed.
+    pub per_sandbox_ids: bool,
+    /// The `kiln-jail` helper (default: `guest_bin_dir/kiln-jail`, where `kiln serve`
+    /// keeps it): it mounts the overlay over the idmapped layer ([`rootfs`]).
+    pub helper_exe: PathBuf,
 }
 
 impl GvisorOptions {
     pub fn new(state_dir: PathBuf, guest_bin_dir: PathBuf) -> Self {
         GvisorOptions {
             state_dir,
+            helper_exe: guest_bin_dir.join("kiln-jail"),
             guest_bin_dir,
             runsc: None,
             platform: None,
@@ -65,6 +79,7 @@ impl GvisorOptions {
             start_timeout: Duration::from_secs(20),
             debug_log_dir: None,
             egress_allow: Vec::new(),
+            per_sandbox_ids: true,
         }
     }
 }
@@ -106,6 +121,7 @@ struct Inner {
     runsc: Runsc,
     version: String,
     cgroups: Box<dyn Cgroups>,
+    id_plan: ids::Plan,
 }
 
 fn io_other(context: String, e: &dyn std::error::Error) -> RuntimeError {
@@ -130,10 +146,13 @@ impl GvisorRuntime {
             needed.push(opts.guest_bin_dir.join("kiln-envd"));
             needed.push(opts.guest_bin_dir.join("kiln-sudo"));
         }
+        if opts.per_sandbox_ids {
+            needed.push(opts.helper_exe.clone());
+        }
         for path in needed {
             if !path.is_file() {
                 return Err(RuntimeError::Unsupported(format!(
-                    "guest binary {} not found",
+                    "binary {} not found",
                     path.display()
                 )));
             }
@@ -163,14 +182,55 @@ impl GvisorRuntime {
                 runsc,
                 version,
                 cgroups,
+                id_plan: ids::Plan::host(),
             }),
         };
         for id in rt.ids()? {
             if let Some(slot) = rt.read_state(&id).and_then(|s| s.slot) {
                 net::reserve(slot.index);
             }
+            rt.reserve_ids(&id);
         }
         Ok(rt)
+    }
+
+    /// The host ids of a sandbox: its record (`<dir>/idmap`), else the canonical
+    /// range (a sandbox from before gVisor sandboxes had ranges, or none at all).
+    pub fn host_ids(&self, id: &str) -> HostIds {
+        crate::idmap::read_record(&self.paths(id).dir)
+            .ok()
+            .flatten()
+            .unwrap_or(HostIds::CANONICAL)
+    }
+
+    /// Marks the range a sandbox found on disk records as used (in the one set the
+    /// process's jail and gVisor runtimes share, and host-wide).
+    fn reserve_ids(&self, id: &str) {
+        ids::reserve_recorded(&self.inner.id_plan, &self.paths(id).dir);
+    }
+
+    /// Gives a sandbox's range back (its directory is gone, or never recorded it).
+    fn release_ids(&self, id: &str, host_ids: HostIds) {
+        ids::give_back(&self.inner.id_plan, &self.paths(id).dir, host_ids);
+    }
+
+    /// A range of its own for the sandbox, or the canonical one for a template build
+    /// step (its upper directory becomes a template layer, stored in that range) and
+    /// when ranges are off.
+    fn allocate_ids(&self, config: &SandboxConfig) -> Result<HostIds, RuntimeError> {
+        if !self.inner.opts.per_sandbox_ids || config.host_ids == HostIdMode::Canonical {
+            return Ok(HostIds::CANONICAL);
+        }
+        ids::ranges()
+            .allocate(
+                &self.inner.id_plan,
+                &self.inner.opts.state_dir,
+                &self.paths(&config.id).dir,
+            )
+            .map_err(|e| RuntimeError::Start {
+                id: config.id.clone(),
+                reason: chain(&e),
+            })
     }
 
     pub fn options(&self) -> &GvisorOptions {
@@ -246,6 +306,7 @@ impl GvisorRuntime {
         &self,
         config: &SandboxConfig,
         slot: Option<net::Slot>,
+        host_ids: HostIds,
     ) -> Result<(), RuntimeError> {
         let id = &config.id;
         let paths = self.paths(id);
@@ -254,8 +315,15 @@ impl GvisorRuntime {
             reason: format!("{what}: {}", chain(e)),
         };
         let etc = host::etc_files(id, slot).map_err(|e| start_err("etc files", &e))?;
-        host::prepare_rootfs(&config.rootfs, &paths, config.limits.disk_mb, &etc)
-            .map_err(|e| start_err("preparing the root filesystem", &e))?;
+        host::prepare_rootfs(
+            &config.rootfs,
+            &paths,
+            config.limits.disk_mb,
+            &etc,
+            host_ids,
+            &self.inner.opts.helper_exe,
+        )
+        .map_err(|e| start_err("preparing the root filesystem", &e))?;
         self.write_state(&GvisorState {
             id: id.clone(),
             limits: config.limits,
@@ -288,6 +356,7 @@ impl GvisorRuntime {
             netns: netns.as_deref(),
             envd_command: self.inner.opts.envd_command.as_deref(),
             sudo,
+            ids: host_ids,
         })
         .map_err(|e| start_err("config.json", &e))?;
         spec.save(paths.config())
@@ -449,8 +518,10 @@ impl GvisorRuntime {
     fn kill_blocking(&self, id: &str) -> Result<(), RuntimeError> {
         let paths = self.paths(id);
         let state = self.read_state(id);
+        let host_ids = self.host_ids(id);
         // Every step runs even when an earlier one failed; the first failure is reported.
         let mut failures = self.stop_blocking(id);
+        let processes_gone = failures.is_empty();
         let slot = state.as_ref().and_then(|s| s.slot);
         match host::remove_netns(id, slot) {
             Ok(()) => {
@@ -467,13 +538,22 @@ impl GvisorRuntime {
         if let Err(e) = self.inner.cgroups.remove(id) {
             failures.push(cgroup_err(id, "removing its cgroups", e));
         }
-        match std::fs::remove_dir_all(&paths.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => failures.push(RuntimeError::io(
-                format!("sandbox {id}: removing its directory"),
-                e,
-            )),
+        let dir_gone = match std::fs::remove_dir_all(&paths.dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
+                failures.push(RuntimeError::io(
+                    format!("sandbox {id}: removing its directory"),
+                    e,
+                ));
+                false
+            }
+        };
+        // As on the jail: the range is free once no process of the sandbox is left
+        // and its record is gone; otherwise it stays taken until a retried kill (or a
+        // restart of the server) finds both true.
+        if processes_gone && dir_gone {
+            self.release_ids(id, host_ids);
         }
         match failures.into_iter().next() {
             Some(e) => Err(e),
@@ -557,7 +637,14 @@ impl Runtime for GvisorRuntime {
                 config.id
             )));
         }
-        let slot = net::allocate_for(&mut net::slots(), &config.id, config.network)?;
+        let host_ids = self.allocate_ids(config)?;
+        let slot = match net::allocate_for(&mut net::slots(), &config.id, config.network) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.release_ids(&config.id, host_ids);
+                return Err(e);
+            }
+        };
         let network = if slot.is_some() {
             Network::Sandbox
         } else {
@@ -566,7 +653,7 @@ impl Runtime for GvisorRuntime {
         let started = async {
             let this = self.clone();
             let cfg = config.clone();
-            tokio::task::spawn_blocking(move || this.prepare_blocking(&cfg, slot))
+            tokio::task::spawn_blocking(move || this.prepare_blocking(&cfg, slot, host_ids))
                 .await
                 .map_err(|e| RuntimeError::io("prepare task", std::io::Error::other(e)))??;
             match network {
@@ -586,11 +673,17 @@ impl Runtime for GvisorRuntime {
                 })
             }
             Err(e) => {
+                // A recorded range is given back by a kill that removed everything
+                // (and stays taken otherwise); an unrecorded one is given back here.
+                let recorded = paths.idmap().exists();
                 if let Err(cleanup) = self.kill(&config.id).await {
                     tracing::warn!(id = %config.id, error = %chain(&cleanup), "cleanup after a failed start");
                 }
                 if let Some(slot) = slot {
                     net::release(slot.index);
+                }
+                if !recorded {
+                    self.release_ids(&config.id, host_ids);
                 }
                 Err(e)
             }
@@ -686,6 +779,7 @@ impl Runtime for GvisorRuntime {
             if let Some(slot) = state.slot {
                 net::reserve(slot.index);
             }
+            self.reserve_ids(id);
             // After a reboot: mount its overlay again now, so its template layer is
             // in use (template garbage collection keeps mounted lower layers).
             let this = self.clone();
@@ -711,6 +805,7 @@ impl Runtime for GvisorRuntime {
         if let Some(slot) = state.slot {
             net::reserve(slot.index);
         }
+        self.reserve_ids(id);
         Ok(Some(SandboxInstance {
             id: id.to_string(),
             pid: cs.sentry_pid().unwrap_or(0),

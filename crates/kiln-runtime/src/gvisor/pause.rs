@@ -390,8 +390,14 @@ impl GvisorRuntime {
                     std::io::Error::from(std::io::ErrorKind::NotFound),
                 )
             })?;
-            host::mount_overlay(lower, &paths)
-                .map_err(|e| host_err("mounting its overlay again", &e))?;
+            // The same range as before: the one the sandbox directory records.
+            host::mount_overlay(
+                lower,
+                &paths,
+                self.host_ids(id),
+                &self.inner.opts.helper_exe,
+            )
+            .map_err(|e| host_err("mounting its overlay again", &e))?;
             tracing::info!(%id, "overlay mounted again for the restore");
         }
         if let Some(slot) = state.slot {

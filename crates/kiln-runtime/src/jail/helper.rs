@@ -8,6 +8,10 @@
 //! reaped by a process Kiln owns, then records its exit status in `state_dir/<id>/exit`.
 //! On failure it prints the error chain on stderr and exits 1; the runtime then calls
 //! `kill` to remove whatever was created.
+//!
+//! `kiln-jail gvisor-rootfs` is its second job, for the gVisor runtime: mount a
+//! sandbox's overlay over an idmapped template layer in the host's mount namespace
+//! (`crate::gvisor::rootfs`), then exit.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -37,7 +41,11 @@ const INIT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
-    #[error("usage: kiln-jail start --id <id>  (spec as JSON on stdin)")]
+    #[error(
+        "usage: kiln-jail start --id <id>  (spec as JSON on stdin)\n       \
+         kiln-jail {} --dir <sandbox dir> --lower <template rootfs>",
+        crate::gvisor::rootfs::SUBCOMMAND
+    )]
     Usage,
     #[error("reading the spec from stdin")]
     Spec(#[source] serde_json::Error),
@@ -70,6 +78,8 @@ pub enum HelperError {
     Seccomp(#[from] SeccompError),
     #[error("sandbox setup failed inside the new namespaces: {0}")]
     Child(String),
+    #[error("a gVisor sandbox's root filesystem")]
+    GvisorRootfs(#[from] crate::gvisor::rootfs::RootfsError),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> HelperError + 'a {
@@ -89,6 +99,11 @@ pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.as_slice() {
         [cmd, flag, id] if cmd == "start" && flag == "--id" => start(id),
+        // A gVisor sandbox's overlay over an idmapped template layer: the server
+        // cannot unshare its mount namespace (gvisor/rootfs.rs).
+        [cmd, rest @ ..] if cmd == crate::gvisor::rootfs::SUBCOMMAND => {
+            crate::gvisor::rootfs::helper_main(rest).map_err(HelperError::from)
+        }
         _ => Err(HelperError::Usage),
     };
     match result {

@@ -90,42 +90,69 @@ fn cstr(path: &Path) -> Result<CString, IdmapError> {
     })
 }
 
+/// A detached copy of the mount tree at `path` (`open_tree(OPEN_TREE_CLONE)`; with
+/// `recursive`, its submounts too), owned by the returned descriptor until it is
+/// attached with [`attach_tree`] (or dropped, which unmounts it).
+pub fn clone_tree(path: &Path, recursive: bool) -> Result<OwnedFd, IdmapError> {
+    let c_path = cstr(path)?;
+    let mut flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as u32;
+    }
+    // SAFETY: `c_path` is a NUL-terminated string that outlives the call; the flags
+    // ask for a detached copy of the mount at `c_path`, returned as a new descriptor
+    // that we own at once (checked for -1 first).
+    let tree =
+        unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), flags) };
+    if tree < 0 {
+        return Err(IdmapError::Mount {
+            call: "open_tree(OPEN_TREE_CLONE)",
+            path: path.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `tree` is a descriptor open_tree just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as i32) })
+}
+
+/// Attach the detached mount tree `tree` (from [`clone_tree`]) at `path`, in the
+/// calling process's current mount namespace (`move_mount(2)`).
+pub fn attach_tree(tree: &OwnedFd, path: &Path) -> Result<(), IdmapError> {
+    let c_path = cstr(path)?;
+    let empty = c"";
+    // SAFETY: `tree` is an open descriptor of a detached mount for the duration of
+    // the call, `empty` and `c_path` are NUL-terminated strings that outlive it.
+    let moved = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if moved < 0 {
+        return Err(IdmapError::Mount {
+            call: "move_mount",
+            path: path.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Mount `layer` over itself, read-only and idmapped through `userns`, in the calling
 /// process's mount namespace (which must be private: the helper's).
 pub fn mount_over_itself(layer: &Path, userns: &OwnedFd) -> Result<(), IdmapError> {
-    let err = |call: &'static str| {
-        move |source: std::io::Error| IdmapError::Mount {
-            call,
-            path: layer.to_path_buf(),
-            source,
-        }
-    };
-    let path = cstr(layer)?;
-    let empty = c"";
-    // SAFETY: `path` is a NUL-terminated string that outlives the call; the flags ask
-    // for a detached copy of the mount at `path`, returned as a new descriptor that we
-    // own at once (checked for -1 first).
-    let tree = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
-        )
-    };
-    if tree < 0 {
-        return Err(err("open_tree(OPEN_TREE_CLONE)")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `tree` is a descriptor open_tree just returned, owned by nobody else.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let tree = clone_tree(layer, false)?;
     let attr = libc::mount_attr {
         attr_set: libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_RDONLY,
         attr_clr: 0,
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };
+    let empty = c"";
     // SAFETY: `tree` and `userns` are open descriptors for the duration of the call,
     // `empty` is a NUL-terminated string, and `attr` is a `mount_attr` of the size
     // passed, read (not kept) by the kernel.
@@ -140,24 +167,11 @@ pub fn mount_over_itself(layer: &Path, userns: &OwnedFd) -> Result<(), IdmapErro
         )
     };
     if set < 0 {
-        return Err(err("mount_setattr(MOUNT_ATTR_IDMAP)")(
-            std::io::Error::last_os_error(),
-        ));
+        return Err(IdmapError::Mount {
+            call: "mount_setattr(MOUNT_ATTR_IDMAP)",
+            path: layer.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
     }
-    // SAFETY: `tree` is an open descriptor of a detached mount, `empty` and `path` are
-    // NUL-terminated strings that outlive the call.
-    let moved = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if moved < 0 {
-        return Err(err("move_mount")(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    attach_tree(&tree, layer)
 }

@@ -1,6 +1,6 @@
-//! Host id ranges of jail sandboxes: each live sandbox maps its ids `0..65535` to a
-//! range of 65 536 host ids of its own, so root in one sandbox and root in the next are
-//! different host uids (their files, their processes, limits kept per host uid).
+//! Host id ranges of sandboxes (jail and gVisor): each live sandbox maps its ids
+//! `0..65535` to a range of 65 536 host ids of its own, so root in one sandbox and root
+//! in the next are different host uids (their files, their processes, limits kept per host uid).
 //!
 //! Range `n` is `RANGE_BASE + n × 65536`, `n < RANGE_SLOTS`: host ids `0x2000_0000` to
 //! `0x3000_0000`, far above what `/etc/subuid` hands out by default (`100000` + 65 536
@@ -206,7 +206,26 @@ impl Allocator {
     }
 }
 
-/// The ranges of every jail runtime of this process.
+/// Marks the range the sandbox directory `dir` records (a sandbox found on disk) as
+/// used: in this process's set, and host-wide unless a claim is there already.
+pub(crate) fn reserve_recorded(plan: &Plan, dir: &Path) {
+    if let Some(index) = read_record(dir).ok().flatten().and_then(HostIds::index) {
+        ranges().reserve(index);
+        plan.reserve_claim(index, dir);
+    }
+}
+
+/// Gives the range of the sandbox directory `dir` back (the directory is gone, or
+/// never recorded it).
+pub(crate) fn give_back(plan: &Plan, dir: &Path, ids: HostIds) {
+    if let Some(index) = ids.index() {
+        ranges().release(index);
+        plan.release_claim(index, dir);
+    }
+}
+
+/// The ranges of every runtime of this process (jail and gVisor sandboxes draw from
+/// one set).
 pub(crate) fn ranges() -> std::sync::MutexGuard<'static, Allocator> {
     static RANGES: std::sync::Mutex<Allocator> = std::sync::Mutex::new(Allocator {
         used: BTreeSet::new(),

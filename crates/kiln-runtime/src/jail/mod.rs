@@ -184,18 +184,12 @@ impl JailRuntime {
     /// Marks the range a sandbox found on disk records as used: in this process's set,
     /// and host-wide unless a claim is there already.
     fn reserve_ids(&self, id: &str) {
-        if let Some(index) = self.host_ids(id).index() {
-            ids::ranges().reserve(index);
-            self.inner.id_plan.reserve_claim(index, &self.paths(id).dir);
-        }
+        ids::reserve_recorded(&self.inner.id_plan, &self.paths(id).dir);
     }
 
     /// Gives a sandbox's range back (its directory is gone, or never recorded it).
     fn release_ids(&self, id: &str, host_ids: HostIds) {
-        if let Some(index) = host_ids.index() {
-            ids::ranges().release(index);
-            self.inner.id_plan.release_claim(index, &self.paths(id).dir);
-        }
+        ids::give_back(&self.inner.id_plan, &self.paths(id).dir, host_ids);
     }
 
     fn allocate_ids(&self, config: &SandboxConfig) -> Result<HostIds, RuntimeError> {
