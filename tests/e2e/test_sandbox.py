@@ -276,3 +276,37 @@ def test_list_orders_and_filters_by_start_time_and_template(new_sandbox, uniq):
 def test_base_has_python_as_well_as_python3(sbx):
     out = sbx.commands.run("python --version && python3 --version && pip --version")
     assert out.stdout.startswith("Python 3."), out.stdout
+
+
+def test_logs_show_the_sandboxs_console_paged_and_filtered(new_sandbox):
+    import os
+
+    import httpx
+
+    sbx = new_sandbox()
+    sbx.commands.run("echo hi")
+
+    def get(path, **params):
+        resp = httpx.get(
+            os.environ["E2B_API_URL"] + path,
+            params=params,
+            headers={"X-API-Key": os.environ["E2B_API_KEY"]},
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    logs = get(f"/v2/sandboxes/{sbx.sandbox_id}/logs")["logs"]
+    started = [e for e in logs if e["message"].startswith("process started")]
+    assert started, logs
+    assert started[0]["level"] == "info"
+    assert started[0]["fields"]["logger"].startswith("kiln_envd")
+    stamps = [e["timestamp"] for e in logs]
+    assert stamps == sorted(stamps)
+    assert get(f"/v2/sandboxes/{sbx.sandbox_id}/logs", level="error")["logs"] == [
+        e for e in logs if e["level"] == "error"
+    ]
+    newest = get(f"/v2/sandboxes/{sbx.sandbox_id}/logs", direction="backward", limit=1)["logs"]
+    assert newest == [logs[-1]]
+    v1 = get(f"/sandboxes/{sbx.sandbox_id}/logs")
+    assert [line["line"] for line in v1["logs"]] == [e["message"] for e in v1["logEntries"]]

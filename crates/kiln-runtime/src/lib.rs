@@ -274,6 +274,14 @@ pub trait Runtime: Send + Sync {
         None
     }
 
+    /// The last `max` bytes of the sandbox's console (what its init, envd and start
+    /// command wrote), read without trusting the guest-written file's size or type;
+    /// `None` when the backend keeps no console.
+    fn console_tail(&self, id: &str, max: u64) -> Option<String> {
+        let _ = (id, max);
+        None
+    }
+
     /// Whether a paused sandbox outlives a reboot of the host (a snapshot on disk)
     /// or only lives while the host runs (a frozen cgroup).
     fn pause_survives_reboot(&self) -> bool {

@@ -123,6 +123,10 @@ impl Runtime for MultiRuntime {
         self.owner(id).upper_dir(id)
     }
 
+    fn console_tail(&self, id: &str, max: u64) -> Option<String> {
+        self.owner(id).console_tail(id, max)
+    }
+
     fn pause_survives_reboot(&self) -> bool {
         self.default.pause_survives_reboot()
     }

@@ -123,6 +123,20 @@ pub fn endpoints() -> Vec<Endpoint> {
         ),
         Endpoint::new(
             Method::GET,
+            "/sandboxes/{id}/logs",
+            Member,
+            "A sandbox's console logs (E2B's deprecated form)",
+            logs_v1,
+        ),
+        Endpoint::new(
+            Method::GET,
+            "/v2/sandboxes/{id}/logs",
+            Member,
+            "A sandbox's console logs, paged by time, filtered by level and text",
+            logs_v2,
+        ),
+        Endpoint::new(
+            Method::GET,
             "/sandboxes/metrics",
             Member,
             "The latest resource sample of several sandboxes",
@@ -344,6 +358,99 @@ async fn refresh(
 ) -> Result<StatusCode, AppError> {
     state.manager.refresh(&caller, &id, req.duration).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The most log entries one request answers.
+const MAX_LOG_ENTRIES: usize = 1000;
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct LogsV1Query {
+    /// Milliseconds since the epoch: entries at or after it.
+    start: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// `GET /sandboxes/{id}/logs` (E2B's deprecated form): `{logs: [{timestamp, line}],
+/// logEntries: [...]}`, oldest first.
+async fn logs_v1(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<LogsV1Query>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let limit = q.limit.unwrap_or(MAX_LOG_ENTRIES).min(MAX_LOG_ENTRIES);
+    let entries: Vec<_> = state
+        .manager
+        .logs(&caller, &id)?
+        .into_iter()
+        .filter(|e| q.start.is_none_or(|s| e.timestamp.timestamp_millis() >= s))
+        .take(limit)
+        .collect();
+    let lines: Vec<_> = entries
+        .iter()
+        .map(|e| serde_json::json!({"timestamp": e.timestamp, "line": e.message}))
+        .collect();
+    Ok(Json(
+        serde_json::json!({"logs": lines, "logEntries": entries}),
+    ))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct LogsV2Query {
+    /// Milliseconds since the epoch where the page starts.
+    cursor: Option<i64>,
+    limit: Option<usize>,
+    /// `forward` (default: at or after the cursor, oldest first) or `backward` (at or
+    /// before it, newest first).
+    direction: Option<String>,
+    /// The lowest level returned.
+    level: Option<String>,
+    /// Only entries whose message contains this.
+    search: Option<String>,
+}
+
+/// `GET /v2/sandboxes/{id}/logs`: `{logs: [{timestamp, level, message, fields}]}`.
+async fn logs_v2(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<LogsV2Query>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let limit = q.limit.unwrap_or(MAX_LOG_ENTRIES).min(MAX_LOG_ENTRIES);
+    let backward = match q.direction.as_deref() {
+        None | Some("forward") => false,
+        Some("backward") => true,
+        Some(other) => {
+            return Err(AppError::BadRequest(format!(
+                "direction must be forward or backward, got {other:?}"
+            )))
+        }
+    };
+    let min_level = match q.level.as_deref() {
+        None => None,
+        Some(l) => Some(crate::manager::LogLevel::parse(l).ok_or_else(|| {
+            AppError::BadRequest(format!(
+                "level must be debug, info, warn or error, got {l:?}"
+            ))
+        })?),
+    };
+    let mut entries: Vec<_> = state
+        .manager
+        .logs(&caller, &id)?
+        .into_iter()
+        .filter(|e| min_level.is_none_or(|m| e.level >= m))
+        .filter(|e| q.search.as_deref().is_none_or(|s| e.message.contains(s)))
+        .filter(|e| {
+            let t = e.timestamp.timestamp_millis();
+            q.cursor
+                .is_none_or(|c| if backward { t <= c } else { t >= c })
+        })
+        .collect();
+    if backward {
+        entries.reverse();
+    }
+    entries.truncate(limit);
+    Ok(Json(serde_json::json!({ "logs": entries })))
 }
 
 /// `GET /sandboxes/{id}/metrics` query: a range in Unix seconds.

@@ -452,6 +452,8 @@ async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Cas
         ("POST", "/sandboxes") => own(path, Some(json!({"templateID": "base", "timeout": 60}))),
         ("GET", "/sandboxes") | ("GET", "/v2/sandboxes") => own(path, None),
         ("GET", "/sandboxes/{id}")
+        | ("GET", "/sandboxes/{id}/logs")
+        | ("GET", "/v2/sandboxes/{id}/logs")
         | ("DELETE", "/sandboxes/{id}")
         | ("POST", "/sandboxes/{id}/pause")
         | ("GET", "/sandboxes/{id}/metrics") => {

@@ -483,6 +483,11 @@ impl Runtime for JailRuntime {
         Some(self.paths(id).upper())
     }
 
+    fn console_tail(&self, id: &str, max: u64) -> Option<String> {
+        let path = self.paths(id).log();
+        path.exists().then(|| crate::guest::tail(&path, max))
+    }
+
     fn owns(&self, id: &str) -> bool {
         crate::jail::spec::validate_id(id).is_ok() && self.paths(id).dir.is_dir()
     }

@@ -7,7 +7,9 @@
 
 mod error;
 mod list;
+mod logs;
 mod metrics;
+pub use logs::{Level as LogLevel, LogEntry};
 mod owner;
 mod pool;
 
