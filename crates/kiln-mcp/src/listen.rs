@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge;
 use crate::error::AuthError;
-use crate::server::{CallerKey, KilnMcp};
+use crate::server::{CallerKey, KilnMcp, Transport};
 use crate::session::Shared;
 
 /// Where `kiln mcp --listen` listens by default.
@@ -143,7 +143,7 @@ pub fn router(auth: Arc<Auth>, listen: SocketAddr, cancel: CancellationToken) ->
     }
     let factory_shared = shared.clone();
     let mcp = StreamableHttpService::new(
-        move || Ok(KilnMcp::new(factory_shared.clone())),
+        move || Ok(KilnMcp::new(factory_shared.clone(), Transport::Http)),
         Arc::new(LocalSessionManager::default()),
         config,
     );

@@ -26,30 +26,40 @@ between calls. run_command runs shell commands; read_file, write_file and list_f
 with the sandbox's files; install_package adds pip packages. Without a sandbox_id, every tool \
 works in this session's own sandbox, made on first use and killed when the session ends.";
 
+/// Where a session's calls come from, and so which key they act with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The server's own key (`--api-key`).
+    Stdio,
+    /// The key the authentication layer put in each request (never a fallback).
+    Http,
+}
+
 /// One MCP session.
 #[derive(Clone)]
 pub struct KilnMcp {
     session: Arc<Session>,
+    transport: Transport,
 }
 
 impl KilnMcp {
-    pub fn new(shared: Shared) -> Self {
+    pub fn new(shared: Shared, transport: Transport) -> Self {
         KilnMcp {
             session: Arc::new(Session::new(shared, Lifetime::Session)),
+            transport,
         }
     }
 
-    /// The caller's key: the HTTP request's (checked by the auth layer), else the
-    /// server's own (stdio).
     fn key(&self, ctx: &RequestContext<RoleServer>) -> Result<String, ErrorData> {
-        let from_request = ctx
-            .extensions
-            .get::<http::request::Parts>()
-            .and_then(|p| p.extensions.get::<CallerKey>())
-            .map(|k| k.0.clone());
-        from_request
-            .or_else(|| self.session.shared().default_key.clone())
-            .ok_or_else(|| ErrorData::invalid_request("no API key for this request", None))
+        let key = match self.transport {
+            Transport::Stdio => self.session.shared().default_key.clone(),
+            Transport::Http => ctx
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| p.extensions.get::<CallerKey>())
+                .map(|k| k.0.clone()),
+        };
+        key.ok_or_else(|| ErrorData::invalid_request("no API key for this request", None))
     }
 }
 
@@ -115,7 +125,7 @@ impl ServerHandler for KilnMcp {
 /// Serves one MCP session on stdin/stdout until EOF (or SIGINT/SIGTERM), then kills
 /// the sandboxes it made.
 pub async fn serve_stdio(shared: Shared) -> Result<(), std::io::Error> {
-    let handler = KilnMcp::new(shared.clone());
+    let handler = KilnMcp::new(shared.clone(), Transport::Stdio);
     let session = handler.session.clone();
     let running = handler
         .serve(rmcp::transport::stdio())
