@@ -199,6 +199,52 @@ def test_stdio_keep_true_outlives_the_session():
         api("DELETE", f"/sandboxes/{kept}")
 
 
+def test_stdio_images_environment_background_and_timeouts():
+    chart = ("import matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
+             "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
+
+    async def main():
+        async with Client(stdio_params()) as client:
+            plot = await call(client, "run_code", {"code": chart})
+            assert not plot.is_error, text_of(plot)
+            images = [c for c in plot.content if c.type == "image"]
+            assert images and images[0].mime_type == "image/png", plot.content
+            assert any("png" in r for r in plot.structured_content["results"])
+
+            env = await call(client, "get_environment", {})
+            assert not env.is_error, text_of(env)
+            assert env.structured_content["python_version"].startswith("3.")
+            assert any(p["name"].lower() == "numpy" for p in env.structured_content["packages"])
+
+            bg = await call(client, "run_command", {"command": "sleep 1; echo done > /tmp/bg-done; sleep 60",
+                                                    "background": True})
+            assert not bg.is_error and bg.structured_content["pid"] > 0, text_of(bg)
+            seen = False
+            for _ in range(40):
+                check = await call(client, "run_command", {"command": "cat /tmp/bg-done 2>/dev/null || true"})
+                if check.structured_content["stdout"] == "done\n":
+                    seen = True
+                    break
+                await anyio.sleep(0.25)
+            assert seen, "the background command did not run on"
+
+            slow = await call(client, "run_command", {"command": "echo started; sleep 30", "timeout": 1})
+            assert slow.is_error and slow.structured_content.get("timed_out") is True, text_of(slow)
+            assert slow.structured_content["stdout"] == "started\n"
+            as_root = await call(client, "run_command", {"command": "id -un", "user": "root"})
+            assert as_root.structured_content["stdout"] == "root\n"
+
+            missing = await call(client, "read_file", {"path": "/nonexistent/file"})
+            assert missing.is_error and "/nonexistent/file" in text_of(missing)
+            binary = await call(client, "write_file", {"path": "/tmp/b.bin", "content": "AAEC/w==",
+                                                        "encoding": "base64"})
+            assert not binary.is_error, text_of(binary)
+            back = await call(client, "read_file", {"path": "/tmp/b.bin", "encoding": "base64"})
+            assert back.structured_content["content"] == "AAEC/w=="
+
+    anyio.run(main)
+
+
 def test_stdio_without_a_key_says_so():
     env = mcp_env()
     env.pop("E2B_API_KEY")
