@@ -33,6 +33,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7073";
 const KEY_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Largest request body (a 10 MiB file as base64 fits).
 const MAX_BODY: usize = 16 << 20;
+/// An HTTP session without requests this long is closed (and its sandboxes killed):
+/// rmcp's 5 min default would end an agent's session while it thinks.
+const SESSION_IDLE: Duration = Duration::from_secs(3600);
 
 /// How HTTP callers authenticate.
 pub struct Auth {
@@ -142,9 +145,11 @@ pub fn router(auth: Arc<Auth>, listen: SocketAddr, cancel: CancellationToken) ->
         config = config.disable_allowed_hosts();
     }
     let factory_shared = shared.clone();
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config.keep_alive = Some(SESSION_IDLE);
     let mcp = StreamableHttpService::new(
         move || Ok(KilnMcp::new(factory_shared.clone(), Transport::Http)),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(sessions),
         config,
     );
     Router::new()
