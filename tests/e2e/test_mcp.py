@@ -388,6 +388,55 @@ def test_http_shutdown_kills_the_sandboxes_of_open_sessions():
             proc.wait()
 
 
+def other_team_key() -> str:
+    """A member key of a fresh team, made with the server's admin key."""
+    name = f"e2e-mcp-{uuid.uuid4().hex[:8]}"
+    status, body = api("POST", "/admin/teams", {"name": name})
+    assert status == 201, body
+    status, body = api("POST", "/admin/keys", {"name": "e2e mcp", "team": name})
+    assert status == 201, body
+    return body["key"]
+
+
+def test_http_callers_get_their_keys_rights_and_no_one_elses_session(mcp_http):
+    other = other_team_key()
+    base = mcp_http["base"]
+    accept = {"Accept": "application/json, text/event-stream"}
+    status, created = http("POST", base + "/sandbox/create", {"duration": 120}, bearer(mcp_http["token"]))
+    assert status == 200, created
+    sid = created["sandbox_id"]
+    try:
+        # Another team's key: the API answers as for a missing sandbox.
+        status, out = http("POST", base + "/mcp/tools/call",
+                           {"tool": "kill_sandbox", "arguments": {"sandbox_id": sid}}, {"X-API-Key": other})
+        assert status == 404, out
+        status, out = http("POST", base + "/sandbox/execute",
+                           {"sandbox_id": sid, "code": "1"}, {"X-API-Key": other})
+        assert status == 404, out
+        assert sid in running_ids()
+
+        # A session opened with one key refuses calls made with another.
+        with httpx2.Client(base_url=base, timeout=CALL_TIMEOUT) as h:
+            init = h.post("/mcp", headers={**accept, "X-API-Key": API_KEY}, json={
+                "jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "kiln-e2e", "version": "1"}}})
+            session = {"mcp-session-id": init.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
+            h.post("/mcp", headers={**accept, **session, "X-API-Key": API_KEY},
+                   json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+            own = sse_or_json(h.post("/mcp", headers={**accept, **session, "X-API-Key": API_KEY}, json={
+                "jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "run_code", "arguments": {"code": "secret = 7", "sandbox_id": sid}}}))
+            assert own["result"].get("isError") is not True, own
+            stolen = sse_or_json(h.post("/mcp", headers={**accept, **session, "X-API-Key": other}, json={
+                "jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                "params": {"name": "run_code", "arguments": {"code": "secret", "sandbox_id": sid}}}))
+            assert "error" in stolen and "another API key" in stolen["error"]["message"], stolen
+            h.delete("/mcp", headers={**session, "X-API-Key": API_KEY})
+    finally:
+        http("DELETE", f"{base}/sandbox/{sid}", None, bearer(mcp_http["token"]))
+
+
 def _healthy(base: str) -> bool:
     try:
         return http("GET", base + "/healthz", timeout=2)[0] == 200

@@ -59,7 +59,17 @@ impl KilnMcp {
                 .and_then(|p| p.extensions.get::<CallerKey>())
                 .map(|k| k.0.clone()),
         };
-        key.ok_or_else(|| ErrorData::invalid_request("no API key for this request", None))
+        let key =
+            key.ok_or_else(|| ErrorData::invalid_request("no API key for this request", None))?;
+        // The session caches sandboxes' access tokens: another key presenting its
+        // session id must not reach them.
+        if !self.session.bind(&key) {
+            return Err(ErrorData::invalid_request(
+                "this MCP session belongs to another API key; start a session of your own",
+                None,
+            ));
+        }
+        Ok(key)
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Session {
     number: u64,
     pub(crate) lifetime: Lifetime,
     clients: Mutex<HashMap<String, Client>>,
+    /// The key the session's first call came with; it is the only one it serves.
+    bound: Mutex<Option<String>>,
     tokens: Mutex<HashMap<String, Option<String>>>,
     /// The session's own sandbox, per API key (one in practice); the async lock
     /// keeps two first calls from making two.
@@ -69,6 +71,7 @@ impl Session {
             number,
             lifetime,
             clients: Mutex::default(),
+            bound: Mutex::default(),
             tokens: Mutex::default(),
             own: tokio::sync::Mutex::default(),
         }
@@ -76,6 +79,18 @@ impl Session {
 
     pub fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// Ties the session to the first key it serves; false for any other key.
+    pub fn bind(&self, key: &str) -> bool {
+        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        match bound.as_deref() {
+            Some(k) => k == key,
+            None => {
+                *bound = Some(key.to_string());
+                true
+            }
+        }
     }
 
     /// The API client acting with `key`.
@@ -249,5 +264,23 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.shared.reaper.close(self.number);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_session_serves_only_the_key_it_started_with() {
+        let shared = Shared {
+            api_url: "http://127.0.0.1:9".into(),
+            default_key: None,
+            reaper: Reaper::default(),
+        };
+        let s = Session::new(shared, Lifetime::Session);
+        assert!(s.bind("e2b_a"));
+        assert!(s.bind("e2b_a"));
+        assert!(!s.bind("e2b_b"));
     }
 }
