@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -356,7 +357,8 @@ def sse_or_json(resp: httpx2.Response) -> Dict[str, Any]:
 
 
 def test_http_shutdown_kills_the_sandboxes_of_open_sessions():
-    """A session left open (no DELETE) when the server stops: its sandboxes go too."""
+    """Sessions left open (no DELETE; one with its GET stream connected) when the server
+    stops: it stops promptly and their sandboxes go too."""
     port = free_port()
     proc = subprocess.Popen([kiln_bin(), "mcp", "--listen", f"127.0.0.1:{port}"], env=mcp_env(),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -379,8 +381,31 @@ def test_http_shutdown_kills_the_sandboxes_of_open_sessions():
                                         "params": {"name": "create_sandbox", "arguments": {"template": "base"}}})
             created = sse_or_json(resp)["result"]["structuredContent"]["sandbox_id"]
         assert created in running_ids()
-        proc.send_signal(signal.SIGTERM)
+
+        # A second session through the MCP client, which keeps its GET stream open:
+        # the server is stopped while it is connected.
+        ids: List[str] = []
+        stopped: List[float] = []
+
+        async def connected_then_stopped():
+            try:
+                async with http_client({"base": base}, {"X-API-Key": API_KEY}) as client:
+                    out = await call(client, "create_sandbox", {"template": "base"})
+                    ids.append(out.structured_content["sandbox_id"])
+                    assert ids[0] in running_ids()
+                    started = time.monotonic()
+                    proc.send_signal(signal.SIGTERM)
+                    await anyio.to_thread.run_sync(lambda: proc.wait(timeout=40))
+                    stopped.append(time.monotonic() - started)
+            except Exception:
+                # The server went away under the client: expected once it stopped.
+                if not stopped:
+                    raise
+
+        anyio.run(connected_then_stopped)
         assert proc.wait(timeout=40) == 0
+        assert stopped and stopped[0] < 20, f"the server took {stopped} s to stop with a client connected"
+        assert ids and not set(ids) & set(running_ids())
         assert created not in running_ids()
     finally:
         if proc.poll() is None:

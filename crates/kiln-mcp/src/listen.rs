@@ -33,6 +33,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7073";
 const KEY_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Largest request body (a 10 MiB file as base64 fits).
 const MAX_BODY: usize = 16 << 20;
+/// How long a shutdown waits for open connections before it closes them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// An HTTP session without requests this long is closed (and its sandboxes killed):
 /// rmcp's 5 min default would end an agent's session while it thinks.
 const SESSION_IDLE: Duration = Duration::from_secs(3600);
@@ -175,13 +177,21 @@ pub async fn serve_http(
     let app = router(auth, local, cancel.clone());
     eprintln!("kiln mcp: Streamable HTTP on http://{local}/mcp, REST bridge on http://{local}/");
     let stop = cancel.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            crate::signal::shutdown_signal().await;
-            stop.cancel();
-        })
-        .await?;
-    cancel.cancel();
+    tokio::spawn(async move {
+        crate::signal::shutdown_signal().await;
+        stop.cancel();
+    });
+    // The token ends every rmcp session (and its streams); a connection still open
+    // after the grace period does not hold the sandboxes' kills back.
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after the shutdown began; closing them"),
+    }
     shared.reaper.shutdown().await;
     Ok(())
 }

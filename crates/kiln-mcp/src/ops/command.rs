@@ -1,6 +1,6 @@
 //! run_command.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_client::{ClientError, ExecEvent, ExecRequest};
 use serde_json::json;
@@ -49,6 +49,7 @@ pub(super) async fn run_command(
         return Ok(shape::background(&target.id, pid));
     }
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let started = Instant::now();
     let end = client
         .exec_request(&target.id, target.token.as_deref(), &req, |e| match e {
             ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
@@ -56,24 +57,32 @@ pub(super) async fn run_command(
             ExecEvent::Started { .. } => {}
         })
         .await;
+    // envd kills a command at its deadline and ends the stream with
+    // deadline_exceeded, or (when the kill's end event wins the race) with the end
+    // of a killed process: both are the timeout.
+    let timed_out = |killed: bool| {
+        killed && timeout.is_some_and(|t| started.elapsed() + Duration::from_millis(50) >= t)
+    };
     match end {
-        Ok(end) => Ok(shape::command(&target.id, &stdout, &stderr, &end)),
-        Err(ClientError::Protocol(m)) if m.starts_with("deadline_exceeded") => {
-            let mut out = shape::command(
-                &target.id,
-                &stdout,
-                &stderr,
-                &kiln_client::ExecOutput {
-                    exit_code: -1,
-                    status: format!(
-                        "killed at its timeout of {}s",
-                        timeout.unwrap_or_default().as_secs_f64()
-                    ),
-                },
-            );
-            out.structured["timed_out"] = json!(true);
-            Ok(out)
+        Ok(end) if !timed_out(end.exit_code < 0) => {
+            return Ok(shape::command(&target.id, &stdout, &stderr, &end))
         }
-        Err(e) => Err(ToolError::api(action)(e)),
+        Ok(_) => {}
+        Err(ClientError::Protocol(m)) if m.starts_with("deadline_exceeded") => {}
+        Err(e) => return Err(ToolError::api(action)(e)),
     }
+    let mut out = shape::command(
+        &target.id,
+        &stdout,
+        &stderr,
+        &kiln_client::ExecOutput {
+            exit_code: -1,
+            status: format!(
+                "killed at its timeout of {}s",
+                timeout.unwrap_or_default().as_secs_f64()
+            ),
+        },
+    );
+    out.structured["timed_out"] = json!(true);
+    Ok(out)
 }
