@@ -243,6 +243,11 @@ def test_stdio_images_environment_background_and_timeouts():
             back = await call(client, "read_file", {"path": "/tmp/b.bin", "encoding": "base64"})
             assert back.structured_content["content"] == "AAEC/w=="
 
+            refused = await call(client, "install_package", {"packages": ["x; rm -rf /"]})
+            assert refused.is_error and "not a package requirement" in text_of(refused)
+            none = await call(client, "install_package", {"packages": []})
+            assert none.is_error and "at least one package" in text_of(none)
+
     anyio.run(main)
 
 
