@@ -169,8 +169,7 @@ pub fn check_npm_package_spec(spec: &str) -> Result<(), String> {
     let ok_chars = spec
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "@/._-~^<>=*".contains(c));
-    if spec.len() <= 200 && ok_start && ok_chars && !spec.contains("..") && !spec.contains("//")
-    {
+    if spec.len() <= 200 && ok_start && ok_chars && !spec.contains("..") && !spec.contains("//") {
         Ok(())
     } else {
         Err(format!(
@@ -227,6 +226,8 @@ mod tests {
         assert_eq!(s.timeout_secs, Some(5));
         assert_eq!(s.memory_mb, Some(256));
         assert_eq!(s.parameters[0].kind, ParamType::Integer);
-        assert!(serde_json::from_str::<Spell>(r#"{"name":"x","language":"cobol","code":""}"#).is_err());
+        assert!(
+            serde_json::from_str::<Spell>(r#"{"name":"x","language":"cobol","code":""}"#).is_err()
+        );
     }
 }

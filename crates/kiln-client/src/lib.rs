@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod exec;
+mod files;
 mod interpreter;
 mod spells;
 mod templates;
@@ -17,10 +18,11 @@ use kiln_api::{
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
-pub use exec::{ExecEvent, ExecOutput};
+pub use exec::{ExecEvent, ExecOutput, ExecRequest};
 pub use interpreter::{
     check_package_spec, CodeError, CodeEvent, Execution, RunCode, INTERPRETER_PORT,
 };
+pub use kiln_proto::filesystem::{EntryInfo, FileType};
 pub use templates::{BuildLogEntry, BuildOutcome, ContextUpload, GcReport, StartedBuild};
 
 #[derive(Debug, thiserror::Error)]

@@ -56,6 +56,9 @@ enum Command {
     /// running server.
     #[command(subcommand)]
     Spell(spell_cmd::SpellCommand),
+    /// Serve sandboxes as MCP tools to an MCP client (Claude Desktop, agents): over
+    /// stdio by default, or Streamable HTTP at /mcp (with the REST bridge) with --listen.
+    Mcp(McpArgs),
     /// Check this host for what sandboxes need (runsc, cgroups, namespaces, overlayfs,
     /// iptables, disk, the data directory, the guest binaries); exits 1 on a FAIL.
     Doctor(doctor::DoctorArgs),
@@ -215,6 +218,48 @@ pub(crate) struct Remote {
     api_key: String,
 }
 
+#[derive(clap::Args)]
+struct McpArgs {
+    /// The Kiln server's API URL.
+    #[arg(
+        long,
+        alias = "url",
+        env = "E2B_API_URL",
+        default_value = "http://127.0.0.1:3000"
+    )]
+    api_url: String,
+    /// The API key the tools act with: every call over stdio, and HTTP callers that
+    /// present E2B_MCP_SERVER_TOKEN (others bring their own key).
+    #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Serve Streamable HTTP at /mcp and the REST bridge on this address instead of
+    /// stdio (`--listen` alone: 127.0.0.1:7073).
+    #[arg(long, num_args = 0..=1, default_missing_value = kiln_mcp::DEFAULT_LISTEN)]
+    listen: Option<SocketAddr>,
+    /// A shared secret HTTP callers may present as `Authorization: Bearer TOKEN` to act
+    /// with --api-key.
+    #[arg(long, env = "E2B_MCP_SERVER_TOKEN", hide_env_values = true)]
+    server_token: Option<String>,
+}
+
+async fn mcp(args: McpArgs) -> Result<()> {
+    let shared = kiln_mcp::Shared {
+        api_url: args.api_url,
+        default_key: args.api_key.filter(|k| !k.is_empty()),
+        reaper: kiln_mcp::Reaper::default(),
+    };
+    match args.listen {
+        Some(addr) => kiln_mcp::serve_http(shared, addr, args.server_token).await?,
+        None => {
+            if shared.default_key.is_none() {
+                bail!("kiln mcp over stdio needs an API key: --api-key or E2B_API_KEY");
+            }
+            kiln_mcp::serve_stdio(shared).await?
+        }
+    }
+    Ok(())
+}
+
 #[derive(Subcommand)]
 enum SandboxCommand {
     /// List running sandboxes.
@@ -370,6 +415,7 @@ fn main() -> Result<()> {
             Command::RunCode(args) => code_cmd::run_code(args).await,
             Command::InstallPackage(args) => code_cmd::install(args).await,
             Command::EnvInfo(args) => code_cmd::env_info(args).await,
+            Command::Mcp(args) => mcp(args).await,
             Command::Doctor(args) => doctor::doctor(args),
             Command::Spell(cmd) => spell_cmd::spell(cmd).await,
         }

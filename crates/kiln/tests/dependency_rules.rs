@@ -9,6 +9,7 @@ const HOST_CRATES: &[&str] = &[
     "kiln",
     "kiln-api",
     "kiln-client",
+    "kiln-mcp",
     "kiln-runtime",
     "kiln-server",
     "kiln-template",
