@@ -43,8 +43,7 @@ const INIT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 pub enum HelperError {
     #[error(
         "usage: kiln-jail start --id <id>  (spec as JSON on stdin)\n       \
-         kiln-jail {} --dir <sandbox dir> --lower <template rootfs>",
-        crate::gvisor::rootfs::SUBCOMMAND
+         kiln-jail gvisor-rootfs --dir <sandbox dir> --lower <template rootfs>"
     )]
     Usage,
     #[error("reading the spec from stdin")]
@@ -78,8 +77,6 @@ pub enum HelperError {
     Seccomp(#[from] SeccompError),
     #[error("sandbox setup failed inside the new namespaces: {0}")]
     Child(String),
-    #[error("a gVisor sandbox's root filesystem")]
-    GvisorRootfs(#[from] crate::gvisor::rootfs::RootfsError),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> HelperError + 'a {
@@ -94,18 +91,18 @@ fn sys_err(what: &'static str) -> impl FnOnce(nix::Error) -> HelperError {
     move |source| HelperError::Sys { what, source }
 }
 
-/// Entry point of the `kiln-jail` binary.
-pub fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.as_slice() {
+/// The `kiln-jail start` subcommand (`args` after the binary's name); the binary
+/// (`src/bin/kiln-jail.rs`) also dispatches `gvisor-rootfs` to `gvisor::rootfs`.
+pub fn main(args: &[String]) -> ExitCode {
+    let result = match args {
         [cmd, flag, id] if cmd == "start" && flag == "--id" => start(id),
-        // A gVisor sandbox's overlay over an idmapped template layer: the server
-        // cannot unshare its mount namespace (gvisor/rootfs.rs).
-        [cmd, rest @ ..] if cmd == crate::gvisor::rootfs::SUBCOMMAND => {
-            crate::gvisor::rootfs::helper_main(rest).map_err(HelperError::from)
-        }
         _ => Err(HelperError::Usage),
     };
+    exit_with(result)
+}
+
+/// `kiln-jail: <error>: <source>...` on stderr for an error, and the exit code.
+pub fn exit_with<E: std::error::Error>(result: Result<(), E>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
