@@ -48,6 +48,7 @@ pub const BUILTINS: &[Builtin] = &[
             project_file!("desktop", "Dockerfile"),
             project_file!("desktop", "kiln.toml"),
             project_file!("desktop", "files/chromium-flags"),
+            project_file!("desktop", "files/close-range-clamp.c"),
             project_file!("desktop", "files/firefox-policies.json"),
             project_file!("desktop", "files/google-chrome"),
             project_file!("desktop", "files/google-chrome.desktop"),
