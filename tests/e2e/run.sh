@@ -20,8 +20,13 @@
 #                            proves that `auto` picked it)
 #   KILN_E2E_HEALTH_TIMEOUT  seconds to wait for /healthz (default 900)
 #   KILN_E2E_BUILTIN_TIMEOUT seconds to wait for the built-in templates the server builds
-#                            in the background (code-interpreter-v1; default 1800: the
-#                            first build installs the data stack from PyPI)
+#                            in the background (code-interpreter-v1, and desktop when
+#                            KILN_BUILTIN_TEMPLATES names it; default 1800: the first
+#                            build installs the data stack from PyPI, desktop ~1 GB of
+#                            Debian packages)
+#   KILN_BUILTIN_TEMPLATES   passed to the server as is (e.g. code-interpreter-v1,desktop:
+#                            test_desktop.py skips when the server has no desktop
+#                            template, and fails instead when this names desktop)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

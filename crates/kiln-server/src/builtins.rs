@@ -4,7 +4,7 @@
 //! starts hit the layer cache for every step and take seconds).
 //!
 //! `code-interpreter-v1` is the template the `e2b-code-interpreter` SDK creates
-//! sandboxes from when none is named.
+//! sandboxes from when none is named; `desktop` is the e2b-desktop SDK's.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,15 +30,33 @@ macro_rules! project_file {
 }
 
 /// Every built-in template the server can build, in build order.
-pub const BUILTINS: &[Builtin] = &[Builtin {
-    name: "code-interpreter-v1",
-    files: &[
-        project_file!("code-interpreter-v1", "Dockerfile"),
-        project_file!("code-interpreter-v1", "kiln.toml"),
-        project_file!("code-interpreter-v1", "requirements.txt"),
-        project_file!("code-interpreter-v1", "start-interpreter.sh"),
-    ],
-}];
+pub const BUILTINS: &[Builtin] = &[
+    Builtin {
+        name: "code-interpreter-v1",
+        files: &[
+            project_file!("code-interpreter-v1", "Dockerfile"),
+            project_file!("code-interpreter-v1", "kiln.toml"),
+            project_file!("code-interpreter-v1", "requirements.txt"),
+            project_file!("code-interpreter-v1", "start-interpreter.sh"),
+        ],
+    },
+    // The e2b-desktop SDK's default template (docs/desktop.md). Not built by default:
+    // it installs about 1 GB of packages (XFCE, Chromium, Firefox ESR).
+    Builtin {
+        name: "desktop",
+        files: &[
+            project_file!("desktop", "Dockerfile"),
+            project_file!("desktop", "kiln.toml"),
+            project_file!("desktop", "files/chromium-flags"),
+            project_file!("desktop", "files/close-range-clamp.c"),
+            project_file!("desktop", "files/firefox-policies.json"),
+            project_file!("desktop", "files/google-chrome"),
+            project_file!("desktop", "files/google-chrome.desktop"),
+            project_file!("desktop", "files/mimeapps.list"),
+            project_file!("desktop", "files/screensaver-off.desktop"),
+        ],
+    },
+];
 
 /// The names `kiln serve --builtin-templates` accepts.
 pub fn names() -> Vec<&'static str> {
@@ -159,6 +177,7 @@ mod tests {
             assert_eq!(dir, again);
         }
         assert!(find("code-interpreter-v1").is_some());
+        assert!(find("desktop").is_some());
         assert!(find("nope").is_none());
     }
 }

@@ -123,9 +123,9 @@ impl From<crate::manager::SandboxError> for AppError {
         use crate::templates::LookupError;
         let message = e.to_string();
         match e {
-            E::NotFound(_) | E::Template(LookupError::NotFound { .. }) => {
-                AppError::NotFound(message)
-            }
+            E::NotFound(_)
+            | E::Template(LookupError::NotFound { .. })
+            | E::Template(LookupError::BuiltinNotBuilt(_)) => AppError::NotFound(message),
             E::Template(LookupError::Building(_))
             | E::StartTimedOut(_)
             | E::RuntimeTimedOut { .. } => AppError::Unavailable(message),

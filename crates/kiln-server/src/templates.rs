@@ -16,6 +16,16 @@ pub enum LookupError {
          first start, which takes minutes); GET /healthz lists the templates still building"
     )]
     Building(String),
+    /// A built-in template the server did not build: not in `--builtin-templates`, or
+    /// its build failed.
+    #[error(
+        "template \"{0}\" is a built-in template this server has not built: start it with \
+         `kiln serve --builtin-templates code-interpreter-v1,{0}` (or \
+         KILN_BUILTIN_TEMPLATES=code-interpreter-v1,{0}) and wait until GET /healthz no \
+         longer lists it as building, or build it with `kiln template build \
+         templates/{0}`; if it was in that list, its build failed (the server log says why)"
+    )]
+    BuiltinNotBuilt(String),
 }
 
 fn list_or_none(names: &[String]) -> String {
@@ -140,6 +150,9 @@ impl Templates {
         {
             return Err(LookupError::Building(name.to_string()));
         }
+        if visible(name) && crate::builtins::find(name).is_some() {
+            return Err(LookupError::BuiltinNotBuilt(name.to_string()));
+        }
         Err(LookupError::NotFound {
             id: template_id.to_string(),
             available: self.names().into_iter().filter(|n| visible(n)).collect(),
@@ -171,6 +184,28 @@ mod tests {
         assert!(
             err.to_string().contains("available templates: base"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_builtin_not_built_says_how_to_build_it() {
+        let t = Templates::default();
+        t.insert(base());
+        let err = t.resolve("desktop").unwrap_err();
+        assert_eq!(err, LookupError::BuiltinNotBuilt("desktop".into()));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--builtin-templates code-interpreter-v1,desktop"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("kiln template build templates/desktop"),
+            "{msg}"
+        );
+        t.set_building("desktop", true);
+        assert_eq!(
+            t.resolve("desktop").unwrap_err(),
+            LookupError::Building("desktop".into())
         );
     }
 
