@@ -60,7 +60,15 @@ stop_server() {
   SERVER_PID=""
 }
 SERVER_STOP_FAILED=0
-trap stop_server EXIT
+NATS_PID=""
+stop_all() {
+  stop_server
+  if [ -n "$NATS_PID" ]; then
+    kill "$NATS_PID" 2>/dev/null || true
+    wait "$NATS_PID" 2>/dev/null || true
+  fi
+}
+trap stop_all EXIT
 trap 'exit 130' INT TERM
 
 # --- setup -----------------------------------------------------------------------------
@@ -88,8 +96,18 @@ if [ "${KILN_E2E_SKIP_BUILD:-0}" != 1 ]; then
 fi
 [ -x "$KILN_BIN" ] || die "kiln binary not found at $KILN_BIN (cargo build, or set KILN_BIN)"
 
-# --- start the server ------------------------------------------------------------------
+# --- a NATS server of the run's own ---------------------------------------------------
+# The server publishes lifecycle events to it and takes spell and desktop requests from
+# it (test_nats.py). Fails, never skips, without nats-server (install-deps installs it).
 mkdir -p "$LOG_DIR" "$DATA_DIR"
+NATS_BIN="$(command -v nats-server || true)"
+[ -n "$NATS_BIN" ] || die "nats-server not found: install Debian's nats-server package (scripts/install-deps.sh)"
+NATS_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" >"$LOG_DIR/nats-$$.log" 2>&1 &
+NATS_PID=$!
+export KILN_NATS_URL="nats://127.0.0.1:$NATS_PORT"
+
+# --- start the server ------------------------------------------------------------------
 PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 ADDR="127.0.0.1:$PORT"
 KILN_API_KEY="e2b_$(python3 -c 'import secrets; print(secrets.token_hex(20))')"

@@ -9,6 +9,7 @@ pub mod app;
 pub mod audit;
 pub mod authz;
 pub mod builds;
+pub mod builtin_projects;
 pub mod builtins;
 pub mod config;
 pub mod endpoint;

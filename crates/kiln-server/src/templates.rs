@@ -150,7 +150,7 @@ impl Templates {
         {
             return Err(LookupError::Building(name.to_string()));
         }
-        if visible(name) && crate::builtins::find(name).is_some() {
+        if visible(name) && crate::builtin_projects::find(name).is_some() {
             return Err(LookupError::BuiltinNotBuilt(name.to_string()));
         }
         Err(LookupError::NotFound {
