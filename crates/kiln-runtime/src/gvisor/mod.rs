@@ -30,8 +30,7 @@ use crate::idmap::HostIds;
 use crate::jail::cgroup::{self, Cgroups};
 use crate::jail::{cgroup_err, chain, disk, ids, net, spec::validate_id, validate};
 use crate::{
-    HostIdMode, Limits, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance,
-    SandboxStats,
+    Limits, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
 };
 
 /// How the server configures the gVisor runtime.
@@ -197,10 +196,7 @@ impl GvisorRuntime {
     /// The host ids of a sandbox: its record (`<dir>/idmap`), else the canonical
     /// range (a sandbox from before gVisor sandboxes had ranges, or none at all).
     pub fn host_ids(&self, id: &str) -> HostIds {
-        crate::idmap::read_record(&self.paths(id).dir)
-            .ok()
-            .flatten()
-            .unwrap_or(HostIds::CANONICAL)
+        ids::recorded_or_canonical(&self.paths(id).dir)
     }
 
     /// Marks the range a sandbox found on disk records as used (in the one set the
@@ -218,19 +214,13 @@ impl GvisorRuntime {
     /// step (its upper directory becomes a template layer, stored in that range) and
     /// when ranges are off.
     fn allocate_ids(&self, config: &SandboxConfig) -> Result<HostIds, RuntimeError> {
-        if !self.inner.opts.per_sandbox_ids || config.host_ids == HostIdMode::Canonical {
-            return Ok(HostIds::CANONICAL);
-        }
-        ids::ranges()
-            .allocate(
-                &self.inner.id_plan,
-                &self.inner.opts.state_dir,
-                &self.paths(&config.id).dir,
-            )
-            .map_err(|e| RuntimeError::Start {
-                id: config.id.clone(),
-                reason: chain(&e),
-            })
+        ids::allocate_for(
+            &self.inner.id_plan,
+            &self.inner.opts.state_dir,
+            &self.paths(&config.id).dir,
+            self.inner.opts.per_sandbox_ids,
+            config,
+        )
     }
 
     pub fn options(&self) -> &GvisorOptions {

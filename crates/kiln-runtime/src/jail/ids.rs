@@ -224,6 +224,36 @@ pub(crate) fn give_back(plan: &Plan, dir: &Path, ids: HostIds) {
     }
 }
 
+/// The host ids of the sandbox directory `dir`: its record, else the canonical range
+/// (a sandbox from before ranges existed, or none at all).
+pub(crate) fn recorded_or_canonical(dir: &Path) -> HostIds {
+    read_record(dir)
+        .ok()
+        .flatten()
+        .unwrap_or(HostIds::CANONICAL)
+}
+
+/// The ids a new sandbox in `dir` gets: a range of its own, or the canonical one for a
+/// template build step (its upper directory becomes a template layer, stored in that
+/// range) and when ranges are off (`per_sandbox`).
+pub(crate) fn allocate_for(
+    plan: &Plan,
+    state_dir: &Path,
+    dir: &Path,
+    per_sandbox: bool,
+    config: &crate::SandboxConfig,
+) -> Result<HostIds, crate::RuntimeError> {
+    if !per_sandbox || config.host_ids == crate::HostIdMode::Canonical {
+        return Ok(HostIds::CANONICAL);
+    }
+    ranges()
+        .allocate(plan, state_dir, dir)
+        .map_err(|e| crate::RuntimeError::Start {
+            id: config.id.clone(),
+            reason: super::chain(&e),
+        })
+}
+
 /// The ranges of every runtime of this process (jail and gVisor sandboxes draw from
 /// one set).
 pub(crate) fn ranges() -> std::sync::MutexGuard<'static, Allocator> {

@@ -28,9 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use self::cgroup::Cgroups;
 use self::spec::{HelperReply, HelperSpec, SandboxPaths, SandboxState};
 use crate::idmap::HostIds;
-use crate::{
-    HostIdMode, Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats,
-};
+use crate::{Runtime, RuntimeError, RuntimeKind, SandboxConfig, SandboxInstance, SandboxStats};
 
 pub use self::sys::KEEP_CAPS;
 
@@ -175,10 +173,7 @@ impl JailRuntime {
     /// The host ids of a sandbox: its record (`<dir>/idmap`), else the canonical
     /// range (a sandbox from before ranges existed, or none at all).
     pub fn host_ids(&self, id: &str) -> HostIds {
-        crate::idmap::read_record(&self.paths(id).dir)
-            .ok()
-            .flatten()
-            .unwrap_or(HostIds::CANONICAL)
+        ids::recorded_or_canonical(&self.paths(id).dir)
     }
 
     /// Marks the range a sandbox found on disk records as used: in this process's set,
@@ -193,19 +188,13 @@ impl JailRuntime {
     }
 
     fn allocate_ids(&self, config: &SandboxConfig) -> Result<HostIds, RuntimeError> {
-        if !self.inner.opts.per_sandbox_ids || config.host_ids == HostIdMode::Canonical {
-            return Ok(HostIds::CANONICAL);
-        }
-        ids::ranges()
-            .allocate(
-                &self.inner.id_plan,
-                &self.inner.opts.state_dir,
-                &self.paths(&config.id).dir,
-            )
-            .map_err(|e| RuntimeError::Start {
-                id: config.id.clone(),
-                reason: chain(&e),
-            })
+        ids::allocate_for(
+            &self.inner.id_plan,
+            &self.inner.opts.state_dir,
+            &self.paths(&config.id).dir,
+            self.inner.opts.per_sandbox_ids,
+            config,
+        )
     }
 
     pub fn options(&self) -> &JailOptions {
@@ -686,7 +675,7 @@ mod tests {
                 disk_mb: 64,
             },
             network: NetworkMode::Loopback,
-            host_ids: HostIdMode::PerSandbox,
+            host_ids: crate::HostIdMode::PerSandbox,
         }
     }
 
