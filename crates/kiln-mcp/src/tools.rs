@@ -193,7 +193,7 @@ pub fn spell_tool(spell: &Spell) -> Option<Tool> {
     let mut properties = serde_json::Map::new();
     let mut required = Vec::new();
     for p in &spell.parameters {
-        let mut prop = json!({ "type": param_type(p.kind) });
+        let mut prop = json!({ "type": ParamType::as_str(p.kind) });
         if !p.description.is_empty() {
             prop["description"] = json!(p.description);
         }
@@ -227,17 +227,6 @@ pub fn spell_tool(spell: &Spell) -> Option<Tool> {
                 .open_world(spell.internet),
         ),
     )
-}
-
-fn param_type(kind: ParamType) -> &'static str {
-    match kind {
-        ParamType::String => "string",
-        ParamType::Integer => "integer",
-        ParamType::Number => "number",
-        ParamType::Boolean => "boolean",
-        ParamType::Array => "array",
-        ParamType::Object => "object",
-    }
 }
 
 #[cfg(test)]

@@ -11,17 +11,6 @@ use super::SpellError;
 /// The most JSON all arguments of one run may take together.
 pub const MAX_ARGS_BYTES: usize = 1 << 20;
 
-fn type_name(t: ParamType) -> &'static str {
-    match t {
-        ParamType::String => "string",
-        ParamType::Integer => "integer",
-        ParamType::Number => "number",
-        ParamType::Boolean => "boolean",
-        ParamType::Array => "array",
-        ParamType::Object => "object",
-    }
-}
-
 fn value_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -70,7 +59,7 @@ pub fn resolve(
                 return Err(bad(format!(
                     "missing argument {:?} ({}{})",
                     p.name,
-                    type_name(p.kind),
+                    p.kind.as_str(),
                     if p.description.is_empty() {
                         String::new()
                     } else {
@@ -89,7 +78,7 @@ pub fn resolve(
                 } else {
                     "a"
                 },
-                type_name(p.kind),
+                p.kind.as_str(),
                 value_kind(&value),
             )));
         }
