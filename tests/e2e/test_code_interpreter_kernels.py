@@ -378,3 +378,18 @@ def test_java_created_context(ci):
     assert ctx.language == "java"
     assert ci.run_code("String kiln = \"ctx\";", context=ctx).error is None
     assert ci.run_code("kiln + 1", context=ctx).text == "ctx1"
+
+
+def test_r_and_java_cells_are_interrupted_on_timeout(ci):
+    # IRkernel takes SIGINT; jjava asks for interrupt_request on its control socket.
+    assert ci.run_code("kiln_keep <- 41", language="r").error is None
+    with pytest.raises(TimeoutException):
+        ci.run_code("repeat {}", language="r", timeout=3)
+    assert r_text(ci.run_code("kiln_keep + 1", language="r", timeout=30)) == "[1] 42"
+
+    assert ci.run_code("int kilnKeep = 41;", language="java").error is None
+    with pytest.raises(TimeoutException):
+        ci.run_code("while (true) { }", language="java", timeout=3)
+    ex = ci.run_code("kilnKeep + 1", language="java", timeout=30)
+    assert ex.error is None, ex.error
+    assert ex.text == "42"
