@@ -1,12 +1,13 @@
 """The default code-interpreter template beyond Python basics, with the unmodified
-`e2b-code-interpreter` SDK: JavaScript, TypeScript and Bash kernels (spec A.5), env vars
+`e2b-code-interpreter` SDK: JavaScript, TypeScript, Bash, R and Java kernels (spec A.5), env vars
 in them (A.6), charts (A.9), streaming callbacks, contexts, per-run timeouts and
 unknown languages.
 
 Kiln's JavaScript and TypeScript kernels are tslab's `jslab` and `tslab` (E2B's
 ijavascript fork is not published), made to report results, errors and counts like
 E2B's by a script kiln-interpreter preloads into them; docs/compatibility.md lists
-where they still differ (compile errors are `CompileError`).
+where they still differ (compile errors are `CompileError`). R is Debian's IRkernel
+and Java PyPI's jjava (E2B: IRkernel and IJava); both start on first use.
 
 Privilege tier: as the rest of the suite (a running `kiln serve`); the `ci_template`
 fixture builds `templates/code-interpreter-v1` (layer-cache hits unless it changed).
@@ -47,6 +48,9 @@ def test_python_and_javascript_contexts_start_with_the_sandbox(ci):
     contexts = ci.list_code_contexts()
     assert sorted(c.language for c in contexts[:2]) == ["javascript", "python"], contexts
     assert all(c.cwd == "/home/user" for c in contexts[:2]), contexts
+    # R and Java start on first use (a JVM kernel costs seconds and ~250 MB), and the
+    # list does not pretend otherwise.
+    assert not {"r", "java"} & {c.language for c in contexts}, contexts
 
 
 def test_javascript_runs_in_its_own_default_context(ci):
@@ -254,3 +258,138 @@ def test_unknown_language_is_a_clear_error(ci):
     with pytest.raises(SandboxException) as err:
         ci.create_code_context(language="cobol")
     assert "'cobol'" in str(err.value)
+
+
+def r_text(ex) -> str:
+    """The printed value of an R cell. IRkernel (E2B's R kernel too) sends values as
+    display_data, so they are results but not the main one, and `execution.text` is None:
+    E2B's own R tests read `results[0].text` as well."""
+    assert ex.error is None, ex.error
+    assert len(ex.results) == 1, ex.results
+    return ex.results[0].text
+
+
+def test_r_runs_in_its_own_default_context(ci):
+    ex = ci.run_code("1+1", language="r")
+    assert ex.error is None, ex.error
+    assert ex.text is None
+    assert [(r.text, r.is_main_result) for r in ex.results] == [("[1] 2", False)]
+
+    ex = ci.run_code('print("Hello, World!")', language="R")
+    assert ex.error is None, ex.error
+    assert ex.logs.stdout == ['[1] "Hello, World!"\n']
+
+    # `r` and `R` are one context, started in /home/user, listed once it exists.
+    assert ci.run_code("kiln_x <- 41", language="r").error is None
+    assert r_text(ci.run_code("kiln_x + 1", language="r")) == "[1] 42"
+    assert r_text(ci.run_code("getwd()", language="r")) == '[1] "/home/user"'
+    assert [c.language for c in ci.list_code_contexts()].count("r") == 1
+
+
+def test_r_data_frame_and_plot(ci):
+    ex = ci.run_code('data.frame(a = 1:2, b = c("x", "y"))', language="r")
+    assert ex.error is None, ex.error
+    result = ex.results[0]
+    assert not result.is_main_result  # display_data, see r_text
+    assert "<table" in result.html, result.formats()
+    assert result.text.splitlines()[0].split() == ["a", "b"], result.text
+
+    ex = ci.run_code("plot(1:10)", language="r")
+    assert ex.error is None, ex.error
+    assert any(r.png for r in ex.results), [r.formats() for r in ex.results]
+
+
+def test_r_error_and_the_next_cell_runs(ci):
+    ex = ci.run_code('stop("kiln boom")', language="r")
+    assert ex.error is not None
+    assert ex.error.name == "ERROR", ex.error
+    assert "kiln boom" in ex.error.value, ex.error
+    assert r_text(ci.run_code("2 * 21", language="r")) == "[1] 42"
+
+
+def test_r_created_context_keeps_its_own_state(ci):
+    ctx = ci.create_code_context(language="r")
+    assert (ctx.language, ctx.cwd) == ("r", "/home/user")
+    assert ci.run_code("kiln_y <- 5", context=ctx).error is None
+    assert r_text(ci.run_code("kiln_y * 2", context=ctx)) == "[1] 10"
+    # Not the default R context.
+    assert r_text(ci.run_code('exists("kiln_y")', language="r")) == "[1] FALSE"
+    assert ci.list_code_contexts()[-1].id == ctx.id
+
+    tmp = ci.create_code_context(language="r", cwd="/tmp")
+    assert r_text(ci.run_code("getwd()", context=tmp)) == '[1] "/tmp"'
+    ci.remove_code_context(tmp)
+
+
+def test_env_vars_reach_r(ci):
+    # Spec A.6: R reads them with Sys.getenv, printed as a character vector.
+    code = "Sys.getenv('KILN_KERNEL_ENV')"
+    assert r_text(ci.run_code(code, language="r")) == '[1] "from-create"'
+    ex = ci.run_code(code, language="r", envs={"KILN_KERNEL_ENV": "overwrite"})
+    assert r_text(ex) == '[1] "overwrite"'
+    assert r_text(ci.run_code(code, language="r")) == '[1] "from-create"'
+    ex = ci.run_code("Sys.getenv('KILN_RUN_ENV', unset = 'unset')", language="r")
+    assert r_text(ex) == '[1] "unset"'
+
+
+def test_java_runs_in_its_own_default_context(ci):
+    # The first Java cell starts the JVM kernel: seconds.
+    ex = ci.run_code("int x = 41; x + 1", language="java")
+    assert ex.error is None, ex.error
+    assert ex.text == "42"
+
+    ex = ci.run_code('System.out.println("hi");', language="java")
+    assert ex.error is None, ex.error
+    assert ex.logs.stdout == ["hi\n"]
+    assert ex.text is None
+
+    # State carries over; a String result loses its quotes, as on E2B.
+    assert ci.run_code("x * 2", language="java").text == "82"
+    assert ci.run_code('"kiln"', language="java").text == "kiln"
+    assert "java" in [c.language for c in ci.list_code_contexts()]
+
+
+def test_java_errors(ci):
+    ex = ci.run_code('int y = "s";', language="java")
+    assert ex.error is not None
+    assert ex.error.name == "CompilationException", ex.error
+    assert "incompatible types" in ex.error.traceback, ex.error
+
+    # jjava names every exception thrown by user code RuntimeException; the value has
+    # the class and the message.
+    ex = ci.run_code('throw new IllegalStateException("kiln boom");', language="java")
+    assert ex.error is not None
+    assert ex.error.name == "RuntimeException", ex.error
+    assert ex.error.value == "java.lang.IllegalStateException, kiln boom", ex.error
+    assert ci.run_code("1 + 1", language="java").text == "2"
+
+
+def test_env_vars_reach_java(ci):
+    # Spec A.6: Java sees them as system properties.
+    code = 'System.getProperty("KILN_KERNEL_ENV")'
+    assert ci.run_code(code, language="java").text == "from-create"
+    ex = ci.run_code(code, language="java", envs={"KILN_KERNEL_ENV": "overwrite"})
+    assert ex.text == "overwrite"
+    assert ci.run_code(code, language="java").text == "from-create"
+
+
+def test_java_created_context(ci):
+    ctx = ci.create_code_context(language="java")
+    assert ctx.language == "java"
+    assert ci.run_code("String kiln = \"ctx\";", context=ctx).error is None
+    assert ci.run_code("kiln + 1", context=ctx).text == "ctx1"
+
+
+def test_r_and_java_cells_are_interrupted_on_timeout(ci):
+    # IRkernel takes SIGINT; jjava asks for interrupt_request on its control socket.
+    assert ci.run_code("kiln_keep <- 41", language="r").error is None
+    with pytest.raises(TimeoutException):
+        ci.run_code("repeat {}", language="r", timeout=3)
+    assert r_text(ci.run_code("kiln_keep + 1", language="r", timeout=30)) == "[1] 42"
+
+    assert ci.run_code("int kilnKeep = 41;", language="java").error is None
+    with pytest.raises(TimeoutException):
+        ci.run_code("while (true) { }", language="java", timeout=3)
+    ex = ci.run_code("kilnKeep + 1", language="java", timeout=30)
+    assert ex.error is None, ex.error
+    assert ex.text == "42"

@@ -38,6 +38,9 @@ pub struct Job {
 
 const SILENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Pause before sending a request the kernel aborted unstarted again.
+const ABORT_RETRY_DELAY: Duration = Duration::from_millis(300);
+
 /// Runs `job` in `context`, writing lines to `tx`. Returns when the cell is over and the
 /// per-run variables are restored; the stream ends when `tx` is dropped (before the
 /// restore, so the client does not wait for it).
@@ -135,6 +138,13 @@ struct Cell<'a> {
     reply_seen: bool,
     idle_seen: bool,
     error_sent: bool,
+    /// Whether an abort of a request the kernel never started may be retried.
+    retry_allowed: bool,
+    /// The kernel answered `aborted` without having started the request (no
+    /// `execute_input`): nothing ran, so it is safe to send again. IRkernel aborts
+    /// whatever reaches its shell socket in the instant after a failed or interrupted
+    /// cell (its `abort_queued_messages`, after the reply we end the cell on).
+    aborted_unstarted: bool,
 }
 
 impl<'a> Cell<'a> {
@@ -155,6 +165,8 @@ impl<'a> Cell<'a> {
             reply_seen: false,
             idle_seen: false,
             error_sent: false,
+            retry_allowed: false,
+            aborted_unstarted: false,
         }
     }
 
@@ -168,7 +180,25 @@ impl<'a> Cell<'a> {
         }
     }
 
+    /// Runs the cell; a request the kernel aborted before starting it is sent once more
+    /// (see [`Cell::aborted_unstarted`]).
     async fn run(&mut self, code: &str) {
+        self.retry_allowed = true;
+        self.attempt(code).await;
+        if self.aborted_unstarted {
+            tracing::info!(context = %self.context.id, "kernel aborted the request before running it; sending it again");
+            tokio::time::sleep(ABORT_RETRY_DELAY).await;
+            self.retry_allowed = false;
+            self.aborted_unstarted = false;
+            self.input_accepted = false;
+            self.reply_seen = false;
+            self.idle_seen = false;
+            self.attempt(code).await;
+        }
+        self.send(OutputLine::EndOfExecution).await;
+    }
+
+    async fn attempt(&mut self, code: &str) {
         let mut pending = match self.kernel.execute(code, false).await {
             Ok(p) => p,
             Err(e) => {
@@ -178,7 +208,6 @@ impl<'a> Cell<'a> {
                     "Failed to send execution request",
                 ))
                 .await;
-                self.send(OutputLine::EndOfExecution).await;
                 return;
             }
         };
@@ -257,7 +286,6 @@ impl<'a> Cell<'a> {
                 }
             }
         }
-        self.send(OutputLine::EndOfExecution).await;
     }
 
     /// Handles one kernel message; true when the cell is over.
@@ -309,6 +337,10 @@ impl<'a> Cell<'a> {
                     .await;
                 }
                 if matches!(m.str_field("status"), Some("abort" | "aborted")) {
+                    if self.retry_allowed && !self.input_accepted {
+                        self.aborted_unstarted = true;
+                        return true;
+                    }
                     self.send(OutputLine::error(
                         "ExecutionAborted",
                         "Execution was aborted",

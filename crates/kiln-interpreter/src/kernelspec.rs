@@ -105,6 +105,22 @@ impl SearchPath {
     }
 }
 
+/// `spec` with Jupyter's `{resource_dir}` placeholder in `argv` replaced by the
+/// kernelspec's own directory, as `jupyter_client` does; kernels that ship their program
+/// beside `kernel.json` rely on it (PyPI `jjava`: `java -jar
+/// {resource_dir}/jjava-launcher.jar ...`). `{connection_file}` is left for
+/// `KernelspecDir::command`.
+pub fn with_resource_dir(spec: &KernelspecDir) -> KernelspecDir {
+    let mut spec = spec.clone();
+    let dir = spec.path.to_string_lossy().into_owned();
+    for arg in &mut spec.kernelspec.argv {
+        if arg.contains("{resource_dir}") {
+            *arg = arg.replace("{resource_dir}", &dir);
+        }
+    }
+    spec
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +210,54 @@ mod tests {
         );
         write_spec(only_js.path(), "javascript", "javascript");
         assert_eq!(resolve(search, "ts").await.unwrap(), "javascript");
+    }
+
+    #[tokio::test]
+    async fn r_and_java_resolve_to_irkernel_and_jjava() {
+        // Debian's r-cran-irkernel installs `ir` (language "R"); PyPI's jjava `java`.
+        let tmp = tempfile::tempdir().unwrap();
+        write_spec(tmp.path(), "ir", "R");
+        write_spec(tmp.path(), "java", "java");
+        let search = SearchPath {
+            dirs: vec![tmp.path().to_path_buf()],
+        };
+        for raw in ["r", "R", " r "] {
+            let spec = search
+                .resolve(&Language::normalize(Some(raw)))
+                .await
+                .unwrap();
+            assert_eq!(spec.kernel_name, "ir", "{raw}");
+        }
+        let java = search
+            .resolve(&Language::normalize(Some("Java")))
+            .await
+            .unwrap();
+        assert_eq!(java.kernel_name, "java");
+    }
+
+    #[test]
+    fn resource_dir_placeholder_is_the_kernelspec_dir() {
+        let spec = KernelspecDir {
+            kernel_name: "java".to_owned(),
+            path: PathBuf::from("/usr/local/share/jupyter/kernels/java"),
+            kernelspec: serde_json::from_value(serde_json::json!({
+                "argv": ["java", "-jar", "{resource_dir}/jjava-launcher.jar",
+                         "{resource_dir}/jjava.jar", "{connection_file}"],
+                "display_name": "Java",
+                "language": "java",
+            }))
+            .unwrap(),
+        };
+        assert_eq!(
+            with_resource_dir(&spec).kernelspec.argv,
+            [
+                "java",
+                "-jar",
+                "/usr/local/share/jupyter/kernels/java/jjava-launcher.jar",
+                "/usr/local/share/jupyter/kernels/java/jjava.jar",
+                "{connection_file}",
+            ]
+        );
     }
 
     #[test]

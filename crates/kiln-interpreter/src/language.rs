@@ -40,7 +40,11 @@ impl Language {
     /// - `javascript` → also `jslab`, tslab's JavaScript kernel (what Kiln's template
     ///   installs; E2B's ijavascript fork is named `javascript`);
     /// - `typescript` → `tslab`, tslab's TypeScript kernel, then `javascript` (E2B's
-    ///   ijavascript transpiles TypeScript). Never `jslab`: it rejects type annotations.
+    ///   ijavascript transpiles TypeScript). Never `jslab`: it rejects type annotations;
+    /// - `r` → also `ir`, IRkernel's name (Debian's `r-cran-irkernel`, and E2B's
+    ///   template via `IRkernel::installspec`), which declares the language as `R`.
+    ///
+    /// Java needs no alias: PyPI's `jjava` (and E2B's IJava) install as `java`.
     ///
     /// Kernelspecs that merely declare the language are a further fallback (see
     /// [`crate::kernelspec`]).
@@ -49,6 +53,7 @@ impl Language {
             "python" => vec!["python", "python3"],
             "javascript" => vec!["javascript", "jslab"],
             "typescript" => vec!["typescript", "tslab", "javascript"],
+            "r" => vec!["r", "ir"],
             other => vec![other],
         }
     }
@@ -210,7 +215,8 @@ mod tests {
             ["typescript", "tslab", "javascript"]
         );
         assert_eq!(Language::normalize(Some("bash")).kernel_names(), ["bash"]);
-        assert_eq!(Language::normalize(Some("r")).kernel_names(), ["r"]);
+        assert_eq!(Language::normalize(Some("R")).kernel_names(), ["r", "ir"]);
+        assert_eq!(Language::normalize(Some("java")).kernel_names(), ["java"]);
     }
 
     #[test]

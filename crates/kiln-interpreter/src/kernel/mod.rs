@@ -219,8 +219,7 @@ impl Kernel {
         })?;
 
         let argv0 = spec.kernelspec.argv.first().cloned().unwrap_or_default();
-        let mut command = spec
-            .clone()
+        let mut command = crate::kernelspec::with_resource_dir(spec)
             .command(
                 &connection_file,
                 Some(Stdio::inherit()),
@@ -282,7 +281,17 @@ impl Kernel {
             })
         };
 
-        let sockets = match connect(&name, &info, &routes).await {
+        // A kernel that exits at once (a missing program, a bad argv) fails the launch
+        // now rather than after the sockets' connect timeout.
+        let mut ended = alive.clone();
+        let connected = tokio::select! {
+            connected = connect(&name, &info, &routes) => connected,
+            _ = ended.wait_for(|alive| !*alive) => Err(KernelError::ExitedAtStart {
+                kernel: name.clone(),
+                status: "exited before its sockets were connected; see the interpreter's log".to_owned(),
+            }),
+        };
+        let sockets = match connected {
             Ok(sockets) => sockets,
             Err(e) => {
                 // Dropping the monitor's Child kills the process (kill_on_drop).
