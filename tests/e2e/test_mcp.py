@@ -578,3 +578,89 @@ def test_spells_as_tools():
         assert by_tool.structured_content["stdout"] == "hello mcp hello mcp\n"
     finally:
         api("DELETE", f"/spells/{name}")
+
+
+PAGE_ONE = ("<html><head><title>One</title></head><body style='margin:0'>"
+            "<button style='width:100vw;height:100vh;font-size:40px' "
+            "onclick=\"document.title='Clicked'\">click me</button></body></html>")
+PAGE_TWO = "<html><head><title>Two</title></head><body>two</body></html>"
+
+
+def test_desktop_tools_drive_a_desktop_sandbox():
+    """screenshot, click, type, press and open_url on a `desktop` sandbox (skipped only
+    when the server does not serve the template and KILN_BUILTIN_TEMPLATES does not
+    name it; CI's does)."""
+
+    async def sh(client, sid, command):
+        out = await call(client, "run_command", {"command": command, "sandbox_id": sid,
+                                                 "env": {"DISPLAY": ":0"}})
+        return out.structured_content["stdout"]
+
+    async def title(client, sid):
+        return await sh(client, sid, "for w in $(xdotool search --onlyvisible --class chromium "
+                                     "2>/dev/null); do xdotool getwindowname $w; done")
+
+    async def until_title(client, sid, want):
+        for _ in range(240):
+            if want in await title(client, sid):
+                return True
+            await anyio.sleep(0.5)
+        return False
+
+    async def main():
+        async with Client(stdio_params()) as client:
+            made = await call(client, "create_sandbox", {"template": "desktop", "timeout": 600})
+            if made.is_error:
+                message = text_of(made)
+                if "desktop" not in os.environ.get("KILN_BUILTIN_TEMPLATES", "") and "404" in message:
+                    pytest.skip(f"the server does not serve the desktop template: {message}")
+                raise AssertionError(message)
+            sid = made.structured_content["sandbox_id"]
+            shot = await call(client, "screenshot", {"sandbox_id": sid})
+            assert not shot.is_error, text_of(shot)
+            images = [c for c in shot.content if c.type == "image"]
+            assert images and images[0].mime_type == "image/png"
+            first = images[0].data
+
+            for name, page in [("one.html", PAGE_ONE), ("two.html", PAGE_TWO)]:
+                wrote = await call(client, "write_file", {"sandbox_id": sid, "path": f"/home/user/site/{name}",
+                                                          "content": page})
+                assert not wrote.is_error, text_of(wrote)
+            served = await call(client, "run_command", {
+                "command": "cd /home/user/site && python3 -m http.server 8000 --bind 127.0.0.1",
+                "sandbox_id": sid, "background": True})
+            assert not served.is_error, text_of(served)
+
+            opened = await call(client, "open_url", {"sandbox_id": sid, "url": "http://127.0.0.1:8000/one.html"})
+            assert not opened.is_error, text_of(opened)
+            assert await until_title(client, sid, "One"), await title(client, sid)
+            await anyio.sleep(2)  # the page painted
+
+            # The middle of Chromium's window, below its toolbar: the page's button.
+            geometry = await sh(client, sid, "w=$(xdotool search --onlyvisible --class chromium | tail -1); "
+                                             "xdotool getwindowgeometry --shell $w")
+            g = dict(line.split("=", 1) for line in geometry.split() if "=" in line)
+            x = int(g["X"]) + int(g["WIDTH"]) // 2
+            y = int(g["Y"]) + int(g["HEIGHT"]) // 2 + 40
+            clicked = await call(client, "click", {"sandbox_id": sid, "x": x, "y": y})
+            assert not clicked.is_error, text_of(clicked)
+            assert await until_title(client, sid, "Clicked"), await title(client, sid)
+
+            for step in [("press", {"keys": "ctrl+l"}),
+                         ("type", {"text": "http://127.0.0.1:8000/two.html"}),
+                         ("press", {"keys": "Return"})]:
+                out = await call(client, step[0], {"sandbox_id": sid, **step[1]})
+                assert not out.is_error, text_of(out)
+            assert await until_title(client, sid, "Two"), await title(client, sid)
+
+            later = await call(client, "screenshot", {"sandbox_id": sid})
+            assert [c for c in later.content if c.type == "image"][0].data != first
+
+            bad = await call(client, "press", {"sandbox_id": sid, "keys": "ctrl+c; rm -rf /"})
+            assert bad.is_error and "X key names" in text_of(bad)
+            bad = await call(client, "open_url", {"sandbox_id": sid, "url": "file:///etc/passwd"})
+            assert bad.is_error and "http://" in text_of(bad)
+            return sid
+
+    sid = anyio.run(main)
+    assert gone([sid]), "the session's desktop sandbox outlived it"

@@ -374,3 +374,64 @@ mod tests {
         assert!(c.check("create_sandbox").is_err());
     }
 }
+
+/// Which mouse button a click uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MouseButton {
+    #[default]
+    Left,
+    Middle,
+    Right,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScreenshotArgs {
+    /// A sandbox of the `desktop` template (create_sandbox with template "desktop").
+    pub sandbox_id: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClickArgs {
+    /// A sandbox of the `desktop` template.
+    pub sandbox_id: String,
+    /// Pixels from the left edge of the screen (1024x768).
+    pub x: u32,
+    /// Pixels from the top edge.
+    pub y: u32,
+    /// left (default), middle or right.
+    #[serde(default)]
+    pub button: MouseButton,
+    /// A double click.
+    #[serde(default)]
+    pub double: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TypeArgs {
+    /// A sandbox of the `desktop` template.
+    pub sandbox_id: String,
+    /// The text to type into the focused window.
+    pub text: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PressArgs {
+    /// A sandbox of the `desktop` template.
+    pub sandbox_id: String,
+    /// X key names, `+` for chords: Return, Escape, Tab, ctrl+c, alt+F4, shift+Tab.
+    pub keys: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenUrlArgs {
+    /// A sandbox of the `desktop` template.
+    pub sandbox_id: String,
+    /// An http:// or https:// URL, opened in the desktop's default browser (Chromium).
+    pub url: String,
+}

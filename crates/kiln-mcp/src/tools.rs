@@ -29,10 +29,15 @@ pub enum ToolName {
     GetEnvironment,
     ListSpells,
     RunSpell,
+    Screenshot,
+    Click,
+    Type,
+    Press,
+    OpenUrl,
 }
 
 impl ToolName {
-    pub const ALL: [ToolName; 12] = [
+    pub const ALL: [ToolName; 17] = [
         ToolName::CreateSandbox,
         ToolName::ListSandboxes,
         ToolName::KillSandbox,
@@ -45,6 +50,11 @@ impl ToolName {
         ToolName::GetEnvironment,
         ToolName::ListSpells,
         ToolName::RunSpell,
+        ToolName::Screenshot,
+        ToolName::Click,
+        ToolName::Type,
+        ToolName::Press,
+        ToolName::OpenUrl,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +71,11 @@ impl ToolName {
             ToolName::GetEnvironment => "get_environment",
             ToolName::ListSpells => "list_spells",
             ToolName::RunSpell => "run_spell",
+            ToolName::Screenshot => "screenshot",
+            ToolName::Click => "click",
+            ToolName::Type => "type",
+            ToolName::Press => "press",
+            ToolName::OpenUrl => "open_url",
         }
     }
 
@@ -129,6 +144,28 @@ impl ToolName {
                  returns exit code, stdout, stderr, its result and the files it left (images \
                  come back as images)."
             }
+            ToolName::Screenshot => {
+                "Take a screenshot of a desktop sandbox's screen (1024x768, with the pointer) \
+                 and return it as a PNG image. Make the sandbox with create_sandbox and \
+                 template \"desktop\" (a Linux desktop with Chromium); its display starts on \
+                 first use."
+            }
+            ToolName::Click => {
+                "Move the mouse to (x, y) on a desktop sandbox's screen and click (left by \
+                 default; middle, right, or a double click). Take a screenshot first to find \
+                 where things are."
+            }
+            ToolName::Type => {
+                "Type text into the focused window of a desktop sandbox, as keystrokes."
+            }
+            ToolName::Press => {
+                "Press a key or a chord in a desktop sandbox: X key names joined by '+', e.g. \
+                 Return, Escape, Tab, ctrl+c, ctrl+l, alt+F4."
+            }
+            ToolName::OpenUrl => {
+                "Open an http(s) URL in a desktop sandbox's browser (Chromium); take a \
+                 screenshot to see the page."
+            }
         }
     }
 
@@ -146,6 +183,11 @@ impl ToolName {
             ToolName::GetEnvironment => schema::<GetEnvironmentArgs>(),
             ToolName::ListSpells => schema::<ListSpellsArgs>(),
             ToolName::RunSpell => schema::<RunSpellArgs>(),
+            ToolName::Screenshot => schema::<ScreenshotArgs>(),
+            ToolName::Click => schema::<ClickArgs>(),
+            ToolName::Type => schema::<TypeArgs>(),
+            ToolName::Press => schema::<PressArgs>(),
+            ToolName::OpenUrl => schema::<OpenUrlArgs>(),
         }
     }
 
@@ -157,11 +199,12 @@ impl ToolName {
                 | ToolName::ListFiles
                 | ToolName::GetEnvironment
                 | ToolName::ListSpells
+                | ToolName::Screenshot
         );
         ToolAnnotations::new()
             .read_only(read_only)
             .destructive(matches!(self, ToolName::KillSandbox | ToolName::WriteFile))
-            .open_world(false)
+            .open_world(matches!(self, ToolName::OpenUrl))
     }
 
     pub fn tool(self) -> Tool {

@@ -4,6 +4,7 @@
 
 mod code;
 mod command;
+mod desktop;
 mod files;
 mod sandboxes;
 mod spells;
@@ -79,6 +80,11 @@ pub async fn call(
             let a: RunSpellArgs = args::parse(t, args)?;
             spells::run_spell(session, key, &a.name, a.args).await
         }
+        ToolName::Screenshot => desktop::screenshot(session, key, args::parse(t, args)?).await,
+        ToolName::Click => desktop::click(session, key, args::parse(t, args)?).await,
+        ToolName::Type => desktop::type_text(session, key, args::parse(t, args)?).await,
+        ToolName::Press => desktop::press(session, key, args::parse(t, args)?).await,
+        ToolName::OpenUrl => desktop::open_url(session, key, args::parse(t, args)?).await,
     }
 }
 
