@@ -388,7 +388,12 @@ async fn logs_v1(
         .collect();
     let lines: Vec<_> = entries
         .iter()
-        .map(|e| serde_json::json!({"timestamp": e.timestamp, "line": e.message}))
+        .map(|e| {
+            let t = e
+                .timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            serde_json::json!({"timestamp": t, "line": e.message})
+        })
         .collect();
     Ok(Json(
         serde_json::json!({"logs": lines, "logEntries": entries}),

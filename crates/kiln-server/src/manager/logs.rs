@@ -36,17 +36,29 @@ impl Level {
 /// One entry, in E2B's `SandboxLogEntry` shape.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LogEntry {
+    /// RFC 3339 with microseconds, always (fixed width: sorts as text too).
+    #[serde(serialize_with = "micros")]
     pub timestamp: DateTime<Utc>,
     pub level: Level,
     pub message: String,
     pub fields: std::collections::BTreeMap<String, String>,
 }
 
+fn micros<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+}
+
 /// Parse console text: envd's lines (`<RFC 3339> <LEVEL> <target>: <message>`) keep
 /// their time and level; any other line is `info` at the time of the line before it
 /// (the sandbox's start for the first).
 pub fn parse_console(text: &str, started: DateTime<Utc>) -> Vec<LogEntry> {
-    let mut last = started;
+    // Lines before the first stamped one take its time: a pooled sandbox's console
+    // starts before the sandbox's record does.
+    let first_stamp = text.lines().find_map(|l| {
+        let first = l.split_whitespace().next()?;
+        DateTime::parse_from_rfc3339(first).ok()
+    });
+    let mut last = first_stamp.map_or(started, |t| t.with_timezone(&Utc).min(started));
     let mut out = Vec::new();
     for raw in text.lines() {
         let line = raw.trim_end();
@@ -120,14 +132,15 @@ mod tests {
 
     #[test]
     fn envd_lines_keep_their_time_and_level_others_follow() {
-        let started: DateTime<Utc> = "2026-12-07T12:00:00Z".parse().unwrap();
+        let started: DateTime<Utc> = "2026-12-07T13:00:00Z".parse().unwrap();
         let text = "kiln-jail: sandbox x started, pid 5\n\
             2026-12-07T12:32:39.554437Z  INFO kiln_envd::server: kiln-envd listening socket=/run/kiln/envd.sock\n\
             2026-12-07T12:32:40Z  WARN kiln_envd::process: slow\n\
             plain output\n";
         let got = parse_console(text, started);
         assert_eq!(got.len(), 4);
-        assert_eq!(got[0].timestamp, started);
+        // Before the first stamped line: its time (earlier than the record's start).
+        assert_eq!(got[0].timestamp, got[1].timestamp);
         assert_eq!(got[0].message, "kiln-jail: sandbox x started, pid 5");
         assert_eq!(got[1].level, Level::Info);
         assert_eq!(got[1].fields["logger"], "kiln_envd::server");
