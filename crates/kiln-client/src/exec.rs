@@ -168,16 +168,7 @@ impl Client {
             .send()
             .await
             .map_err(|source| ClientError::Transport { url, source })?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["message"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            return Err(ClientError::Api { status, message });
-        }
-        Ok(resp)
+        crate::checked(resp).await
     }
 }
 

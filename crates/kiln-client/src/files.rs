@@ -42,16 +42,7 @@ impl Client {
             .send()
             .await
             .map_err(|source| ClientError::Transport { url, source })?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["message"].as_str().map(str::to_string))
-            .unwrap_or(text);
-        Err(ClientError::Api { status, message })
+        crate::checked(resp).await
     }
 
     /// The contents of file `path` in sandbox `id`, refusing files larger than `max`

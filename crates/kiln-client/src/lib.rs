@@ -82,15 +82,7 @@ impl Client {
             .send()
             .await
             .map_err(|source| ClientError::Transport { url, source })?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&text)
-            .map(|b| b.message)
-            .unwrap_or(text);
-        Err(ClientError::Api { status, message })
+        checked(resp).await
     }
 
     async fn json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
@@ -188,6 +180,20 @@ impl Client {
         )
         .await
     }
+}
+
+/// `resp` when it succeeded, else the API's (or envd's) error: its status and the
+/// `message` of its JSON body, or the body as it is.
+pub(crate) async fn checked(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<ErrorBody>(&text)
+        .map(|b| b.message)
+        .unwrap_or(text);
+    Err(ClientError::Api { status, message })
 }
 
 fn percent_encode(s: &str) -> String {

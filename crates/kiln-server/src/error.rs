@@ -163,7 +163,7 @@ impl From<crate::spells::SpellError> for AppError {
             }
             E::NotYours(_) => AppError::Forbidden(e.to_string()),
             E::Sandbox(source) => source.into(),
-            E::Guest { .. } => AppError::Internal {
+            E::SandboxGone(_) | E::Guest { .. } => AppError::Internal {
                 message: e.to_string(),
                 source: Some(anyhow::Error::new(e)),
             },

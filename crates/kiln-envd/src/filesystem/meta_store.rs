@@ -127,7 +127,7 @@ impl MetaStore {
 
     /// `from` (a file or a directory) was renamed to `to` by envd: its entries follow.
     pub fn renamed(&self, from: &Path, to: &Path) {
-        let (from_key, to_key) = (key_after_move(from), key(to));
+        let (from_key, to_key) = (key(from), key(to));
         self.with(|entries| {
             let moved: Vec<PathBuf> = entries
                 .keys()
@@ -156,7 +156,7 @@ impl MetaStore {
 
     /// `path` (a file or a directory) was removed by envd: its entries go.
     pub fn removed(&self, path: &Path) {
-        let gone = key_after_move(path);
+        let gone = key(path);
         self.with(|entries| {
             let before = entries.len();
             entries.retain(|p, _| !p.starts_with(&gone));
@@ -167,11 +167,6 @@ impl MetaStore {
             }
         })
     }
-}
-
-/// The key a path had before it moved or went away (its parent still exists).
-fn key_after_move(path: &Path) -> PathBuf {
-    key(path)
 }
 
 #[cfg(test)]

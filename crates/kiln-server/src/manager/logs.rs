@@ -104,8 +104,6 @@ pub fn parse_console(text: &str, started: DateTime<Utc>) -> Vec<LogEntry> {
             fields,
         });
     }
-    // The first line of the read may be cut in the middle: drop it when the read
-    // started inside the file.
     out
 }
 
@@ -119,6 +117,7 @@ impl SandboxManager {
             .console_tail(id, CONSOLE_TAIL)
             .unwrap_or_default();
         let mut entries = parse_console(&text, started);
+        // A read that started inside the file begins with a cut line: drop it.
         if text.len() as u64 >= CONSOLE_TAIL && !entries.is_empty() {
             entries.remove(0);
         }

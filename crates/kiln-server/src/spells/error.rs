@@ -23,6 +23,8 @@ pub enum SpellError {
     NotYours(String),
     #[error("starting the spell's sandbox failed")]
     Sandbox(#[from] SandboxError),
+    #[error("the spell's sandbox {0} ended before the spell ran")]
+    SandboxGone(String),
     #[error("the spell's sandbox failed while {what}")]
     Guest {
         what: &'static str,

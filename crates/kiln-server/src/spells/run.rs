@@ -84,14 +84,7 @@ pub async fn run(
             };
             run_in(&guest, spell, &args, began + timeout).await
         }
-        None => Err(SpellError::Guest {
-            what: "starting",
-            source: envd::EnvdError::Status {
-                what: "sandbox lookup",
-                status: http::StatusCode::GONE,
-                body: "the sandbox ended before the spell ran".into(),
-            },
-        }),
+        None => Err(SpellError::SandboxGone(id.clone())),
     };
     if let Err(e) = manager.kill(&Caller::OPERATOR, &id).await {
         tracing::warn!(%id, error = %chain(&e), "killing a spell's sandbox failed");
