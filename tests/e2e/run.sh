@@ -264,7 +264,8 @@ path, key = sys.argv[1], sys.argv[2]
 fields = ["timestamp", "event_type", "sandbox_id", "user_id", "agent_id", "language",
           "duration_ms", "success", "ip_address"]
 types = {"sandbox.created", "sandbox.executed", "sandbox.terminated", "sandbox.failed",
-         "template.built", "key.created", "key.revoked", "auth.failed"}
+         "template.built", "key.created", "key.revoked", "auth.failed",
+         "network.denied"}
 seen = set()
 with open(path) as f:
     for n, line in enumerate(f, 1):

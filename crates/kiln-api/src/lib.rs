@@ -27,6 +27,14 @@ pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
 pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
 /// Pagination header of `GET /v2/sandboxes`.
 pub const NEXT_TOKEN_HEADER: &str = "x-next-token";
+/// Private ports (`allowPublicTraffic: false`) want the sandbox's traffic access
+/// token in this header.
+pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+
+/// Compares secrets without stopping at the first difference (the length still shows).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// `POST /sandboxes` body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -59,6 +67,52 @@ pub struct NewSandbox {
     /// server's cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
+}
+
+/// E2B's `network` object: egress lists, private ports, the Host the sandbox's
+/// servers see. Shown back by `GET /sandboxes/{id}` as it was accepted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxNetwork {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    /// `false`: every port needs the sandbox's traffic access token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_public_traffic: Option<bool>,
+    /// The Host header the sandbox's servers see; `${PORT}` becomes the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+    /// Per-host request transforms (not supported yet: refused when non-empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
+    /// A SOCKS5 proxy for egress (not supported: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+}
+
+/// `PUT /sandboxes/{id}/network` body: replaces the egress configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// `false` is the same as `denyOut: ["0.0.0.0/0"]`.
+    #[serde(
+        default,
+        rename = "allow_internet_access",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
 }
 
 /// Create/connect answer.
@@ -130,6 +184,11 @@ pub struct SandboxDetail {
     /// Kiln extension: the isolation runtime running this sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
+    /// The token private ports want; shown to the sandbox's team only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
 }
 
 /// `POST /sandboxes/{id}/timeout` body.
@@ -190,6 +249,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_compare_whole() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
     fn new_sandbox_parses_the_sdk_default_body() {
         let body = r#"{"templateID":"base","timeout":300,"secure":true,"allow_internet_access":true,"metadata":{},"envVars":{}}"#;
         let parsed: NewSandbox = serde_json::from_str(body).unwrap();
@@ -241,8 +307,20 @@ mod tests {
             domain: None,
             metadata: BTreeMap::new(),
             runtime: Some("jail".into()),
+            network: Some(SandboxNetwork {
+                deny_out: Some(vec!["0.0.0.0/0".into()]),
+                allow_public_traffic: Some(false),
+                ..SandboxNetwork::default()
+            }),
+            traffic_access_token: Some("t".into()),
         };
         let v = serde_json::to_value(&d).unwrap();
+        // E2B's camelCase keys, and nothing for what was not given.
+        assert_eq!(
+            v["network"],
+            serde_json::json!({"denyOut": ["0.0.0.0/0"], "allowPublicTraffic": false})
+        );
+        assert_eq!(v["trafficAccessToken"], "t");
         assert_eq!(v["memoryMB"], 512);
         assert_eq!(v["diskSizeMB"], 1024);
         assert_eq!(v["state"], "running");

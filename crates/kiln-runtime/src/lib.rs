@@ -282,6 +282,14 @@ pub trait Runtime: Send + Sync {
         None
     }
 
+    /// The network slot of sandbox `id` (its veth pair and addresses), for rules of
+    /// its own ([`jail::net::egress`]); `None` for a loopback-only sandbox or one this
+    /// runtime does not know.
+    fn network_slot(&self, id: &str) -> Option<jail::net::Slot> {
+        let _ = id;
+        None
+    }
+
     /// Whether a paused sandbox outlives a reboot of the host (a snapshot on disk)
     /// or only lives while the host runs (a frozen cgroup).
     fn pause_survives_reboot(&self) -> bool {

@@ -127,6 +127,10 @@ impl Runtime for MultiRuntime {
         self.owner(id).console_tail(id, max)
     }
 
+    fn network_slot(&self, id: &str) -> Option<crate::jail::net::Slot> {
+        self.owner(id).network_slot(id)
+    }
+
     fn pause_survives_reboot(&self) -> bool {
         self.default.pause_survives_reboot()
     }

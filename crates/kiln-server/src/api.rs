@@ -9,7 +9,8 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_api::{
-    ConnectRequest, NewSandbox, RefreshRequest, SandboxDetail, TimeoutRequest, NEXT_TOKEN_HEADER,
+    ConnectRequest, NetworkUpdate, NewSandbox, RefreshRequest, SandboxDetail, TimeoutRequest,
+    NEXT_TOKEN_HEADER,
 };
 
 use crate::authz::Caller;
@@ -92,6 +93,13 @@ pub fn endpoints() -> Vec<Endpoint> {
             Member,
             "Set a sandbox's timeout",
             set_timeout,
+        ),
+        Endpoint::new(
+            Method::PUT,
+            "/sandboxes/{id}/network",
+            Member,
+            "Replace a sandbox's egress rules (allowOut, denyOut)",
+            update_network,
         ),
         Endpoint::new(
             Method::POST,
@@ -309,6 +317,16 @@ async fn set_timeout(
     Body(req): Body<TimeoutRequest>,
 ) -> Result<StatusCode, AppError> {
     state.manager.set_timeout(&caller, &id, req.timeout).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn update_network(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Body(req): Body<NetworkUpdate>,
+) -> Result<StatusCode, AppError> {
+    state.manager.update_network(&caller, &id, req).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -315,6 +315,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         config.limits,
     );
     manager.set_audit(Arc::new(crate::audit::AuditLog::new(audit_sink)));
+    manager.set_operator_egress_allow(config.egress_allow.clone());
     if let Some(url) = &config.nats_url {
         manager.events().connect_nats(url);
         tracing::info!(%url, "publishing lifecycle events to NATS");

@@ -218,6 +218,9 @@ pub struct ServerConfig {
     pub nats_team: Option<String>,
     /// Spell timeout and memory caps.
     pub spells: SpellLimits,
+    /// The operator's exceptions to the ranges no sandbox reaches (`--egress-allow`),
+    /// which the egress proxy honours as the firewall does.
+    pub egress_allow: Vec<kiln_runtime::jail::net::Ipv4Cidr>,
 }
 
 impl SpellLimits {

@@ -136,6 +136,7 @@ impl From<crate::manager::SandboxError> for AppError {
             | E::ZeroSize
             | E::OverServerCap { .. }
             | E::BadQuery(_)
+            | E::BadNetwork(_)
             | E::PauseUnsupported(_) => AppError::BadRequest(message),
             E::HostFull { .. } | E::OverQuota { .. } => AppError::TooManyRequests(message),
             E::AlreadyPaused(_) | E::Lost(_) => AppError::Conflict(message),
@@ -145,7 +146,11 @@ impl From<crate::manager::SandboxError> for AppError {
                 message,
                 source: None,
             },
-            E::Runtime { .. } | E::Store(_) | E::Task(_) => AppError::Internal {
+            E::Runtime { .. }
+            | E::Firewall { .. }
+            | E::EgressProxy { .. }
+            | E::Store(_)
+            | E::Task(_) => AppError::Internal {
                 message,
                 source: Some(anyhow::Error::new(e)),
             },

@@ -12,6 +12,7 @@ pub mod builds;
 pub mod builtin_projects;
 pub mod builtins;
 pub mod config;
+pub mod egress;
 pub mod endpoint;
 pub mod envd;
 pub mod error;

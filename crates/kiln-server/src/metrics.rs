@@ -130,6 +130,9 @@ pub struct Metrics {
     pub executions_failed: Family<ExecLabels, Counter>,
     pub execution_duration: HistogramFamily<ExecLabels>,
     pub sandbox_memory: Family<SandboxLabels, Gauge<f64, AtomicU64>>,
+    /// Connections each running sandbox's network policy refused (firewall and egress
+    /// proxy), set at scrape time.
+    pub sandbox_egress_denied: Family<SandboxLabels, Gauge>,
     pub create_duration: HistogramFamily<CreateLabels>,
     pub pool_idle: Family<TemplateLabels, Gauge>,
     pub builds: Family<BuildLabels, Counter>,
@@ -155,6 +158,7 @@ impl Metrics {
             executions_failed: Family::default(),
             execution_duration: Family::new_with_constructor(duration_buckets),
             sandbox_memory: Family::default(),
+            sandbox_egress_denied: Family::default(),
             create_duration: Family::new_with_constructor(create_buckets),
             pool_idle: Family::default(),
             builds: Family::default(),
@@ -193,6 +197,11 @@ impl Metrics {
             "e2b_sandbox_memory_bytes",
             "Memory a running sandbox uses",
             m.sandbox_memory.clone(),
+        );
+        r.register(
+            "kiln_sandbox_egress_denied",
+            "Connections a running sandbox's network policy refused so far",
+            m.sandbox_egress_denied.clone(),
         );
         r.register(
             "kiln_sandbox_create_duration_seconds",

@@ -12,7 +12,9 @@ use axum::Json;
 use http::header::{self, HeaderMap, HeaderName};
 use http::StatusCode;
 use hyper_util::rt::TokioIo;
-use kiln_api::{SandboxGoneBody, ENVD_PORT, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER};
+use kiln_api::{
+    SandboxGoneBody, ENVD_PORT, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER,
+};
 
 use crate::error::json_error;
 use crate::exec_watch::{AuditNote, Peeked, Watched};
@@ -207,6 +209,26 @@ pub async fn forward(
         // paused sandbox as unreachable.
         return paused(&id);
     }
+    if port != ENVD_PORT {
+        let rec = entry.record();
+        let network = crate::manager::network_of(&rec);
+        if network.private && !traffic_token_ok(req.headers(), rec.traffic_token.as_deref()) {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "port {port} of sandbox {id} is private: send the sandbox's traffic access \
+                     token (trafficAccessToken from its create) in the {TRAFFIC_TOKEN_HEADER} header"
+                ),
+            );
+        }
+        if let Some(host) = network.masked_host(port) {
+            if let Ok(value) = http::HeaderValue::from_str(&host) {
+                req.headers_mut().insert(header::HOST, value);
+            }
+        }
+    }
+    // The sandbox's servers never see the token (nor could they replay it elsewhere).
+    req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
     let execution = crate::exec_watch::kind_of(port, req.method(), req.uri().path());
     let began = std::time::Instant::now();
     let audit = execution.map(|kind| {
@@ -292,6 +314,17 @@ pub async fn forward(
             resp.map(|b| Body::new(Watched::new(Body::new(b), kind, metrics, began, audit)))
         }
         None => resp.map(Body::new),
+    }
+}
+
+/// Whether the request carries the sandbox's traffic access token.
+fn traffic_token_ok(headers: &HeaderMap, token: Option<&str>) -> bool {
+    match (headers.get(TRAFFIC_TOKEN_HEADER), token) {
+        (Some(given), Some(token)) => {
+            kiln_api::constant_time_eq(given.as_bytes(), token.as_bytes())
+        }
+        // A private sandbox always has a token; without one nothing matches.
+        _ => false,
     }
 }
 

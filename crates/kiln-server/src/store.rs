@@ -130,6 +130,10 @@ pub struct SandboxRecord {
     pub team_id: i64,
     /// At the deadline, pause instead of kill (`autoPause` at create).
     pub auto_pause: bool,
+    /// E2B's `network` object as accepted (egress lists, private ports, host mask).
+    pub network: Option<kiln_api::SandboxNetwork>,
+    /// What private ports want in `e2b-traffic-access-token`.
+    pub traffic_token: Option<String>,
 }
 
 /// The persistence operations the control plane needs.
@@ -254,6 +258,11 @@ const MIGRATIONS: &[Migration] = &[
             updated_at TEXT NOT NULL,
             PRIMARY KEY (team_id, name)
         );",
+    ),
+    // 5: a sandbox's network policy and traffic access token.
+    Migration::Sql(
+        "ALTER TABLE sandboxes ADD COLUMN network TEXT;
+        ALTER TABLE sandboxes ADD COLUMN traffic_token TEXT;",
     ),
 ];
 
@@ -381,7 +390,7 @@ const TEAM_COLUMNS: &str =
     "id, name, created_at, max_sandboxes, max_memory_mb, max_cpus, max_template_disk_mb";
 const SANDBOX_COLUMNS: &str = "id, template_id, state, runtime, started_at, end_at, cpu_count, \
      memory_mb, disk_size_mb, allow_internet_access, access_token, metadata, owner_key_id, \
-     auto_pause, team_id";
+     auto_pause, team_id, network, traffic_token";
 
 fn team_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(TeamRecord, String)> {
     let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> {
@@ -645,11 +654,17 @@ impl Store for SqliteStore {
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         let metadata = serde_json::to_string(&rec.metadata)
             .map_err(|e| StoreError::Corrupt(format!("metadata: {e}")))?;
+        let network = rec
+            .network
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("network: {e}")))?;
         self.conn()
             .execute(
                 &format!(
                     "INSERT OR REPLACE INTO sandboxes ({SANDBOX_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
                 ),
                 params![
                     rec.id,
@@ -667,6 +682,8 @@ impl Store for SqliteStore {
                     rec.owner_key_id,
                     rec.auto_pause as i64,
                     rec.team_id,
+                    network,
+                    rec.traffic_token,
                 ],
             )
             .map_err(q("save sandbox"))?;
@@ -725,6 +742,8 @@ impl Store for SqliteStore {
                     owner_key_id: r.get(12)?,
                     auto_pause: r.get(13)?,
                     team_id: r.get(14)?,
+                    network: r.get(15)?,
+                    traffic_token: r.get(16)?,
                 })
             })
             .map_err(q("list sandboxes"))?;
@@ -753,10 +772,18 @@ struct RawSandbox {
     owner_key_id: i64,
     auto_pause: i64,
     team_id: i64,
+    network: Option<String>,
+    traffic_token: Option<String>,
 }
 
 impl RawSandbox {
     fn into_record(self) -> Result<SandboxRecord, StoreError> {
+        let network = self
+            .network
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("network of {}: {e}", self.id)))?;
         Ok(SandboxRecord {
             state: RecordState::parse(&self.state)?,
             started_at: parse_time(&self.started_at)?,
@@ -774,6 +801,8 @@ impl RawSandbox {
             owner_key_id: self.owner_key_id,
             team_id: self.team_id,
             auto_pause: self.auto_pause != 0,
+            network,
+            traffic_token: self.traffic_token,
         })
     }
 }
@@ -799,6 +828,8 @@ mod tests {
             owner_key_id: 1,
             team_id: 1,
             auto_pause: true,
+            network: None,
+            traffic_token: None,
         }
     }
 
@@ -917,10 +948,22 @@ mod tests {
     #[test]
     fn sandboxes_round_trip() {
         let s = SqliteStore::in_memory().unwrap();
-        let rec = record("abc");
+        let mut rec = record("abc");
+        rec.network = Some(kiln_api::SandboxNetwork {
+            allow_out: Some(vec!["api.example.com".into()]),
+            deny_out: Some(vec!["0.0.0.0/0".into()]),
+            allow_public_traffic: Some(false),
+            ..Default::default()
+        });
+        rec.traffic_token = Some("tt".into());
         s.upsert_sandbox(&rec).unwrap();
+        s.upsert_sandbox(&record("nonet")).unwrap();
         let got = s.list_sandboxes().unwrap();
-        assert_eq!(got.len(), 1);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().any(|r| r.id == "nonet" && r.network.is_none()));
+        let got: Vec<_> = got.into_iter().filter(|r| r.id == "abc").collect();
+        assert_eq!(got[0].network, rec.network);
+        assert_eq!(got[0].traffic_token.as_deref(), Some("tt"));
         assert_eq!(got[0].metadata, rec.metadata);
         assert_eq!(got[0].access_token.as_deref(), Some("t"));
         let later = Utc::now() + chrono::Duration::seconds(60);
@@ -930,6 +973,7 @@ mod tests {
             later.timestamp()
         );
         s.delete_sandbox("abc").unwrap();
+        s.delete_sandbox("nonet").unwrap();
         assert!(s.list_sandboxes().unwrap().is_empty());
     }
 

@@ -476,6 +476,14 @@ async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Cas
                 Some(json!({"timeout": 120})),
             )
         }
+        ("PUT", "/sandboxes/{id}/network") => {
+            let id = sandbox(h).await;
+            scoped(
+                on(path, &id),
+                on(path, NOBODY),
+                Some(json!({"denyOut": ["203.0.113.0/24"]})),
+            )
+        }
         ("POST", "/sandboxes/{id}/refreshes") => {
             let id = sandbox(h).await;
             scoped(

@@ -553,6 +553,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .ok()
             .filter(|t| !t.is_empty()),
         spells: kiln_server::spells::SpellLimits::from_env()?,
+        egress_allow,
     };
     kiln_server::serve(config, runtime)
         .await

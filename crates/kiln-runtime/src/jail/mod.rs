@@ -477,6 +477,13 @@ impl Runtime for JailRuntime {
         path.exists().then(|| crate::guest::tail(&path, max))
     }
 
+    fn network_slot(&self, id: &str) -> Option<net::Slot> {
+        if crate::jail::spec::validate_id(id).is_err() {
+            return None;
+        }
+        self.read_state(id)?.slot
+    }
+
     fn owns(&self, id: &str) -> bool {
         crate::jail::spec::validate_id(id).is_ok() && self.paths(id).dir.is_dir()
     }

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 mod cidr;
+pub mod egress;
 mod firewall;
 
 pub use self::cidr::{parse_egress_allow, CidrError, Ipv4Cidr};
@@ -210,9 +211,10 @@ pub fn setup_host_side_in(slot: Slot, netns: &str) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Delete the host end (which deletes the pair). A missing device is fine: the pair
+/// Delete the sandbox's own egress rules and the host end (which deletes the pair). A missing device is fine: the pair
 /// disappears on its own when the sandbox's network namespace dies.
 pub fn remove_host_side(slot: Slot) -> Result<(), NetError> {
+    egress::clear(slot)?;
     if !Path::new("/sys/class/net").join(slot.host_if()).exists() {
         return Ok(());
     }

@@ -50,6 +50,9 @@ pub enum SandboxError {
     OverQuota { quota: Quota, used: u64, max: u64 },
     #[error("{0}")]
     BadQuery(String),
+    /// A `network` object this server cannot honour as asked (which field, why).
+    #[error(transparent)]
+    BadNetwork(#[from] crate::egress::PolicyError),
     #[error("sandbox \"{0}\" is already paused")]
     AlreadyPaused(String),
     /// The runtime cannot pause (its message says why).
@@ -71,6 +74,17 @@ pub enum SandboxError {
         what: String,
         #[source]
         source: kiln_runtime::RuntimeError,
+    },
+    #[error("setting the network policy of sandbox {id} failed")]
+    Firewall {
+        id: String,
+        #[source]
+        source: kiln_runtime::jail::net::NetError,
+    },
+    #[error("starting the egress proxy failed")]
+    EgressProxy {
+        #[source]
+        source: std::io::Error,
     },
     #[error("the control plane's database failed")]
     Store(#[from] StoreError),

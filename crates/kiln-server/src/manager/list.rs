@@ -180,6 +180,8 @@ mod tests {
             owner_key_id: 1,
             team_id: 1,
             auto_pause: false,
+            network: None,
+            traffic_token: None,
         }
     }
 

@@ -9,6 +9,7 @@ mod error;
 mod list;
 mod logs;
 mod metrics;
+mod network;
 pub use logs::{Level as LogLevel, LogEntry};
 mod owner;
 mod pool;
@@ -99,6 +100,12 @@ pub struct SandboxManager {
     /// Paused sandboxes the host lost (a reboot under a runtime whose pause lives in
     /// memory): their team, and the message a resume gets.
     lost: Mutex<HashMap<String, (i64, String)>>,
+    /// The egress proxy for sandboxes with domain rules, started on first use.
+    egress: tokio::sync::OnceCell<Arc<crate::egress::proxy::EgressProxy>>,
+    /// The operator's `--egress-allow`, which the egress proxy honours too.
+    operator_egress_allow: RwLock<Vec<kiln_runtime::jail::net::Ipv4Cidr>>,
+    /// Connections the egress proxy refused, per sandbox.
+    proxy_denied: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 /// The memory and CPUs of one sandbox; `None` where the template (or the server's
@@ -188,6 +195,9 @@ impl SandboxManager {
             events: Arc::new(crate::events::EventBus::new(metrics)),
             audit: RwLock::new(Arc::new(crate::audit::AuditLog::off())),
             lost: Mutex::new(HashMap::new()),
+            egress: tokio::sync::OnceCell::new(),
+            operator_egress_allow: RwLock::default(),
+            proxy_denied: Arc::default(),
         })
     }
 
@@ -271,6 +281,18 @@ impl SandboxManager {
                     .get_or_create(&labels)
                     .set(stats.mem_used_bytes as f64);
             }
+        }
+        self.metrics.sandbox_egress_denied.clear();
+        for r in running.iter().filter(|r| r.network.is_some()) {
+            let labels = SandboxLabels {
+                sandbox_id: r.id.clone(),
+                template: r.template_id.clone(),
+            };
+            let denied = self.egress_denied(&r.id).await;
+            self.metrics
+                .sandbox_egress_denied
+                .get_or_create(&labels)
+                .set(denied.min(i64::MAX as u64) as i64);
         }
         self.metrics.pool_idle.clear();
         for (template, idle) in self.pools.idle_counts() {
@@ -589,6 +611,7 @@ impl SandboxManager {
             self.template_visible(&caller, name)
         })?;
         let allow_internet = req.allow_internet_access.unwrap_or(true);
+        let network = network::check_create(req.network.as_ref(), allow_internet)?;
         let asked = Size {
             memory_mb: req.memory_mb,
             cpu_count: req.cpu_count,
@@ -608,6 +631,7 @@ impl SandboxManager {
         let config = self.sandbox_config(id.clone(), &template, allow_internet, asked)?;
         let (cpu_count, memory_mb) = (config.limits.cpu_count, config.limits.memory_mb);
         let access_token = secure.then(new_token);
+        let traffic_token = network.private.then(new_token);
         let now = Utc::now();
         let mut record = SandboxRecord {
             id: id.clone(),
@@ -625,12 +649,20 @@ impl SandboxManager {
             owner_key_id: caller.key_id,
             team_id: caller.team_id,
             auto_pause: req.auto_pause.unwrap_or(false),
+            network: req.network.clone(),
+            traffic_token: traffic_token.clone(),
         };
         // Recorded before the guest is prepared: a server that dies from here on finds
         // the record at its next start and removes the half-made sandbox.
         if let Err(e) = self.store.upsert_sandbox(&record) {
             self.destroy(&id).await;
             return Err(e.into());
+        }
+
+        // Before the guest runs anything of the template's or the user's.
+        if let Err(e) = self.apply_network(&id, caller.team_id, &network).await {
+            self.destroy(&id).await;
+            return Err(e);
         }
 
         let mut env: BTreeMap<String, String> = BTreeMap::from([
@@ -695,7 +727,7 @@ impl SandboxManager {
             envd_version: kiln_api::ENVD_VERSION.to_string(),
             alias: None,
             envd_access_token: access_token,
-            traffic_access_token: None,
+            traffic_access_token: traffic_token,
             domain: None,
         })
     }
@@ -713,6 +745,7 @@ impl SandboxManager {
         if let Err(e) = self.store.set_state(id, RecordState::Killing) {
             tracing::error!(%id, error = %chain(&e), "recording a kill failed");
         }
+        self.forget_network(id);
         if self.kill_once(id).await {
             return;
         }
@@ -867,7 +900,7 @@ impl SandboxManager {
             envd_version: kiln_api::ENVD_VERSION.to_string(),
             alias: None,
             envd_access_token: rec.access_token,
-            traffic_access_token: None,
+            traffic_access_token: rec.traffic_token,
             domain: None,
         };
         Ok((sandbox, resumed))
@@ -960,6 +993,7 @@ impl SandboxManager {
             match self.ask_runtime(&rec.id).await {
                 Ok(Some(instance)) => {
                     tracing::info!(id = %rec.id, "re-adopted sandbox after restart");
+                    self.reapply_network(&rec).await;
                     self.spawn_owner(rec, instance.envd_socket);
                     adopted += 1;
                 }
@@ -1037,6 +1071,7 @@ impl SandboxManager {
                 match manager.ask_runtime(&rec.id).await {
                     Ok(Some(instance)) => {
                         tracing::info!(id = %rec.id, "re-adopted sandbox after restart");
+                        manager.reapply_network(&rec).await;
                         manager.spawn_owner(rec, instance.envd_socket);
                         return;
                     }
@@ -1224,6 +1259,8 @@ fn check_quota(quota: Quota, used: u64, max: Option<u64>) -> Result<(), SandboxE
     }
 }
 
+pub(crate) use network::network_of;
+
 pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
     SandboxDetail {
         template_id: rec.template_id.clone(),
@@ -1248,6 +1285,8 @@ pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
         domain: None,
         metadata: rec.metadata.clone(),
         runtime: Some(rec.runtime.clone()),
+        network: rec.network.clone(),
+        traffic_access_token: rec.traffic_token.clone(),
     }
 }
 

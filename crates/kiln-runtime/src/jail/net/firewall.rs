@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use super::egress::EGRESS_CHAIN;
 use super::{host_nameservers, run, write_sysctl, Ipv4Cidr, NetError, IF_PREFIX, POOL};
 
 /// Destinations no sandbox reaches unless the operator allows them: the IPv4 ranges
@@ -75,13 +76,15 @@ pub fn iptables_rules(plan: &FirewallPlan) -> String {
          :{DNS_CHAIN} - [0:0]\n\
          -A KILN-INPUT -i {kv} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n\
          -A KILN-INPUT -i {kv} -j {DNS_CHAIN}\n\
+         -A KILN-INPUT -i {kv} -p tcp -m conntrack --ctstate DNAT -j ACCEPT\n\
          -A KILN-INPUT -i {kv} -j DROP\n\
          -A KILN-FORWARD -i {kv} -j {USER_CHAIN}\n\
          -A KILN-FORWARD -o {kv} -j {USER_CHAIN}\n\
          -A KILN-FORWARD -i {kv} -o {kv} -j DROP\n\
          -A KILN-FORWARD -o {kv} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n\
          -A KILN-FORWARD -o {kv} -j DROP\n\
-         -A KILN-FORWARD -i {kv} -j {DNS_CHAIN}\n"
+         -A KILN-FORWARD -i {kv} -j {DNS_CHAIN}\n\
+         -A KILN-FORWARD -i {kv} -j {EGRESS_CHAIN}\n"
     );
     for net in &plan.egress_allow {
         r.push_str(&format!("-A KILN-FORWARD -i {kv} -d {net} -j ACCEPT\n"));
@@ -157,6 +160,7 @@ pub const HOOKS: [(&str, &str, &str); 3] = [
 pub fn install_host_rules(egress_allow: &[Ipv4Cidr]) -> Result<(), NetError> {
     write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
     ensure_user_chain()?;
+    super::egress::ensure_dispatch_chains()?;
     let nameservers = host_nameservers().unwrap_or_default();
     let plan = FirewallPlan {
         egress_allow: egress_allow.to_vec(),
@@ -454,6 +458,26 @@ mod tests {
              -A KILN-DNS -d 192.168.1.1/32 -p udp -m udp --dport 53 -j ACCEPT\n\
              -A KILN-DNS -d 192.168.1.1/32 -p tcp -m tcp --dport 53 -j ACCEPT\n\
              COMMIT\n"
+        );
+    }
+
+    #[test]
+    fn each_sandboxs_own_rules_come_after_dns_and_before_the_host_wide_ranges() {
+        let r = iptables_rules(&plan());
+        assert!(!r.contains(":KILN-EGRESS"), "KILN-EGRESS would be flushed");
+        let jump = line_of(&r, "-A KILN-FORWARD -i kv+ -j KILN-EGRESS");
+        assert!(line_of(&r, "-A KILN-FORWARD -i kv+ -j KILN-DNS") < jump);
+        assert!(line_of(&r, "-o kv+ -j DROP") < jump, "would open inbound");
+        // A sandbox's allow only returns here: the operator's list and the
+        // rejections still follow.
+        assert!(jump < line_of(&r, "-d 10.1.2.0/24 -j ACCEPT"));
+        assert!(jump < line_of(&r, "-d 10.0.0.0/8 -j REJECT"));
+        // The egress proxy's connections (DNAT'd to the host end) are let in.
+        assert!(
+            line_of(
+                &r,
+                "-A KILN-INPUT -i kv+ -p tcp -m conntrack --ctstate DNAT -j ACCEPT"
+            ) < line_of(&r, "-A KILN-INPUT -i kv+ -j DROP")
         );
     }
 
