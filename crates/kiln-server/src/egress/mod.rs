@@ -3,6 +3,7 @@
 
 pub mod policy;
 pub mod proxy;
+pub mod rules;
 
 pub use policy::{EgressPolicy, PolicyError, Verdict};
 

@@ -30,6 +30,8 @@ pub enum PolicyError {
         field: &'static str,
         why: &'static str,
     },
+    #[error("network.rules: {0}")]
+    Rules(String),
     #[error("network.maskRequestHost {0:?} is not a host name (letters, digits, '-', '.', an optional ${{PORT}} and :port)")]
     MaskHost(String),
     #[error("network.{0} needs Internet access: this sandbox was created with allow_internet_access false")]
@@ -45,7 +47,7 @@ pub struct DomainPattern {
 }
 
 impl DomainPattern {
-    fn parse(entry: &str) -> Result<DomainPattern, String> {
+    pub fn parse(entry: &str) -> Result<DomainPattern, String> {
         let lower = entry.trim().trim_end_matches('.').to_ascii_lowercase();
         let (subdomains, name) = match lower.strip_prefix("*.") {
             Some(rest) => (true, rest.to_string()),
