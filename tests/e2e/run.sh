@@ -61,12 +61,14 @@ stop_server() {
 }
 SERVER_STOP_FAILED=0
 NATS_PID=""
+EGRESS_CA_DIR=""
 stop_all() {
   stop_server
   if [ -n "$NATS_PID" ]; then
     kill "$NATS_PID" 2>/dev/null || true
     wait "$NATS_PID" 2>/dev/null || true
   fi
+  [ -z "$EGRESS_CA_DIR" ] || rm -rf "$EGRESS_CA_DIR"
 }
 trap stop_all EXIT
 trap 'exit 130' INT TERM
@@ -106,6 +108,19 @@ NATS_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 "$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" >"$LOG_DIR/nats-$$.log" 2>&1 &
 NATS_PID=$!
 export KILN_NATS_URL="nats://127.0.0.1:$NATS_PORT"
+
+# --- a CA of the run's own for the test's HTTPS servers -----------------------------------
+# The egress proxy verifies the real servers behind a sandbox's `network.rules` like any
+# TLS client; the run's servers (test_network.py) have certificates from this CA, which
+# the server is told to trust besides the usual roots.
+EGRESS_CA_DIR="$LOG_DIR/egress-ca-$$"
+mkdir -p "$EGRESS_CA_DIR"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=Kiln e2e upstream CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+  -keyout "$EGRESS_CA_DIR/ca.key" -out "$EGRESS_CA_DIR/ca.pem" 2>/dev/null \
+  || die "openssl could not make the run's test CA"
+export KILN_EGRESS_UPSTREAM_CA="$EGRESS_CA_DIR/ca.pem"
+export KILN_E2E_EGRESS_CA_KEY="$EGRESS_CA_DIR/ca.key"
 
 # --- start the server ------------------------------------------------------------------
 PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
@@ -265,7 +280,7 @@ fields = ["timestamp", "event_type", "sandbox_id", "user_id", "agent_id", "langu
           "duration_ms", "success", "ip_address"]
 types = {"sandbox.created", "sandbox.executed", "sandbox.terminated", "sandbox.failed",
          "template.built", "key.created", "key.revoked", "auth.failed",
-         "network.denied"}
+         "network.denied", "secret.created", "secret.updated", "secret.deleted"}
 seen = set()
 with open(path) as f:
     for n, line in enumerate(f, 1):

@@ -30,8 +30,13 @@ import http.server, socketserver, ssl, sys, threading
 
 class Echo(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = ("served %s:%s host=%s\n" % (self.server.server_address[0],
-                self.server.server_address[1], self.headers.get("Host"))).encode()
+        auth = self.headers.get("Authorization")
+        if auth:
+            with open(seen, "a") as f:
+                f.write("%s %s\n" % (self.headers.get("Host"), auth))
+        body = ("served %s:%s host=%s auth=%s\n" % (self.server.server_address[0],
+                self.server.server_address[1], self.headers.get("Host"),
+                "yes" if auth else "no")).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -43,9 +48,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-cert, key = sys.argv[1], sys.argv[2]
+cert, key, seen = sys.argv[1], sys.argv[2], sys.argv[3]
 servers = []
-for ip in sys.argv[3:]:
+for ip in sys.argv[4:]:
     for port in (80, 8080, 443):
         s = Server((ip, port), Echo)
         if port == 443:
@@ -71,10 +76,19 @@ def listeners(tmp_path_factory):
     tag = uuid.uuid4().hex[:6]
     ns, host_if, ns_if = f"kiln-nt-{tag}", f"knt{tag}", f"kntp{tag}"
     work = tmp_path_factory.mktemp("network")
-    cert, key = work / "cert.pem", work / "key.pem"
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-       "-subj", "/CN=allowed.kiln.test", "-keyout", str(key), "-out", str(cert),
-       "-addext", "subjectAltName=DNS:allowed.kiln.test,DNS:other.kiln.test")
+    cert, key, csr = work / "cert.pem", work / "key.pem", work / "req.pem"
+    # Signed by the run's CA, which the server trusts for upstreams (run.sh): the egress
+    # proxy verifies the servers behind `network.rules` like any client.
+    ca_key = os.environ.get("KILN_E2E_EGRESS_CA_KEY")
+    ca = os.environ.get("KILN_EGRESS_UPSTREAM_CA")
+    assert ca_key and ca, "run.sh makes the run's upstream CA (KILN_E2E_EGRESS_CA_KEY)"
+    sh("openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=allowed.kiln.test",
+       "-keyout", str(key), "-out", str(csr))
+    (work / "ext.cnf").write_text("subjectAltName=DNS:allowed.kiln.test,DNS:other.kiln.test\n")
+    sh("openssl", "x509", "-req", "-in", str(csr), "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+       "-days", "1", "-extfile", str(work / "ext.cnf"), "-out", str(cert))
+    seen = work / "seen.log"
+    seen.write_text("")
     (work / "server.py").write_text(SERVER)
     sh("ip", "netns", "add", ns)
     server = None
@@ -90,7 +104,7 @@ def listeners(tmp_path_factory):
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", f"{NET}.254")
         server = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "python3", str(work / "server.py"), str(cert), str(key), A, B],
+            ["ip", "netns", "exec", ns, "python3", str(work / "server.py"), str(cert), str(key), str(seen), A, B],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         with open("/etc/hosts", "a") as f:
@@ -103,7 +117,7 @@ def listeners(tmp_path_factory):
         if not wait_until(up, 15):
             pytest.fail("the test's own listeners did not come up: "
                         + (server.stderr.read().decode() if server.poll() is not None else "still starting"))
-        yield
+        yield seen
     finally:
         if server:
             server.kill()
@@ -114,14 +128,16 @@ def listeners(tmp_path_factory):
         sh("ip", "netns", "del", ns, check=False)
 
 
-def fetch(sbx, url, *extra, timeout=8):
+def fetch(sbx, url, *extra, timeout=8, insecure=True):
     """curl in the sandbox: (exit code, body). The names resolve to the test's
-    addresses unless `extra` says otherwise."""
+    addresses unless `extra` says otherwise; `insecure=False` verifies certificates
+    with the sandbox's trust store."""
     resolve = " ".join(
         f"--resolve {name}:{port}:{ip}" for name, ip in NAMES.items() for port in (80, 443)
     )
     args = " ".join(extra)
-    cmd = f"curl -sk -m {timeout} {args} {resolve} {url}"
+    k = "-k" if insecure else ""
+    cmd = f"curl -s {k} -m {timeout} {args} {resolve} {url}"
     try:
         r = sbx.commands.run(cmd, timeout=timeout + 20)
         return r.exit_code, r.stdout
@@ -214,7 +230,9 @@ def test_bad_policies_are_refused_with_the_reason(new_sandbox):
         new_sandbox(network={"allow_out": ["10.0.0.1/8"], "deny_out": ["0.0.0.0/0"]})
     with pytest.raises((InvalidArgumentException, SandboxException), match="network.rules"):
         new_sandbox(network={"allow_out": ["api.example.com"],
-                             "rules": {"api.example.com": [{"transform": {"headers": {"X": "y"}}}]}})
+                             "rules": {"10.0.0.0/8": [{"transform": {"headers": {"X": "y"}}}]}})
+    with pytest.raises((InvalidArgumentException, SandboxException), match="network.egressProxy"):
+        new_sandbox(network={"egress_proxy": {"address": "proxy.example.com:1080"}})
 
 
 def test_private_ports_want_the_traffic_token(new_sandbox):
@@ -247,3 +265,94 @@ def test_private_ports_want_the_traffic_token(new_sandbox):
     assert r.text == "host=8000-masked.example token=None", r.text
     # envd keeps its own auth (the SDK does not send the traffic token there).
     assert probe(sbx, "echo ok") == "ok"
+
+
+# What runs in the sandbox for the secrets test: an HTTPS request through the normal
+# trust store (no -k: the sandbox trusts its own egress CA), then a search for anything
+# shaped like the secret in its own memory, every process's environment and command
+# line, and the files a program would leave it in. Only hashes of what it finds leave.
+SEARCH = r"""
+import hashlib, json, os, re, urllib.request
+pat = re.compile(rb"kiln-secret-[0-9a-f]{32}")
+found = set()
+def scan(b):
+    for m in pat.finditer(b):
+        found.add(hashlib.sha256(m.group(0)).hexdigest())
+body = urllib.request.urlopen("https://allowed.kiln.test/", timeout=20).read().decode()
+body += urllib.request.urlopen("http://allowed.kiln.test/", timeout=20).read().decode()
+with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+    for line in maps:
+        addr, perms = line.split()[:2]
+        if not perms.startswith("r") or "[vvar]" in line or "[vsyscall]" in line:
+            continue
+        lo, hi = (int(x, 16) for x in addr.split("-"))
+        try:
+            mem.seek(lo)
+            scan(mem.read(hi - lo))
+        except (OSError, ValueError, OverflowError):
+            pass
+for pid in os.listdir("/proc"):
+    for part in ("environ", "cmdline"):
+        try:
+            scan(open(f"/proc/{pid}/{part}", "rb").read())
+        except OSError:
+            pass
+for top in ("/etc", "/home", "/root", "/tmp", "/var/tmp", "/opt", "/usr/local"):
+    for d, _, files in os.walk(top):
+        for f in files:
+            try:
+                p = os.path.join(d, f)
+                if os.path.isfile(p) and os.path.getsize(p) < 4 << 20:
+                    scan(open(p, "rb").read())
+            except OSError:
+                pass
+print(json.dumps({"body": body, "found": sorted(found)}))
+"""
+
+
+def test_a_header_rule_adds_a_secret_the_sandbox_never_holds(new_sandbox, listeners):
+    import hashlib
+    from e2b import Secret
+
+    seen = listeners
+    value = "kiln-secret-" + uuid.uuid4().hex
+    name = "e2e-" + uuid.uuid4().hex[:8]
+    info = Secret.create(name, value, metadata={"purpose": "e2e"})
+    assert info.name == name and info.version == 1
+    try:
+        rule = {"transform": {"headers": {"Authorization": f"Bearer {Secret.fill(name)}"}}}
+        sbx = new_sandbox(network={
+            "allow_out": ["allowed.kiln.test"],
+            "deny_out": ["0.0.0.0/0"],
+            "rules": {"allowed.kiln.test": [rule]},
+        })
+        # Names the sandbox resolves itself (urllib has no --resolve).
+        sbx.commands.run(f"echo '{A} allowed.kiln.test' >> /etc/hosts", user="root")
+        # curl verifies with the system trust store, which now has the sandbox's CA.
+        code, body = fetch(sbx, "https://allowed.kiln.test/", insecure=False)
+        assert code == 0 and "auth=yes" in body, (code, body)
+        sbx.files.write("/tmp/search.py", SEARCH)
+        # A decoy of the same shape the sandbox does hold: the search must find it.
+        decoy = "kiln-secret-" + uuid.uuid4().hex
+        out = json.loads(probe(sbx, "python3 /tmp/search.py", envs={"DECOY": decoy}, timeout=120))
+        assert hashlib.sha256(decoy.encode()).hexdigest() in out["found"], "the search finds nothing"
+        assert out["body"].count("auth=yes") == 2, out["body"]
+        # The real server got the value, on HTTPS and HTTP.
+        lines = [l for l in seen.read_text().splitlines() if l.startswith("allowed.kiln.test")]
+        assert len(lines) >= 3 and all(l.endswith(f"Bearer {value}") for l in lines), lines
+        # The sandbox never held it.
+        assert hashlib.sha256(value.encode()).hexdigest() not in out["found"]
+        assert value not in json.dumps(sbx.get_info().network or {})
+        assert Secret.fill(name) in json.dumps(sbx.get_info().network or {})
+        # Another host than the rule's gets no header (and stays denied here).
+        assert not reaches(sbx, "https://other.kiln.test/")
+        # A new value is used from the next request on.
+        value2 = "kiln-secret-" + uuid.uuid4().hex
+        assert Secret.update(name, value2).version == 2
+        code, body = fetch(sbx, "https://allowed.kiln.test/")
+        assert code == 0 and seen.read_text().rstrip().endswith(f"Bearer {value2}")
+    finally:
+        Secret.destroy(name)
+    # A rule naming a secret that is gone: the request fails, saying which.
+    code, body = fetch(sbx, "http://allowed.kiln.test/")
+    assert name in body and "auth=" not in body, (code, body)

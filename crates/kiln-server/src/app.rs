@@ -54,6 +54,10 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditConfigError),
+    #[error("cannot open the secrets")]
+    Secrets(#[from] crate::secrets::SecretError),
+    #[error("reading the egress upstream CA file {path} (--egress-upstream-ca): {reason}")]
+    UpstreamCa { path: PathBuf, reason: String },
     #[error("recovering sandboxes from the previous run failed: {0}")]
     Recover(String),
     #[error(
@@ -293,6 +297,29 @@ fn claim_templates(
     Ok(())
 }
 
+/// The operator's extra roots for the servers behind header rules: every certificate
+/// of a PEM file (none without one).
+fn upstream_roots(
+    path: Option<&std::path::Path>,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    let err = |reason: String| ServeError::UpstreamCa {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let roots = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if roots.is_empty() {
+        return Err(err("no PEM certificate in it".into()));
+    }
+    Ok(roots)
+}
+
 /// Run `kiln serve` until the process is stopped.
 pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<(), ServeError> {
     let data = &config.data_dir;
@@ -315,7 +342,17 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         config.limits,
     );
     manager.set_audit(Arc::new(crate::audit::AuditLog::new(audit_sink)));
-    manager.set_operator_egress_allow(config.egress_allow.clone());
+    let secrets = Arc::new(crate::secrets::Secrets::open(
+        store.clone(),
+        crate::secrets::key_path(&config.data_dir),
+    )?);
+    // Before `recover`: re-adopted sandboxes with domain or header rules start the
+    // egress proxy.
+    manager.set_egress_setup(crate::manager::EgressSetup {
+        operator_allow: config.egress_allow.clone(),
+        secrets: secrets.clone(),
+        upstream_roots: upstream_roots(config.egress_upstream_ca.as_deref())?,
+    });
     if let Some(url) = &config.nats_url {
         manager.events().connect_nats(url);
         tracing::info!(%url, "publishing lifecycle events to NATS");
@@ -386,6 +423,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
             .ok()
             .filter(|t| !t.trim().is_empty()),
         spells: spells.clone(),
+        secrets,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

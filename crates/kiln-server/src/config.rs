@@ -221,6 +221,9 @@ pub struct ServerConfig {
     /// The operator's exceptions to the ranges no sandbox reaches (`--egress-allow`),
     /// which the egress proxy honours as the firewall does.
     pub egress_allow: Vec<kiln_runtime::jail::net::Ipv4Cidr>,
+    /// A PEM file of extra roots the egress proxy trusts for the servers behind header
+    /// rules (`--egress-upstream-ca`).
+    pub egress_upstream_ca: Option<PathBuf>,
 }
 
 impl SpellLimits {

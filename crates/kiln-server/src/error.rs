@@ -149,6 +149,7 @@ impl From<crate::manager::SandboxError> for AppError {
             E::Runtime { .. }
             | E::Firewall { .. }
             | E::EgressProxy { .. }
+            | E::EgressCa { .. }
             | E::Store(_)
             | E::Task(_) => AppError::Internal {
                 message,
@@ -173,6 +174,29 @@ impl From<crate::spells::SpellError> for AppError {
                 source: Some(anyhow::Error::new(e)),
             },
             E::Store(source) => AppError::internal("the spell store failed", source),
+        }
+    }
+}
+
+impl From<crate::secrets::SecretError> for AppError {
+    fn from(e: crate::secrets::SecretError) -> Self {
+        use crate::secrets::SecretError as E;
+        match e {
+            E::NotFound(_) => AppError::NotFound(e.to_string()),
+            E::InvalidName { .. }
+            | E::InvalidValue(_)
+            | E::InvalidMetadata(_)
+            | E::InvalidQuery(_) => AppError::BadRequest(e.to_string()),
+            E::Exists(_) | E::Contended { .. } => AppError::Conflict(e.to_string()),
+            E::Undecryptable { .. } | E::Seal { .. } => AppError::Internal {
+                message: e.to_string(),
+                source: None,
+            },
+            // The message names a host path: the log gets it, the client does not.
+            E::KeyMissing { .. } | E::Key(_) => {
+                AppError::internal("the server's secrets key cannot be used", e)
+            }
+            E::Store(source) => AppError::internal("the secret store failed", source),
         }
     }
 }

@@ -27,6 +27,8 @@ pub mod progress;
 pub mod proxy;
 pub mod report;
 pub mod routes;
+pub mod secret_api;
+pub mod secrets;
 pub mod spell_api;
 pub mod spells;
 pub mod state;

@@ -8,5 +8,6 @@ pub fn endpoints() -> Vec<Endpoint> {
     all.extend(crate::admin_api::endpoints());
     all.extend(crate::template_api::endpoints());
     all.extend(crate::spell_api::endpoints());
+    all.extend(crate::secret_api::endpoints());
     all
 }

@@ -1,5 +1,5 @@
-//! What every request handler shares: the manager, the store, the template registry
-//! and the build service.
+//! What every request handler shares: the manager, the store, the template registry,
+//! the build service, spells and secrets.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -22,4 +22,6 @@ pub struct AppState {
     pub metrics_token: Option<String>,
     /// Spells: Kiln's library, the operator's files, each team's own.
     pub spells: Arc<crate::spells::Spells>,
+    /// Each team's secrets, sealed with the server's key.
+    pub secrets: Arc<crate::secrets::Secrets>,
 }

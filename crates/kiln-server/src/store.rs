@@ -1,4 +1,6 @@
-//! Persistent state: API keys and sandbox records.
+//! Persistent state: teams, API keys, sandbox records, template owners, spells and
+//! secrets (ciphertext only: the key lives outside the database, see
+//! [`crate::secrets`]).
 //!
 //! [`Store`] is the seam where Postgres will plug in for several nodes; today the one
 //! implementation is [`SqliteStore`], a single SQLite file in the data directory.
@@ -136,6 +138,48 @@ pub struct SandboxRecord {
     pub traffic_token: Option<String>,
 }
 
+/// A team's secret as stored: the value only as AES-256-GCM ciphertext, sealed by
+/// [`crate::secrets`] with a key the database never sees.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretRecord {
+    /// `sec_…`.
+    pub id: String,
+    pub team_id: i64,
+    /// Canonical (lower-case) and unique within the team.
+    pub name: String,
+    /// Counts up from 1, one per value written.
+    pub version: i64,
+    pub nonce: Vec<u8>,
+    /// The sealed current value with its tag.
+    pub ciphertext: Vec<u8>,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for SecretRecord {
+    // Not the ciphertext either: a log line has no use for it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretRecord")
+            .field("id", &self.id)
+            .field("team_id", &self.team_id)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("ciphertext_len", &self.ciphertext.len())
+            .field("metadata", &self.metadata)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a secret is named in a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretRef<'a> {
+    Id(&'a str),
+    Name(&'a str),
+}
+
 /// The persistence operations the control plane needs.
 pub trait Store: Send + Sync {
     /// Register a key in `team_id` (idempotent: the same hash gets its id back and is
@@ -176,6 +220,24 @@ pub trait Store: Send + Sync {
     fn put_spell(&self, team_id: i64, name: &str, definition: &str) -> Result<(), StoreError>;
     /// Whether there was such a spell.
     fn delete_spell(&self, team_id: i64, name: &str) -> Result<bool, StoreError>;
+
+    /// A new secret; [`StoreError::Conflict`] when its team has one of that name.
+    fn insert_secret(&self, rec: &SecretRecord) -> Result<(), StoreError>;
+    /// Replace the secret `rec.id` of `rec.team_id` (version, value, metadata, update
+    /// time) if its stored version is still `expected_version`; whether it was.
+    fn update_secret(&self, rec: &SecretRecord, expected_version: i64) -> Result<bool, StoreError>;
+    fn secret(&self, team_id: i64, by: SecretRef<'_>) -> Result<Option<SecretRecord>, StoreError>;
+    /// Up to `limit` of a team's secrets by name, those after `after` only.
+    fn list_secrets(
+        &self,
+        team_id: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Whether there was such a secret.
+    fn delete_secret(&self, team_id: i64, id: &str) -> Result<bool, StoreError>;
+    /// How many secrets all teams have (to tell a lost key from a first start).
+    fn count_secrets(&self) -> Result<u64, StoreError>;
 
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError>;
     fn set_end_at(&self, id: &str, end_at: DateTime<Utc>) -> Result<(), StoreError>;
@@ -263,6 +325,21 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Sql(
         "ALTER TABLE sandboxes ADD COLUMN network TEXT;
         ALTER TABLE sandboxes ADD COLUMN traffic_token TEXT;",
+    ),
+    // 6: teams' secrets, sealed (the key is a file outside the database).
+    Migration::Sql(
+        "CREATE TABLE secrets (
+            id TEXT PRIMARY KEY,
+            team_id INTEGER NOT NULL REFERENCES teams(id),
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            nonce BLOB NOT NULL,
+            ciphertext BLOB NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE(team_id, name)
+        );",
     ),
 ];
 
@@ -388,6 +465,8 @@ fn finish_key(
 const KEY_COLUMNS: &str = "id, name, prefix, admin, created_at, revoked_at, team_id";
 const TEAM_COLUMNS: &str =
     "id, name, created_at, max_sandboxes, max_memory_mb, max_cpus, max_template_disk_mb";
+const SECRET_COLUMNS: &str =
+    "id, team_id, name, version, nonce, ciphertext, metadata, created_at, updated_at";
 const SANDBOX_COLUMNS: &str = "id, template_id, state, runtime, started_at, end_at, cpu_count, \
      memory_mb, disk_size_mb, allow_internet_access, access_token, metadata, owner_key_id, \
      auto_pause, team_id, network, traffic_token";
@@ -651,6 +730,123 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
+    fn insert_secret(&self, rec: &SecretRecord) -> Result<(), StoreError> {
+        let metadata = secret_metadata_json(rec)?;
+        let inserted = self
+            .conn()
+            .execute(
+                &format!(
+                    "INSERT INTO secrets ({SECRET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT(team_id, name) DO NOTHING"
+                ),
+                params![
+                    rec.id,
+                    rec.team_id,
+                    rec.name,
+                    rec.version,
+                    rec.nonce,
+                    rec.ciphertext,
+                    metadata,
+                    rec.created_at.to_rfc3339(),
+                    rec.updated_at.to_rfc3339(),
+                ],
+            )
+            .map_err(q("store secret"))?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!(
+                "your team already has a secret named {:?}",
+                rec.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn update_secret(&self, rec: &SecretRecord, expected_version: i64) -> Result<bool, StoreError> {
+        let metadata = secret_metadata_json(rec)?;
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE secrets SET version = ?1, nonce = ?2, ciphertext = ?3, metadata = ?4,
+                 updated_at = ?5 WHERE team_id = ?6 AND id = ?7 AND version = ?8",
+                params![
+                    rec.version,
+                    rec.nonce,
+                    rec.ciphertext,
+                    metadata,
+                    rec.updated_at.to_rfc3339(),
+                    rec.team_id,
+                    rec.id,
+                    expected_version,
+                ],
+            )
+            .map_err(q("update secret"))?;
+        Ok(n > 0)
+    }
+
+    fn secret(&self, team_id: i64, by: SecretRef<'_>) -> Result<Option<SecretRecord>, StoreError> {
+        let (column, value) = match by {
+            SecretRef::Id(id) => ("id", id),
+            SecretRef::Name(name) => ("name", name),
+        };
+        let row = self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {SECRET_COLUMNS} FROM secrets WHERE team_id = ?1 AND {column} = ?2"
+                ),
+                params![team_id, value],
+                RawSecret::from_row,
+            )
+            .optional()
+            .map_err(q("look up secret"))?;
+        row.map(RawSecret::into_record).transpose()
+    }
+
+    fn list_secrets(
+        &self,
+        team_id: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SecretRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {SECRET_COLUMNS} FROM secrets WHERE team_id = ?1 AND name > ?2
+                 ORDER BY name LIMIT ?3"
+            ))
+            .map_err(q("list secrets"))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(
+                params![team_id, after.unwrap_or(""), limit],
+                RawSecret::from_row,
+            )
+            .map_err(q("list secrets"))?;
+        rows.map(|r| {
+            r.map_err(q("read secret row"))
+                .and_then(RawSecret::into_record)
+        })
+        .collect()
+    }
+
+    fn delete_secret(&self, team_id: i64, id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "DELETE FROM secrets WHERE team_id = ?1 AND id = ?2",
+                params![team_id, id],
+            )
+            .map_err(q("delete secret"))?;
+        Ok(n > 0)
+    }
+
+    fn count_secrets(&self) -> Result<u64, StoreError> {
+        self.conn()
+            .query_row("SELECT COUNT(*) FROM secrets", [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(q("count secrets"))
+    }
+
     fn upsert_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         let metadata = serde_json::to_string(&rec.metadata)
             .map_err(|e| StoreError::Corrupt(format!("metadata: {e}")))?;
@@ -752,6 +948,55 @@ impl Store for SqliteStore {
                 .and_then(RawSandbox::into_record)
         })
         .collect()
+    }
+}
+
+fn secret_metadata_json(rec: &SecretRecord) -> Result<String, StoreError> {
+    serde_json::to_string(&rec.metadata)
+        .map_err(|e| StoreError::Corrupt(format!("metadata of secret {}: {e}", rec.id)))
+}
+
+/// A `secrets` row as SQLite holds it.
+struct RawSecret {
+    id: String,
+    team_id: i64,
+    name: String,
+    version: i64,
+    nonce: Vec<u8>,
+    ciphertext: Vec<u8>,
+    metadata: String,
+    created_at: String,
+    updated_at: String,
+}
+
+impl RawSecret {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawSecret {
+            id: r.get(0)?,
+            team_id: r.get(1)?,
+            name: r.get(2)?,
+            version: r.get(3)?,
+            nonce: r.get(4)?,
+            ciphertext: r.get(5)?,
+            metadata: r.get(6)?,
+            created_at: r.get(7)?,
+            updated_at: r.get(8)?,
+        })
+    }
+
+    fn into_record(self) -> Result<SecretRecord, StoreError> {
+        Ok(SecretRecord {
+            metadata: serde_json::from_str(&self.metadata)
+                .map_err(|e| StoreError::Corrupt(format!("metadata of secret {}: {e}", self.id)))?,
+            created_at: parse_time(&self.created_at)?,
+            updated_at: parse_time(&self.updated_at)?,
+            id: self.id,
+            team_id: self.team_id,
+            name: self.name,
+            version: self.version,
+            nonce: self.nonce,
+            ciphertext: self.ciphertext,
+        })
     }
 }
 
@@ -975,6 +1220,74 @@ mod tests {
         s.delete_sandbox("abc").unwrap();
         s.delete_sandbox("nonet").unwrap();
         assert!(s.list_sandboxes().unwrap().is_empty());
+    }
+
+    fn secret(team_id: i64, id: &str, name: &str) -> SecretRecord {
+        SecretRecord {
+            id: id.into(),
+            team_id,
+            name: name.into(),
+            version: 1,
+            nonce: vec![7; 12],
+            ciphertext: vec![1, 2, 3],
+            metadata: BTreeMap::from([("env".to_string(), "prod".to_string())]),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn secrets_are_per_team_unique_by_name_and_updated_only_at_the_version_read() {
+        let s = SqliteStore::in_memory().unwrap();
+        let other = s.create_team("beta", Quotas::default()).unwrap().id;
+        let a = secret(1, "sec_a", "token");
+        s.insert_secret(&a).unwrap();
+        // Another team may use the name; the same team may not.
+        s.insert_secret(&secret(other, "sec_b", "token")).unwrap();
+        assert!(matches!(
+            s.insert_secret(&secret(1, "sec_c", "token")),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(
+            s.secret(1, SecretRef::Id("sec_a")).unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(
+            s.secret(1, SecretRef::Name("token")).unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(s.secret(other, SecretRef::Id("sec_a")).unwrap(), None);
+        assert_eq!(s.secret(1, SecretRef::Name("sec_a")).unwrap(), None);
+
+        let mut next = a.clone();
+        next.version = 2;
+        next.ciphertext = vec![9; 20];
+        next.metadata.clear();
+        assert!(s.update_secret(&next, 1).unwrap());
+        // A writer that read version 1 too loses.
+        assert!(!s.update_secret(&next, 1).unwrap());
+        let got = s.secret(1, SecretRef::Name("token")).unwrap().unwrap();
+        assert_eq!((got.version, got.ciphertext.len()), (2, 20));
+        assert!(got.metadata.is_empty());
+        assert!(!format!("{got:?}").contains("[9, 9"), "{got:?}");
+
+        for name in ["b", "c", "d"] {
+            s.insert_secret(&secret(1, &format!("sec_{name}1"), name))
+                .unwrap();
+        }
+        let names = |v: Vec<SecretRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        assert_eq!(names(s.list_secrets(1, None, 2).unwrap()), ["b", "c"]);
+        assert_eq!(
+            names(s.list_secrets(1, Some("c"), 10).unwrap()),
+            ["d", "token"]
+        );
+        assert_eq!(names(s.list_secrets(other, None, 10).unwrap()), ["token"]);
+        assert_eq!(s.count_secrets().unwrap(), 5);
+
+        assert!(!s.delete_secret(other, "sec_a").unwrap());
+        assert!(s.delete_secret(1, "sec_a").unwrap());
+        assert!(!s.delete_secret(1, "sec_a").unwrap());
+        assert_eq!(s.secret(1, SecretRef::Name("token")).unwrap(), None);
     }
 
     #[test]

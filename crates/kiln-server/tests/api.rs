@@ -274,6 +274,9 @@ async fn start(limits: LimitsConfig) -> Harness {
         dir.path().join("spells"),
         kiln_server::spells::SpellLimits::default(),
     ));
+    let secrets = Arc::new(
+        kiln_server::secrets::Secrets::open(store.clone(), dir.path().join("secrets.key")).unwrap(),
+    );
     let state = Arc::new(AppState {
         manager: manager.clone(),
         store: store.clone(),
@@ -283,6 +286,7 @@ async fn start(limits: LimitsConfig) -> Harness {
         builds: Some(Arc::new(builds)),
         metrics_token: None,
         spells: spells.clone(),
+        secrets: secrets.clone(),
     });
     let url = serve_state(state.clone()).await;
     let token_state = Arc::new(AppState {
@@ -294,6 +298,7 @@ async fn start(limits: LimitsConfig) -> Harness {
         builds: state.builds.clone(),
         metrics_token: Some("scrape-secret".into()),
         spells,
+        secrets,
     });
     let url_with_metrics_token = serve_state(token_state).await;
     Harness {
@@ -421,6 +426,14 @@ const NOBODY: &str = "nobody0000000000000a";
 
 fn spell_body(name: &str) -> serde_json::Value {
     json!({"name": name, "language": "bash", "code": "echo hi"})
+}
+
+/// A secret of team A named `name`; its id.
+async fn team_a_secret(h: &Harness, name: &str) -> String {
+    let body = json!({"name": name, "value": "authz-test-value"});
+    let (s, v) = h.api("POST", "/secrets", &h.member_a, Some(body)).await;
+    assert_eq!(s, 201, "{v}");
+    v["secretID"].as_str().unwrap().to_string()
 }
 const NO_BUILD: &str = "00000000-0000-0000-0000-000000000000";
 
@@ -615,6 +628,17 @@ async fn case_for(h: &Harness, method: &str, path: &str, n: usize) -> Option<Cas
             let at = |x: &str| path.replace("{name}", x);
             let body = (method == "POST").then(|| json!({"args": {}}));
             scoped(at(&name), at("nosuchspell"), body)
+        }
+        ("GET", "/secrets") => own(path, None),
+        ("POST", "/secrets") => own(path, Some(json!({"name": format!("new{n}"), "value": "v"}))),
+        ("GET", "/secrets/{secretID}")
+        | ("POST", "/secrets/{secretID}")
+        | ("DELETE", "/secrets/{secretID}") => {
+            // By id: another team's must answer as an id nobody has.
+            let id = team_a_secret(h, &format!("mine{n}")).await;
+            let at = |x: &str| path.replace("{secretID}", x);
+            let body = (method == "POST").then(|| json!({"value": "v2"}));
+            scoped(at(&id), at("sec_nosuchsecret"), body)
         }
         _ => None,
     }
@@ -1916,6 +1940,245 @@ async fn spell_arguments_are_checked_before_any_sandbox_starts() {
     assert_eq!(s, 403);
     let (s, _) = h.api("GET", "/spells/count", &h.member_b, None).await;
     assert_eq!(s, 404);
+}
+
+/// E2B's secrets API as the SDK drives it: values go in and never come out (no
+/// answer, audit line or database page holds one), names are per team and canonical,
+/// updates count versions, and another team's secret answers as a missing one.
+#[tokio::test]
+async fn secrets_are_write_only_versioned_and_per_team() {
+    const VALUE: &str = "sk-live-never-shown-4f9a";
+    const VALUE2: &str = "sk-live-never-shown-b7c1";
+    let h = start(LimitsConfig::default()).await;
+    let audit = h._dir.path().join("audit/secrets.log");
+    h.manager
+        .set_audit(Arc::new(kiln_server::audit::AuditLog::new(
+            kiln_server::audit::AuditSink::File {
+                path: audit.clone(),
+                max_bytes: 1 << 20,
+                keep: 1,
+            },
+        )));
+    let answers = Mutex::new(Vec::<String>::new());
+    let call = |method: &'static str, path: String, key: String, body| {
+        let answers = &answers;
+        let h = &h;
+        async move {
+            let (s, v) = h.api(method, &path, &key, body).await;
+            answers.lock().unwrap().push(v.to_string());
+            (s, v)
+        }
+    };
+    let (a, b) = (h.member_a.clone(), h.member_b.clone());
+
+    let (s, v) = call(
+        "POST",
+        "/secrets".into(),
+        a.clone(),
+        Some(json!({"name": "OpenAI-Key", "value": VALUE, "metadata": {"env": "prod"}})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["secretID"].as_str().unwrap().to_string();
+    assert!(id.starts_with("sec_"), "{v}");
+    assert_eq!(v["name"], "openai-key");
+    assert_eq!(v["currentVersion"], 1);
+    assert_eq!(v["metadata"], json!({"env": "prod"}));
+    let created = v["createdAt"].as_str().unwrap().to_string();
+    chrono::DateTime::parse_from_rfc3339(&created).unwrap();
+    chrono::DateTime::parse_from_rfc3339(v["updatedAt"].as_str().unwrap()).unwrap();
+    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "createdAt",
+            "currentVersion",
+            "metadata",
+            "name",
+            "secretID",
+            "updatedAt"
+        ]
+    );
+
+    // By name (in any case) and by id.
+    for at in ["openai-key", "OpenAI-Key", id.as_str()] {
+        let (s, got) = call("GET", format!("/secrets/{at}"), a.clone(), None).await;
+        assert_eq!(s, 200, "{at}: {got}");
+        assert_eq!(got, v, "{at}");
+    }
+    let (s, dup) = call(
+        "POST",
+        "/secrets".into(),
+        a.clone(),
+        Some(json!({"name": "openai-key", "value": VALUE})),
+    )
+    .await;
+    assert_eq!(s, 409, "{dup}");
+
+    // Bad input: the rule is named, the value is never quoted.
+    for body in [
+        json!({"name": "sec_reserved", "value": VALUE}),
+        json!({"name": "a{b}", "value": VALUE}),
+        json!({"name": "x".repeat(129), "value": VALUE}),
+        json!({"name": "empty", "value": ""}),
+        json!({"name": "number", "value": 424242}),
+        json!({"name": "many", "value": VALUE, "metadata": (0..33).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()}),
+    ] {
+        let (s, err) = call("POST", "/secrets".into(), a.clone(), Some(body.clone())).await;
+        assert_eq!(s, 400, "{body}: {err}");
+        assert!(!err.to_string().contains("424242"), "{err}");
+    }
+
+    // Listing: by name, paged with x-next-token.
+    for name in ["b-second", "c-third"] {
+        let (s, v) = call(
+            "POST",
+            "/secrets".into(),
+            a.clone(),
+            Some(json!({"name": name, "value": VALUE})),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let page = |query: String, key: String| {
+        let url = format!("{}/secrets{query}", h.url);
+        async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap();
+            let token = resp
+                .headers()
+                .get("x-next-token")
+                .map(|t| t.to_str().unwrap().to_string());
+            let v: serde_json::Value = resp.json().await.unwrap();
+            let names: Vec<String> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_string())
+                .collect();
+            (names, token, v.to_string())
+        }
+    };
+    let (names, token, text) = page("?limit=2".into(), a.clone()).await;
+    answers.lock().unwrap().push(text);
+    assert_eq!(names, ["b-second", "c-third"]);
+    let token = token.expect("a next page");
+    let (names, token, text) = page(format!("?limit=2&nextToken={token}"), a.clone()).await;
+    answers.lock().unwrap().push(text);
+    assert_eq!((names, token), (vec!["openai-key".to_string()], None));
+    let (names, token, _) = page(String::new(), b.clone()).await;
+    assert_eq!((names.len(), token), (0, None));
+
+    // An update is the next version; metadata stays unless given.
+    let (s, v2) = call(
+        "POST",
+        "/secrets/openai-key".into(),
+        a.clone(),
+        Some(json!({"value": VALUE2})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v2}");
+    assert_eq!(v2["secretID"], id.as_str());
+    assert_eq!(v2["currentVersion"], 2);
+    assert_eq!(v2["metadata"], json!({"env": "prod"}));
+    assert_eq!(v2["createdAt"], created.as_str());
+    let (s, v3) = call(
+        "POST",
+        format!("/secrets/{id}"),
+        a.clone(),
+        Some(json!({"value": VALUE2, "metadata": {}})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v3}");
+    assert_eq!(
+        (v3["currentVersion"].clone(), v3["metadata"].clone()),
+        (json!(3), json!({}))
+    );
+
+    // Another team: exactly what a secret nobody has gets.
+    for (method, body) in [
+        ("GET", None),
+        ("POST", Some(json!({"value": "x"}))),
+        ("DELETE", None),
+    ] {
+        for at in [id.as_str(), "openai-key"] {
+            let (s, err) = call(method, format!("/secrets/{at}"), b.clone(), body.clone()).await;
+            assert_eq!(s, 404, "{method} {at}: {err}");
+            let (s, missing) = call(
+                method,
+                "/secrets/sec_nosuchsecret".into(),
+                a.clone(),
+                body.clone(),
+            )
+            .await;
+            assert_eq!(s, 404);
+            assert_eq!(
+                err["message"].as_str().unwrap().replace(at, "X"),
+                missing["message"]
+                    .as_str()
+                    .unwrap()
+                    .replace("sec_nosuchsecret", "X")
+            );
+        }
+    }
+
+    // The database holds ciphertext only.
+    for file in ["kiln.db", "kiln.db-wal"] {
+        let bytes = std::fs::read(h._dir.path().join(file)).unwrap_or_default();
+        for value in [VALUE, VALUE2] {
+            assert!(
+                !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                "a value in {file}"
+            );
+        }
+    }
+
+    let (s, _) = call("DELETE", format!("/secrets/{id}"), a.clone(), None).await;
+    assert_eq!(s, 204);
+    let (s, _) = call("GET", "/secrets/openai-key".into(), a.clone(), None).await;
+    assert_eq!(s, 404);
+    let (s, _) = call("DELETE", "/secrets/openai-key".into(), a.clone(), None).await;
+    assert_eq!(s, 404);
+
+    for text in answers.lock().unwrap().iter() {
+        assert!(
+            !text.contains(VALUE) && !text.contains(VALUE2),
+            "a value in an answer: {text}"
+        );
+    }
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        !log.contains(VALUE) && !log.contains(VALUE2),
+        "a value in the audit log"
+    );
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |t: &str| {
+        lines
+            .iter()
+            .filter(|l| l["event_type"] == t)
+            .map(|l| l["subject"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        of("secret.created"),
+        ["secret:openai-key", "secret:b-second", "secret:c-third"]
+    );
+    assert_eq!(
+        of("secret.updated"),
+        ["secret:openai-key", "secret:openai-key"]
+    );
+    assert_eq!(of("secret.deleted"), ["secret:openai-key"]);
+    assert!(lines
+        .iter()
+        .filter(|l| l["event_type"].as_str().unwrap().starts_with("secret."))
+        .all(|l| l["user_id"].as_str().unwrap().starts_with("team:1/key:")));
 }
 
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {

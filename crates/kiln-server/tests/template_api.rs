@@ -179,6 +179,10 @@ async fn serve_with(dir: tempfile::TempDir, setup: Setup) -> Harness {
     ));
     let state = Arc::new(AppState {
         spells,
+        secrets: Arc::new(
+            kiln_server::secrets::Secrets::open(store.clone(), dir.path().join("secrets.key"))
+                .unwrap(),
+        ),
         manager,
         store,
         templates: templates.clone(),

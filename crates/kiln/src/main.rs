@@ -160,6 +160,11 @@ struct ServeArgs {
     /// multicast and the host's own networks are denied to sandboxes unless listed here.
     #[arg(long, env = "KILN_EGRESS_ALLOW", value_parser = parse_egress_allow)]
     egress_allow: Option<EgressAllow>,
+    /// A PEM file of extra root certificates the egress proxy trusts when it
+    /// re-encrypts a sandbox's HTTPS request that a header rule changed (besides the
+    /// system's and webpki's roots).
+    #[arg(long, env = "KILN_EGRESS_UPSTREAM_CA")]
+    egress_upstream_ca: Option<PathBuf>,
     /// Idle sandboxes kept started per template, so creates claim one in milliseconds
     /// (default 2, or KILN_POOL_SIZE; 0 turns warm pools off).
     #[arg(long)]
@@ -554,6 +559,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .filter(|t| !t.is_empty()),
         spells: kiln_server::spells::SpellLimits::from_env()?,
         egress_allow,
+        egress_upstream_ca: args.egress_upstream_ca.clone(),
     };
     kiln_server::serve(config, runtime)
         .await

@@ -1,6 +1,8 @@
 //! Per-sandbox network policy: E2B's `network` object (egress allow and deny lists,
 //! private ports), turned into firewall rules and the egress proxy's decisions.
 
+pub mod ca;
+mod intercept;
 pub mod policy;
 pub mod proxy;
 pub mod rules;
@@ -14,6 +16,8 @@ use kiln_api::SandboxNetwork;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Network {
     pub egress: EgressPolicy,
+    /// Header transforms per host (`network.rules`).
+    pub rules: rules::Rules,
     /// Ports answer only with the traffic access token.
     pub private: bool,
     /// The Host the sandbox's servers see (`${PORT}` replaced per request).
@@ -30,17 +34,8 @@ fn given(v: &Option<serde_json::Value>) -> bool {
     }
 }
 
-/// Refuses what Kiln does not do yet rather than dropping it silently.
-pub fn refuse_unsupported(
-    rules: &Option<serde_json::Value>,
-    egress_proxy: &Option<serde_json::Value>,
-) -> Result<(), PolicyError> {
-    if given(rules) {
-        return Err(PolicyError::Unsupported {
-            field: "rules",
-            why: "per-host request transforms (and secrets) are not implemented; remove `rules` (docs/network.md)",
-        });
-    }
+/// Refuses what Kiln does not do rather than dropping it silently.
+pub fn refuse_unsupported(egress_proxy: &Option<serde_json::Value>) -> Result<(), PolicyError> {
     if given(egress_proxy) {
         return Err(PolicyError::Unsupported {
             field: "egressProxy",
@@ -52,7 +47,11 @@ pub fn refuse_unsupported(
 
 impl Network {
     pub fn parse(net: &SandboxNetwork) -> Result<Network, PolicyError> {
-        refuse_unsupported(&net.rules, &net.egress_proxy)?;
+        refuse_unsupported(&net.egress_proxy)?;
+        let rules = match &net.rules {
+            Some(r) if given(&net.rules) => rules::Rules::parse(r)?,
+            _ => rules::Rules::default(),
+        };
         let egress = EgressPolicy::parse(
             net.allow_out.as_deref().unwrap_or_default(),
             net.deny_out.as_deref().unwrap_or_default(),
@@ -65,9 +64,23 @@ impl Network {
             .transpose()?;
         Ok(Network {
             egress,
+            rules,
             private: net.allow_public_traffic == Some(false),
             mask_request_host,
         })
+    }
+
+    /// Whether the sandbox's web traffic goes through the egress proxy: a name decides
+    /// whether it may leave, or rules change its requests.
+    pub fn needs_proxy(&self) -> bool {
+        self.egress.needs_proxy() || !self.rules.is_empty()
+    }
+
+    /// The firewall half; `proxy_port` is where the egress proxy listens.
+    pub fn firewall(&self, proxy_port: u16) -> kiln_runtime::jail::net::egress::EgressRules {
+        let mut rules = self.egress.firewall(proxy_port);
+        rules.proxy_port = self.needs_proxy().then_some(proxy_port);
+        rules
     }
 
     /// The Host header for a request to `port`, when the sandbox masks it.
@@ -123,8 +136,18 @@ mod tests {
             rules: Some(serde_json::json!({"api.x.com": [{"transform": {"headers": {"A": "b"}}}]})),
             ..SandboxNetwork::default()
         };
-        let e = Network::parse(&rules).unwrap_err().to_string();
-        assert!(e.contains("network.rules"), "{e}");
+        // Rules alone send web traffic through the proxy, denying nothing.
+        let n = Network::parse(&rules).unwrap();
+        assert!(n.needs_proxy() && !n.egress.restricts());
+        let fw = n.firewall(4242);
+        assert_eq!(fw.proxy_port, Some(4242));
+        assert!(fw.deny.is_empty());
+        let proxy = SandboxNetwork {
+            egress_proxy: Some(serde_json::json!({"address": "p.example.com:1080"})),
+            ..SandboxNetwork::default()
+        };
+        let e = Network::parse(&proxy).unwrap_err().to_string();
+        assert!(e.contains("network.egressProxy"), "{e}");
         // Empty shapes the SDK may send are not a request for anything.
         let empty = SandboxNetwork {
             rules: Some(serde_json::json!({})),

@@ -81,6 +81,8 @@ pub enum SandboxError {
         #[source]
         source: kiln_runtime::jail::net::NetError,
     },
+    #[error("setting up the egress CA of sandbox {id} failed: {reason}")]
+    EgressCa { id: String, reason: String },
     #[error("starting the egress proxy failed")]
     EgressProxy {
         #[source]

@@ -102,8 +102,10 @@ pub struct SandboxManager {
     lost: Mutex<HashMap<String, (i64, String)>>,
     /// The egress proxy for sandboxes with domain rules, started on first use.
     egress: tokio::sync::OnceCell<Arc<crate::egress::proxy::EgressProxy>>,
-    /// The operator's `--egress-allow`, which the egress proxy honours too.
-    operator_egress_allow: RwLock<Vec<kiln_runtime::jail::net::Ipv4Cidr>>,
+    /// What the egress proxy starts with.
+    egress_setup: RwLock<network::EgressSetup>,
+    /// The CA of each sandbox with header rules (in memory only).
+    cas: Mutex<HashMap<String, Arc<crate::egress::ca::SandboxCa>>>,
     /// Connections the egress proxy refused, per sandbox.
     proxy_denied: Arc<Mutex<HashMap<String, u64>>>,
 }
@@ -196,7 +198,8 @@ impl SandboxManager {
             audit: RwLock::new(Arc::new(crate::audit::AuditLog::off())),
             lost: Mutex::new(HashMap::new()),
             egress: tokio::sync::OnceCell::new(),
-            operator_egress_allow: RwLock::default(),
+            egress_setup: RwLock::default(),
+            cas: Mutex::default(),
             proxy_denied: Arc::default(),
         })
     }
@@ -660,10 +663,13 @@ impl SandboxManager {
         }
 
         // Before the guest runs anything of the template's or the user's.
-        if let Err(e) = self.apply_network(&id, caller.team_id, &network).await {
-            self.destroy(&id).await;
-            return Err(e);
-        }
+        let new_ca = match self.apply_network(&id, caller.team_id, &network).await {
+            Ok(ca) => ca,
+            Err(e) => {
+                self.destroy(&id).await;
+                return Err(e);
+            }
+        };
 
         let mut env: BTreeMap<String, String> = BTreeMap::from([
             ("E2B_SANDBOX".to_string(), "true".to_string()),
@@ -671,6 +677,9 @@ impl SandboxManager {
             ("E2B_TEMPLATE_ID".to_string(), template.name.clone()),
         ]);
         env.extend(template.meta.envs.clone());
+        if new_ca.is_some() {
+            env.extend(network::trust_env());
+        }
         env.extend(req.env_vars.clone().unwrap_or_default());
         let init = kiln_proto::InitRequest {
             env_vars: Some(env),
@@ -679,8 +688,12 @@ impl SandboxManager {
             default_workdir: template.meta.default_workdir.clone(),
             timestamp: Some(Utc::now().to_rfc3339()),
         };
-        if let Err(message) = prepare_guest(&instance.envd_socket, &init, &template, started).await
-        {
+        let mut prepared = prepare_guest(&instance.envd_socket, &init, &template, started).await;
+        if let (Ok(()), Some(ca)) = (&prepared, &new_ca) {
+            prepared =
+                network::install_ca(&instance.envd_socket, access_token.as_deref(), ca).await;
+        }
+        if let Err(message) = prepared {
             self.destroy(&id).await;
             return Err(SandboxError::GuestNotReady {
                 id,
@@ -993,7 +1006,7 @@ impl SandboxManager {
             match self.ask_runtime(&rec.id).await {
                 Ok(Some(instance)) => {
                     tracing::info!(id = %rec.id, "re-adopted sandbox after restart");
-                    self.reapply_network(&rec).await;
+                    self.reapply_network(&rec, &instance.envd_socket).await;
                     self.spawn_owner(rec, instance.envd_socket);
                     adopted += 1;
                 }
@@ -1071,7 +1084,7 @@ impl SandboxManager {
                 match manager.ask_runtime(&rec.id).await {
                     Ok(Some(instance)) => {
                         tracing::info!(id = %rec.id, "re-adopted sandbox after restart");
-                        manager.reapply_network(&rec).await;
+                        manager.reapply_network(&rec, &instance.envd_socket).await;
                         manager.spawn_owner(rec, instance.envd_socket);
                         return;
                     }
@@ -1260,6 +1273,7 @@ fn check_quota(quota: Quota, used: u64, max: Option<u64>) -> Result<(), SandboxE
 }
 
 pub(crate) use network::network_of;
+pub use network::EgressSetup;
 
 pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
     SandboxDetail {

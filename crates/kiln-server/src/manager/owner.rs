@@ -112,7 +112,9 @@ async fn resume(
     .await?
     .map_err(|e| SandboxError::runtime(format!("resuming sandbox {id} failed"), e))?;
     // A gVisor sandbox resumed after a reboot has a new veth, without its rules.
-    manager.reapply_network(&entry.record()).await;
+    manager
+        .reapply_network(&entry.record(), &entry.envd_socket)
+        .await;
     set_deadline(manager, entry, end_at, false)?;
     set_state(manager, entry, RecordState::Running)?;
     publish(manager, entry, "sandbox.resumed", None);
