@@ -11,8 +11,10 @@
 //! as for a sandbox's commands, which envd's token authorizes); `agent_id` comes from
 //! the request's `X-Agent-Id` header, else the sandbox's `agent_id` metadata. Event
 //! types: `sandbox.created`, `sandbox.executed`, `sandbox.terminated`,
-//! `sandbox.failed`, `template.built`, `key.created`, `key.revoked`, `auth.failed`
-//! (`desktop.accessed` and `surf.started` arrive with the desktop). Nothing secret is
+//! `sandbox.failed`, `template.built`, `key.created`, `key.revoked`, `auth.failed`,
+//! `network.denied` (the egress proxy refused a connection), `secret.created`,
+//! `secret.updated`, `secret.deleted` (`desktop.accessed` and `surf.started` arrive
+//! with the desktop). Nothing secret is
 //! ever written: no keys, tokens, environment variables, code or output.
 //!
 //! The sink is `KILN_AUDIT_LOG`: `file` (the default: `<data-dir>/audit/audit.log`,
