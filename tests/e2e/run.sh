@@ -131,6 +131,13 @@ export KILN_API_KEY
 export KILN_SANDBOX_DISK_MB="${KILN_SANDBOX_DISK_MB:-1024}"
 RUNTIME_ARGS=()
 [ -n "${KILN_E2E_RUNTIME:-}" ] && RUNTIME_ARGS=(--runtime "$KILN_E2E_RUNTIME")
+# Sandbox hosts over TLS (test_tls_hosts.py) on 127.0.0.1:443: the SDK's envd client
+# resolves `*.localhost` to 127.0.0.1 itself, and `https://{port}-{id}.localhost` has
+# no port. Two runs at once on one host collide here (the second server fails to start,
+# saying so). The certificate is the local CA's.
+TLS_ADDR="${KILN_E2E_TLS_ADDR:-127.0.0.1}"
+RUNTIME_ARGS+=(--sandbox-tls-listen "$TLS_ADDR:443")
+export KILN_E2E_TLS_ADDR="$TLS_ADDR"
 
 # Start Kiln in the background the way the README's first command does
 # (scripts/serve: install-deps, a release build of every binary it runs, then `exec kiln

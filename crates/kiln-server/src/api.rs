@@ -255,7 +255,8 @@ async fn create(
     if req.template_id.trim().is_empty() {
         return Err(AppError::BadRequest("templateID must not be empty".into()));
     }
-    let sandbox = state.manager.clone().create_detached(req, caller).await?;
+    let mut sandbox = state.manager.clone().create_detached(req, caller).await?;
+    sandbox.domain = state.domain.clone();
     Ok((StatusCode::CREATED, Json(sandbox)).into_response())
 }
 
@@ -298,7 +299,9 @@ async fn detail(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxDetail>, AppError> {
-    Ok(Json(state.manager.detail(&caller, &id)?))
+    let mut detail = state.manager.detail(&caller, &id)?;
+    detail.domain = state.domain.clone();
+    Ok(Json(detail))
 }
 
 async fn kill(
@@ -337,7 +340,8 @@ async fn connect(
     Path(id): Path<String>,
     OptionalBody(req): OptionalBody<ConnectRequest>,
 ) -> Result<Response, AppError> {
-    let (sandbox, resumed) = state.manager.connect(&caller, &id, req.timeout).await?;
+    let (mut sandbox, resumed) = state.manager.connect(&caller, &id, req.timeout).await?;
+    sandbox.domain = state.domain.clone();
     let status = if resumed {
         StatusCode::CREATED
     } else {
@@ -353,7 +357,8 @@ async fn resume(
     Path(id): Path<String>,
     OptionalBody(req): OptionalBody<ConnectRequest>,
 ) -> Result<Response, AppError> {
-    let (sandbox, _) = state.manager.connect(&caller, &id, req.timeout).await?;
+    let (mut sandbox, _) = state.manager.connect(&caller, &id, req.timeout).await?;
+    sandbox.domain = state.domain.clone();
     Ok((StatusCode::CREATED, Json(sandbox)).into_response())
 }
 

@@ -58,6 +58,8 @@ pub enum ServeError {
     Secrets(#[from] crate::secrets::SecretError),
     #[error("reading the egress upstream CA file {path} (--egress-upstream-ca): {reason}")]
     UpstreamCa { path: PathBuf, reason: String },
+    #[error("setting up TLS for sandbox hosts (--sandbox-tls-listen)")]
+    TlsHosts(#[from] crate::tls_hosts::TlsHostsError),
     #[error("recovering sandboxes from the previous run failed: {0}")]
     Recover(String),
     #[error(
@@ -452,6 +454,40 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         })
         .await
     });
+    let tls_server = match config.sandbox_tls_listen {
+        Some(addr) => {
+            let domain = config.domain.clone().unwrap_or_else(|| "localhost".into());
+            let cert = config
+                .tls_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path()));
+            let hosts = crate::tls_hosts::load(data, &domain, cert)?;
+            let listener = crate::tls_hosts::TlsListener::bind(addr, hosts.acceptor.clone())
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            let bound = axum::serve::Listener::local_addr(&listener).map_err(ServeError::Serve)?;
+            match &hosts.local_ca {
+                Some(ca) => println!(
+                    "sandbox hosts: https://{{port}}-{{id}}.{domain} on {bound} (trust {})",
+                    ca.display()
+                ),
+                None => println!("sandbox hosts: https://{{port}}-{{id}}.{domain} on {bound}"),
+            }
+            let app = router(state.clone());
+            let mut graceful = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(
+                    listener.tap_io(|_| {}),
+                    app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = graceful.wait_for(|stop| *stop).await;
+                })
+                .await
+            }))
+        }
+        None => None,
+    };
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -513,6 +549,9 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
             Ok(())
         }
     };
+    if let Some(tls) = tls_server {
+        tls.abort();
+    }
     // Running sandboxes stay up and are re-adopted by the next start; idle pooled ones
     // have no owner yet and go.
     manager.drain_pools().await;

@@ -224,6 +224,10 @@ pub struct ServerConfig {
     /// A PEM file of extra roots the egress proxy trusts for the servers behind header
     /// rules (`--egress-upstream-ca`).
     pub egress_upstream_ca: Option<PathBuf>,
+    /// Where `{port}-{id}.{domain}` is served over TLS (`--sandbox-tls-listen`).
+    pub sandbox_tls_listen: Option<SocketAddr>,
+    /// The operator's certificate and key for it (else the local CA's).
+    pub tls_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl SpellLimits {

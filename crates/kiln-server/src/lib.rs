@@ -36,6 +36,7 @@ pub mod store;
 pub mod template_api;
 pub mod template_runner;
 pub mod templates;
+pub mod tls_hosts;
 pub mod work;
 
 pub use app::{router, serve, ServeError};

@@ -165,6 +165,17 @@ struct ServeArgs {
     /// system's and webpki's roots).
     #[arg(long, env = "KILN_EGRESS_UPSTREAM_CA")]
     egress_upstream_ca: Option<PathBuf>,
+    /// Serve sandbox hosts `{port}-{id}.{domain}` over TLS on this address (e.g.
+    /// `0.0.0.0:443`), with `--domain` (default `localhost`); the certificate is
+    /// `--tls-cert`/`--tls-key`, or one from a local CA made in `<data-dir>/tls/`.
+    #[arg(long, env = "KILN_SANDBOX_TLS_LISTEN")]
+    sandbox_tls_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate (chain) for `*.{domain}` for `--sandbox-tls-listen`.
+    #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Idle sandboxes kept started per template, so creates claim one in milliseconds
     /// (default 2, or KILN_POOL_SIZE; 0 turns warm pools off).
     #[arg(long)]
@@ -560,6 +571,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         spells: kiln_server::spells::SpellLimits::from_env()?,
         egress_allow,
         egress_upstream_ca: args.egress_upstream_ca.clone(),
+        sandbox_tls_listen: args.sandbox_tls_listen,
+        tls_cert: args.tls_cert.clone().zip(args.tls_key.clone()),
     };
     kiln_server::serve(config, runtime)
         .await

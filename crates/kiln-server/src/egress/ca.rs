@@ -112,6 +112,25 @@ impl SandboxCa {
         })
     }
 
+    /// A CA whose key and certificate are kept elsewhere (the sandbox hosts' local CA,
+    /// `crate::tls_hosts`): leaves are issued as for a sandbox's CA.
+    pub fn from_parts(
+        label: &str,
+        issuer: Issuer<'static, KeyPair>,
+        cert: CertificateDer<'static>,
+        cert_pem: String,
+        not_after: OffsetDateTime,
+    ) -> SandboxCa {
+        SandboxCa {
+            sandbox_id: label.to_string(),
+            issuer,
+            cert,
+            cert_pem,
+            not_after,
+            leaves: Mutex::default(),
+        }
+    }
+
     /// The CA certificate, PEM: what the sandbox must trust.
     pub fn cert_pem(&self) -> String {
         self.cert_pem.clone()
@@ -119,7 +138,7 @@ impl SandboxCa {
 
     /// A certificate for `name` (with the CA after it) and its key, for a TLS server
     /// toward the sandbox. Cached per name.
-    pub(crate) fn leaf(&self, name: &str) -> Result<Arc<CertifiedKey>, CaError> {
+    pub fn leaf(&self, name: &str) -> Result<Arc<CertifiedKey>, CaError> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         let mut leaves = self.leaves.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(leaf) = leaves.get(&name) {
