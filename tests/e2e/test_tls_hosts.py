@@ -67,6 +67,15 @@ try:
     out["tampered"] = httpx.get(tampered, timeout=10).status_code
 finally:
     sbx.kill()
+if "code-interpreter-v1" in os.environ.get("KILN_BUILTIN_TEMPLATES", ""):
+    # e2b-code-interpreter always reaches the interpreter at get_host(49999), whatever
+    # E2B_SANDBOX_URL says: with sandbox hosts it works as on E2B.
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+    ci = CodeSandbox.create(timeout=120)
+    try:
+        out["run_code"] = ci.run_code("x = 6\nx * 7").text
+    finally:
+        ci.kill()
 print(json.dumps(out))
 """
 
@@ -93,6 +102,8 @@ def test_the_sdk_reaches_a_sandbox_by_name_over_tls(tmp_path):
     assert out["upload_status"] == 200 and out["uploaded"] == "uploaded"
     assert out["expired"][0] == 401 and "expired" in out["expired"][1], out["expired"]
     assert out["tampered"] == 401
+    if "code-interpreter-v1" in os.environ.get("KILN_BUILTIN_TEMPLATES", ""):
+        assert out["run_code"] == "42"
 
 
 def test_the_listener_is_trusted_only_through_its_ca_and_only_for_its_names():
