@@ -240,6 +240,7 @@ pub async fn exec(
     if let Some(cwd) = &exec.cwd {
         process["cwd"] = cwd.clone().into();
     }
+    let started = std::time::Instant::now();
     let run = async {
         let resp = start(
             socket,
@@ -269,6 +270,9 @@ pub async fn exec(
         match ended {
             Ok(code) => {
                 out.exit_code = code;
+                // Killed with its deadline passed: envd's kill at the deadline can end
+                // the stream before its `deadline_exceeded` does.
+                out.timed_out = code.is_none() && started.elapsed() >= deadline;
                 Ok(out)
             }
             // envd ends a process past its deadline with `deadline_exceeded`.

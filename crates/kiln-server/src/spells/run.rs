@@ -82,7 +82,9 @@ pub async fn run(
                 socket: &entry.envd_socket,
                 token: sandbox.envd_access_token.as_deref(),
             };
-            run_in(&guest, spell, &args, began + timeout).await
+            // The spell's time is its own: it starts once its sandbox is there (a
+            // cold create on a busy host must not eat it).
+            run_in(&guest, spell, &args, Instant::now() + timeout).await
         }
         None => Err(SpellError::SandboxGone(id.clone())),
     };
