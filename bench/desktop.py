@@ -9,7 +9,11 @@ a host with Xvfb, xdotool and scrot (`apt-get install -y xvfb xdotool scrot`):
 
     E2B_API_URL=... E2B_SANDBOX_URL=... E2B_API_KEY=... \\
       tests/e2e/.venv/bin/python bench/desktop.py [--label 'jail, pool of 2'] \\
-      [--creates 20] [--create-interval 3] [--rounds 50] [--idle 3] [--settle 10]
+      [--creates 20] [--create-interval 3] [--inner-creates 5] [--rounds 50] [--blocks 5] \\
+      [--idle 3] [--settle 10]
+
+Whether creates are pooled is the server's choice (`--pool-size`); the script prints how
+many of its creates found an idle pooled `desktop` sandbox (`kiln_pool_idle_sandboxes`).
 
 What each figure is:
 - *create -> first screenshot*: `Sandbox.create()` (POST /sandboxes, then the SDK starts
@@ -17,12 +21,17 @@ What each figure is:
   sandbox is killed after each sample (not timed). Floor: on the host, `Xvfb` with the
   SDK's arguments until it answers a client's connection setup (tried every 5 ms; that
   client stays connected, see `HostX`), then one `scrot`.
+- *the start inside*: in `--inner-creates` fresh `desktop` sandboxes (the base SDK's
+  create: no Xvfb yet), one Python process starts Xvfb and `startxfce4` as the SDK does
+  and polls every 10 ms: where the create's time goes without the SDK's round trips and
+  0.5 s polls.
 - *round trips*: on one desktop sandbox, `move_mouse(x, y)` (`xdotool mousemove --sync`
   through `commands.run`) and `screenshot()` (`scrot --pointer` through `commands.run`,
   then `files.read` and `files.remove`). Beside them the same command timed in the
   sandbox by the same Python loop that times the host floor (fork+exec of `xdotool`, or
   `scrot` + reading and removing the file, on the host's own Xvfb), and
-  `commands.run("true")`, what any SDK call through the proxy and envd costs.
+  `commands.run("true")`, what any SDK call through the proxy and envd costs. They run
+  in `--blocks` alternating blocks so that other load on the host falls on all alike.
 - *idle memory*: `--idle` desktop sandboxes created together, then `--settle` seconds;
   per sandbox Kiln's `memUsed`/`memCache` (`GET /sandboxes/{id}/metrics`, the SDK's
   `get_metrics()`, the newest sample; the sandbox's memory cgroup), the Prometheus gauge
@@ -85,6 +94,7 @@ if __name__ == "__main__":
 MEMORY = r'''
 import os, re
 pss = rss = 0
+have_pss = False
 top = []
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
@@ -94,13 +104,35 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
         continue
     try:
         p = int(re.search(r"Pss:\s+(\d+)", open(f"/proc/{pid}/smaps_rollup").read()).group(1))
+        have_pss = True
     except (OSError, AttributeError):
-        p = -1
+        p = 0
     rss += r
-    pss += max(p, 0)
+    pss += p
     top.append((r, name))
 top.sort(reverse=True)
-print(pss, rss, ",".join(f"{n}={r // 1024}" for r, n in top[:6]))
+print(pss if have_pss else "-", rss, ",".join(f"{n}={r // 1024}" for r, n in top[:6]))
+'''
+
+# What `Sandbox.create()` starts, timed inside the sandbox (stdout: seconds from Xvfb's
+# start until it answers, until XFCE's three processes run, until a screenshot is taken).
+START = r'''
+import subprocess, time
+Q = subprocess.DEVNULL
+def ok(cmd):
+    return subprocess.run(cmd, shell=True, stdout=Q, stderr=Q).returncode == 0
+t = time.perf_counter()
+subprocess.Popen("Xvfb :0 -ac -screen 0 1024x768x24 -retro -dpi 96 -nolisten tcp -nolisten unix",
+                 shell=True, stdout=Q, stderr=Q, start_new_session=True)
+while not ok("xdpyinfo -display :0"):
+    time.sleep(0.01)
+x = time.perf_counter() - t
+subprocess.Popen("startxfce4", shell=True, stdout=Q, stderr=Q, start_new_session=True)
+while not ok("pgrep -x xfce4-session && pgrep -x xfwm4 && pgrep -x xfdesktop"):
+    time.sleep(0.01)
+f = time.perf_counter() - t
+subprocess.run(["scrot", "--pointer", "/tmp/kiln-bench-first.png"], check=True)
+print(x, f, time.perf_counter() - t)
 '''
 
 loop_ns = {}
@@ -141,7 +173,7 @@ class HostX:
     """An Xvfb on the host, started with the arguments the SDK gives the sandbox's, and one
     client connected to it for as long as it runs. In the sandbox XFCE's clients stay
     connected; an Xvfb whose last client leaves resets (it runs xkbcomp again), which
-    would cost every short-lived client of the floor 30-40 ms more than in the sandbox."""
+    would cost every short-lived client of the floor tens of ms more than in the sandbox."""
 
     def __init__(self):
         self.display = f":{free_display()}"
@@ -155,6 +187,8 @@ class HostX:
         self.client = None
         while self.client is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
                 raise RuntimeError(f"host Xvfb {self.display} did not start")
             self.client = self._connect()
             if self.client is None:
@@ -270,6 +304,8 @@ def main():
     ap.add_argument("--creates", type=int, default=20)
     ap.add_argument("--create-interval", type=float, default=3.0,
                     help="seconds (untimed) before each create: the previous kill, the pool's refill")
+    ap.add_argument("--inner-creates", type=int, default=5,
+                    help="sandboxes in which the desktop start is timed from inside")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--blocks", type=int, default=5,
                     help="the round trips run in this many alternating blocks")
@@ -320,6 +356,30 @@ def main():
             print(row("of which Xvfb + XFCE (the SDK's commands and 0.5 s polls)", desktop))
             print(row("of which the first `screenshot()`", first))
             print(row("floor: host `Xvfb` until it answers a client + one `scrot`", floor))
+            print()
+
+        # --- the same start inside a sandbox, without the SDK's 0.5 s polls ----------------
+        if a.inner_creates:
+            x_up, xfce_up, shot_done = [], [], []
+            for _ in range(a.inner_creates):
+                time.sleep(a.create_interval)
+                sbx = e2b.Sandbox.create(template="desktop", timeout=900, envs={"DISPLAY": ":0"})
+                sandboxes.append(sbx)
+                sbx.files.write("/tmp/kiln-bench-start.py", START)
+                xs, fs, ss = sbx.commands.run("python3 /tmp/kiln-bench-start.py", timeout=300).stdout.split()
+                x_up.append(float(xs))
+                xfce_up.append(float(fs))
+                shot_done.append(float(ss))
+                sbx.kill()
+                sandboxes.remove(sbx)
+            print("the SDK's start done inside a fresh `desktop` sandbox by one Python process, "
+                  "polling every 10 ms (no SDK round trips, no 0.5 s polls); from Xvfb's start")
+            print()
+            print("| measurement | samples | p50 ms | p99 ms | mean ms | min ms |")
+            print("|---|---|---|---|---|---|")
+            print(row("Xvfb answers `xdpyinfo`", x_up))
+            print(row("+ `startxfce4` until xfce4-session, xfwm4 and xfdesktop run", xfce_up))
+            print(row("+ one `scrot --pointer`", shot_done))
             print()
 
         # --- round trips on one sandbox ---------------------------------------------------
@@ -408,12 +468,13 @@ def main():
                               % re.escape(d.sandbox_id), text)
                 d.files.write("/tmp/kiln-bench-memory.py", MEMORY)
                 pss, rss, top = d.commands.run("python3 /tmp/kiln-bench-memory.py",
-                                               user="root").stdout.split()
+                                               user="root").stdout.strip().split(None, 2)
+                pss_mib = f"{int(pss) / 1024:.1f}" if pss != "-" else "no smaps_rollup"
                 used.append(m.mem_used)
                 nocache.append(m.mem_used - m.mem_cache)
                 print(f"| {d.sandbox_id} | {mib(m.mem_used)} | {mib(m.mem_cache)} | "
                       f"{mib(m.mem_used - m.mem_cache)} | {mib(float(g.group(1))) if g else '-'} | "
-                      f"{int(pss) / 1024:.1f} | {int(rss) / 1024:.1f} | {top.replace(',', ', ')} |")
+                      f"{pss_mib} | {int(rss) / 1024:.1f} | {top.replace(',', ', ')} |")
             print(f"| mean | {mib(statistics.mean(used))} | | {mib(statistics.mean(nocache))} | | | | |")
             print()
             note = "" if idle_pool(url) == pool == 0 else " (includes the pool's refills)"

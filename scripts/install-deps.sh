@@ -14,9 +14,11 @@
 #                   package's own service, if the host starts it, listens on :9090 and
 #                   does not get in the way)
 #   nats-server     the NATS server kiln-server's event tests start on a free port
+#   chromium        the headless browser tests/e2e/test_desktop.py opens a desktop's live
+#                   view in (through Playwright, which downloads no browser of its own)
 set -euo pipefail
 
-packages=(mmdebstrap iptables iproute2 uidmap busybox-static e2fsprogs ca-certificates runsc docker-registry prometheus nats-server)
+packages=(mmdebstrap iptables iproute2 uidmap busybox-static e2fsprogs ca-certificates runsc docker-registry prometheus nats-server chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

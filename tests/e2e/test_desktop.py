@@ -484,3 +484,82 @@ def test_stream_with_auth(desk: Desktop):
     finally:
         desk.stream.stop()
     assert wait_until(lambda: probe_exit(desk, "pgrep -x x11vnc") == 1, STREAM_STOP_TIMEOUT)
+
+
+# --- the live view in a real browser ---------------------------------------------------
+
+
+def same_fraction(a: bytes, b: bytes) -> float:
+    """The share of pixels two screenshots have (nearly) alike, at `a`'s size."""
+    ia = Image.open(io.BytesIO(a)).convert("L")
+    ib = Image.open(io.BytesIO(b)).convert("L").resize(ia.size)
+    pa, pb = ia.getdata(), ib.getdata()
+    return sum(1 for x, y in zip(pa, pb) if abs(x - y) <= 24) / max(1, len(pa))
+
+
+def test_the_stream_opens_in_headless_chromium_and_shows_the_desktop():
+    """`stream.get_url()` as the SDK builds it (`https://6080-{id}.localhost/vnc.html`,
+    domain `localhost`), opened in Debian's Chromium through Kiln's TLS sandbox hosts
+    (run.sh: `--sandbox-tls-listen 127.0.0.1:443`) with the VNC password the SDK made:
+    noVNC connects, the page shows what the SDK's own screenshot shows, and it follows
+    when the SDK opens a window."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is not installed (scripts/install-deps.sh installs it)"
+    assert os.environ.get("KILN_E2E_TLS_ADDR") == "127.0.0.1", "run.sh serves sandbox hosts on 127.0.0.1:443"
+    try:
+        desk = Desktop.create(timeout=600, domain="localhost")
+    except SandboxException as e:
+        if TEMPLATE in os.environ.get("KILN_BUILTIN_TEMPLATES", "") or "404" not in str(e):
+            raise
+        pytest.skip(f"the server does not serve the {TEMPLATE} template: {e}")
+    try:
+        desk.stream.start(require_auth=True)
+        key = desk.stream.get_auth_key()
+        url = desk.stream.get_url(auth_key=key)
+        assert url.startswith(f"https://6080-{desk.sandbox_id}.localhost/vnc.html?"), url
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            try:
+                # The page's certificate is the local CA's (test_tls_hosts.py checks that
+                # chain); this browser profile does not have that CA.
+                ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1024, "height": 768})
+                page = ctx.new_page()
+                page.goto(url, wait_until="load", timeout=60_000)
+                status = lambda: page.evaluate(
+                    "() => document.getElementById('noVNC_status')?.textContent || ''"
+                )
+                assert wait_until(lambda: status().startswith("Connected"), 60, interval=0.5), status()
+                shots: List[Tuple[bytes, bytes]] = []
+
+                def shows_the_desktop() -> bool:
+                    shots.append((page.screenshot(), desk.screenshot()))
+                    return same_fraction(*shots[-1]) > 0.9
+
+                ok = wait_until(shows_the_desktop, 60, interval=1)
+                TIMINGS.parent.mkdir(exist_ok=True)
+                (TIMINGS.parent / "live-view-before.png").write_bytes(shots[-1][0])
+                assert ok, f"the page is not the desktop: {same_fraction(*shots[-1]):.2f} alike"
+                screen_before = shots[-1][1]
+                # A window the SDK opens shows up in the live view: the screen changed
+                # (the SDK's screenshot says so) and the page shows the changed screen.
+                desk.launch("xfce4-terminal")
+
+                def follows() -> bool:
+                    shots.append((page.screenshot(), desk.screenshot()))
+                    page_now, screen_now = shots[-1]
+                    return (
+                        same_fraction(screen_before, screen_now) < 0.95
+                        and same_fraction(page_now, screen_now) > 0.9
+                    )
+
+                ok = wait_until(follows, 60, interval=1)
+                (TIMINGS.parent / "live-view-after.png").write_bytes(shots[-1][0])
+                assert ok, "the live view did not show the new window"
+            finally:
+                browser.close()
+    finally:
+        desk.kill()

@@ -167,11 +167,23 @@ impl Runsc {
 
     /// `runsc delete --force <id>`: kills the sandbox and removes runsc's state.
     /// A container runsc does not know is already deleted.
+    /// On a loaded host runsc's own wait for the sandbox to stop can run out
+    /// ("context deadline exceeded"): the sandbox is then still going down, and a
+    /// second delete finishes the job.
     pub fn delete(&self, id: &str) -> Result<(), RunscError> {
-        match self.output(&["delete", "--force", id], Duration::from_secs(15)) {
-            Ok(_) => Ok(()),
-            Err(RunscError::Failed { stderr, .. }) if not_found(&stderr) => Ok(()),
-            Err(e) => Err(e),
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.output(&["delete", "--force", id], Duration::from_secs(15)) {
+                Ok(_) => return Ok(()),
+                Err(RunscError::Failed { stderr, .. }) if not_found(&stderr) => return Ok(()),
+                Err(RunscError::Failed { stderr, .. })
+                    if tries < 3 && stderr.contains("context deadline exceeded") =>
+                {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
