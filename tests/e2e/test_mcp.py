@@ -636,10 +636,21 @@ def test_desktop_tools_drive_a_desktop_sandbox():
             assert await until_title(client, sid, "One"), await title(client, sid)
             await anyio.sleep(2)  # the page painted
 
-            # The middle of Chromium's window, below its toolbar: the page's button.
-            geometry = await sh(client, sid, "w=$(xdotool search --onlyvisible --class chromium | tail -1); "
-                                             "xdotool getwindowgeometry --shell $w")
-            g = dict(line.split("=", 1) for line in geometry.split() if "=" in line)
+            # The middle of Chromium's window, below its toolbar: the page's button. The
+            # largest visible Chromium window is the browser (its helper windows come and
+            # go, and one may vanish between the search and the geometry: ask again).
+            g: dict = {}
+            for _ in range(40):
+                geometry = await sh(client, sid, (
+                    "best=; area=0; for w in $(xdotool search --onlyvisible --class chromium 2>/dev/null); do "
+                    "eval $(xdotool getwindowgeometry --shell $w 2>/dev/null) || continue; "
+                    "a=$((WIDTH*HEIGHT)); if [ $a -gt $area ]; then area=$a; "
+                    "best=\"X=$X Y=$Y WIDTH=$WIDTH HEIGHT=$HEIGHT\"; fi; done; echo $best"))
+                g = dict(part.split("=", 1) for part in geometry.split() if "=" in part)
+                if {"X", "Y", "WIDTH", "HEIGHT"} <= g.keys():
+                    break
+                await anyio.sleep(0.5)
+            assert {"X", "Y", "WIDTH", "HEIGHT"} <= g.keys(), f"no Chromium window geometry: {geometry!r}"
             x = int(g["X"]) + int(g["WIDTH"]) // 2
             y = int(g["Y"]) + int(g["HEIGHT"]) // 2 + 40
             clicked = await call(client, "click", {"sandbox_id": sid, "x": x, "y": y})
