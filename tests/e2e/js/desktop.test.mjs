@@ -29,8 +29,15 @@ test('the desktop with the JS SDK: screen, mouse, keyboard, windows, stream', { 
     assert.deepEqual(Array.from(png.slice(0, 8)), [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])
     assert.ok(png.length > 1000, `screenshot of ${png.length} bytes`)
 
-    await desk.moveMouse(123, 234)
-    assert.deepEqual(await desk.getCursorPosition(), { x: 123, y: 234 })
+    // The JS SDK (unlike the Python one) returns from create() without waiting for
+    // XFCE, and this Xvfb ignores pointer warps until xfwm4 manages the screen (see
+    // docs/desktop.md): wait as e2b-desktop's Python create() does, then move.
+    await waitFor('XFCE', async () => (await desk.commands.run('pgrep -x xfce4-session && pgrep -x xfwm4 && pgrep -x xfdesktop')).exitCode === 0, 120000)
+    await waitFor('the pointer to move to (123, 234)', async () => {
+      await desk.moveMouse(123, 234)
+      const at = await desk.getCursorPosition()
+      return at.x === 123 && at.y === 234
+    }, 30000)
     await desk.drag([10, 10], [60, 70])
     assert.deepEqual(await desk.getCursorPosition(), { x: 60, y: 70 })
 
