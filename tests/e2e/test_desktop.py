@@ -17,6 +17,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import struct
 import time
 from pathlib import Path
@@ -562,4 +563,98 @@ def test_the_stream_opens_in_headless_chromium_and_shows_the_desktop():
             finally:
                 browser.close()
     finally:
+        desk.kill()
+
+
+# --- Chromium over CDP -------------------------------------------------------------------
+
+CDP_PAGE = """<!doctype html><title>Kiln CDP page</title>
+<h1 id="greeting">hello over CDP</h1><a href="/next.html">next</a>"""
+
+
+def test_playwright_drives_the_sandboxes_chromium_over_cdp():
+    """Playwright's `connect_over_cdp("https://" + get_host(9222))` (the PyPI client; its
+    Node driver speaks to Kiln, no browser download) drives the desktop's own Chromium:
+    it opens a page served inside the sandbox, reads its title and text, and takes a
+    screenshot, and the page is a window on the desktop the live view shows. Without
+    the team's API key (or the traffic token) DevTools answers 401 whatever Host the
+    client claims; the browser's URLs come back pointed at Kiln's name, not 127.0.0.1."""
+    from playwright.sync_api import sync_playwright
+
+    addr = os.environ.get("KILN_E2E_TLS_ADDR")
+    data = os.environ.get("KILN_E2E_DATA_DIR")
+    assert addr and data, "run.sh serves sandbox hosts on 127.0.0.1:443"
+    ca = os.path.join(data, "tls", "ca.pem")
+    api, key = os.environ["E2B_API_URL"], os.environ["E2B_API_KEY"]
+    try:
+        desk = Desktop.create(timeout=600, domain="localhost")
+    except SandboxException as e:
+        if TEMPLATE in os.environ.get("KILN_BUILTIN_TEMPLATES", "") or "404" not in str(e):
+            raise
+        pytest.skip(f"the server does not serve the {TEMPLATE} template: {e}")
+    host = desk.get_host(9222)
+    assert host == f"9222-{desk.sandbox_id}.localhost"
+    hosts_before = open("/etc/hosts").read()
+    driver_env = {k: os.environ.get(k) for k in ("NODE_EXTRA_CA_CERTS",)}
+    try:
+        desk.files.write("/home/user/site/index.html", CDP_PAGE)
+        desk.commands.run("python3 -m http.server 8123 --bind 127.0.0.1 --directory /home/user/site",
+                          background=True, timeout=0)
+        # The template's Chromium flags open DevTools on 127.0.0.1:9222.
+        desk.commands.run("chromium about:blank", background=True, timeout=0)
+        assert wait_until(lambda: probe_exit(desk, "curl -sf -o /dev/null 127.0.0.1:9222/json/version") == 0,
+                          WINDOW_TIMEOUT, interval=1), "Chromium's DevTools port did not open"
+
+        # Attacks first: a stranger who knows the id, with and without a forged Host.
+        by_id = {"E2b-Sandbox-Id": desk.sandbox_id, "E2b-Sandbox-Port": "9222"}
+        for extra in ({}, {"Host": "localhost"}, {"X-API-KEY": "e2b_" + "0" * 40},
+                      {"e2b-traffic-access-token": "guess"}):
+            r = httpx.get(f"{api}/json/version", headers={**by_id, **extra}, timeout=30)
+            assert r.status_code == 401, (extra, r.status_code, r.text)
+            assert "Browser" not in r.text
+        r = httpx.get(f"{api}/json/version/", headers={**by_id, "X-API-KEY": key}, timeout=30)
+        assert r.status_code == 200, r.text
+        api_host = api.split("://", 1)[1].rstrip("/")
+        assert r.json()["webSocketDebuggerUrl"].startswith(f"ws://{api_host}/devtools/browser/"), r.text
+
+        # By name over TLS, as Playwright will ask: the one-line DNS setup of the docs.
+        with open("/etc/hosts", "a") as f:
+            f.write(f"{addr} {host} # kiln e2e cdp\n")
+        trust = ssl.create_default_context(cafile=ca)
+        r = httpx.get(f"https://{host}/json/version/", headers={"X-API-KEY": key}, verify=trust, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["webSocketDebuggerUrl"].startswith(f"wss://{host}/devtools/browser/"), r.text
+        assert httpx.get(f"https://{host}/json/list", verify=trust, timeout=30).status_code == 401
+
+        # Playwright's Node driver trusts the local CA like any Node program.
+        os.environ["NODE_EXTRA_CA_CERTS"] = ca
+        with sync_playwright() as p:
+            started = time.monotonic()
+            browser = p.chromium.connect_over_cdp(f"https://{host}", headers={"X-API-KEY": key}, timeout=120_000)
+            record("connect_over_cdp", time.monotonic() - started)
+            try:
+                assert browser.version, "no browser version over CDP"
+                page = browser.contexts[0].new_page()
+                page.goto("http://127.0.0.1:8123/", wait_until="load", timeout=120_000)
+                assert page.title() == "Kiln CDP page"
+                assert page.inner_text("#greeting") == "hello over CDP"
+                png = page.screenshot()
+                assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+                shot = Image.open(io.BytesIO(png))
+                assert shot.size[0] > 200 and shot.size[1] > 100, shot.size
+                # The same page is a window on the sandbox's desktop.
+                assert wait_until(
+                    lambda: probe_exit(desk, "xdotool search --onlyvisible --name 'Kiln CDP page'") == 0,
+                    WINDOW_TIMEOUT, interval=1,
+                ), "the page Playwright opened is not a visible window on the desktop"
+            finally:
+                browser.close()
+    finally:
+        for k, v in driver_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        with open("/etc/hosts", "w") as f:
+            f.write(hosts_before)
         desk.kill()

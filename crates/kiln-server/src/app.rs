@@ -184,15 +184,8 @@ fn key_of(state: &AppState, req: &Request) -> Result<Caller, AppError> {
         .get(API_KEY_HEADER)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| AppError::Unauthorized("missing X-API-KEY header".into()))?;
-    let record = state
-        .store
-        .find_key(&keys::hash(key))?
-        .ok_or_else(|| AppError::Unauthorized("invalid API key".into()))?;
-    Ok(Caller {
-        key_id: record.id,
-        team_id: record.team_id,
-        admin: record.admin,
-    })
+    keys::caller(state.store.as_ref(), key)?
+        .ok_or_else(|| AppError::Unauthorized("invalid API key".into()))
 }
 
 /// What the start banner says about the API key.
@@ -274,6 +267,7 @@ fn template_info(t: &kiln_template::Template) -> TemplateInfo {
                 .runtime
                 .as_deref()
                 .and_then(kiln_runtime::RuntimeKind::parse),
+            cdp_port: t.meta.cdp_port,
         },
     }
 }
@@ -473,7 +467,8 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
                 ),
                 None => println!("sandbox hosts: https://{{port}}-{{id}}.{domain} on {bound}"),
             }
-            let app = router(state.clone());
+            // The CDP route hands back `wss://` URLs to clients that came this way.
+            let app = router(state.clone()).layer(axum::Extension(crate::cdp::ViaTls));
             let mut graceful = stop_rx.clone();
             Some(tokio::spawn(async move {
                 axum::serve(

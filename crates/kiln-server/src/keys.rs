@@ -51,6 +51,15 @@ pub fn hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+/// The caller a plain API key stands for: `None` when it is no live key.
+pub fn caller(store: &dyn Store, key: &str) -> Result<Option<crate::authz::Caller>, StoreError> {
+    Ok(store.find_key(&hash(key))?.map(|k| crate::authz::Caller {
+        key_id: k.id,
+        team_id: k.team_id,
+        admin: k.admin,
+    }))
+}
+
 /// What `kiln keys list` shows of a key: enough to tell keys apart, nothing to use.
 pub fn display_prefix(key: &str) -> String {
     key.chars().take(KEY_PREFIX.len() + 8).collect()

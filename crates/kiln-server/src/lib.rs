@@ -11,6 +11,7 @@ pub mod authz;
 pub mod builds;
 pub mod builtin_projects;
 pub mod builtins;
+pub mod cdp;
 pub mod config;
 pub mod egress;
 pub mod endpoint;

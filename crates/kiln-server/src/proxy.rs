@@ -209,10 +209,36 @@ pub async fn forward(
         // paused sandbox as unreachable.
         return paused(&id);
     }
+    let mut cdp = None;
     if port != ENVD_PORT {
         let rec = entry.record();
         let network = crate::manager::network_of(&rec);
-        if network.private && !traffic_token_ok(req.headers(), rec.traffic_token.as_deref()) {
+        if manager.cdp_port(&rec) == Some(port) {
+            // DevTools: the owner's key or the token, whatever the network settings.
+            let admitted = crate::cdp::admit(
+                req.headers(),
+                &id,
+                port,
+                rec.team_id,
+                rec.traffic_token.as_deref(),
+                |key| manager.caller_for_key(key),
+            );
+            if let Err(refusal) = admitted {
+                tracing::info!(%id, port, reason = refusal.message(), "refused a DevTools request");
+                return json_error(refusal.status(), refusal.message().to_string());
+            }
+            let via_tls = req.extensions().get::<crate::cdp::ViaTls>().is_some();
+            let (mut parts, body) = std::mem::take(&mut req).into_parts();
+            cdp = Some(crate::cdp::Route::prepare(
+                &parts.method,
+                &mut parts.uri,
+                &mut parts.headers,
+                via_tls,
+                port,
+            ));
+            req = Request::from_parts(parts, body);
+        } else if network.private && !traffic_token_ok(req.headers(), rec.traffic_token.as_deref())
+        {
             return json_error(
                 StatusCode::FORBIDDEN,
                 format!(
@@ -221,14 +247,16 @@ pub async fn forward(
                 ),
             );
         }
-        if let Some(host) = network.masked_host(port) {
+        if let (Some(host), None) = (network.masked_host(port), &cdp) {
             if let Ok(value) = http::HeaderValue::from_str(&host) {
                 req.headers_mut().insert(header::HOST, value);
             }
         }
     }
-    // The sandbox's servers never see the token (nor could they replay it elsewhere).
+    // The sandbox's servers never see the token or an API key (nor could they replay
+    // them elsewhere).
     req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
+    req.headers_mut().remove(kiln_api::API_KEY_HEADER);
     let execution = crate::exec_watch::kind_of(port, req.method(), req.uri().path());
     let began = std::time::Instant::now();
     let audit = execution.map(|kind| {
@@ -308,6 +336,9 @@ pub async fn forward(
         return Response::from_parts(parts, Body::empty());
     }
     strip_hop_by_hop(resp.headers_mut(), false);
+    if let Some(route) = cdp.filter(crate::cdp::Route::rewrites) {
+        return devtools_answer(&id, resp, &route).await;
+    }
     match execution {
         Some(kind) => {
             let metrics = manager.meters().clone();
@@ -315,6 +346,41 @@ pub async fn forward(
         }
         None => resp.map(Body::new),
     }
+}
+
+/// A DevTools JSON answer with its URLs pointed at the client's address; read up to
+/// [`crate::cdp::BODY_CAP`] and refused beyond it.
+async fn devtools_answer<B>(
+    id: &str,
+    resp: http::Response<B>,
+    route: &crate::cdp::Route,
+) -> Response
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let (mut parts, body) = resp.into_parts();
+    let limited = http_body_util::Limited::new(body, crate::cdp::BODY_CAP);
+    let bytes = match limited.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            tracing::warn!(%id, error = %e, "reading a DevTools answer failed");
+            return json_error(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "the browser's DevTools answer could not be read whole (at most {} bytes): {e}",
+                    crate::cdp::BODY_CAP
+                ),
+            );
+        }
+    };
+    let body = match std::str::from_utf8(&bytes) {
+        Ok(text) => Body::from(route.rewrite(text)),
+        Err(_) => Body::from(bytes),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, body)
 }
 
 /// Whether the request carries the sandbox's traffic access token.
@@ -519,6 +585,34 @@ mod tests {
             check_execution_deadline("/process.Process/Connect", &over, 300),
             Ok(())
         );
+    }
+
+    #[tokio::test]
+    async fn devtools_answers_are_rewritten_and_capped() {
+        use http_body_util::BodyExt;
+        let route = || {
+            let mut uri: http::Uri = "/json/version".parse().unwrap();
+            let mut h = headers(&[("host", "9222-sbx.kiln.test")]);
+            crate::cdp::Route::prepare(&http::Method::GET, &mut uri, &mut h, true, 9222)
+        };
+        let body = r#"{"webSocketDebuggerUrl":"ws://127.0.0.1:9222/devtools/browser/b"}"#;
+        let resp = http::Response::builder()
+            .header("content-length", body.len())
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let out = devtools_answer("sbx", resp, &route()).await;
+        assert_eq!(out.status(), StatusCode::OK);
+        assert!(!out.headers().contains_key("content-length"));
+        let text = out.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            text,
+            r#"{"webSocketDebuggerUrl":"wss://9222-sbx.kiln.test/devtools/browser/b"}"#
+        );
+        // A sandbox's endless answer is refused, not buffered.
+        let huge = vec![b' '; crate::cdp::BODY_CAP + 1];
+        let resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(huge)));
+        let out = devtools_answer("sbx", resp, &route()).await;
+        assert_eq!(out.status(), StatusCode::BAD_GATEWAY);
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct TemplateDefaults {
     pub envs: BTreeMap<String, String>,
     /// The runtime the template's sandboxes run on; `None`: the server's default.
     pub runtime: Option<kiln_runtime::RuntimeKind>,
+    /// The port of the template's browser DevTools endpoint, served by the proxy's
+    /// CDP route ([`crate::cdp`]).
+    pub cdp_port: Option<u16>,
 }
 
 #[derive(Default)]

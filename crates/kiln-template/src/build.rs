@@ -244,6 +244,7 @@ impl TemplateStore {
         }
         let base = req.spec.base()?;
         req.spec.runtime()?;
+        req.spec.cdp_port()?;
         let steps = req.spec.parse_steps()?;
         // Held until the build is installed: `gc` waits for it.
         let _store = self.lock_store(false).await?;
@@ -466,6 +467,7 @@ impl TemplateStore {
             start_cmd: req.spec.start_cmd.clone(),
             ready_cmd: req.spec.ready_cmd.clone(),
             runtime: req.spec.runtime()?.map(str::to_owned),
+            cdp_port: req.spec.cdp_port()?,
             envs: state.env.clone(),
             chain: Some(LayerChain {
                 layers: chain_layers

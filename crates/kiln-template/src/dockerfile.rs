@@ -10,7 +10,8 @@
 //!
 //! `kiln.toml` (optional; flat `key = value`): `name`, `cpu_count`, `memory_mb`,
 //! `runtime` (`jail` or `gvisor`: where the template's sandboxes run),
-//! `ready_cmd`, `start_cmd`.
+//! `ready_cmd`, `start_cmd`, `cdp_port` (the port of the template's browser DevTools
+//! endpoint, served by Kiln's CDP route).
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -345,12 +346,13 @@ pub fn parse_kiln_toml(text: &str) -> Result<BTreeMap<String, String>> {
             "ready_cmd",
             "start_cmd",
             "runtime",
+            "cdp_port",
         ]
         .contains(&k)
         {
             bail!(
                 "kiln.toml line {}: unknown key {k:?} (known: name, cpu_count, memory_mb, \
-                 ready_cmd, start_cmd, runtime)",
+                 ready_cmd, start_cmd, runtime, cdp_port)",
                 i + 1
             );
         }
@@ -409,6 +411,12 @@ pub fn load_project(dir: &Path, name: Option<String>, skip_cache: bool) -> Resul
             bail!("kiln.toml: runtime {r:?} is not one of jail, gvisor");
         }
         recipe.spec["runtime"] = r.clone().into();
+    }
+    if let Some(p) = toml.get("cdp_port") {
+        let port: u16 = p.parse().ok().filter(|p| *p != 0).with_context(|| {
+            format!("kiln.toml: cdp_port {p:?} must be a port number (1-65535)")
+        })?;
+        recipe.spec["cdpPort"] = port.into();
     }
     recipe.spec["force"] = skip_cache.into();
     let cpu_count = match toml.get("cpu_count") {
@@ -511,5 +519,38 @@ mod tests {
             ..Default::default()
         };
         assert!(spec.runtime().is_err());
+    }
+
+    #[test]
+    fn kiln_toml_cdp_port_goes_into_the_recipe_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Dockerfile"),
+            "FROM e2bdev/base
+",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("kiln.toml"),
+            "cdp_port = 9222
+",
+        )
+        .unwrap();
+        let p = load_project(dir.path(), Some("t".into()), false).unwrap();
+        let spec: crate::recipe::BuildSpec = serde_json::from_value(p.recipe.spec).unwrap();
+        assert_eq!(spec.cdp_port().unwrap(), Some(9222));
+        for bad in ["0", "65536", "\"x\"", "-1"] {
+            std::fs::write(dir.path().join("kiln.toml"), format!("cdp_port = {bad}\n")).unwrap();
+            let e = load_project(dir.path(), Some("t".into()), false)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("cdp_port"), "{bad}: {e}");
+        }
+        // envd's port is the server's, never a browser's (an API-sent recipe too).
+        let spec = crate::recipe::BuildSpec {
+            cdp_port: Some(49983),
+            ..Default::default()
+        };
+        assert!(spec.cdp_port().is_err());
     }
 }

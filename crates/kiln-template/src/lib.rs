@@ -434,6 +434,7 @@ impl TemplateStore {
             start_cmd: None,
             ready_cmd: None,
             runtime: None,
+            cdp_port: None,
             envs: Default::default(),
             chain: None,
         };

@@ -57,6 +57,10 @@ pub struct TemplateMeta {
     /// server's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// The port of the template's browser DevTools endpoint (`kiln.toml`'s
+    /// `cdp_port`), which Kiln's proxy serves with its CDP route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdp_port: Option<u16>,
     /// What the build used from the caches, for [`crate::gc`]. `None` for the Debian
     /// bases and for templates built before it was recorded (then only the layer the
     /// `rootfs` symlink points at counts as used).
@@ -186,6 +190,7 @@ pub(crate) fn test_meta(name: &str, build_hash: &str) -> TemplateMeta {
         start_cmd: None,
         ready_cmd: None,
         runtime: None,
+        cdp_port: None,
         envs: Default::default(),
         chain: None,
     }
@@ -215,6 +220,7 @@ mod tests {
             start_cmd: None,
             ready_cmd: None,
             runtime: None,
+            cdp_port: None,
             envs: Default::default(),
             chain: None,
         }

@@ -96,7 +96,7 @@ proptest! {
         lines in prop::collection::vec(
             (
                 prop::sample::select(vec![
-                    "name", "cpu_count", "memory_mb", "runtime", "ready_cmd", "start_cmd",
+                    "name", "cpu_count", "memory_mb", "runtime", "ready_cmd", "start_cmd", "cdp_port",
                     "colour", "", "=",
                 ]),
                 prop::sample::select(vec![" = ", "=", " ", " == "]),

@@ -33,6 +33,11 @@ pub struct BuildSpec {
     /// `None` is the server's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// Kiln's extension (`kiln.toml`'s `cdp_port`): the port of the template's
+    /// browser DevTools endpoint, which Kiln's proxy serves with a CDP-aware route
+    /// (`docs/desktop.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdp_port: Option<u16>,
 }
 
 /// The runtimes a template may ask for.
@@ -167,6 +172,8 @@ pub enum RecipeError {
          with {{\"type\": \"registry\", \"username\", \"password\"}}"
     )]
     UnsupportedRegistry { kind: String },
+    #[error("cdp_port {0} is not a port a browser's DevTools can use (1-65535, not envd's 49983)")]
+    CdpPort(u16),
     #[error("runtime {0:?} is not one of jail, gvisor")]
     UnknownRuntime(String),
     #[error("step {index} ({kind}): {message}")]
@@ -181,6 +188,14 @@ impl BuildSpec {
     pub fn runtime(&self) -> Result<Option<&str>, RecipeError> {
         match self.runtime.as_deref() {
             Some(r) if !RUNTIMES.contains(&r) => Err(RecipeError::UnknownRuntime(r.to_owned())),
+            other => Ok(other),
+        }
+    }
+
+    /// The DevTools port the recipe declares, checked: not 0 and not envd's.
+    pub fn cdp_port(&self) -> Result<Option<u16>, RecipeError> {
+        match self.cdp_port {
+            Some(p) if p == 0 || p == kiln_proto::envd::ENVD_PORT => Err(RecipeError::CdpPort(p)),
             other => Ok(other),
         }
     }

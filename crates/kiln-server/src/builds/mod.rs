@@ -747,6 +747,7 @@ pub fn info_of(t: &Template) -> TemplateInfo {
                 .runtime
                 .as_deref()
                 .and_then(kiln_runtime::RuntimeKind::parse),
+            cdp_port: t.meta.cdp_port,
         },
     }
 }

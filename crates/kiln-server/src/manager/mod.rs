@@ -224,6 +224,24 @@ impl SandboxManager {
             .ok_or_else(|| not_found(id))
     }
 
+    /// The port of the browser DevTools endpoint that the sandbox's template declares
+    /// (served by the proxy's CDP route).
+    pub fn cdp_port(&self, rec: &SandboxRecord) -> Option<u16> {
+        self.templates.resolve(&rec.template_id).ok()?.meta.cdp_port
+    }
+
+    /// The caller a plain API key stands for, if it is a live key. A store that fails
+    /// to answer counts as no key (logged).
+    pub fn caller_for_key(&self, key: &str) -> Option<Caller> {
+        match crate::keys::caller(self.store.as_ref(), key) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "looking up an API key failed");
+                None
+            }
+        }
+    }
+
     /// `E2B_EXECUTION_TIMEOUT_SEC`: the longest deadline one command may ask for.
     pub fn execution_timeout_secs(&self) -> u64 {
         self.limits.execution_timeout_secs
