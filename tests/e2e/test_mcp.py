@@ -5,11 +5,13 @@ Privilege tier: a running `kiln serve` with code-interpreter-v1 built (run.sh), 
 CLI (KILN_BIN) that spawns or serves the MCP server as a client of that API.
 """
 
+import base64
 import json
 import os
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -589,7 +591,8 @@ PAGE_TWO = "<html><head><title>Two</title></head><body>two</body></html>"
 def test_desktop_tools_drive_a_desktop_sandbox():
     """screenshot, click, type, press and open_url on a `desktop` sandbox (skipped only
     when the server does not serve the template and KILN_BUILTIN_TEMPLATES does not
-    name it; CI's does)."""
+    name it; CI's does). The MCP server is started with E2B_DESKTOP_RESOLUTION, and the
+    screen it starts has that size."""
 
     async def sh(client, sid, command):
         out = await call(client, "run_command", {"command": command, "sandbox_id": sid,
@@ -608,7 +611,7 @@ def test_desktop_tools_drive_a_desktop_sandbox():
         return False
 
     async def main():
-        async with Client(stdio_params()) as client:
+        async with Client(stdio_params(E2B_DESKTOP_RESOLUTION="1280x800")) as client:
             made = await call(client, "create_sandbox", {"template": "desktop", "timeout": 600})
             if made.is_error:
                 message = text_of(made)
@@ -621,6 +624,8 @@ def test_desktop_tools_drive_a_desktop_sandbox():
             images = [c for c in shot.content if c.type == "image"]
             assert images and images[0].mime_type == "image/png"
             first = images[0].data
+            png = base64.b64decode(first)
+            assert struct.unpack(">II", png[16:24]) == (1280, 800), "the screen is not E2B_DESKTOP_RESOLUTION"
 
             for name, page in [("one.html", PAGE_ONE), ("two.html", PAGE_TWO)]:
                 wrote = await call(client, "write_file", {"sandbox_id": sid, "path": f"/home/user/site/{name}",

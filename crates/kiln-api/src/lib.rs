@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub mod desktop;
 pub mod spell;
 
 /// The envd version Kiln reports; the SDK gates features on it (spec §1.6).

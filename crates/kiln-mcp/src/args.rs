@@ -397,7 +397,7 @@ pub struct ScreenshotArgs {
 pub struct ClickArgs {
     /// A sandbox of the `desktop` template.
     pub sandbox_id: String,
-    /// Pixels from the left edge of the screen (1024x768).
+    /// Pixels from the left edge of the screen (1024x768 by default).
     pub x: u32,
     /// Pixels from the top edge.
     pub y: u32,

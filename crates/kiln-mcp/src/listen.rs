@@ -202,6 +202,7 @@ mod tests {
             api_url: "http://127.0.0.1:9".into(),
             default_key: key.map(str::to_string),
             reaper: Reaper::default(),
+            desktop_resolution: Default::default(),
         };
         Auth::new(shared, token.map(str::to_string)).unwrap()
     }
@@ -244,6 +245,7 @@ mod tests {
             api_url: "http://127.0.0.1:9".into(),
             default_key: None,
             reaper: Reaper::default(),
+            desktop_resolution: Default::default(),
         };
         assert!(Auth::new(shared, Some("t".into())).is_err());
     }

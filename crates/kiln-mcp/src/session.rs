@@ -26,6 +26,8 @@ pub struct Shared {
     /// The key of `--api-key`: stdio's, and the one `E2B_MCP_SERVER_TOKEN` stands for.
     pub default_key: Option<String>,
     pub reaper: Reaper,
+    /// The screen of desktops the desktop tools start (`E2B_DESKTOP_RESOLUTION`).
+    pub desktop_resolution: kiln_api::desktop::Resolution,
 }
 
 /// A sandbox to work in: its id and envd access token.
@@ -277,6 +279,7 @@ mod tests {
             api_url: "http://127.0.0.1:9".into(),
             default_key: None,
             reaper: Reaper::default(),
+            desktop_resolution: Default::default(),
         };
         let s = Session::new(shared, Lifetime::Session);
         assert!(s.bind("e2b_a"));

@@ -145,7 +145,7 @@ impl ToolName {
                  come back as images)."
             }
             ToolName::Screenshot => {
-                "Take a screenshot of a desktop sandbox's screen (1024x768, with the pointer) \
+                "Take a screenshot of a desktop sandbox's screen (1024x768 unless the operator set E2B_DESKTOP_RESOLUTION; with the pointer) \
                  and return it as a PNG image. Make the sandbox with create_sandbox and \
                  template \"desktop\" (a Linux desktop with Chromium); its display starts on \
                  first use."

@@ -405,6 +405,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
                 team_id,
                 domain: config.domain.clone(),
                 listen_port: config.listen.port(),
+                desktop_resolution: config.desktop_resolution,
             },
         );
     }

@@ -19,6 +19,9 @@ macro_rules! project_file {
     };
 }
 
+/// The desktop template's name: its sandboxes live at most `E2B_DESKTOP_MAX_DURATION`.
+pub const DESKTOP: &str = "desktop";
+
 /// Every built-in template the server can build, in build order.
 pub const BUILTINS: &[Builtin] = &[
     Builtin {
@@ -33,7 +36,7 @@ pub const BUILTINS: &[Builtin] = &[
     // The e2b-desktop SDK's default template (docs/desktop.md). Not built by default:
     // it installs about 1 GB of packages (XFCE, Chromium, Firefox ESR).
     Builtin {
-        name: "desktop",
+        name: DESKTOP,
         files: &[
             project_file!("desktop", "Dockerfile"),
             project_file!("desktop", "kiln.toml"),

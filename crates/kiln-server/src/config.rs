@@ -34,6 +34,9 @@ pub struct LimitsConfig {
     pub execution_timeout_secs: u64,
     /// Idle sandboxes kept started per template (`KILN_POOL_SIZE`; 0 turns pools off).
     pub pool_size: usize,
+    /// The longest a sandbox of the `desktop` template lives from its start, however
+    /// often its deadline is moved (`E2B_DESKTOP_MAX_DURATION`, seconds).
+    pub desktop_max_duration_secs: i64,
 }
 
 impl Default for LimitsConfig {
@@ -49,6 +52,7 @@ impl Default for LimitsConfig {
             max_cpu_count: 8,
             execution_timeout_secs: 300,
             pool_size: 2,
+            desktop_max_duration_secs: 3600,
         }
     }
 }
@@ -92,6 +96,10 @@ impl LimitsConfig {
             max_memory_mb: env_num("KILN_MAX_MEMORY_MB", d.max_memory_mb)?,
             max_cpu_count: env_num("KILN_MAX_CPUS", d.max_cpu_count)?,
             execution_timeout_secs: env_num("E2B_EXECUTION_TIMEOUT_SEC", d.execution_timeout_secs)?,
+            desktop_max_duration_secs: env_num(
+                "E2B_DESKTOP_MAX_DURATION",
+                d.desktop_max_duration_secs,
+            )?,
             pool_size: match std::env::var("KILN_POOL_SIZE") {
                 Ok(v) => v.trim().parse().map_err(|_| EnvError {
                     name: "KILN_POOL_SIZE",
@@ -228,6 +236,9 @@ pub struct ServerConfig {
     pub sandbox_tls_listen: Option<SocketAddr>,
     /// The operator's certificate and key for it (else the local CA's).
     pub tls_cert: Option<(PathBuf, PathBuf)>,
+    /// The screen of desktops Kiln starts itself (NATS desktop requests;
+    /// `E2B_DESKTOP_RESOLUTION`). The e2b-desktop SDK passes its own.
+    pub desktop_resolution: kiln_api::desktop::Resolution,
 }
 
 impl SpellLimits {

@@ -131,6 +131,7 @@ impl From<crate::manager::SandboxError> for AppError {
             | E::RuntimeTimedOut { .. } => AppError::Unavailable(message),
             E::TimeoutNotPositive(_)
             | E::TimeoutOverCap { .. }
+            | E::DesktopOverCap { .. }
             | E::DurationOutOfRange(_)
             | E::BadEnvName(_)
             | E::ZeroSize

@@ -37,7 +37,6 @@ pub const DESKTOP_FAILED: &str = "e2b.desktop.failed.v1";
 /// Requests handled at once; more wait in the subscription.
 const CONCURRENCY: usize = 8;
 /// The template a desktop request starts.
-const DESKTOP_TEMPLATE: &str = "desktop";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +74,8 @@ pub struct Worker {
     /// `{port}-{id}.localhost:{port}` on the server's own port.
     pub domain: Option<String>,
     pub listen_port: u16,
+    /// The screen of the desktops it starts (`E2B_DESKTOP_RESOLUTION`).
+    pub desktop_resolution: kiln_api::desktop::Resolution,
 }
 
 impl Worker {
@@ -217,7 +218,7 @@ async fn desktop_request(
         metadata.insert("agent_id".to_string(), agent.clone());
     }
     let create = NewSandbox {
-        template_id: DESKTOP_TEMPLATE.into(),
+        template_id: crate::builtin_projects::DESKTOP.into(),
         timeout: Some(req.duration.unwrap_or(300)),
         secure: Some(true),
         metadata: Some(metadata),
@@ -247,6 +248,7 @@ async fn desktop_request(
                 &entry.envd_socket,
                 sandbox.envd_access_token.as_deref(),
                 &password,
+                worker.desktop_resolution,
             )
             .await
         }
@@ -294,6 +296,7 @@ async fn start_desktop(
     socket: &std::path::Path,
     token: Option<&str>,
     password: &str,
+    resolution: kiln_api::desktop::Resolution,
 ) -> Result<(), String> {
     let run = |cmd: String, wait: bool| async move {
         crate::envd::run_with_token(socket, &cmd, "user", wait, token, None)
@@ -320,11 +323,7 @@ async fn start_desktop(
         }
         Err(format!("`{cmd}` did not succeed within 10 s"))
     };
-    run(
-        "Xvfb :0 -ac -screen 0 1024x768x24 -retro -dpi 96 -nolisten tcp -nolisten unix".into(),
-        false,
-    )
-    .await?;
+    run(resolution.xvfb_command(), false).await?;
     until_ok("xdpyinfo -display :0 >/dev/null").await?;
     run("startxfce4".into(), false).await?;
     let vnc = run(

@@ -1780,6 +1780,55 @@ async fn a_template_over_the_servers_caps_is_refused_naming_the_cap() {
     }
 }
 
+/// `E2B_DESKTOP_MAX_DURATION` caps a desktop sandbox's whole life: a create or
+/// `set_timeout` past it is refused naming the cap, and a keep-alive (`connect`) is
+/// held to it; other templates are not touched.
+#[tokio::test]
+async fn a_desktop_lives_no_longer_than_its_cap() {
+    let h = start(LimitsConfig {
+        desktop_max_duration_secs: 120,
+        ..LimitsConfig::default()
+    })
+    .await;
+    h.store.set_template_owner("desktop", None).unwrap();
+    h.templates.insert(TemplateInfo {
+        name: "desktop".into(),
+        rootfs: h._dir.path().join("rootfs"),
+        meta: TemplateDefaults::default(),
+    });
+    let c = Client::new(&h.url, &h.member_a);
+    let mut req = new_sandbox(300, &[]);
+    req.template_id = "desktop".into();
+    let err = c.create(&req).await.unwrap_err();
+    assert!(
+        err.to_string().contains("E2B_DESKTOP_MAX_DURATION"),
+        "{err}"
+    );
+    assert_eq!(status_of(err), 400);
+    assert!(
+        h.runtime.started.lock().unwrap().is_empty(),
+        "nothing started"
+    );
+
+    req.timeout = Some(60);
+    let sbx = c.create(&req).await.unwrap();
+    let started = c.get(&sbx.sandbox_id).await.unwrap().started_at;
+    let err = c.set_timeout(&sbx.sandbox_id, 200).await.unwrap_err();
+    assert!(err.to_string().contains("at most 120 s"), "{err}");
+    c.set_timeout(&sbx.sandbox_id, 90).await.unwrap();
+    c.connect(&sbx.sandbox_id, 3000).await.unwrap();
+    let end = c.get(&sbx.sandbox_id).await.unwrap().end_at;
+    assert!(
+        end <= started + chrono::Duration::seconds(120),
+        "ends {end}, started {started}"
+    );
+    assert!(end > started + chrono::Duration::seconds(90));
+
+    // Another template lives as long as it is asked to.
+    let other = c.create(&new_sandbox(300, &[])).await.unwrap();
+    c.set_timeout(&other.sandbox_id, 3000).await.unwrap();
+}
+
 /// Every error answer carries a request id; an internal one names it in its message.
 #[tokio::test]
 async fn responses_carry_a_request_id() {
@@ -2222,6 +2271,7 @@ async fn spells_and_desktops_requested_over_nats_get_their_answers() {
                 team_id: 1,
                 domain: None,
                 listen_port: 3000,
+                desktop_resolution: Default::default(),
             },
         );
         // The worker subscribes in the background: ask until it answers.

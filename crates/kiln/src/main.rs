@@ -129,6 +129,10 @@ enum RuntimeChoice {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// The screen of desktops Kiln starts itself for NATS desktop requests
+    /// (WIDTHxHEIGHT); the e2b-desktop SDK passes its own.
+    #[arg(long, env = "E2B_DESKTOP_RESOLUTION", default_value = "1024x768")]
+    desktop_resolution: kiln_api::desktop::Resolution,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000", env = "KILN_LISTEN")]
     listen: SocketAddr,
@@ -256,6 +260,9 @@ struct McpArgs {
     /// with --api-key.
     #[arg(long, env = "E2B_MCP_SERVER_TOKEN", hide_env_values = true)]
     server_token: Option<String>,
+    /// The screen of desktops the desktop tools start (WIDTHxHEIGHT).
+    #[arg(long, env = "E2B_DESKTOP_RESOLUTION", default_value = "1024x768")]
+    desktop_resolution: kiln_api::desktop::Resolution,
 }
 
 async fn mcp(args: McpArgs) -> Result<()> {
@@ -263,6 +270,7 @@ async fn mcp(args: McpArgs) -> Result<()> {
         api_url: args.api_url,
         default_key: args.api_key.filter(|k| !k.is_empty()),
         reaper: kiln_mcp::Reaper::default(),
+        desktop_resolution: args.desktop_resolution,
     };
     match args.listen {
         Some(addr) => kiln_mcp::serve_http(shared, addr, args.server_token).await?,
@@ -573,6 +581,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         egress_upstream_ca: args.egress_upstream_ca.clone(),
         sandbox_tls_listen: args.sandbox_tls_listen,
         tls_cert: args.tls_cert.clone().zip(args.tls_key.clone()),
+        desktop_resolution: args.desktop_resolution,
     };
     kiln_server::serve(config, runtime)
         .await

@@ -20,7 +20,6 @@ const DISPLAY: &str = ":0";
 const SCREENSHOT: &str = "/tmp/kiln-mcp-screenshot.png";
 /// The largest screenshot read back.
 const MAX_SCREENSHOT: usize = 16 << 20;
-const XVFB: &str = "Xvfb :0 -ac -screen 0 1024x768x24 -retro -dpi 96 -nolisten tcp -nolisten unix";
 
 fn request(command: &str, envs: &[(&str, &str)]) -> ExecRequest {
     let mut all = BTreeMap::from([("DISPLAY".to_string(), DISPLAY.to_string())]);
@@ -72,7 +71,12 @@ async fn run(
 }
 
 /// The sandbox's display, started if it is not up yet.
-async fn ensure_display(client: &Client, target: &Target, tool: &str) -> Result<(), ToolError> {
+async fn ensure_display(
+    client: &Client,
+    target: &Target,
+    tool: &str,
+    resolution: kiln_api::desktop::Resolution,
+) -> Result<(), ToolError> {
     let up = "xdpyinfo -display :0 >/dev/null 2>&1";
     if run(client, target, tool, up, &[]).await.is_ok() {
         return Ok(());
@@ -93,7 +97,7 @@ async fn ensure_display(client: &Client, target: &Target, tool: &str) -> Result<
                 )))
         }
     };
-    start(XVFB).await?;
+    start(&resolution.xvfb_command()).await?;
     for _ in 0..100 {
         if run(client, target, tool, up, &[]).await.is_ok() {
             start("startxfce4").await?;
@@ -121,7 +125,8 @@ async fn desktop(
         .target(tool.as_str(), key, Some(sandbox_id), false)
         .await?;
     let client = session.client(key);
-    ensure_display(&client, &target, tool.as_str()).await?;
+    let resolution = session.shared().desktop_resolution;
+    ensure_display(&client, &target, tool.as_str(), resolution).await?;
     Ok((client, target))
 }
 

@@ -152,6 +152,7 @@ mod spell_tests {
             api_url: url,
             default_key: Some("e2b_test".into()),
             reaper: Reaper::default(),
+            desktop_resolution: Default::default(),
         };
         Session::new(shared, crate::session::Lifetime::Session)
     }

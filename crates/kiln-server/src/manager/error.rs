@@ -18,6 +18,11 @@ pub enum SandboxError {
         "timeout {got} s exceeds the maximum sandbox timeout of {max} s (E2B_SANDBOX_TIMEOUT_SEC)"
     )]
     TimeoutOverCap { got: i64, max: i64 },
+    #[error(
+        "a desktop sandbox lives at most {max} s from its start (E2B_DESKTOP_MAX_DURATION); \
+         this would end it {got} s after its start"
+    )]
+    DesktopOverCap { got: i64, max: i64 },
     #[error("duration must be between 0 and 3600 seconds, got {0}")]
     DurationOutOfRange(i64),
     #[error(

@@ -340,6 +340,38 @@ impl SandboxManager {
             .len()
     }
 
+    /// When a sandbox of `template_id` that started at `started_at` must end at the
+    /// latest: the `desktop` template's sandboxes live at most
+    /// `E2B_DESKTOP_MAX_DURATION` from their start; others have no such end.
+    fn lifetime_end(&self, template_id: &str, started_at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let template = self.templates.resolve(template_id).ok()?;
+        (template.name == crate::builtin_projects::DESKTOP)
+            .then(|| started_at + Duration::seconds(self.limits.desktop_max_duration_secs))
+    }
+
+    /// A deadline within the sandbox's lifetime: moved back to its end when
+    /// `clamp` (connect, refresh: keep-alives), refused naming the cap otherwise.
+    fn within_lifetime(
+        &self,
+        rec: &SandboxRecord,
+        end_at: DateTime<Utc>,
+        clamp: bool,
+    ) -> Result<DateTime<Utc>, SandboxError> {
+        match self.lifetime_end(&rec.template_id, rec.started_at) {
+            Some(end) if end_at > end => {
+                if clamp {
+                    Ok(end)
+                } else {
+                    Err(SandboxError::DesktopOverCap {
+                        got: (end_at - rec.started_at).num_seconds(),
+                        max: self.limits.desktop_max_duration_secs,
+                    })
+                }
+            }
+            _ => Ok(end_at),
+        }
+    }
+
     fn validate_timeout(&self, timeout: i64) -> Result<Duration, SandboxError> {
         if timeout <= 0 {
             return Err(SandboxError::TimeoutNotPositive(timeout));
@@ -631,6 +663,15 @@ impl SandboxManager {
         let template = self.templates.resolve_visible(&req.template_id, |name| {
             self.template_visible(&caller, name)
         })?;
+        let now = Utc::now();
+        if let Some(end) = self.lifetime_end(&template.name, now) {
+            if now + ttl > end {
+                return Err(SandboxError::DesktopOverCap {
+                    got: ttl.num_seconds(),
+                    max: self.limits.desktop_max_duration_secs,
+                });
+            }
+        }
         let allow_internet = req.allow_internet_access.unwrap_or(true);
         let network = network::check_create(req.network.as_ref(), allow_internet)?;
         let asked = Size {
@@ -864,7 +905,8 @@ impl SandboxManager {
         extend_only: bool,
     ) -> Result<(), SandboxError> {
         let (reply, rx) = oneshot::channel();
-        let end_at = Utc::now() + ttl;
+        let rec = self.require(caller, id)?.record();
+        let end_at = self.within_lifetime(&rec, Utc::now() + ttl, extend_only)?;
         self.send(caller, id, |_| Command::SetDeadline {
             end_at,
             extend_only,
@@ -916,7 +958,10 @@ impl SandboxManager {
     ) -> Result<(Sandbox, bool), SandboxError> {
         let ttl = self.validate_timeout(timeout.unwrap_or(300))?;
         let (reply, rx) = oneshot::channel();
-        let end_at = Utc::now() + ttl;
+        let end_at = match self.get(id) {
+            Some(entry) => self.within_lifetime(&entry.record(), Utc::now() + ttl, true)?,
+            None => Utc::now() + ttl,
+        };
         self.send(caller, id, |_| Command::Resume { end_at, reply })
             .await?;
         let resumed = rx.await.map_err(|_| not_found(id))??;

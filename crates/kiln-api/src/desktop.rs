@@ -1,0 +1,105 @@
+//! How Kiln starts a desktop itself (the MCP server's desktop tools, NATS desktop
+//! requests), as e2b-desktop's `Sandbox.create` does: Xvfb on `:0` at a resolution the
+//! operator chooses (`E2B_DESKTOP_RESOLUTION`), then XFCE.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The X display Kiln's desktops use (as the SDK's default).
+pub const DISPLAY: &str = ":0";
+
+/// A screen size, `WIDTHxHEIGHT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolution {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Resolution {
+    /// The smallest and largest side Kiln accepts, in pixels: below it XFCE's panel
+    /// does not fit; above it a 24-bit frame buffer passes 100 MB.
+    pub const SIDES: std::ops::RangeInclusive<u32> = 240..=5120;
+
+    /// The Xvfb command line for this size, the SDK's flags otherwise.
+    pub fn xvfb_command(&self) -> String {
+        format!(
+            "Xvfb {DISPLAY} -ac -screen 0 {}x{}x24 -retro -dpi 96 -nolisten tcp -nolisten unix",
+            self.width, self.height
+        )
+    }
+}
+
+impl Default for Resolution {
+    /// The SDK's default.
+    fn default() -> Self {
+        Resolution {
+            width: 1024,
+            height: 768,
+        }
+    }
+}
+
+impl fmt::Display for Resolution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+impl FromStr for Resolution {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "a desktop resolution is WIDTHxHEIGHT in pixels, each {}-{} (e.g. 1280x800); got {s:?}",
+                Self::SIDES.start(),
+                Self::SIDES.end()
+            )
+        };
+        let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+        let side = |v: &str| {
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| Self::SIDES.contains(n))
+                .ok_or_else(bad)
+        };
+        Ok(Resolution {
+            width: side(w)?,
+            height: side(h)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolutions_parse_within_bounds() {
+        assert_eq!(
+            "1280x800".parse::<Resolution>().unwrap(),
+            Resolution {
+                width: 1280,
+                height: 800
+            }
+        );
+        assert_eq!(
+            Resolution::default().xvfb_command(),
+            "Xvfb :0 -ac -screen 0 1024x768x24 -retro -dpi 96 -nolisten tcp -nolisten unix"
+        );
+        for bad in [
+            "",
+            "1024",
+            "1024x",
+            "x768",
+            "0x0",
+            "100x100",
+            "99999x768",
+            "1024x768x24",
+            "-1x5",
+        ] {
+            let err = bad.parse::<Resolution>().unwrap_err();
+            assert!(err.contains("WIDTHxHEIGHT"), "{bad}: {err}");
+        }
+    }
+}
