@@ -24,6 +24,7 @@ pub mod keys;
 pub mod manager;
 pub mod metrics;
 pub mod openapi;
+pub mod private_file;
 pub mod progress;
 pub mod proxy;
 pub mod report;

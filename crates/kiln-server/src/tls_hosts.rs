@@ -15,7 +15,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,34 +144,37 @@ fn ca_params(key: &KeyPair) -> CertificateParams {
 /// The local CA in `dir` (made on first use) and its certificate's path.
 fn local_ca(dir: &Path) -> Result<(SandboxCa, PathBuf), TlsHostsError> {
     let (ca_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let ca_key = match std::fs::read_to_string(&key_path) {
-        Ok(pem) => {
-            let mode = std::fs::metadata(&key_path)
-                .map_err(|source| TlsHostsError::Read {
-                    path: key_path.clone(),
-                    source,
-                })?
-                .permissions()
-                .mode()
-                & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(TlsHostsError::Permissive {
-                    path: key_path,
-                    mode,
-                });
+    let read_err = |source| TlsHostsError::Read {
+        path: key_path.clone(),
+        source,
+    };
+    let ca_key = match crate::private_file::open(&key_path).map_err(read_err)? {
+        Some(crate::private_file::KeyFile {
+            mut file, verdict, ..
+        }) => {
+            match verdict {
+                Ok(()) => {}
+                Err(crate::private_file::Refused::Permissive { mode }) => {
+                    return Err(TlsHostsError::Permissive {
+                        path: key_path,
+                        mode,
+                    })
+                }
+                Err(crate::private_file::Refused::NotAFile) => {
+                    return Err(TlsHostsError::Pem {
+                        path: key_path,
+                        reason: "not a regular file".into(),
+                    })
+                }
             }
+            let mut pem = String::new();
+            std::io::Read::read_to_string(&mut file, &mut pem).map_err(read_err)?;
             KeyPair::from_pem(&pem).map_err(|e| TlsHostsError::Pem {
                 path: key_path.clone(),
                 reason: e.to_string(),
             })?
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => make_ca(dir, &ca_path, &key_path)?,
-        Err(source) => {
-            return Err(TlsHostsError::Read {
-                path: key_path,
-                source,
-            })
-        }
+        None => make_ca(dir, &ca_path, &key_path)?,
     };
     let ca_pem = std::fs::read_to_string(&ca_path).map_err(|source| TlsHostsError::Read {
         path: ca_path.clone(),
@@ -341,6 +344,7 @@ impl axum::serve::Listener for TlsListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn the_local_ca_is_made_once_and_signs_each_sandbox_host() {

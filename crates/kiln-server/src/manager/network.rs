@@ -35,6 +35,12 @@ pub(super) fn check_create(
     let Some(net) = net else {
         return Ok(Network::default());
     };
+    parse_for(net, allow_internet)
+}
+
+/// `net` parsed, refused when it allows destinations to a sandbox without Internet
+/// access (an allow list there would open what `allowInternetAccess: false` closed).
+fn parse_for(net: &SandboxNetwork, allow_internet: bool) -> Result<Network, SandboxError> {
     let parsed = Network::parse(net)?;
     if !allow_internet && parsed.egress.allow != Default::default() {
         return Err(PolicyError::NoInternet("allowOut").into());
@@ -304,10 +310,7 @@ impl SandboxManager {
         stored.allow_out = update.allow_out.clone().filter(|a| !a.is_empty());
         stored.deny_out = (!deny.is_empty()).then_some(deny);
         stored.rules = update.rules.clone();
-        let network = Network::parse(&stored)?;
-        if !rec.allow_internet_access && network.egress.allow != Default::default() {
-            return Err(PolicyError::NoInternet("allowOut").into());
-        }
+        let network = parse_for(&stored, rec.allow_internet_access)?;
         if let Some(ca) = self.apply_network(id, rec.team_id, &network).await? {
             install_ca(&entry.envd_socket, rec.access_token.as_deref(), &ca)
                 .await

@@ -9,7 +9,7 @@
 //! refused rather than used.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -112,29 +112,26 @@ pub fn load(path: &Path) -> Result<Option<SealKey>, KeyError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(read_err(e)),
+    let Some(crate::private_file::KeyFile {
+        mut file,
+        len,
+        verdict,
+    }) = crate::private_file::open(path).map_err(read_err)?
+    else {
+        return Ok(None);
     };
-    // Checked on the open file, so what is read is what was checked.
-    let meta = file.metadata().map_err(read_err)?;
-    if !meta.is_file() {
-        return Err(KeyError::NotAFile {
-            path: path.to_path_buf(),
-        });
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Permissive {
-            path: path.to_path_buf(),
+    let path_buf = path.to_path_buf();
+    verdict.map_err(|refused| match refused {
+        crate::private_file::Refused::NotAFile => KeyError::NotAFile { path: path_buf },
+        crate::private_file::Refused::Permissive { mode } => KeyError::Permissive {
+            path: path_buf,
             mode,
-        });
-    }
-    if meta.len() != KEY_LEN as u64 {
+        },
+    })?;
+    if len != KEY_LEN as u64 {
         return Err(KeyError::WrongLength {
             path: path.to_path_buf(),
-            len: meta.len(),
+            len,
         });
     }
     let mut bytes = [0u8; KEY_LEN];
@@ -189,6 +186,7 @@ pub fn create(path: &Path) -> Result<SealKey, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn values_open_only_with_their_key_team_and_name() {
