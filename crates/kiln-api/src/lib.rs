@@ -60,6 +60,14 @@ pub struct NewSandbox {
     pub env_vars: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
+    /// `false`: a timeout pause keeps only the filesystem (E2B); Kiln's pause always
+    /// keeps memory too, a superset (`docs/compatibility.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause_memory: Option<bool>,
+    /// Wake the sandbox, once paused, when traffic reaches it (E2B's `lifecycle`
+    /// `auto_resume`; only with `autoPause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<AutoResume>,
     /// Kiln's extension: memory of this sandbox in MiB instead of its template's, up to
     /// the server's cap (such a sandbox never comes from a warm pool).
     #[serde(default, rename = "memoryMB", skip_serializing_if = "Option::is_none")]
@@ -153,6 +161,23 @@ impl SandboxState {
     }
 }
 
+/// `autoResume` of a create.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AutoResume {
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+/// E2B's `lifecycle` in a sandbox's info: what its timeout does and whether traffic
+/// wakes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    /// `kill` or `pause`.
+    pub on_timeout: String,
+    pub auto_resume: bool,
+}
+
 /// `GET /sandboxes/{id}` answer; list items share its required fields.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -190,6 +215,8 @@ pub struct SandboxDetail {
     /// The token private ports want; shown to the sandbox's team only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_access_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
 }
 
 /// `POST /sandboxes/{id}/timeout` body.
@@ -314,8 +341,14 @@ mod tests {
                 ..SandboxNetwork::default()
             }),
             traffic_access_token: Some("t".into()),
+            lifecycle: Some(Lifecycle {
+                on_timeout: "pause".into(),
+                auto_resume: true,
+            }),
         };
         let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["lifecycle"]["onTimeout"], "pause");
+        assert_eq!(v["lifecycle"]["autoResume"], true);
         // E2B's camelCase keys, and nothing for what was not given.
         assert_eq!(
             v["network"],

@@ -132,6 +132,7 @@ impl From<crate::manager::SandboxError> for AppError {
             E::TimeoutNotPositive(_)
             | E::TimeoutOverCap { .. }
             | E::DesktopOverCap { .. }
+            | E::BadLifecycle(_)
             | E::DurationOutOfRange(_)
             | E::BadEnvName(_)
             | E::ZeroSize

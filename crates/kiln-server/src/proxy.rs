@@ -204,11 +204,6 @@ pub async fn forward(
     let Some(entry) = manager.get(&id) else {
         return gone(&id);
     };
-    if manager.is_paused(&id) {
-        // A frozen envd would hold the request forever; E2B's proxy also answers a
-        // paused sandbox as unreachable.
-        return paused(&id);
-    }
     let mut cdp = None;
     if port != ENVD_PORT {
         let rec = entry.record();
@@ -250,6 +245,37 @@ pub async fn forward(
         if let (Some(host), None) = (network.masked_host(port), &cdp) {
             if let Ok(value) = http::HeaderValue::from_str(&host) {
                 req.headers_mut().insert(header::HOST, value);
+            }
+        }
+    }
+    if manager.is_paused(&id) {
+        // A sandbox created with auto-resume wakes for traffic that passed the checks
+        // above, and for envd only with its access token (a stranger's request would
+        // be refused by envd, but only after the wake); otherwise a frozen envd would
+        // hold the request forever, and E2B's proxy also answers a paused sandbox as
+        // unreachable.
+        let may_wake = port != ENVD_PORT
+            || match entry.record().access_token {
+                Some(token) => req
+                    .headers()
+                    .get(kiln_proto::envd::HEADER_ACCESS_TOKEN)
+                    .is_some_and(|given| {
+                        kiln_api::constant_time_eq(given.as_bytes(), token.as_bytes())
+                    }),
+                None => true,
+            };
+        if !may_wake {
+            return paused(&id);
+        }
+        match manager.resume_for_traffic(&id).await {
+            Ok(true) => {}
+            Ok(false) => return paused(&id),
+            Err(e) => {
+                tracing::warn!(%id, error = %chain(&e), "resuming a sandbox for its traffic failed");
+                return json_error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("sandbox {id} is paused and could not be resumed for this request"),
+                );
             }
         }
     }

@@ -136,6 +136,10 @@ pub struct SandboxRecord {
     pub network: Option<kiln_api::SandboxNetwork>,
     /// What private ports want in `e2b-traffic-access-token`.
     pub traffic_token: Option<String>,
+    /// A paused sandbox wakes when traffic reaches it (`autoResume`).
+    pub auto_resume: bool,
+    /// The timeout it was created with, in seconds: an auto-resume starts it afresh.
+    pub timeout_secs: i64,
 }
 
 /// A team's secret as stored: the value only as AES-256-GCM ciphertext, sealed by
@@ -341,6 +345,11 @@ const MIGRATIONS: &[Migration] = &[
             UNIQUE(team_id, name)
         );",
     ),
+    // 7: auto-resume, and the create's timeout that an auto-resume starts again.
+    Migration::Sql(
+        "ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE sandboxes ADD COLUMN timeout_secs INTEGER NOT NULL DEFAULT 300;",
+    ),
 ];
 
 enum Migration {
@@ -469,7 +478,7 @@ const SECRET_COLUMNS: &str =
     "id, team_id, name, version, nonce, ciphertext, metadata, created_at, updated_at";
 const SANDBOX_COLUMNS: &str = "id, template_id, state, runtime, started_at, end_at, cpu_count, \
      memory_mb, disk_size_mb, allow_internet_access, access_token, metadata, owner_key_id, \
-     auto_pause, team_id, network, traffic_token";
+     auto_pause, team_id, network, traffic_token, auto_resume, timeout_secs";
 
 fn team_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(TeamRecord, String)> {
     let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> {
@@ -860,7 +869,7 @@ impl Store for SqliteStore {
             .execute(
                 &format!(
                     "INSERT OR REPLACE INTO sandboxes ({SANDBOX_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
                 ),
                 params![
                     rec.id,
@@ -880,6 +889,8 @@ impl Store for SqliteStore {
                     rec.team_id,
                     network,
                     rec.traffic_token,
+                    rec.auto_resume as i64,
+                    rec.timeout_secs,
                 ],
             )
             .map_err(q("save sandbox"))?;
@@ -940,6 +951,8 @@ impl Store for SqliteStore {
                     team_id: r.get(14)?,
                     network: r.get(15)?,
                     traffic_token: r.get(16)?,
+                    auto_resume: r.get(17)?,
+                    timeout_secs: r.get(18)?,
                 })
             })
             .map_err(q("list sandboxes"))?;
@@ -1019,6 +1032,8 @@ struct RawSandbox {
     team_id: i64,
     network: Option<String>,
     traffic_token: Option<String>,
+    auto_resume: i64,
+    timeout_secs: i64,
 }
 
 impl RawSandbox {
@@ -1048,6 +1063,8 @@ impl RawSandbox {
             auto_pause: self.auto_pause != 0,
             network,
             traffic_token: self.traffic_token,
+            auto_resume: self.auto_resume != 0,
+            timeout_secs: self.timeout_secs,
         })
     }
 }
@@ -1075,6 +1092,8 @@ mod tests {
             auto_pause: true,
             network: None,
             traffic_token: None,
+            auto_resume: false,
+            timeout_secs: 300,
         }
     }
 

@@ -33,6 +33,10 @@ const ENVD_QUIESCED_FILE: &str = "envd.quiesced";
 /// envd drains its connections for up to 5 s before it reports.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(8);
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long envd gets to listen again after a restore: a restored sandbox pages its
+/// memory back in, which on a loaded host takes longer than a fresh start (measured:
+/// past 20 s while other sandboxes were being checkpointed and restored).
+const WAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The file runsc writes into the image directory.
 const CHECKPOINT_IMAGE: &str = "checkpoint.img";
 
@@ -209,7 +213,8 @@ impl GvisorRuntime {
     async fn wake_envd(&self, id: &str) -> Result<u32, RuntimeError> {
         let socket = self.paths(id).envd_socket();
         let pid = envd_pid(&self.paths(id).run()).ok();
-        let deadline = Instant::now() + self.inner.opts.start_timeout;
+        let wait = self.inner.opts.start_timeout.max(WAKE_TIMEOUT);
+        let deadline = Instant::now() + wait;
         loop {
             let mut round = Duration::from_millis(500);
             if let Some(pid) = pid {
@@ -231,7 +236,7 @@ impl GvisorRuntime {
                     format!(
                         "sandbox {id}: envd did not listen on {} again within {:?}; log:\n{}",
                         socket.display(),
-                        self.inner.opts.start_timeout,
+                        wait,
                         self.log_tail(id)
                     ),
                     std::io::Error::from(std::io::ErrorKind::TimedOut),

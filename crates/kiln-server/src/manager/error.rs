@@ -23,6 +23,8 @@ pub enum SandboxError {
          this would end it {got} s after its start"
     )]
     DesktopOverCap { got: i64, max: i64 },
+    #[error("{0}")]
+    BadLifecycle(&'static str),
     #[error("duration must be between 0 and 3600 seconds, got {0}")]
     DurationOutOfRange(i64),
     #[error(

@@ -182,6 +182,8 @@ mod tests {
             auto_pause: false,
             network: None,
             traffic_token: None,
+            auto_resume: false,
+            timeout_secs: 300,
         }
     }
 

@@ -655,6 +655,7 @@ impl SandboxManager {
         caller: Caller,
     ) -> Result<Sandbox, SandboxError> {
         let ttl = self.validate_timeout(req.timeout.unwrap_or(300))?;
+        let auto_resume = check_lifecycle(&req)?;
         for key in req.env_vars.iter().flat_map(|m| m.keys()) {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(SandboxError::BadEnvName(key.clone()));
@@ -713,6 +714,8 @@ impl SandboxManager {
             auto_pause: req.auto_pause.unwrap_or(false),
             network: req.network.clone(),
             traffic_token: traffic_token.clone(),
+            auto_resume,
+            timeout_secs: ttl.num_seconds(),
         };
         // Recorded before the guest is prepared: a server that dies from here on finds
         // the record at its next start and removes the half-made sandbox.
@@ -980,6 +983,34 @@ impl SandboxManager {
             domain: None,
         };
         Ok((sandbox, resumed))
+    }
+
+    /// Traffic reached sandbox `id` while it was paused: resumed, with its create's
+    /// timeout starting again, when it was created with auto-resume (`Ok(true)`);
+    /// `Ok(false)` when it stays paused. The request that woke it is the caller's
+    /// credential: whoever may send it traffic could have reached it running.
+    pub async fn resume_for_traffic(&self, id: &str) -> Result<bool, SandboxError> {
+        let Some(entry) = self.get(id) else {
+            return Err(not_found(id));
+        };
+        let rec = entry.record();
+        if rec.state != RecordState::Paused || !rec.auto_resume {
+            return Ok(false);
+        }
+        let end_at = self.within_lifetime(
+            &rec,
+            Utc::now() + Duration::seconds(rec.timeout_secs.max(1)),
+            true,
+        )?;
+        let (reply, rx) = oneshot::channel();
+        entry
+            .commands
+            .send(Command::Resume { end_at, reply })
+            .await
+            .map_err(|_| not_found(id))?;
+        rx.await.map_err(|_| not_found(id))??;
+        // Resumed now or by a request just before this one: either way it runs.
+        Ok(!self.is_paused(id))
     }
 
     /// `POST /sandboxes/{id}/pause`: 409 when already paused.
@@ -1364,7 +1395,34 @@ pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
         runtime: Some(rec.runtime.clone()),
         network: rec.network.clone(),
         traffic_access_token: rec.traffic_token.clone(),
+        lifecycle: Some(kiln_api::Lifecycle {
+            on_timeout: if rec.auto_pause { "pause" } else { "kill" }.to_string(),
+            auto_resume: rec.auto_resume,
+        }),
     }
+}
+
+/// Whether a create's lifecycle asks for auto-resume, refused where E2B refuses it:
+/// waking needs a pause to wake from, and a filesystem-only pause has no processes to
+/// wake (E2B's rule, kept although Kiln's pause keeps memory).
+fn check_lifecycle(req: &NewSandbox) -> Result<bool, SandboxError> {
+    let auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
+    if !auto_resume {
+        return Ok(false);
+    }
+    if req.auto_pause != Some(true) {
+        return Err(SandboxError::BadLifecycle(
+            "autoResume needs autoPause: a sandbox resumes only from a pause at its timeout \
+             (lifecycle on_timeout \"pause\")",
+        ));
+    }
+    if req.auto_pause_memory == Some(false) {
+        return Err(SandboxError::BadLifecycle(
+            "autoResume cannot be combined with autoPauseMemory false: a filesystem-only \
+             pause is resumed with connect",
+        ));
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
