@@ -498,6 +498,17 @@ def same_fraction(a: bytes, b: bytes) -> float:
     return sum(1 for x, y in zip(pa, pb) if abs(x - y) <= 24) / max(1, len(pa))
 
 
+def named_desktop() -> Desktop:
+    """A desktop of its own reached by name (`{port}-{id}.localhost` on run.sh's TLS
+    sandbox hosts); skips where the server does not serve the template."""
+    try:
+        return Desktop.create(timeout=600, domain="localhost")
+    except SandboxException as e:
+        if TEMPLATE in os.environ.get("KILN_BUILTIN_TEMPLATES", "") or "404" not in str(e):
+            raise
+        pytest.skip(f"the server does not serve the {TEMPLATE} template: {e}")
+
+
 def test_the_stream_opens_in_headless_chromium_and_shows_the_desktop():
     """`stream.get_url()` as the SDK builds it (`https://6080-{id}.localhost/vnc.html`,
     domain `localhost`), opened in Debian's Chromium through Kiln's TLS sandbox hosts
@@ -511,12 +522,7 @@ def test_the_stream_opens_in_headless_chromium_and_shows_the_desktop():
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is not installed (scripts/install-deps.sh installs it)"
     assert os.environ.get("KILN_E2E_TLS_ADDR") == "127.0.0.1", "run.sh serves sandbox hosts on 127.0.0.1:443"
-    try:
-        desk = Desktop.create(timeout=600, domain="localhost")
-    except SandboxException as e:
-        if TEMPLATE in os.environ.get("KILN_BUILTIN_TEMPLATES", "") or "404" not in str(e):
-            raise
-        pytest.skip(f"the server does not serve the {TEMPLATE} template: {e}")
+    desk = named_desktop()
     try:
         desk.stream.start(require_auth=True)
         key = desk.stream.get_auth_key()
@@ -586,12 +592,7 @@ def test_playwright_drives_the_sandboxes_chromium_over_cdp():
     assert addr and data, "run.sh serves sandbox hosts on 127.0.0.1:443"
     ca = os.path.join(data, "tls", "ca.pem")
     api, key = os.environ["E2B_API_URL"], os.environ["E2B_API_KEY"]
-    try:
-        desk = Desktop.create(timeout=600, domain="localhost")
-    except SandboxException as e:
-        if TEMPLATE in os.environ.get("KILN_BUILTIN_TEMPLATES", "") or "404" not in str(e):
-            raise
-        pytest.skip(f"the server does not serve the {TEMPLATE} template: {e}")
+    desk = named_desktop()
     host = desk.get_host(9222)
     assert host == f"9222-{desk.sandbox_id}.localhost"
     hosts_before = open("/etc/hosts").read()
