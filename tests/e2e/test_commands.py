@@ -107,6 +107,15 @@ def test_timeout_kills_command(sbx):
     assert wait_until(lambda: count_procs(sbx, "sleep 10.25") == 0, timeout=5)
 
 
+def test_timeout_raises_timeout_exception_and_kills(new_sandbox):
+    # A sandbox of its own, so that `pgrep -x sleep` sees no other test's sleep.
+    sbx = new_sandbox()
+    for _ in range(3):  # the deadline's kill and the stream's end race inside envd
+        with pytest.raises(TimeoutException):
+            sbx.commands.run("sleep 30", timeout=2)
+        assert wait_until(lambda: probe_exit(sbx, "pgrep -x sleep") == 1, timeout=5)
+
+
 def test_background_timeout_kills_command(sbx):
     handle = sbx.commands.run("sleep 11.25", background=True, timeout=2)
     assert wait_until(lambda: count_procs(sbx, "sleep 11.25") == 1, timeout=1.5)

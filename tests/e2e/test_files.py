@@ -7,11 +7,17 @@ import socket
 import time
 
 import pytest
-from e2b import AsyncSandbox, FileNotFoundException, FileType, NotFoundException
+from e2b import (
+    AsyncSandbox,
+    FileNotFoundException,
+    FileType,
+    InvalidArgumentException,
+    NotFoundException,
+)
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
-from helpers import probe, wait_until
+from helpers import probe, probe_exit, wait_until
 
 
 def test_write_and_read_text(sbx, uniq):
@@ -259,6 +265,30 @@ def test_reading_a_kernel_file_gives_what_cat_prints(sbx):
     assert via_files.startswith("Name:"), via_files[:80]
     version = sbx.files.read("/proc/version")
     assert version.strip() == sbx.commands.run("cat /proc/version").stdout.strip()
+
+
+def test_download_reads_to_eof_and_refuses_special_files(sbx, uniq):
+    # Kernel files read to their end whatever size they claim (procfs 0, sysfs a page);
+    # gVisor lists /proc/filesystems in no fixed order, so lines are compared as sets.
+    for path in ("/proc/version", "/proc/filesystems", "/sys/devices/system/cpu/online"):
+        if probe_exit(sbx, f"test -r {path}") != 0:
+            continue
+        via_files = sbx.files.read(path).splitlines()
+        assert via_files, path
+        assert sorted(via_files) == sorted(probe(sbx, f"cat {path}").splitlines()), path
+    # A file longer than envd reads ahead streams to its end (chunked).
+    big = f"/tmp/big-{uniq}.bin"
+    probe(sbx, f"head -c 300000 /dev/urandom > {big}")
+    data = sbx.files.read(big, format="bytes")
+    assert hashlib.sha256(data).hexdigest() == probe(sbx, f"sha256sum {big}").split()[0]
+    # Devices and FIFOs are refused at once, naming the type: /dev/zero never ends and
+    # a FIFO's open waits for a writer.
+    fifo = f"/tmp/fifo-{uniq}"
+    probe(sbx, f"mkfifo {fifo}")
+    for path, kind in (("/dev/zero", "a character device"), (fifo, "a FIFO")):
+        with pytest.raises(InvalidArgumentException) as exc:
+            sbx.files.read(path, request_timeout=20)
+        assert f"is {kind}" in str(exc.value), exc.value
 
 
 def test_file_metadata_is_kept_listed_renamed_and_dropped(sbx, uniq):

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::{self, Write as _};
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use axum::body::Body;
@@ -11,11 +12,13 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use bytes::Bytes;
 use flate2::write::MultiGzDecoder;
 use futures::StreamExt;
 use kiln_proto::envd::HEADER_METADATA_PREFIX;
+use nix::fcntl::{self, FcntlArg, OFlag};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt};
 
 use crate::auth::{check_files_access, Operation, SignatureParams};
 use crate::error::HttpError;
@@ -93,31 +96,32 @@ async fn download(
 ) -> Result<Response, HttpError> {
     let (query, identity) = prepare(&sandbox, &headers, &uri, Operation::Read)?;
     let path = resolve(&identity, query.path.as_deref().unwrap_or(""))?;
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(HttpError::not_found(format!(
-                "path '{}' does not exist",
-                path.display()
-            )))
-        }
-        Err(e) => return Err(io_error("opening", &path, e)),
+    let (mut file, meta) = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || open_regular(&path))
+            .await
+            .map_err(|e| HttpError::internal(format!("opening a file: {e}")))??
     };
-    let meta = file
-        .metadata()
+    // Read to EOF, not to `st_size`, as `cat` does: procfs says 0, sysfs a page, and
+    // a growing file holds more than it did at `stat`. A file that ends within the
+    // first bytes gets an exact Content-Length; a longer one streams chunked.
+    let mut first = Vec::new();
+    (&mut file)
+        .take(SIZED_DOWNLOAD_BYTES)
+        .read_to_end(&mut first)
         .await
-        .map_err(|e| io_error("stat", &path, e))?;
-    if meta.is_dir() {
-        return Err(HttpError::bad_request(format!(
-            "path '{}' is a directory",
-            path.display()
-        )));
-    }
+        .map_err(|e| io_error("reading", &path, e))?;
+    let body = if (first.len() as u64) < SIZED_DOWNLOAD_BYTES {
+        Body::from(first)
+    } else {
+        let rest = tokio_util::io::ReaderStream::new(file);
+        Body::from_stream(futures::stream::once(async { Ok(Bytes::from(first)) }).chain(rest))
+    };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().replace(['"', '\\'], "_"))
         .unwrap_or_default();
-    let mut response = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(file)));
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     let mut set = |name: header::HeaderName, value: String| {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -125,12 +129,6 @@ async fn download(
         }
     };
     set(header::CONTENT_TYPE, content_type(&path).to_owned());
-    // Kernel files (procfs, sysfs) report a size of 0 or a page whatever they hold:
-    // their answer streams without a length, as one of unknown size.
-    let kernel_file = path.starts_with("/proc") || path.starts_with("/sys");
-    if meta.is_file() && meta.len() > 0 && !kernel_file {
-        set(header::CONTENT_LENGTH, meta.len().to_string());
-    }
     set(
         header::CONTENT_DISPOSITION,
         format!("inline; filename=\"{name}\""),
@@ -144,6 +142,66 @@ async fn download(
     }
     set(header::VARY, "Accept-Encoding".to_owned());
     Ok(response)
+}
+
+/// Downloads that end within this many bytes are answered with a Content-Length.
+const SIZED_DOWNLOAD_BYTES: u64 = 64 * 1024;
+
+/// Opens `path` for download if it is a regular file (following symlinks). Devices,
+/// FIFOs and sockets are refused before they are opened: opening one can block or
+/// act on a device, and reading `/dev/zero` never ends.
+fn open_regular(path: &Path) -> Result<(tokio::fs::File, std::fs::Metadata), HttpError> {
+    let not_found = || HttpError::not_found(format!("path '{}' does not exist", path.display()));
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+        Err(e) => return Err(io_error("stat", path, e)),
+    };
+    check_regular(path, &meta)?;
+    // O_NONBLOCK so that a FIFO swapped in since the check cannot block the open.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+        Err(e) => return Err(io_error("opening", path, e)),
+    };
+    let meta = file.metadata().map_err(|e| io_error("stat", path, e))?;
+    check_regular(path, &meta)?;
+    // Blocking reads again, as `cat` does, for the rare kernel file that waits.
+    let flags = fcntl::fcntl(&file, FcntlArg::F_GETFL)
+        .map(OFlag::from_bits_truncate)
+        .and_then(|flags| fcntl::fcntl(&file, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)));
+    flags.map_err(|e| io_error("opening", path, e.into()))?;
+    Ok((tokio::fs::File::from_std(file), meta))
+}
+
+fn check_regular(path: &Path, meta: &std::fs::Metadata) -> Result<(), HttpError> {
+    let kind = meta.file_type();
+    let what = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_dir() {
+        return Err(HttpError::bad_request(format!(
+            "path '{}' is a directory",
+            path.display()
+        )));
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    };
+    Err(HttpError::bad_request(format!(
+        "path '{}' is {what}: only regular files can be downloaded",
+        path.display()
+    )))
 }
 
 /// Content type by extension (Go's `mime.TypeByExtension` for common types).

@@ -200,7 +200,9 @@ pub type StreamItem<T> = Result<T, ConnectError>;
 
 /// A server-streaming reply fed by a channel. The stream sends `keepalive` after
 /// `interval` without traffic, ends with `deadline_exceeded` at `deadline`, and ends
-/// cleanly when every sender is dropped.
+/// cleanly when every sender is dropped. Nothing is forwarded once the deadline has
+/// passed, whichever of it and an item is seen first: what a deadline's own action
+/// produced (a killed process's end) never replaces `deadline_exceeded`.
 pub struct EventStream<T> {
     pub rx: mpsc::Receiver<StreamItem<T>>,
     pub keepalive: Option<(Duration, T)>,
@@ -224,12 +226,22 @@ impl<T: Serialize + Clone + Send + 'static> IntoResponse for EventStream<T> {
                 .as_ref()
                 .map_or(far, |(i, _)| Instant::now() + *i);
             let deadline = s.deadline.unwrap_or(far);
+            let expired = || {
+                Some(Err(ConnectError::deadline_exceeded(
+                    "deadline exceeded (Connect-Timeout-Ms)",
+                )))
+            };
             let next = tokio::select! {
                 item = s.rx.recv() => item.map(|i| i.map(Some)),
                 _ = tokio::time::sleep_until(idle_until) => Some(Ok(None)),
-                _ = tokio::time::sleep_until(deadline) => Some(Err(ConnectError::deadline_exceeded(
-                    "deadline exceeded (Connect-Timeout-Ms)",
-                ))),
+                _ = tokio::time::sleep_until(deadline) => expired(),
+            };
+            // A ready channel can win the select against an expired deadline (a killed
+            // process's end event, say): the clock decides, not the order of wakeups.
+            let next = match next {
+                Some(Err(_)) => next,
+                _ if Instant::now() >= deadline => expired(),
+                _ => next,
             };
             let (frame, phase) = match next {
                 Some(Ok(Some(message))) => (encode(&message), Phase::Open(s)),
@@ -362,5 +374,33 @@ mod tests {
         assert!(std::str::from_utf8(&envs[0].payload)
             .unwrap()
             .contains("deadline_exceeded"));
+    }
+
+    #[tokio::test]
+    async fn event_stream_forwards_nothing_after_the_deadline() {
+        // An item waiting when the deadline has passed (the end event of the process
+        // it killed) is dropped, however the select orders the ready channel and timer.
+        for _ in 0..20 {
+            let (tx, rx) = mpsc::channel(4);
+            let deadline = Instant::now() + Duration::from_millis(2);
+            tx.send(Ok(serde_json::json!({"end": {}}))).await.unwrap();
+            tokio::time::sleep_until(deadline + Duration::from_millis(2)).await;
+            let resp = EventStream {
+                rx,
+                keepalive: None,
+                deadline: Some(deadline),
+            }
+            .into_response();
+            drop(tx);
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let envs = connect::decode_envelopes(&body, 1 << 20).unwrap();
+            assert_eq!(envs.len(), 1, "{envs:?}");
+            assert!(envs[0].is_end_stream());
+            assert!(std::str::from_utf8(&envs[0].payload)
+                .unwrap()
+                .contains("deadline_exceeded"));
+        }
     }
 }

@@ -170,6 +170,66 @@ async fn upload_and_download() {
 }
 
 #[tokio::test]
+async fn downloads_read_to_eof_and_refuse_special_files() {
+    let envd = Envd::start();
+    let get = |path: &std::path::Path| format!("/files?path={}", path.display());
+
+    // procfs says its files are empty: the whole content still comes, sized exactly.
+    let (status, headers, body) = envd.get("/files?path=/proc/self/status").await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with(b"Name:"), "{body:?}");
+    assert_eq!(headers["content-length"], body.len().to_string());
+    // sysfs says a page whatever it holds, and the path does not tell (a symlink).
+    let online = std::path::Path::new("/sys/devices/system/cpu/online");
+    if let Ok(expected) = std::fs::read(online) {
+        let link = envd.path("cpu-online");
+        std::os::unix::fs::symlink(online, &link).unwrap();
+        let (status, headers, body) = envd.get(&get(&link)).await;
+        assert_eq!(status, 200);
+        assert_eq!(&body[..], &expected[..]);
+        assert_eq!(headers["content-length"], expected.len().to_string());
+    }
+
+    // A file longer than what is read ahead streams chunked, to its end.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let path = envd.path("big.bin");
+    std::fs::write(&path, &big).unwrap();
+    let (status, headers, body) = envd.get(&get(&path)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), big.len());
+    assert!(body[..] == big[..]);
+    assert!(headers.get("content-length").is_none(), "{headers:?}");
+    assert_eq!(headers["transfer-encoding"], "chunked");
+    let path = envd.path("empty");
+    std::fs::write(&path, b"").unwrap();
+    let (status, headers, body) = envd.get(&get(&path)).await;
+    assert_eq!((status.as_u16(), body.len()), (200, 0));
+    assert_eq!(headers["content-length"], "0");
+
+    // Devices and FIFOs are refused (400, naming the type), never opened or read:
+    // /dev/zero would stream forever and a FIFO's open would wait for a writer.
+    let fifo = envd.path("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    for (path, kind) in [
+        (std::path::PathBuf::from("/dev/zero"), "a character device"),
+        (fifo, "a FIFO"),
+    ] {
+        let (status, _, body) = tokio::time::timeout(Duration::from_secs(5), envd.get(&get(&path)))
+            .await
+            .expect("answered at once");
+        assert_eq!(status, 400);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["message"],
+            format!(
+                "path '{}' is {kind}: only regular files can be downloaded",
+                path.display()
+            )
+        );
+    }
+}
+
+#[tokio::test]
 async fn stat_list_make_move_remove() {
     let envd = Envd::start();
     let root = envd.path("tree");

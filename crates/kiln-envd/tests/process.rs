@@ -383,6 +383,35 @@ async fn timeout_is_process_lifetime_and_stream_close_does_not_kill() {
 }
 
 #[tokio::test]
+async fn a_deadline_kill_always_ends_with_deadline_exceeded() {
+    // The kill's end event and the stream's deadline race; the deadline must win every
+    // time (E2B's envd ends so; the SDK raises TimeoutException, not an exit code).
+    // Many at once load the runtime, so end events are often queued before a stream
+    // is polled again.
+    let envd = Envd::start();
+    let mut streams = Vec::new();
+    for _ in 0..64 {
+        let s = envd
+            .stream(
+                "process.Process/Start",
+                json!({"process": {"cmd": "/bin/sleep", "args": ["30"]}, "stdin": false}),
+                &[("connect-timeout-ms", "300")],
+            )
+            .await;
+        streams.push(s);
+    }
+    for mut s in streams {
+        let events = s.drain(10).await;
+        assert!(
+            events.iter().all(|e| e["event"].get("end").is_none()),
+            "an end event instead of the deadline: {events:?}"
+        );
+        let end = s.end.clone().expect("an end-of-stream message");
+        assert_eq!(end["error"]["code"], "deadline_exceeded", "{end}");
+    }
+}
+
+#[tokio::test]
 async fn keepalives_and_multiple_subscribers() {
     let envd = Envd::start();
     let mut s = envd

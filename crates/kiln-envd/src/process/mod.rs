@@ -158,14 +158,16 @@ async fn start(
     ctx: RpcContext,
     StreamRequest(req): StreamRequest<StartRequest>,
 ) -> Response {
-    match start_process(&state, &ctx, req) {
+    // `Connect-Timeout-Ms` bounds the process (`supervise` kills it then) and the
+    // stream, which ends with `deadline_exceeded`, as E2B's envd does: the SDK raises
+    // its TimeoutException rather than reporting a killed process. One instant for
+    // both, so the kill's end event always comes after the stream's deadline.
+    let deadline = ctx.deadline();
+    match start_process(&state, &ctx, req, deadline) {
         Ok(rx) => EventStream {
             rx,
             keepalive: Some((ctx.keepalive, keepalive())),
-            // `Connect-Timeout-Ms` bounds the process (`supervise` kills it then) and
-            // the stream, which ends with `deadline_exceeded`, as E2B's envd does: the
-            // SDK raises its TimeoutException rather than reporting a killed process.
-            deadline: ctx.deadline(),
+            deadline,
         }
         .into_response(),
         Err(e) => stream_error(e.into()),
@@ -176,6 +178,7 @@ fn start_process(
     state: &Service,
     ctx: &RpcContext,
     req: StartRequest,
+    deadline: Option<Instant>,
 ) -> Result<Subscription, ProcessError> {
     let config = req.process.ok_or(ProcessError::MissingConfig)?;
     let identity = state.sandbox.identity(ctx.user.as_deref())?;
@@ -218,7 +221,7 @@ fn start_process(
         process,
         spawned.child,
         spawned.output,
-        ctx.deadline(),
+        deadline,
     ));
     Ok(rx)
 }
