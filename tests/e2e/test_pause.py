@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import httpx
 from e2b import Sandbox, SandboxQuery, SandboxState
 
-from helpers import read_counter, start_counter, wait_until
+from helpers import probe_exit, read_counter, start_counter, wait_until
 
 
 def test_pause_keeps_processes_and_memory(new_sandbox):
@@ -125,6 +125,7 @@ def test_a_stranger_cannot_wake_an_auto_resume_sandbox(new_sandbox):
     assert token
     sbx.commands.run("python3 -m http.server 8000 --bind 127.0.0.1 --directory /tmp",
                      background=True, timeout=0)
+    assert wait_until(lambda: probe_exit(sbx, "curl -sf -o /dev/null 127.0.0.1:8000/") == 0, 30)
     assert sbx.pause() is True
     api = os.environ["E2B_API_URL"].rstrip("/")
     route = {"E2b-Sandbox-Id": sbx.sandbox_id}

@@ -138,6 +138,8 @@ struct Cell<'a> {
     reply_seen: bool,
     idle_seen: bool,
     error_sent: bool,
+    /// An error `execute_reply` held until IOPub goes idle (see [`Cell::on_message`]).
+    reply_error: Option<Value>,
     /// Whether an abort of a request the kernel never started may be retried.
     retry_allowed: bool,
     /// The kernel answered `aborted` without having started the request (no
@@ -165,6 +167,7 @@ impl<'a> Cell<'a> {
             reply_seen: false,
             idle_seen: false,
             error_sent: false,
+            reply_error: None,
             retry_allowed: false,
             aborted_unstarted: false,
         }
@@ -193,6 +196,7 @@ impl<'a> Cell<'a> {
             self.input_accepted = false;
             self.reply_seen = false;
             self.idle_seen = false;
+            self.reply_error = None;
             self.attempt(code).await;
         }
         self.send(OutputLine::EndOfExecution).await;
@@ -322,6 +326,7 @@ impl<'a> Cell<'a> {
             // Only the first error of a cell is reported (spec A.6).
             "error" if !self.error_sent => {
                 self.error_sent = true;
+                self.reply_error = None;
                 let line = error_line(&m.content);
                 self.send(line).await;
             }
@@ -349,14 +354,28 @@ impl<'a> Cell<'a> {
                     return true;
                 }
                 if m.str_field("status") == Some("error") && !self.error_sent {
-                    // Kernels that report errors only in the reply.
-                    self.error_sent = true;
-                    self.send(error_line(&m.content)).await;
+                    // Kernels that report errors only in the reply. The reply comes on
+                    // the shell socket and can overtake IOPub's `error`, which is the
+                    // kernel's own rendering (jjava's holds the compiler's diagnostics,
+                    // its reply a Java stack): until IOPub is idle, the reply's waits.
+                    if self.idle_seen {
+                        self.error_sent = true;
+                        self.send(error_line(&m.content)).await;
+                    } else {
+                        self.reply_error = Some(m.content.clone());
+                    }
                 }
                 return self.idle_seen;
             }
             "status" if m.str_field("execution_state") == Some("idle") => {
                 self.idle_seen = true;
+                // IOPub is in order: an `error` of this cell came before its idle.
+                if let Some(content) = self.reply_error.take() {
+                    if !self.error_sent {
+                        self.error_sent = true;
+                        self.send(error_line(&content)).await;
+                    }
+                }
                 return self.input_accepted || self.reply_seen;
             }
             _ => {}
