@@ -1,6 +1,7 @@
 """Helpers shared by the end-to-end tests (probes run inside a sandbox)."""
 
 import re
+import socket
 import subprocess
 import time
 from typing import Callable, List, Optional
@@ -65,3 +66,10 @@ def default_gateway(sbx: Sandbox) -> Optional[str]:
     out = probe(sbx, "ip -4 route show default || true")
     m = re.search(r"default via (\d+\.\d+\.\d+\.\d+)", out)
     return m.group(1) if m else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (for a server the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

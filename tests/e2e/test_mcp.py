@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from conftest import kiln_bin
-from helpers import wait_until
+from helpers import free_port, wait_until
 
 API_URL = os.environ.get("E2B_API_URL", "").rstrip("/")
 API_KEY = os.environ.get("E2B_API_KEY", "")
@@ -67,14 +66,6 @@ def running_ids() -> List[str]:
 
 def gone(ids: List[str], timeout: float = 20) -> bool:
     return wait_until(lambda: not set(ids) & set(running_ids()), timeout)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def mcp_env(**extra: str) -> Dict[str, str]:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from e2b import BuildException, Template, wait_for_file
 
-from helpers import probe
+from helpers import free_port, probe
 
 
 def delete_template(name: str) -> None:
@@ -281,12 +281,6 @@ class RegistryClient:
         url = f"{self.base}/v2/{repo}/manifests/{tag}"
         with self._send("PUT", url, json.dumps(manifest).encode(), headers) as r:
             assert r.status == 201, r.status
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

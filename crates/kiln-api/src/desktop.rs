@@ -8,6 +8,27 @@ use std::str::FromStr;
 /// The X display Kiln's desktops use (as the SDK's default).
 pub const DISPLAY: &str = ":0";
 
+/// Exits 0 once the display answers.
+pub const DISPLAY_UP: &str = "xdpyinfo -display :0 >/dev/null 2>&1";
+/// The XFCE session, in the background (as the SDK's `startxfce4`).
+pub const START_XFCE: &str = "startxfce4";
+/// Exits 0 once the live view's noVNC listens on 6080.
+pub const STREAM_UP: &str = "netstat -tuln | grep -q ':6080 '";
+/// noVNC on 6080 in front of x11vnc, where the SDK runs it (in the background).
+pub const START_NOVNC: &str = "cd /opt/noVNC/utils && ./novnc_proxy --vnc localhost:5900 \
+     --listen 6080 --web /opt/noVNC > /tmp/novnc.log 2>&1";
+
+/// x11vnc on 5900 with VNC password `password` (as the SDK's `stream.start(require_auth
+/// =True)`); returns once it runs in the background. `password` must be alphanumeric.
+pub fn start_x11vnc(password: &str) -> String {
+    debug_assert!(password.bytes().all(|b| b.is_ascii_alphanumeric()));
+    format!(
+        "mkdir -p ~/.vnc && x11vnc -storepasswd {password} ~/.vnc/passwd >/dev/null 2>&1 && \
+         x11vnc -bg -display {DISPLAY} -forever -wait 50 -shared -rfbport 5900 -usepw \
+         2>/tmp/x11vnc_stderr.log"
+    )
+}
+
 /// A screen size, `WIDTHxHEIGHT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resolution {

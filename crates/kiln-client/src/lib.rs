@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cdp;
 mod exec;
 mod files;
 mod interpreter;
@@ -18,6 +19,7 @@ use kiln_api::{
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
+pub use cdp::Cdp;
 pub use exec::{ExecEvent, ExecOutput, ExecRequest};
 pub use interpreter::{
     check_package_spec, CodeError, CodeEvent, Execution, RunCode, INTERPRETER_PORT,

@@ -324,28 +324,14 @@ async fn start_desktop(
         Err(format!("`{cmd}` did not succeed within 10 s"))
     };
     run(resolution.xvfb_command(), false).await?;
-    until_ok("xdpyinfo -display :0 >/dev/null").await?;
-    run("startxfce4".into(), false).await?;
-    let vnc = run(
-        format!(
-            "mkdir -p ~/.vnc && x11vnc -storepasswd {password} ~/.vnc/passwd >/dev/null 2>&1 && \
-             x11vnc -bg -display :0 -forever -wait 50 -shared -rfbport 5900 -usepw \
-             2>/tmp/x11vnc_stderr.log"
-        ),
-        true,
-    )
-    .await?;
+    until_ok(kiln_api::desktop::DISPLAY_UP).await?;
+    run(kiln_api::desktop::START_XFCE.into(), false).await?;
+    let vnc = run(kiln_api::desktop::start_x11vnc(password), true).await?;
     if let Some(exit) = vnc.filter(|e| e.code != 0) {
         return Err(format!("x11vnc exited {}: {}", exit.code, exit.output));
     }
-    run(
-        "cd /opt/noVNC/utils && ./novnc_proxy --vnc localhost:5900 --listen 6080 \
-         --web /opt/noVNC > /tmp/novnc.log 2>&1"
-            .into(),
-        false,
-    )
-    .await?;
-    until_ok("netstat -tuln | grep -q ':6080 '").await
+    run(kiln_api::desktop::START_NOVNC.into(), false).await?;
+    until_ok(kiln_api::desktop::STREAM_UP).await
 }
 
 #[cfg(test)]

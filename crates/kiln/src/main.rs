@@ -59,6 +59,9 @@ enum Command {
     /// Serve sandboxes as MCP tools to an MCP client (Claude Desktop, agents): over
     /// stdio by default, or Streamable HTTP at /mcp (with the REST bridge) with --listen.
     Mcp(McpArgs),
+    /// Surf: web crawls by a desktop sandbox's Chromium over CDP, watched live
+    /// (`docs/surf.md`): an API and a page on its own listener.
+    Surf(SurfArgs),
     /// Check this host for what sandboxes need (runsc, cgroups, namespaces, overlayfs,
     /// iptables, disk, the data directory, the guest binaries); exits 1 on a FAIL.
     Doctor(doctor::DoctorArgs),
@@ -236,6 +239,50 @@ pub(crate) struct Remote {
     /// An API key.
     #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
     api_key: String,
+}
+
+#[derive(clap::Args)]
+struct SurfArgs {
+    /// Where Surf's API and page listen. Whoever reaches it crawls with its API key:
+    /// keep it on loopback, or behind a proxy that authenticates.
+    #[arg(long, env = "KILN_SURF_LISTEN", default_value = "127.0.0.1:3080")]
+    listen: SocketAddr,
+    /// The Kiln server's API URL (plain HTTP: DevTools WebSockets go there too).
+    #[arg(long, env = "E2B_API_URL", default_value = "http://127.0.0.1:3000")]
+    api_url: String,
+    /// The API key Surf acts with.
+    #[arg(long, env = "E2B_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Sessions crawling at once; more are refused (429) until one ends.
+    #[arg(long, env = "E2B_SURF_CONCURRENT", default_value_t = 2)]
+    concurrent: usize,
+    /// The longest one session's crawl may take, in seconds.
+    #[arg(long, env = "E2B_SURF_TIMEOUT", default_value_t = 300)]
+    timeout: u64,
+    /// The domain Kiln serves sandbox hosts under over TLS (`kiln serve --domain`,
+    /// `--sandbox-tls-listen`), for the live views; without it they point at
+    /// `{port}-{id}.localhost` on the API's port.
+    #[arg(long, env = "E2B_DOMAIN")]
+    domain: Option<String>,
+    /// The screen of the desktops Surf starts (WIDTHxHEIGHT).
+    #[arg(long, env = "E2B_DESKTOP_RESOLUTION", default_value = "1024x768")]
+    desktop_resolution: kiln_api::desktop::Resolution,
+}
+
+async fn surf(args: SurfArgs) -> Result<()> {
+    if args.concurrent == 0 || args.timeout == 0 {
+        bail!("E2B_SURF_CONCURRENT and E2B_SURF_TIMEOUT must be at least 1");
+    }
+    let config = kiln_surf::SurfConfig {
+        api_url: args.api_url,
+        api_key: args.api_key,
+        concurrent: args.concurrent,
+        timeout: std::time::Duration::from_secs(args.timeout),
+        domain: args.domain.filter(|d| !d.is_empty()),
+        resolution: args.desktop_resolution,
+    };
+    kiln_surf::serve(config, args.listen).await?;
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -440,6 +487,7 @@ fn main() -> Result<()> {
             Command::InstallPackage(args) => code_cmd::install(args).await,
             Command::EnvInfo(args) => code_cmd::env_info(args).await,
             Command::Mcp(args) => mcp(args).await,
+            Command::Surf(args) => surf(args).await,
             Command::Doctor(args) => doctor::doctor(args),
             Command::Spell(cmd) => spell_cmd::spell(cmd).await,
         }

@@ -1,0 +1,162 @@
+//! Surf's sessions, in memory: what was asked, how far the crawl is, what it found.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Making the sandbox and starting its desktop, live view and browser.
+    Starting,
+    Crawling,
+    Completed,
+    Failed,
+}
+
+impl Status {
+    pub fn is_running(self) -> bool {
+        matches!(self, Status::Starting | Status::Crawling)
+    }
+}
+
+/// One page the crawl visited.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PageResult {
+    pub url: String,
+    pub title: String,
+    pub depth: u32,
+    /// Its text (`extract_content`), cut at 20,000 characters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Its same-origin links.
+    pub links: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip)]
+    pub screenshot: Option<Arc<Vec<u8>>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: String,
+    pub url: String,
+    pub depth: u32,
+    pub extract_content: bool,
+    pub status: Status,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub sandbox_id: Option<String>,
+    /// Whether Surf made the sandbox (the caller's own is only borrowed).
+    pub owns_sandbox: bool,
+    pub vnc_url: Option<String>,
+    pub pages: Vec<PageResult>,
+    pub error: Option<String>,
+}
+
+/// A session as `GET /api/sessions` lists it.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub session_id: String,
+    pub url: String,
+    pub depth: u32,
+    pub status: Status,
+    pub created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    pub sandbox_id: Option<String>,
+    pub vnc_url: Option<String>,
+    pub pages_crawled: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A page in `GET /api/sessions/{id}`: its screenshot by URL.
+#[derive(Debug, Serialize)]
+pub struct PageView<'a> {
+    #[serde(flatten)]
+    pub page: &'a PageResult,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub screenshot_url: Option<String>,
+}
+
+impl Session {
+    pub fn summary(&self) -> Summary {
+        Summary {
+            session_id: self.id.clone(),
+            url: self.url.clone(),
+            depth: self.depth,
+            status: self.status,
+            created_at: self.created_at,
+            finished_at: self.finished_at,
+            sandbox_id: self.sandbox_id.clone(),
+            vnc_url: self.vnc_url.clone(),
+            pages_crawled: self.pages.len(),
+            error: self.error.clone(),
+        }
+    }
+
+    /// The whole session: its summary, what was asked and every page.
+    pub fn detail(&self) -> serde_json::Value {
+        let pages: Vec<PageView<'_>> = self
+            .pages
+            .iter()
+            .enumerate()
+            .map(|(n, page)| PageView {
+                page,
+                screenshot_url: page
+                    .screenshot
+                    .as_ref()
+                    .map(|_| format!("/api/sessions/{}/pages/{n}/screenshot", self.id)),
+            })
+            .collect();
+        let mut v = serde_json::to_value(self.summary()).unwrap_or_default();
+        v["extract_content"] = self.extract_content.into();
+        v["pages"] = serde_json::to_value(pages).unwrap_or_default();
+        v
+    }
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    by_id: Mutex<BTreeMap<String, Session>>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Session>> {
+        self.by_id.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Session> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Session> {
+        let mut all: Vec<Session> = self.lock().values().cloned().collect();
+        all.sort_by_key(|s| std::cmp::Reverse(s.created_at));
+        all
+    }
+
+    /// Adds `session` unless `running` sessions already run; the number running.
+    pub fn insert_within(&self, session: Session, running: usize) -> Result<(), usize> {
+        let mut by_id = self.lock();
+        let now = by_id.values().filter(|s| s.status.is_running()).count();
+        if now >= running {
+            return Err(now);
+        }
+        by_id.insert(session.id.clone(), session);
+        Ok(())
+    }
+
+    pub fn update(&self, id: &str, change: impl FnOnce(&mut Session)) {
+        if let Some(s) = self.lock().get_mut(id) {
+            change(s);
+        }
+    }
+
+    pub fn remove(&self, id: &str) -> Option<Session> {
+        self.lock().remove(id)
+    }
+}
