@@ -29,6 +29,49 @@ pub fn start_x11vnc(password: &str) -> String {
     )
 }
 
+/// Types `$KILN_TEXT` (set it in the command's environment: never shell text).
+pub const TYPE_TEXT: &str = "xdotool type --delay 12 -- \"$KILN_TEXT\"";
+/// Presses the chord in `$KILN_KEYS` (checked with [`valid_keys`]).
+pub const PRESS_KEYS: &str = "xdotool key -- \"$KILN_KEYS\"";
+
+/// A pointer button as xdotool numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Button {
+    Left = 1,
+    Middle = 2,
+    Right = 3,
+    WheelUp = 4,
+    WheelDown = 5,
+}
+
+/// Moves the pointer to (`x`, `y`) and clicks `button` `times` times.
+pub fn click(x: u32, y: u32, button: Button, times: u32) -> String {
+    let repeat = if times > 1 {
+        format!("--repeat {times} ")
+    } else {
+        String::new()
+    };
+    format!(
+        "xdotool mousemove --sync {x} {y} click {repeat}{}",
+        button as u8
+    )
+}
+
+/// A PNG of the whole screen, with the pointer, at `path`.
+pub fn screenshot(path: &str) -> String {
+    format!("scrot --pointer --overwrite {path}")
+}
+
+/// Whether `keys` is X key names joined by `+` (`Return`, `ctrl+c`), nothing a shell or
+/// xdotool would read as more.
+pub fn valid_keys(keys: &str) -> bool {
+    !keys.is_empty()
+        && keys.len() <= 100
+        && keys
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+_-".contains(&b))
+}
+
 /// A screen size, `WIDTHxHEIGHT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resolution {

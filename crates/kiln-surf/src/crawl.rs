@@ -42,10 +42,10 @@ const EXTRACT: &str = r#"(() => {
 })()"#;
 
 /// A sandbox to work in: its id and envd access token.
-struct Target<'a> {
-    client: &'a Client,
-    id: String,
-    token: Option<String>,
+pub(crate) struct Target<'a> {
+    pub client: &'a Client,
+    pub id: String,
+    pub token: Option<String>,
 }
 
 impl Target<'_> {
@@ -59,8 +59,15 @@ impl Target<'_> {
     }
 
     /// Runs `command` to its end; its exit code.
-    async fn run(&self, command: &str) -> Result<i32, String> {
-        let req = self.request(command, Some(Duration::from_secs(30)));
+    pub async fn run(&self, command: &str) -> Result<i32, String> {
+        self.run_with(command, &[]).await
+    }
+
+    /// Runs `command` with `env` added to its environment; its exit code.
+    pub async fn run_with(&self, command: &str, env: &[(&str, String)]) -> Result<i32, String> {
+        let mut req = self.request(command, Some(Duration::from_secs(30)));
+        req.envs
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
         self.client
             .exec_request(&self.id, self.token.as_deref(), &req, |_| {})
             .await
@@ -174,6 +181,17 @@ async fn run(surf: &Surf, id: &str) -> Result<(), String> {
         .devtools_page(&target.id, CDP_PORT)
         .await
         .map_err(|e| format!("reaching Chromium's DevTools in sandbox {}: {e}", target.id))?;
+    if let Some(task) = &session.task {
+        if !session.url.is_empty() {
+            cdp.navigate(&session.url, PAGE_LOAD)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        surf.sessions.update(id, |s| s.status = Status::Acting);
+        let words = crate::agent::run(surf, id, &target, task, surf.config.resolution).await?;
+        surf.sessions.update(id, |s| s.answer = Some(words));
+        return Ok(());
+    }
     surf.sessions.update(id, |s| s.status = Status::Crawling);
 
     let mut queue = VecDeque::from([(session.url.clone(), 0u32)]);

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod crawl;
 pub mod session;
 
@@ -24,6 +25,7 @@ use kiln_api::desktop::Resolution;
 use serde::Deserialize;
 use serde_json::json;
 
+pub use agent::{ModelConfig, MAX_ACTIONS};
 pub use crawl::{MAX_PAGES, TEMPLATE};
 use session::{Session, Sessions, Status};
 
@@ -46,6 +48,8 @@ pub struct SurfConfig {
     pub domain: Option<String>,
     /// The screen of the desktops Surf starts (`E2B_DESKTOP_RESOLUTION`).
     pub resolution: Resolution,
+    /// Computer-use mode's model; `None`: the mode is off.
+    pub model: Option<ModelConfig>,
 }
 
 impl SurfConfig {
@@ -105,7 +109,13 @@ impl IntoResponse for SurfError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SurfRequest {
+    /// Where to start: the crawl's first page, or (with `task`) the page the model
+    /// starts on, if any.
+    #[serde(default)]
     pub url: String,
+    /// Computer-use mode: what the configured model is to do on the desktop.
+    #[serde(default)]
+    pub task: Option<String>,
     #[serde(default = "one")]
     pub depth: u32,
     #[serde(default = "yes")]
@@ -124,8 +134,25 @@ fn yes() -> bool {
     true
 }
 
-/// Checks a request's URL and depth; the URL as given.
-fn check(req: &SurfRequest) -> Result<(), SurfError> {
+/// Checks a request's URL, depth and task against what this Surf can do.
+fn check(req: &SurfRequest, agent: bool) -> Result<(), SurfError> {
+    if let Some(task) = &req.task {
+        if !agent {
+            return Err(SurfError::BadRequest(
+                "computer-use mode (task) is off: the operator sets E2B_SURF_MODEL_URL to a \
+                 model's OpenAI-compatible API"
+                    .into(),
+            ));
+        }
+        if task.trim().is_empty() || task.len() > 10_000 {
+            return Err(SurfError::BadRequest(
+                "task must be 1 to 10000 bytes".into(),
+            ));
+        }
+        if req.url.trim().is_empty() {
+            return check_sandbox_id(req);
+        }
+    }
     let url = req.url.trim();
     let rest = url
         .strip_prefix("http://")
@@ -150,6 +177,10 @@ fn check(req: &SurfRequest) -> Result<(), SurfError> {
             req.depth
         )));
     }
+    check_sandbox_id(req)
+}
+
+fn check_sandbox_id(req: &SurfRequest) -> Result<(), SurfError> {
     if let Some(id) = &req.sandbox_id {
         if id.is_empty()
             || !id
@@ -174,7 +205,7 @@ impl Surf {
     }
 
     fn start(self: &Arc<Self>, req: SurfRequest) -> Result<Session, SurfError> {
-        check(&req)?;
+        check(&req, self.config.model.is_some())?;
         let session = Session {
             id: uuid::Uuid::new_v4().simple().to_string(),
             url: req.url.trim().to_string(),
@@ -188,6 +219,9 @@ impl Surf {
             vnc_url: None,
             pages: Vec::new(),
             error: None,
+            task: req.task,
+            steps: Vec::new(),
+            answer: None,
         };
         self.sessions
             .insert_within(session.clone(), self.config.concurrent)
@@ -299,7 +333,35 @@ async fn no_route() -> SurfError {
     SurfError::NotFound("route".into())
 }
 
-pub fn router(surf: Arc<Surf>) -> Router {
+/// On a loopback listener, only requests addressed to loopback: a page elsewhere whose
+/// name its owner re-points at 127.0.0.1 (DNS rebinding) would otherwise reach Surf as
+/// if it were the operator's own page.
+async fn loopback_hosts_only(
+    State(loopback): State<bool>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    if loopback && !matches!(name, "127.0.0.1" | "localhost" | "[::1]") {
+        let status = StatusCode::FORBIDDEN;
+        let message = format!(
+            "Surf on a loopback address answers requests for 127.0.0.1 or localhost only, not {host:?}"
+        );
+        return (status, Json(json!({"code": 403, "message": message}))).into_response();
+    }
+    next.run(req).await
+}
+
+/// Surf's routes; `loopback`: whether it listens on a loopback address only.
+pub fn router(surf: Arc<Surf>, loopback: bool) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/api/health", get(health))
@@ -309,9 +371,29 @@ pub fn router(surf: Arc<Surf>) -> Router {
         .route("/api/sessions/{id}/pages/{n}/screenshot", get(screenshot))
         .fallback(no_route)
         .with_state(surf)
+        .layer(axum::middleware::from_fn_with_state(
+            loopback,
+            loopback_hosts_only,
+        ))
 }
 
-/// Serves Surf on `listen` until the process is stopped; every session's sandbox is
+/// SIGINT or SIGTERM.
+async fn stopped() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Serves Surf on `listen` until the process is stopped (SIGINT, SIGTERM); every session's sandbox is
 /// killed on the way out.
 pub async fn serve(config: SurfConfig, listen: SocketAddr) -> std::io::Result<()> {
     let surf = Surf::new(config);
@@ -320,11 +402,9 @@ pub async fn serve(config: SurfConfig, listen: SocketAddr) -> std::io::Result<()
         tracing::warn!(%listen, "surf listens beyond loopback: whoever reaches it crawls with its API key");
     }
     println!("surf: http://{}", listener.local_addr()?);
-    let app = router(surf.clone());
+    let app = router(surf.clone(), listen.ip().is_loopback());
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(stopped())
         .await?;
     for s in surf.sessions.all() {
         let _ = surf.end(&s.id).await;
@@ -342,13 +422,14 @@ mod tests {
             depth,
             extract_content: true,
             sandbox_id: None,
+            task: None,
         }
     }
 
     #[test]
     fn requests_are_checked_before_any_sandbox() {
-        assert!(check(&req("http://127.0.0.1:8000/", 1)).is_ok());
-        assert!(check(&req("https://example.org", 3)).is_ok());
+        assert!(check(&req("http://127.0.0.1:8000/", 1), false).is_ok());
+        assert!(check(&req("https://example.org", 3), false).is_ok());
         for bad in [
             "ftp://x",
             "example.org",
@@ -357,14 +438,19 @@ mod tests {
             "http://a b",
             "javascript:alert(1)",
         ] {
-            let e = check(&req(bad, 1)).unwrap_err();
+            let e = check(&req(bad, 1), false).unwrap_err();
             assert!(matches!(e, SurfError::BadRequest(_)), "{bad}");
         }
-        let e = check(&req("http://a.test", 4)).unwrap_err();
+        let e = check(&req("http://a.test", 4), false).unwrap_err();
         assert!(e.to_string().contains("at most 3"), "{e}");
         let mut r = req("http://a.test", 1);
         r.sandbox_id = Some("../x".into());
-        assert!(check(&r).is_err());
+        assert!(check(&r, false).is_err());
+        let mut task = req("", 1);
+        task.task = Some("open the menu".into());
+        let off = check(&task, false).unwrap_err();
+        assert!(off.to_string().contains("E2B_SURF_MODEL_URL"), "{off}");
+        assert!(check(&task, true).is_ok());
     }
 
     #[test]
@@ -376,6 +462,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             domain: None,
             resolution: Resolution::default(),
+            model: None,
         };
         assert_eq!(
             c.sandbox_origin("abc", 6080),
@@ -383,6 +470,33 @@ mod tests {
         );
         c.domain = Some("kiln.test".into());
         assert_eq!(c.sandbox_origin("abc", 6080), "https://6080-abc.kiln.test");
+    }
+
+    #[tokio::test]
+    async fn a_loopback_surf_refuses_other_host_names() {
+        let surf = Surf::new(SurfConfig {
+            api_url: "http://127.0.0.1:9".into(),
+            api_key: "k".into(),
+            concurrent: 1,
+            timeout: Duration::from_secs(60),
+            domain: None,
+            resolution: Resolution::default(),
+            model: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(surf, true)).await });
+        let http = reqwest::Client::new();
+        let get = |host: &'static str| {
+            http.get(format!("http://{addr}/api/sessions"))
+                .header("host", host)
+                .send()
+        };
+        assert_eq!(get("127.0.0.1:3080").await.unwrap().status(), 200);
+        assert_eq!(get("localhost").await.unwrap().status(), 200);
+        let rebound = get("evil.example:3080").await.unwrap();
+        assert_eq!(rebound.status(), 403);
+        assert!(rebound.text().await.unwrap().contains("evil.example"));
     }
 
     #[tokio::test]
@@ -395,6 +509,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             domain: None,
             resolution: Resolution::default(),
+            model: None,
         });
         let first = surf.start(req("http://a.test/", 1)).unwrap();
         // Still starting (the failing crawl has not been polled yet on this runtime).

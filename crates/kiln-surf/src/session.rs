@@ -12,13 +12,15 @@ pub enum Status {
     /// Making the sandbox and starting its desktop, live view and browser.
     Starting,
     Crawling,
+    /// Computer-use mode: the model is driving the desktop.
+    Acting,
     Completed,
     Failed,
 }
 
 impl Status {
     pub fn is_running(self) -> bool {
-        matches!(self, Status::Starting | Status::Crawling)
+        matches!(self, Status::Starting | Status::Crawling | Status::Acting)
     }
 }
 
@@ -54,6 +56,12 @@ pub struct Session {
     pub vnc_url: Option<String>,
     pub pages: Vec<PageResult>,
     pub error: Option<String>,
+    /// Computer-use mode: what the model is asked to do.
+    pub task: Option<String>,
+    /// The actions it took, in order.
+    pub steps: Vec<serde_json::Value>,
+    /// Its last words.
+    pub answer: Option<String>,
 }
 
 /// A session as `GET /api/sessions` lists it.
@@ -114,6 +122,11 @@ impl Session {
             .collect();
         let mut v = serde_json::to_value(self.summary()).unwrap_or_default();
         v["extract_content"] = self.extract_content.into();
+        if let Some(task) = &self.task {
+            v["task"] = task.as_str().into();
+            v["steps"] = self.steps.clone().into();
+            v["answer"] = self.answer.clone().into();
+        }
         v["pages"] = serde_json::to_value(pages).unwrap_or_default();
         v
     }

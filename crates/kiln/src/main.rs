@@ -267,6 +267,16 @@ struct SurfArgs {
     /// The screen of the desktops Surf starts (WIDTHxHEIGHT).
     #[arg(long, env = "E2B_DESKTOP_RESOLUTION", default_value = "1024x768")]
     desktop_resolution: kiln_api::desktop::Resolution,
+    /// Computer-use mode: the base of a model's OpenAI-compatible Responses API
+    /// (`https://api.openai.com/v1`); without it the mode is off.
+    #[arg(long, env = "E2B_SURF_MODEL_URL")]
+    model_url: Option<String>,
+    /// The model's API key (else OPENAI_API_KEY), sent as a Bearer token.
+    #[arg(long, env = "E2B_SURF_MODEL_KEY", hide_env_values = true)]
+    model_key: Option<String>,
+    /// The model computer-use mode asks for.
+    #[arg(long, env = "E2B_SURF_MODEL", default_value = "computer-use-preview")]
+    model: String,
 }
 
 async fn surf(args: SurfArgs) -> Result<()> {
@@ -280,6 +290,17 @@ async fn surf(args: SurfArgs) -> Result<()> {
         timeout: std::time::Duration::from_secs(args.timeout),
         domain: args.domain.filter(|d| !d.is_empty()),
         resolution: args.desktop_resolution,
+        model: args
+            .model_url
+            .filter(|u| !u.is_empty())
+            .map(|url| kiln_surf::ModelConfig {
+                url,
+                key: args
+                    .model_key
+                    .or_else(|| std::env::var("OPENAI_API_KEY").ok())
+                    .filter(|k| !k.is_empty()),
+                model: args.model,
+            }),
     };
     kiln_surf::serve(config, args.listen).await?;
     Ok(())

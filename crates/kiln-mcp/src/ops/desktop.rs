@@ -12,6 +12,8 @@ use serde_json::json;
 
 use crate::args::*;
 use crate::error::ToolError;
+use kiln_api::desktop::Button;
+
 use crate::session::{Session, Target};
 use crate::shape::ToolOutput;
 use crate::tools::ToolName;
@@ -143,7 +145,7 @@ pub(super) async fn screenshot(
 ) -> Result<ToolOutput, ToolError> {
     let tool = ToolName::Screenshot;
     let (client, target) = desktop(session, key, tool, &a.sandbox_id).await?;
-    let command = format!("scrot --pointer --overwrite {SCREENSHOT}");
+    let command = kiln_api::desktop::screenshot(SCREENSHOT);
     run(&client, &target, tool.as_str(), &command, &[]).await?;
     let data = client
         .read_file(
@@ -180,15 +182,11 @@ pub(super) async fn click(
     }
     let (client, target) = desktop(session, key, tool, &a.sandbox_id).await?;
     let button = match a.button {
-        MouseButton::Left => "1",
-        MouseButton::Middle => "2",
-        MouseButton::Right => "3",
+        MouseButton::Left => Button::Left,
+        MouseButton::Middle => Button::Middle,
+        MouseButton::Right => Button::Right,
     };
-    let repeat = if a.double { "--repeat 2 " } else { "" };
-    let command = format!(
-        "xdotool mousemove --sync {} {} click {repeat}{button}",
-        a.x, a.y
-    );
+    let command = kiln_api::desktop::click(a.x, a.y, button, if a.double { 2 } else { 1 });
     run(&client, &target, tool.as_str(), &command, &[]).await?;
     Ok(done(
         &target,
@@ -220,7 +218,7 @@ pub(super) async fn type_text(
         &client,
         &target,
         tool.as_str(),
-        "xdotool type --delay 12 -- \"$KILN_TEXT\"",
+        kiln_api::desktop::TYPE_TEXT,
         &[("KILN_TEXT", &a.text)],
     )
     .await?;
@@ -236,12 +234,7 @@ pub(super) async fn press(
     a: PressArgs,
 ) -> Result<ToolOutput, ToolError> {
     let tool = ToolName::Press;
-    let ok = !a.keys.is_empty()
-        && a.keys.len() <= 100
-        && a.keys
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+_-".contains(&b));
-    if !ok {
+    if !kiln_api::desktop::valid_keys(&a.keys) {
         return Err(ToolError::invalid(
             tool.as_str(),
             format!(
@@ -255,7 +248,7 @@ pub(super) async fn press(
         &client,
         &target,
         tool.as_str(),
-        "xdotool key -- \"$KILN_KEYS\"",
+        kiln_api::desktop::PRESS_KEYS,
         &[("KILN_KEYS", &a.keys)],
     )
     .await?;
