@@ -10,7 +10,7 @@ use base64::Engine;
 use kiln_api::desktop::{self, Button, Resolution};
 use serde_json::{json, Value};
 
-use crate::crawl::Target;
+use crate::target::Target;
 use crate::Surf;
 
 /// The most actions one session carries out.

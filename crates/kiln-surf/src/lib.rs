@@ -10,6 +10,7 @@
 mod agent;
 mod crawl;
 pub mod session;
+mod target;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
