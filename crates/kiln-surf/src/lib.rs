@@ -417,6 +417,19 @@ pub async fn serve(config: SurfConfig, listen: SocketAddr) -> std::io::Result<()
 mod tests {
     use super::*;
 
+    /// A config whose API nothing answers (port 9).
+    fn test_config() -> SurfConfig {
+        SurfConfig {
+            api_url: "http://127.0.0.1:9".into(),
+            api_key: "k".into(),
+            concurrent: 1,
+            timeout: Duration::from_secs(60),
+            domain: None,
+            resolution: Resolution::default(),
+            model: None,
+        }
+    }
+
     fn req(url: &str, depth: u32) -> SurfRequest {
         SurfRequest {
             url: url.into(),
@@ -456,15 +469,8 @@ mod tests {
 
     #[test]
     fn live_views_point_at_the_sandbox_hosts() {
-        let mut c = SurfConfig {
-            api_url: "http://127.0.0.1:3000".into(),
-            api_key: "k".into(),
-            concurrent: 1,
-            timeout: Duration::from_secs(60),
-            domain: None,
-            resolution: Resolution::default(),
-            model: None,
-        };
+        let mut c = test_config();
+        c.api_url = "http://127.0.0.1:3000".into();
         assert_eq!(
             c.sandbox_origin("abc", 6080),
             "http://6080-abc.localhost:3000"
@@ -475,15 +481,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_loopback_surf_refuses_other_host_names() {
-        let surf = Surf::new(SurfConfig {
-            api_url: "http://127.0.0.1:9".into(),
-            api_key: "k".into(),
-            concurrent: 1,
-            timeout: Duration::from_secs(60),
-            domain: None,
-            resolution: Resolution::default(),
-            model: None,
-        });
+        let surf = Surf::new(test_config());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router(surf, true)).await });
@@ -503,15 +501,7 @@ mod tests {
     #[tokio::test]
     async fn sessions_past_the_limit_are_refused_and_unknown_ones_are_404() {
         // Nothing listens at the API: the crawl fails, which is not what is tested.
-        let surf = Surf::new(SurfConfig {
-            api_url: "http://127.0.0.1:9".into(),
-            api_key: "k".into(),
-            concurrent: 1,
-            timeout: Duration::from_secs(60),
-            domain: None,
-            resolution: Resolution::default(),
-            model: None,
-        });
+        let surf = Surf::new(test_config());
         let first = surf.start(req("http://a.test/", 1)).unwrap();
         // Still starting (the failing crawl has not been polled yet on this runtime).
         match surf.start(req("http://b.test/", 1)) {
