@@ -338,6 +338,7 @@ pub async fn serve(config: ServerConfig, runtime: Arc<dyn Runtime>) -> Result<()
         config.limits,
     );
     manager.set_audit(Arc::new(crate::audit::AuditLog::new(audit_sink)));
+    manager.set_desktop_token(config.desktop_auth_token.clone());
     let secrets = Arc::new(crate::secrets::Secrets::open(
         store.clone(),
         crate::secrets::key_path(&config.data_dir),

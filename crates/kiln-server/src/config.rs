@@ -239,6 +239,9 @@ pub struct ServerConfig {
     /// The screen of desktops Kiln starts itself (NATS desktop requests;
     /// `E2B_DESKTOP_RESOLUTION`). The e2b-desktop SDK passes its own.
     pub desktop_resolution: kiln_api::desktop::Resolution,
+    /// What a public desktop's live view wants from a browser
+    /// (`E2B_DESKTOP_AUTH_TOKEN`; `crate::live_view`).
+    pub desktop_auth_token: Option<String>,
 }
 
 impl SpellLimits {

@@ -21,6 +21,7 @@ pub mod events;
 pub mod exec_watch;
 pub mod extract;
 pub mod keys;
+pub mod live_view;
 pub mod manager;
 pub mod metrics;
 pub mod openapi;

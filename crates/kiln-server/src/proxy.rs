@@ -205,6 +205,7 @@ pub async fn forward(
         return gone(&id);
     };
     let mut cdp = None;
+    let mut view_cookie: Option<http::HeaderValue> = None;
     if port != ENVD_PORT {
         let rec = entry.record();
         let network = crate::manager::network_of(&rec);
@@ -231,6 +232,30 @@ pub async fn forward(
                 via_tls,
                 port,
             ));
+            req = Request::from_parts(parts, body);
+        } else if port == crate::live_view::PORT && manager.is_desktop(&rec) {
+            // A browser's way in: the token may come in the page's URL (see live_view).
+            let token = if network.private {
+                rec.traffic_token.clone()
+            } else {
+                manager.desktop_token()
+            };
+            let gate = crate::live_view::Gate {
+                token: token.as_deref(),
+                team_id: rec.team_id,
+            };
+            match gate.admit(req.uri(), req.headers(), |key| manager.caller_for_key(key)) {
+                Ok(crate::live_view::Admitted::SetCookie) => {
+                    let via_tls = req.extensions().get::<crate::cdp::ViaTls>().is_some();
+                    view_cookie = token
+                        .as_deref()
+                        .and_then(|t| crate::live_view::set_cookie(t, via_tls));
+                }
+                Ok(crate::live_view::Admitted::AsIs) => {}
+                Err(message) => return json_error(StatusCode::UNAUTHORIZED, message),
+            }
+            let (mut parts, body) = std::mem::take(&mut req).into_parts();
+            crate::live_view::strip(&mut parts.uri, &mut parts.headers);
             req = Request::from_parts(parts, body);
         } else if network.private && !traffic_token_ok(req.headers(), rec.traffic_token.as_deref())
         {
@@ -362,6 +387,9 @@ pub async fn forward(
         return Response::from_parts(parts, Body::empty());
     }
     strip_hop_by_hop(resp.headers_mut(), false);
+    if let Some(cookie) = view_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     if let Some(route) = cdp.filter(crate::cdp::Route::rewrites) {
         return devtools_answer(&id, resp, &route).await;
     }

@@ -651,6 +651,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         sandbox_tls_listen: args.sandbox_tls_listen,
         tls_cert: args.tls_cert.clone().zip(args.tls_key.clone()),
         desktop_resolution: args.desktop_resolution,
+        desktop_auth_token: std::env::var("E2B_DESKTOP_AUTH_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
     };
     kiln_server::serve(config, runtime)
         .await

@@ -108,6 +108,8 @@ pub struct SandboxManager {
     cas: Mutex<HashMap<String, Arc<crate::egress::ca::SandboxCa>>>,
     /// Connections the egress proxy refused, per sandbox.
     proxy_denied: Arc<Mutex<HashMap<String, u64>>>,
+    /// `E2B_DESKTOP_AUTH_TOKEN`: what a public desktop's live view wants.
+    desktop_token: RwLock<Option<String>>,
 }
 
 /// The memory and CPUs of one sandbox; `None` where the template (or the server's
@@ -201,6 +203,7 @@ impl SandboxManager {
             egress_setup: RwLock::default(),
             cas: Mutex::default(),
             proxy_denied: Arc::default(),
+            desktop_token: RwLock::new(None),
         })
     }
 
@@ -261,6 +264,28 @@ impl SandboxManager {
     /// The audit log (off until [`Self::set_audit`]).
     pub fn audit(&self) -> Arc<crate::audit::AuditLog> {
         self.audit.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets what public desktops' live views want (`E2B_DESKTOP_AUTH_TOKEN`).
+    pub fn set_desktop_token(&self, token: Option<String>) {
+        *self
+            .desktop_token
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
+    pub fn desktop_token(&self) -> Option<String> {
+        self.desktop_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the sandbox is of the `desktop` template.
+    pub fn is_desktop(&self, rec: &SandboxRecord) -> bool {
+        self.templates
+            .resolve(&rec.template_id)
+            .is_ok_and(|t| t.name == crate::builtin_projects::DESKTOP)
     }
 
     pub fn set_audit(&self, log: Arc<crate::audit::AuditLog>) {
