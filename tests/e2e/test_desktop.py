@@ -659,3 +659,43 @@ def test_playwright_drives_the_sandboxes_chromium_over_cdp():
         with open("/etc/hosts", "w") as f:
             f.write(hosts_before)
         desk.kill()
+
+
+def test_a_private_desktops_live_view_opens_in_a_browser_with_its_token():
+    """A desktop whose ports are private (`allow_public_traffic=False`): its live view
+    answers 401 to a browser without the token, and opens (noVNC connects) when the
+    page's URL carries it as `kiln_token` (then kept in a cookie for the WebSocket)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is not installed (scripts/install-deps.sh installs it)"
+    try:
+        desk = Desktop.create(timeout=600, domain="localhost", network={"allow_public_traffic": False})
+    except SandboxException as e:
+        if TEMPLATE in os.environ.get("KILN_BUILTIN_TEMPLATES", "") or "404" not in str(e):
+            raise
+        pytest.skip(f"the server does not serve the {TEMPLATE} template: {e}")
+    try:
+        token = desk.traffic_access_token
+        assert token
+        desk.stream.start()
+        url = desk.stream.get_url()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            try:
+                ctx = browser.new_context(ignore_https_errors=True)
+                page = ctx.new_page()
+                resp = page.goto(url, wait_until="load", timeout=60_000)
+                assert resp.status == 401, resp.status
+                resp = page.goto(f"{url}&kiln_token={token}", wait_until="load", timeout=60_000)
+                assert resp.status == 200, resp.status
+                status = lambda: page.evaluate("() => document.getElementById('noVNC_status')?.textContent || ''")
+                assert wait_until(lambda: status().startswith("Connected"), 60, interval=0.5), status()
+                cookies = {c["name"]: c for c in ctx.cookies()}
+                assert cookies["kiln_view"]["httpOnly"] and cookies["kiln_view"]["secure"]
+            finally:
+                browser.close()
+    finally:
+        desk.kill()
