@@ -139,6 +139,12 @@ TLS_ADDR="${KILN_E2E_TLS_ADDR:-127.0.0.1}"
 RUNTIME_ARGS+=(--sandbox-tls-listen "$TLS_ADDR:443")
 export KILN_E2E_TLS_ADDR="$TLS_ADDR"
 
+# The operator's token for public desktops' live views (E2B_DESKTOP_AUTH_TOKEN): a
+# browser opening a desktop's stream URL must bring it as `?kiln_token=` (test_desktop.py,
+# test_nats.py, test_surf.py check both ways).
+E2B_DESKTOP_AUTH_TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
+export E2B_DESKTOP_AUTH_TOKEN
+
 # Start Kiln in the background the way the README's first command does
 # (scripts/serve: install-deps, a release build of every binary it runs, then `exec kiln
 # serve`), so a missing build step fails here; then wait until /healthz answers 200.

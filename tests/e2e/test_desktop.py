@@ -373,23 +373,33 @@ def proxy_address() -> Tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
-def rfb_security_types(host_header: str) -> Tuple[bytes, List[int]]:
+# The operator's token for public desktops' live views (run.sh sets it for the server).
+VIEW_TOKEN = os.environ.get("E2B_DESKTOP_AUTH_TOKEN", "")
+
+
+def websockify_upgrade(host_header: str, extra: str = "") -> socket.socket:
+    """A WebSocket upgrade to noVNC's `/websockify` through Kiln's proxy with the Host
+    a browser would send (and `extra` header lines); the socket, before the answer."""
+    s = socket.create_connection(proxy_address(), timeout=20)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall(
+        (
+            "GET /websockify HTTP/1.1\r\n"
+            f"Host: {host_header}\r\n{extra}"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: binary\r\n\r\n"
+        ).encode()
+    )
+    return s
+
+
+def rfb_security_types(host_header: str, token: str = VIEW_TOKEN) -> Tuple[bytes, List[int]]:
     """Opens noVNC's WebSocket (`/websockify`, subprotocol `binary`) through Kiln's
-    proxy with the Host a browser would send, and reads x11vnc's RFB banner and the
-    security types it offers (1: none, 2: VNC password)."""
-    addr = proxy_address()
-    s = socket.create_connection(addr, timeout=20)
+    proxy with the Host a browser would send and the live view's cookie, and reads
+    x11vnc's RFB banner and the security types it offers (1: none, 2: VNC password)."""
+    s = websockify_upgrade(host_header, f"Cookie: kiln_view={token}\r\n")
     try:
-        key = base64.b64encode(os.urandom(16)).decode()
-        s.sendall(
-            (
-                "GET /websockify HTTP/1.1\r\n"
-                f"Host: {host_header}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                "Sec-WebSocket-Protocol: binary\r\n\r\n"
-            ).encode()
-        )
         buf = b""
         while b"\r\n\r\n" not in buf:
             chunk = s.recv(4096)
@@ -450,13 +460,34 @@ def test_stream_without_auth(desk: Desktop):
     with pytest.raises(RuntimeError, match="already running"):
         desk.stream.start()
 
-    # What the browser loads, through Kiln's proxy (plain HTTP: TLS for sandbox hosts is
-    # not there yet).
+    # What the browser loads, through Kiln's proxy (plain HTTP here; the browser test
+    # below goes over TLS). The server has an operator's E2B_DESKTOP_AUTH_TOKEN (run.sh),
+    # so the page wants it in its URL, then in the cookie it answers with.
+    assert VIEW_TOKEN, "run.sh sets E2B_DESKTOP_AUTH_TOKEN for the server"
     api_host, api_port = proxy_address()
-    page = httpx.get(f"http://{api_host}:{api_port}/vnc.html", headers={"Host": host}, timeout=30)
+    base = f"http://{api_host}:{api_port}"
+    refused = httpx.get(f"{base}/vnc.html", headers={"Host": host}, timeout=30)
+    assert refused.status_code == 401 and "kiln_token" in refused.text, refused.text[:300]
+    assert httpx.get(f"{base}/vnc.html?kiln_token=not-{VIEW_TOKEN}", headers={"Host": host}, timeout=30).status_code == 401
+    page = httpx.get(f"{base}/vnc.html?resize=scale&kiln_token={VIEW_TOKEN}", headers={"Host": host}, timeout=30)
     assert page.status_code == 200, page.text[:300]
     assert "noVNC" in page.text
-    assert httpx.get(f"http://{api_host}:{api_port}/app/ui.js", headers={"Host": host}, timeout=30).status_code == 200
+    cookie = page.headers["set-cookie"]
+    assert cookie == f"kiln_view={VIEW_TOKEN}; Path=/; HttpOnly; SameSite=Strict", cookie
+    assert httpx.get(f"{base}/app/ui.js", headers={"Host": host}, timeout=30).status_code == 401
+    ui = httpx.get(f"{base}/app/ui.js", headers={"Host": host, "Cookie": f"kiln_view={VIEW_TOKEN}"}, timeout=30)
+    assert ui.status_code == 200
+    # A page of another site (another sandbox under the same domain, say) cannot ride
+    # the browser's cookie into the WebSocket.
+    s = websockify_upgrade(host, f"Cookie: kiln_view={VIEW_TOKEN}\r\nOrigin: https://3000-other.localhost\r\n")
+    try:
+        answer = s.recv(4096)
+    finally:
+        s.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    # The token never reaches the sandbox: noVNC's proxy logs each request it serves.
+    log = probe(desk, "cat /tmp/novnc.log 2>/dev/null || true")
+    assert VIEW_TOKEN not in log, log[-500:]
     banner, types = rfb_security_types(host)
     assert banner.startswith(b"RFB 003.00"), banner
     assert 1 in types and 2 not in types, types
@@ -528,6 +559,8 @@ def test_the_stream_opens_in_headless_chromium_and_shows_the_desktop():
         key = desk.stream.get_auth_key()
         url = desk.stream.get_url(auth_key=key)
         assert url.startswith(f"https://6080-{desk.sandbox_id}.localhost/vnc.html?"), url
+        # The operator's token for live views (run.sh sets E2B_DESKTOP_AUTH_TOKEN).
+        url += f"&kiln_token={VIEW_TOKEN}"
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             try:
@@ -688,6 +721,9 @@ def test_a_private_desktops_live_view_opens_in_a_browser_with_its_token():
                 ctx = browser.new_context(ignore_https_errors=True)
                 page = ctx.new_page()
                 resp = page.goto(url, wait_until="load", timeout=60_000)
+                assert resp.status == 401, resp.status
+                # Its ports are private: the operator's token for public views is not its.
+                resp = page.goto(f"{url}&kiln_token={VIEW_TOKEN}", wait_until="load", timeout=60_000)
                 assert resp.status == 401, resp.status
                 resp = page.goto(f"{url}&kiln_token={token}", wait_until="load", timeout=60_000)
                 assert resp.status == 200, resp.status

@@ -95,12 +95,15 @@ def test_a_desktop_requested_over_nats_is_ready_streams_and_completes():
     sid = body["sandbox_id"]
     url = body["stream_url"]
     assert f"6080-{sid}." in url and "password=" in url, url
+    # The operator's live-view token (run.sh sets E2B_DESKTOP_AUTH_TOKEN) is in the URL.
+    view_token = os.environ["E2B_DESKTOP_AUTH_TOKEN"]
+    assert url.endswith(f"&kiln_token={view_token}"), url
     try:
         # The stream is up with a VNC password: noVNC's page through Kiln's proxy, and
         # x11vnc offering VNC authentication only.
         host, port = proxy_address()
         vnc_host = f"6080-{sid}.localhost"
-        page = httpx.get(f"http://{host}:{port}/vnc.html", headers={"Host": vnc_host}, timeout=30)
+        page = httpx.get(f"http://{host}:{port}/vnc.html?kiln_token={view_token}", headers={"Host": vnc_host}, timeout=30)
         assert page.status_code == 200 and "noVNC" in page.text
         _, types = rfb_security_types(vnc_host)
         assert types == [2], types

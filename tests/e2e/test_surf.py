@@ -157,6 +157,9 @@ def test_a_crawl_of_a_site_served_in_the_sandbox(surf):
         assert s["status"] == "completed", s
         assert s["sandbox_id"] == sbx.sandbox_id
         assert s["vnc_url"].startswith(f"https://6080-{sbx.sandbox_id}.localhost/vnc.html?"), s["vnc_url"]
+        # The sandbox's ports are public: the view wants the operator's token (run.sh
+        # sets E2B_DESKTOP_AUTH_TOKEN for the server, and Surf inherits it).
+        assert s["vnc_url"].endswith(f"&kiln_token={os.environ['E2B_DESKTOP_AUTH_TOKEN']}"), s["vnc_url"]
         pages = {p["url"].rsplit("/", 1)[1]: p for p in s["pages"]}
         assert list(pages) == ["index.html", "a.html", "b.html"], [p["url"] for p in s["pages"]]
         home = pages["index.html"]
@@ -205,6 +208,16 @@ def page_shows_the_crawl(surf: str, sid: str) -> None:
             titles = box.locator("td.title").all_inner_texts()
             assert titles == ["Surf home", "Page A", "Page B"], titles
             assert box.locator("iframe").get_attribute("src").startswith("https://6080-")
+            # The live desktop in its own tab, from the page's link (the frame stays blank
+            # in this headless Chromium, which keeps framed pages of other sites from
+            # localStorage, where noVNC keeps its settings): the URL's token opens the
+            # gate, and noVNC connects.
+            with page.context.expect_page() as opened:
+                box.locator("a.live").click()
+            view = opened.value
+            view.wait_for_load_state("load")
+            status = lambda: view.evaluate("() => document.getElementById('noVNC_status')?.textContent || ''")
+            assert wait_until(lambda: status().startswith("Connected"), 60, interval=0.5), status()
             shot = page.screenshot()
             assert len(shot) > 1000
         finally:

@@ -134,6 +134,59 @@ impl FromStr for Resolution {
     }
 }
 
+/// The query parameter that brings a live view's token in a URL a browser opens
+/// (`https://6080-{id}.{domain}/vnc.html?...&kiln_token=...`).
+pub const VIEW_TOKEN_QUERY: &str = "kiln_token";
+
+/// The operator's token for desktops' live views (`E2B_DESKTOP_AUTH_TOKEN`): long
+/// enough not to be guessed, and made only of characters that go into a URL's query
+/// and a cookie as they are.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ViewToken(String);
+
+impl ViewToken {
+    /// The fewest characters a token may have.
+    pub const MIN_LEN: usize = 16;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `url` (a live view's page URL, with a query) with the token added.
+    pub fn add_to(&self, url: &str) -> String {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}{VIEW_TOKEN_QUERY}={}", self.0)
+    }
+}
+
+impl fmt::Debug for ViewToken {
+    /// Never the token itself (configs are logged).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ViewToken(..)")
+    }
+}
+
+impl FromStr for ViewToken {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let fits = s.len() >= Self::MIN_LEN
+            && s.len() <= 256
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        if fits {
+            Ok(ViewToken(s.to_string()))
+        } else {
+            Err(format!(
+                "E2B_DESKTOP_AUTH_TOKEN must be {}-256 characters of A-Z, a-z, 0-9 and -._~ \
+                 (e.g. from `openssl rand -hex 24`); got {} characters",
+                Self::MIN_LEN,
+                s.len()
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +217,34 @@ mod tests {
         ] {
             let err = bad.parse::<Resolution>().unwrap_err();
             assert!(err.contains("WIDTHxHEIGHT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn view_tokens_are_long_and_url_safe_and_never_printed() {
+        let t: ViewToken = "0123456789abcdef-._~".parse().unwrap();
+        assert_eq!(
+            t.add_to("https://6080-x.localhost/vnc.html?autoconnect=true"),
+            "https://6080-x.localhost/vnc.html?autoconnect=true&kiln_token=0123456789abcdef-._~"
+        );
+        assert_eq!(
+            t.add_to("/vnc.html"),
+            "/vnc.html?kiln_token=0123456789abcdef-._~"
+        );
+        assert_eq!(format!("{t:?}"), "ViewToken(..)");
+        for bad in [
+            "",
+            "short",
+            "0123456789abcdef;x",
+            "0123456789 abcdef",
+            "0123456789abcdéf",
+        ] {
+            let err = bad.parse::<ViewToken>().unwrap_err();
+            assert!(err.contains("E2B_DESKTOP_AUTH_TOKEN"), "{bad}: {err}");
+            assert!(
+                !err.contains(bad) || bad.is_empty(),
+                "the error repeats the token: {err}"
+            );
         }
     }
 }

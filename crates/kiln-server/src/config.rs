@@ -241,7 +241,7 @@ pub struct ServerConfig {
     pub desktop_resolution: kiln_api::desktop::Resolution,
     /// What a public desktop's live view wants from a browser
     /// (`E2B_DESKTOP_AUTH_TOKEN`; `crate::live_view`).
-    pub desktop_auth_token: Option<String>,
+    pub desktop_auth_token: Option<kiln_api::desktop::ViewToken>,
 }
 
 impl SpellLimits {

@@ -16,7 +16,7 @@ use crate::authz::Caller;
 /// noVNC's port in the desktop template (where the SDK runs `novnc_proxy`).
 pub const PORT: u16 = 6080;
 /// The query parameter a browser brings the token in.
-pub const QUERY: &str = "kiln_token";
+pub const QUERY: &str = kiln_api::desktop::VIEW_TOKEN_QUERY;
 /// The cookie it is kept in afterwards.
 pub const COOKIE: &str = "kiln_view";
 
@@ -54,9 +54,25 @@ impl Gate<'_> {
             .get(TRAFFIC_TOKEN_HEADER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(matches)
-            || cookie(headers, COOKIE).is_some_and(|c| matches(&c))
         {
             return Ok(Admitted::AsIs);
+        }
+        // The browser attaches the cookie to requests other pages start too: a page of
+        // another sandbox under the same registrable domain is same-site, and a
+        // WebSocket is not held back by CORS. So the cookie counts only for requests
+        // the view's own pages make (no Origin, or this host's).
+        if cookie(headers, COOKIE).is_some_and(|c| matches(&c)) {
+            if from_this_host(uri, headers) {
+                return Ok(Admitted::AsIs);
+            }
+            return Err(format!(
+                "the live view's cookie is accepted only from its own pages (Origin {:?} is \
+                 another site's)",
+                headers
+                    .get(header::ORIGIN)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+            ));
         }
         if query(uri, QUERY).is_some_and(|q| matches(&q)) {
             return Ok(Admitted::SetCookie);
@@ -71,6 +87,27 @@ impl Gate<'_> {
              (the sandbox's trafficAccessToken if its ports are private, else the operator's \
              E2B_DESKTOP_AUTH_TOKEN)"
         ))
+    }
+}
+
+/// Whether the request has no `Origin` or the origin of the host it is for.
+fn from_this_host(uri: &Uri, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    // HTTP/1.1's Host, else HTTP/2's :authority.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()));
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, h)| h);
+    match (origin_host, host) {
+        (Some(o), Some(h)) => o.eq_ignore_ascii_case(h),
+        _ => false,
     }
 }
 
@@ -133,13 +170,26 @@ pub fn strip(uri: &mut Uri, headers: &mut HeaderMap) {
     }
 }
 
-/// The cookie that keeps `token` for this host (`Secure` where the browser came over TLS).
-pub fn set_cookie(token: &str, via_tls: bool) -> Option<HeaderValue> {
-    let secure = if via_tls { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!(
-        "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}"
-    ))
-    .ok()
+/// The cookie that keeps `token` for this host, for the request that brought it in
+/// the URL. A top-level page gets `SameSite=Strict` (`Secure` where the browser came
+/// over TLS). A page framed by another site (Surf's page embeds live views; the
+/// browser says so in `Sec-Fetch-Dest`/`Sec-Fetch-Site`) never gets a Strict cookie
+/// back, so over TLS it gets a partitioned one (CHIPS): sent only under the top-level
+/// site that framed it, never where another site frames or opens the view.
+pub fn set_cookie(token: &str, via_tls: bool, request: &HeaderMap) -> Option<HeaderValue> {
+    let says = |name: &str, value: &str| {
+        request
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case(value))
+    };
+    let framed = says("sec-fetch-dest", "iframe") && !says("sec-fetch-site", "same-origin");
+    let attributes = match (framed, via_tls) {
+        (true, true) => "; SameSite=None; Secure; Partitioned",
+        (_, true) => "; SameSite=Strict; Secure",
+        (_, false) => "; SameSite=Strict",
+    };
+    HeaderValue::from_str(&format!("{COOKIE}={token}; Path=/; HttpOnly{attributes}")).ok()
 }
 
 #[cfg(test)]
@@ -180,6 +230,26 @@ mod tests {
             Ok(Admitted::AsIs)
         );
         assert!(admit(t, "/websockify", &[("cookie", "kiln_view=nope")]).is_err());
+        // The view's own page opens its WebSocket; another sandbox's page cannot.
+        let view = "6080-a.sandbox.example.com";
+        let ws_from = |origin: &str| {
+            admit(
+                t,
+                "/websockify",
+                &[
+                    ("host", view),
+                    ("origin", origin),
+                    ("cookie", "kiln_view=s3cret"),
+                ],
+            )
+        };
+        assert_eq!(
+            ws_from("https://6080-a.sandbox.example.com"),
+            Ok(Admitted::AsIs)
+        );
+        let err = ws_from("https://3000-b.sandbox.example.com").unwrap_err();
+        assert!(err.contains("another site"), "{err}");
+        assert!(ws_from("null").is_err());
         assert_eq!(
             admit(t, "/", &[("e2b-traffic-access-token", "s3cret")]),
             Ok(Admitted::AsIs)
@@ -202,8 +272,38 @@ mod tests {
         strip(&mut uri, &mut h);
         assert_eq!(uri.to_string(), "/vnc.html");
         assert!(!h.contains_key("cookie"));
+    }
+
+    #[test]
+    fn the_cookie_is_strict_unless_another_site_frames_the_view_over_tls() {
+        let top = headers(&[("sec-fetch-dest", "document"), ("sec-fetch-site", "none")]);
+        let framed = headers(&[
+            ("sec-fetch-dest", "iframe"),
+            ("sec-fetch-site", "cross-site"),
+        ]);
+        let own = headers(&[
+            ("sec-fetch-dest", "iframe"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
+        let cookie = |tls, h: &HeaderMap| set_cookie("s3cret", tls, h).unwrap();
         assert_eq!(
-            set_cookie("s3cret", true).unwrap(),
+            cookie(true, &top),
+            "kiln_view=s3cret; Path=/; HttpOnly; SameSite=Strict; Secure"
+        );
+        assert_eq!(
+            cookie(false, &top),
+            "kiln_view=s3cret; Path=/; HttpOnly; SameSite=Strict"
+        );
+        assert_eq!(
+            cookie(true, &framed),
+            "kiln_view=s3cret; Path=/; HttpOnly; SameSite=None; Secure; Partitioned"
+        );
+        assert_eq!(
+            cookie(false, &framed),
+            "kiln_view=s3cret; Path=/; HttpOnly; SameSite=Strict"
+        );
+        assert_eq!(
+            cookie(true, &own),
             "kiln_view=s3cret; Path=/; HttpOnly; SameSite=Strict; Secure"
         );
     }

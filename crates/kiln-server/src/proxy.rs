@@ -238,7 +238,7 @@ pub async fn forward(
             let token = if network.private {
                 rec.traffic_token.clone()
             } else {
-                manager.desktop_token()
+                manager.desktop_token().map(|t| t.as_str().to_string())
             };
             let gate = crate::live_view::Gate {
                 token: token.as_deref(),
@@ -249,7 +249,7 @@ pub async fn forward(
                     let via_tls = req.extensions().get::<crate::cdp::ViaTls>().is_some();
                     view_cookie = token
                         .as_deref()
-                        .and_then(|t| crate::live_view::set_cookie(t, via_tls));
+                        .and_then(|t| crate::live_view::set_cookie(t, via_tls, req.headers()));
                 }
                 Ok(crate::live_view::Admitted::AsIs) => {}
                 Err(message) => return json_error(StatusCode::UNAUTHORIZED, message),

@@ -262,7 +262,12 @@ async fn desktop_request(
         Some(d) => format!("https://6080-{id}.{d}"),
         None => format!("http://6080-{id}.localhost:{}", worker.listen_port),
     };
-    let stream_url = format!("{host}/vnc.html?autoconnect=true&resize=scale&password={password}");
+    let mut stream_url =
+        format!("{host}/vnc.html?autoconnect=true&resize=scale&password={password}");
+    // Its ports are public: the live view wants the operator's token, if one is set.
+    if let Some(token) = worker.manager.desktop_token() {
+        stream_url = token.add_to(&stream_url);
+    }
     // `completed` once the sandbox is gone (killed, or at its deadline).
     let (w, c, request_id, agent_id, sid) = (
         worker.clone(),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_api::desktop::{self, Resolution};
+use kiln_api::desktop::{self, Resolution, ViewToken};
 use kiln_api::NewSandbox;
 use serde_json::Value;
 
@@ -110,7 +110,15 @@ async fn run(surf: &Surf, id: &str) -> Result<(), String> {
         token: sandbox.envd_access_token.clone(),
     };
     bring_up_desktop(&target, surf.config.resolution).await?;
-    let vnc_url = bring_up_stream(&target, surf).await?;
+    let mut vnc_url = bring_up_stream(&target, surf).await?;
+    // What the live view wants from a browser (the server's live_view gate).
+    let view_token = match &sandbox.traffic_access_token {
+        Some(t) => t.parse::<ViewToken>().ok(),
+        None => surf.config.view_token.clone(),
+    };
+    if let Some(token) = view_token {
+        vnc_url = token.add_to(&vnc_url);
+    }
     surf.sessions.update(id, |s| s.vnc_url = Some(vnc_url));
     bring_up_chromium(&target).await?;
 

@@ -49,6 +49,10 @@ pub struct SurfConfig {
     pub domain: Option<String>,
     /// The screen of the desktops Surf starts (`E2B_DESKTOP_RESOLUTION`).
     pub resolution: Resolution,
+    /// What live views want from a browser when the sandbox's ports are public
+    /// (`E2B_DESKTOP_AUTH_TOKEN`, as the server has it); private sandboxes' views want
+    /// their traffic token. Surf's page URLs carry it.
+    pub view_token: Option<kiln_api::desktop::ViewToken>,
     /// Computer-use mode's model; `None`: the mode is off.
     pub model: Option<ModelConfig>,
 }
@@ -426,6 +430,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             domain: None,
             resolution: Resolution::default(),
+            view_token: None,
             model: None,
         }
     }

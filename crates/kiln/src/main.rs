@@ -136,6 +136,10 @@ struct ServeArgs {
     /// (WIDTHxHEIGHT); the e2b-desktop SDK passes its own.
     #[arg(long, env = "E2B_DESKTOP_RESOLUTION", default_value = "1024x768")]
     desktop_resolution: kiln_api::desktop::Resolution,
+    /// What a browser opening a desktop's live view (port 6080) must bring as
+    /// `?kiln_token=`, unless the sandbox's ports are private (then its traffic token).
+    #[arg(long, env = "E2B_DESKTOP_AUTH_TOKEN", hide_env_values = true)]
+    desktop_auth_token: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000", env = "KILN_LISTEN")]
     listen: SocketAddr,
@@ -267,6 +271,10 @@ struct SurfArgs {
     /// The screen of the desktops Surf starts (WIDTHxHEIGHT).
     #[arg(long, env = "E2B_DESKTOP_RESOLUTION", default_value = "1024x768")]
     desktop_resolution: kiln_api::desktop::Resolution,
+    /// What a browser opening a desktop's live view (port 6080) must bring as
+    /// `?kiln_token=`, unless the sandbox's ports are private (then its traffic token).
+    #[arg(long, env = "E2B_DESKTOP_AUTH_TOKEN", hide_env_values = true)]
+    desktop_auth_token: Option<String>,
     /// Computer-use mode: the base of a model's OpenAI-compatible Responses API
     /// (`https://api.openai.com/v1`); without it the mode is off.
     #[arg(long, env = "E2B_SURF_MODEL_URL")]
@@ -290,6 +298,7 @@ async fn surf(args: SurfArgs) -> Result<()> {
         timeout: std::time::Duration::from_secs(args.timeout),
         domain: args.domain.filter(|d| !d.is_empty()),
         resolution: args.desktop_resolution,
+        view_token: view_token(args.desktop_auth_token)?,
         model: args
             .model_url
             .filter(|u| !u.is_empty())
@@ -304,6 +313,14 @@ async fn surf(args: SurfArgs) -> Result<()> {
     };
     kiln_surf::serve(config, args.listen).await?;
     Ok(())
+}
+
+/// `E2B_DESKTOP_AUTH_TOKEN`: unset or empty is none; anything else must be a token.
+fn view_token(raw: Option<String>) -> Result<Option<kiln_api::desktop::ViewToken>> {
+    match raw.filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => Ok(Some(t.parse().map_err(anyhow::Error::msg)?)),
+    }
 }
 
 #[derive(clap::Args)]
@@ -651,9 +668,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         sandbox_tls_listen: args.sandbox_tls_listen,
         tls_cert: args.tls_cert.clone().zip(args.tls_key.clone()),
         desktop_resolution: args.desktop_resolution,
-        desktop_auth_token: std::env::var("E2B_DESKTOP_AUTH_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty()),
+        desktop_auth_token: view_token(args.desktop_auth_token)?,
     };
     kiln_server::serve(config, runtime)
         .await

@@ -67,9 +67,12 @@ test('the desktop with the JS SDK: screen, mouse, keyboard, windows, stream', { 
     await desk.stream.start()
     const host = desk.getHost(6080)
     assert.equal(desk.stream.getUrl(), `https://${host}/vnc.html?autoconnect=true&resize=scale`)
-    const page = await fetch(`${process.env.E2B_API_URL}/vnc.html`, {
-      headers: { 'E2b-Sandbox-Id': desk.sandboxId, 'E2b-Sandbox-Port': '6080' }
-    })
+    // run.sh gives the server an operator's live-view token (E2B_DESKTOP_AUTH_TOKEN).
+    const viewHeaders = { 'E2b-Sandbox-Id': desk.sandboxId, 'E2b-Sandbox-Port': '6080' }
+    const refused = await fetch(`${process.env.E2B_API_URL}/vnc.html`, { headers: viewHeaders })
+    assert.equal(refused.status, 401)
+    const token = process.env.E2B_DESKTOP_AUTH_TOKEN
+    const page = await fetch(`${process.env.E2B_API_URL}/vnc.html?kiln_token=${token}`, { headers: viewHeaders })
     assert.equal(page.status, 200)
     assert.match(await page.text(), /noVNC/)
     await desk.stream.stop()

@@ -109,7 +109,7 @@ pub struct SandboxManager {
     /// Connections the egress proxy refused, per sandbox.
     proxy_denied: Arc<Mutex<HashMap<String, u64>>>,
     /// `E2B_DESKTOP_AUTH_TOKEN`: what a public desktop's live view wants.
-    desktop_token: RwLock<Option<String>>,
+    desktop_token: RwLock<Option<kiln_api::desktop::ViewToken>>,
 }
 
 /// The memory and CPUs of one sandbox; `None` where the template (or the server's
@@ -267,14 +267,14 @@ impl SandboxManager {
     }
 
     /// Sets what public desktops' live views want (`E2B_DESKTOP_AUTH_TOKEN`).
-    pub fn set_desktop_token(&self, token: Option<String>) {
+    pub fn set_desktop_token(&self, token: Option<kiln_api::desktop::ViewToken>) {
         *self
             .desktop_token
             .write()
             .unwrap_or_else(|e| e.into_inner()) = token;
     }
 
-    pub fn desktop_token(&self) -> Option<String> {
+    pub fn desktop_token(&self) -> Option<kiln_api::desktop::ViewToken> {
         self.desktop_token
             .read()
             .unwrap_or_else(|e| e.into_inner())
