@@ -24,6 +24,8 @@ use crate::authz::Caller;
 /// about 500 bytes, so this is some two thousand tabs. A sandbox's answer is its own
 /// to size; a larger one is refused, not buffered.
 pub const BODY_CAP: usize = 1 << 20;
+/// How long a `/json*` answer may take to arrive whole before the proxy gives up.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Put on requests that arrived on the sandbox-hosts TLS listener, so DevTools URLs
 /// handed back say `wss://`.

@@ -209,7 +209,7 @@ pub async fn forward(
     if port != ENVD_PORT {
         let rec = entry.record();
         let network = crate::manager::network_of(&rec);
-        if manager.cdp_port(&rec) == Some(port) {
+        if entry.ports.cdp == Some(port) {
             // DevTools: the owner's key or the token, whatever the network settings.
             let admitted = crate::cdp::admit(
                 req.headers(),
@@ -233,7 +233,7 @@ pub async fn forward(
                 port,
             ));
             req = Request::from_parts(parts, body);
-        } else if port == crate::live_view::PORT && manager.is_desktop(&rec) {
+        } else if port == crate::live_view::PORT && entry.ports.desktop {
             // A browser's way in: the token may come in the page's URL (see live_view).
             let token = if network.private {
                 rec.traffic_token.clone()
@@ -281,12 +281,11 @@ pub async fn forward(
         // unreachable.
         let may_wake = port != ENVD_PORT
             || match entry.record().access_token {
-                Some(token) => req
-                    .headers()
-                    .get(kiln_proto::envd::HEADER_ACCESS_TOKEN)
-                    .is_some_and(|given| {
-                        kiln_api::constant_time_eq(given.as_bytes(), token.as_bytes())
-                    }),
+                Some(token) => header_is(
+                    req.headers(),
+                    kiln_proto::envd::HEADER_ACCESS_TOKEN,
+                    Some(&token),
+                ),
                 None => true,
             };
         if !may_wake {
@@ -416,9 +415,21 @@ where
     use http_body_util::BodyExt;
     let (mut parts, body) = resp.into_parts();
     let limited = http_body_util::Limited::new(body, crate::cdp::BODY_CAP);
-    let bytes = match limited.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    // A sandbox's browser that trickles (or never ends) its answer holds no proxy task.
+    let read = tokio::time::timeout(crate::cdp::BODY_TIMEOUT, limited.collect()).await;
+    let bytes = match read {
+        Ok(Ok(b)) => b.to_bytes(),
+        Err(_) => {
+            tracing::warn!(%id, "a DevTools answer took too long");
+            return json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the browser's DevTools answer did not end within {} s",
+                    crate::cdp::BODY_TIMEOUT.as_secs()
+                ),
+            );
+        }
+        Ok(Err(e)) => {
             tracing::warn!(%id, error = %e, "reading a DevTools answer failed");
             return json_error(
                 StatusCode::BAD_GATEWAY,
@@ -439,11 +450,17 @@ where
 
 /// Whether the request carries the sandbox's traffic access token.
 fn traffic_token_ok(headers: &HeaderMap, token: Option<&str>) -> bool {
-    match (headers.get(TRAFFIC_TOKEN_HEADER), token) {
-        (Some(given), Some(token)) => {
-            kiln_api::constant_time_eq(given.as_bytes(), token.as_bytes())
+    // A private sandbox always has a token; without one nothing matches.
+    header_is(headers, TRAFFIC_TOKEN_HEADER, token)
+}
+
+/// Whether header `name` carries `expected` (compared in constant time); never when
+/// there is nothing to expect.
+fn header_is(headers: &HeaderMap, name: &str, expected: Option<&str>) -> bool {
+    match (headers.get(name), expected) {
+        (Some(given), Some(expected)) => {
+            kiln_api::constant_time_eq(given.as_bytes(), expected.as_bytes())
         }
-        // A private sandbox always has a token; without one nothing matches.
         _ => false,
     }
 }
@@ -668,6 +685,20 @@ pub(crate) mod tests {
         let resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(huge)));
         let out = devtools_answer("sbx", resp, &route()).await;
         assert_eq!(out.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_devtools_answer_that_never_ends_is_given_up() {
+        let route = {
+            let mut uri: http::Uri = "/json/list".parse().unwrap();
+            let mut h = headers(&[("host", "9222-sbx.kiln.test")]);
+            crate::cdp::Route::prepare(&http::Method::GET, &mut uri, &mut h, true, 9222)
+        };
+        let never =
+            futures::stream::pending::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>();
+        let resp = http::Response::new(http_body_util::StreamBody::new(never));
+        let out = devtools_answer("sbx", resp, &route).await;
+        assert_eq!(out.status(), StatusCode::GATEWAY_TIMEOUT);
     }
 
     #[test]

@@ -72,7 +72,7 @@ async fn run(surf: &Surf, id: &str) -> Result<(), String> {
         return Ok(());
     };
     let client = &surf.client;
-    let lifetime = surf.config.timeout.as_secs() as i64 + 300;
+    let lifetime = i64::try_from(surf.config.sandbox_lifetime.as_secs()).unwrap_or(i64::MAX);
     let sandbox = match &session.sandbox_id {
         Some(sid) => client
             .connect(sid, lifetime)

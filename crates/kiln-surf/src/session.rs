@@ -132,6 +132,9 @@ impl Session {
     }
 }
 
+/// Finished sessions kept for `GET /api/sessions` and the page; older ones are forgotten.
+pub const KEEP_FINISHED: usize = 50;
+
 #[derive(Default)]
 pub struct Sessions {
     by_id: Mutex<BTreeMap<String, Session>>,
@@ -153,6 +156,9 @@ impl Sessions {
     }
 
     /// Adds `session` unless `running` sessions already run; the number running.
+    /// Adds `session` unless `running` sessions already run (then how many do), and
+    /// forgets the oldest finished sessions past [`KEEP_FINISHED`] (their screenshots
+    /// are held in memory).
     pub fn insert_within(&self, session: Session, running: usize) -> Result<(), usize> {
         let mut by_id = self.lock();
         let now = by_id.values().filter(|s| s.status.is_running()).count();
@@ -160,6 +166,17 @@ impl Sessions {
             return Err(now);
         }
         by_id.insert(session.id.clone(), session);
+        let mut finished: Vec<(DateTime<Utc>, String)> = by_id
+            .values()
+            .filter(|s| !s.status.is_running())
+            .map(|s| (s.finished_at.unwrap_or(s.created_at), s.id.clone()))
+            .collect();
+        if finished.len() > KEEP_FINISHED {
+            finished.sort();
+            for (_, id) in &finished[..finished.len() - KEEP_FINISHED] {
+                by_id.remove(id);
+            }
+        }
         Ok(())
     }
 
@@ -171,5 +188,75 @@ impl Sessions {
 
     pub fn remove(&self, id: &str) -> Option<Session> {
         self.lock().remove(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str, status: Status, minute: u32) -> Session {
+        let at = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 7, 12, minute, 0).unwrap();
+        Session {
+            id: id.into(),
+            url: "http://a.test/".into(),
+            depth: 0,
+            extract_content: false,
+            status,
+            created_at: at,
+            finished_at: (!status.is_running()).then_some(at),
+            sandbox_id: None,
+            owns_sandbox: false,
+            vnc_url: None,
+            pages: Vec::new(),
+            error: None,
+            task: None,
+            steps: Vec::new(),
+            answer: None,
+        }
+    }
+
+    #[test]
+    fn running_sessions_are_capped_and_finished_ones_do_not_count() {
+        let sessions = Sessions::default();
+        sessions
+            .insert_within(session("a", Status::Starting, 0), 2)
+            .unwrap();
+        sessions
+            .insert_within(session("b", Status::Crawling, 1), 2)
+            .unwrap();
+        assert_eq!(
+            sessions.insert_within(session("c", Status::Starting, 2), 2),
+            Err(2)
+        );
+        assert!(sessions.get("c").is_none());
+        sessions.update("a", |s| s.status = Status::Failed);
+        sessions
+            .insert_within(session("c", Status::Acting, 3), 2)
+            .unwrap();
+        assert_eq!(sessions.all().len(), 3);
+    }
+
+    #[test]
+    fn only_the_newest_finished_sessions_are_kept() {
+        let sessions = Sessions::default();
+        sessions
+            .insert_within(session("running", Status::Crawling, 0), 1)
+            .unwrap();
+        for n in 0..KEEP_FINISHED as u32 + 5 {
+            let s = session(&format!("done-{n}"), Status::Completed, n % 60);
+            let s = Session {
+                finished_at: s.finished_at.map(|t| t + chrono::Duration::hours(n.into())),
+                ..s
+            };
+            sessions.insert_within(s, 2).unwrap();
+        }
+        assert_eq!(sessions.all().len(), KEEP_FINISHED + 1);
+        assert!(sessions.get("running").is_some());
+        assert!(sessions.get("done-4").is_none());
+        assert!(sessions.get("done-5").is_some());
+        assert!(sessions
+            .get(&format!("done-{}", KEEP_FINISHED + 4))
+            .is_some());
     }
 }

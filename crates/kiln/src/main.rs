@@ -291,11 +291,23 @@ async fn surf(args: SurfArgs) -> Result<()> {
     if args.concurrent == 0 || args.timeout == 0 {
         bail!("E2B_SURF_CONCURRENT and E2B_SURF_TIMEOUT must be at least 1");
     }
+    // A session's sandbox outlives its crawl by 5 minutes (to look at the results),
+    // within the most a desktop may live (the server refuses more).
+    let desktop_max = kiln_server::config::LimitsConfig::from_env()?.desktop_max_duration_secs;
+    let desktop_max = u64::try_from(desktop_max).unwrap_or(0);
+    if args.timeout >= desktop_max {
+        bail!(
+            "E2B_SURF_TIMEOUT ({} s) must be below E2B_DESKTOP_MAX_DURATION ({desktop_max} s): \
+             a crawl runs in a desktop sandbox, which lives no longer than that",
+            args.timeout
+        );
+    }
     let config = kiln_surf::SurfConfig {
         api_url: args.api_url,
         api_key: args.api_key,
         concurrent: args.concurrent,
         timeout: std::time::Duration::from_secs(args.timeout),
+        sandbox_lifetime: std::time::Duration::from_secs((args.timeout + 300).min(desktop_max)),
         domain: args.domain.filter(|d| !d.is_empty()),
         resolution: args.desktop_resolution,
         view_token: view_token(args.desktop_auth_token)?,

@@ -68,6 +68,18 @@ pub struct SandboxEntry {
     last_cpu: Mutex<Option<(Instant, u64)>>,
     /// Recent resource samples, oldest first ([`metrics`]).
     history: Mutex<std::collections::VecDeque<SandboxMetric>>,
+    /// What its template says about its ports, read once when the entry is made
+    /// (the proxy asks on every request).
+    pub ports: TemplatePorts,
+}
+
+/// Ports of a sandbox that the proxy treats specially, from its template.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TemplatePorts {
+    /// The browser's DevTools port (`cdp_port` in `kiln.toml`).
+    pub cdp: Option<u16>,
+    /// A `desktop` sandbox: port 6080 is its live view (`crate::live_view`).
+    pub desktop: bool,
 }
 
 impl SandboxEntry {
@@ -227,10 +239,16 @@ impl SandboxManager {
             .ok_or_else(|| not_found(id))
     }
 
-    /// The port of the browser DevTools endpoint that the sandbox's template declares
-    /// (served by the proxy's CDP route).
-    pub fn cdp_port(&self, rec: &SandboxRecord) -> Option<u16> {
-        self.templates.resolve(&rec.template_id).ok()?.meta.cdp_port
+    /// What the sandbox's template says about its ports (its DevTools port, served by
+    /// the proxy's CDP route; whether it is a desktop).
+    fn template_ports(&self, rec: &SandboxRecord) -> TemplatePorts {
+        match self.templates.resolve(&rec.template_id) {
+            Ok(t) => TemplatePorts {
+                cdp: t.meta.cdp_port,
+                desktop: t.name == crate::builtin_projects::DESKTOP,
+            },
+            Err(_) => TemplatePorts::default(),
+        }
     }
 
     /// The caller a plain API key stands for, if it is a live key. A store that fails
@@ -279,13 +297,6 @@ impl SandboxManager {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// Whether the sandbox is of the `desktop` template.
-    pub fn is_desktop(&self, rec: &SandboxRecord) -> bool {
-        self.templates
-            .resolve(&rec.template_id)
-            .is_ok_and(|t| t.name == crate::builtin_projects::DESKTOP)
     }
 
     pub fn set_audit(&self, log: Arc<crate::audit::AuditLog>) {
@@ -892,7 +903,9 @@ impl SandboxManager {
     fn spawn_owner(self: &Arc<Self>, record: SandboxRecord, envd_socket: PathBuf) {
         let (tx, rx) = mpsc::channel(16);
         let id = record.id.clone();
+        let ports = self.template_ports(&record);
         let entry = Arc::new(SandboxEntry {
+            ports,
             record: RwLock::new(record),
             envd_socket,
             commands: tx,
