@@ -310,3 +310,17 @@ def test_logs_show_the_sandboxs_console_paged_and_filtered(new_sandbox):
     assert newest == [logs[-1]]
     v1 = get(f"/sandboxes/{sbx.sandbox_id}/logs")
     assert [line["line"] for line in v1["logs"]] == [e["message"] for e in v1["logEntries"]]
+
+
+def test_create_refuses_what_kiln_does_not_serve_naming_it():
+    """E2B create options Kiln has no counterpart for are refused with 400 naming the
+    field and what to do instead, never dropped (the caller would think it got them)."""
+    asks = [
+        ("volumeMounts", dict(volume_mounts={"/data": "kiln-e2e-volume"})),
+        ("mcp", dict(mcp={"github": {"githubPersonalAccessToken": "x"}})),
+    ]
+    for field, kwargs in asks:
+        with pytest.raises(SandboxException) as e:
+            sbx = Sandbox.create(timeout=60, **kwargs)
+            sbx.kill()
+        assert "400" in str(e.value) and f"`{field}` is not supported by Kiln" in str(e.value), (field, e.value)

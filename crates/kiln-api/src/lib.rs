@@ -78,6 +78,15 @@ pub struct NewSandbox {
     pub cpu_count: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<SandboxNetwork>,
+    /// E2B's MCP gateway configuration (not supported: refused when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<serde_json::Value>,
+    /// E2B's workload identity tokens (not supported: refused when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam: Option<serde_json::Value>,
+    /// Volumes to mount (not supported yet: refused when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mounts: Option<serde_json::Value>,
 }
 
 /// E2B's `network` object: egress lists, private ports, the Host the sandbox's

@@ -133,6 +133,7 @@ impl From<crate::manager::SandboxError> for AppError {
             | E::TimeoutOverCap { .. }
             | E::DesktopOverCap { .. }
             | E::BadLifecycle(_)
+            | E::Unsupported { .. }
             | E::DurationOutOfRange(_)
             | E::BadEnvName(_)
             | E::ZeroSize

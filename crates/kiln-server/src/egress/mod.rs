@@ -25,7 +25,7 @@ pub struct Network {
 }
 
 /// Whether a JSON value asks for something (`null`, `{}` and `[]` do not).
-fn given(v: &Option<serde_json::Value>) -> bool {
+pub(crate) fn given(v: &Option<serde_json::Value>) -> bool {
     match v {
         None | Some(serde_json::Value::Null) => false,
         Some(serde_json::Value::Object(m)) => !m.is_empty(),

@@ -25,6 +25,11 @@ pub enum SandboxError {
     DesktopOverCap { got: i64, max: i64 },
     #[error("{0}")]
     BadLifecycle(&'static str),
+    #[error("`{field}` is not supported by Kiln: {why}")]
+    Unsupported {
+        field: &'static str,
+        why: &'static str,
+    },
     #[error("duration must be between 0 and 3600 seconds, got {0}")]
     DurationOutOfRange(i64),
     #[error(

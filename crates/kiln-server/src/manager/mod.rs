@@ -692,6 +692,7 @@ impl SandboxManager {
     ) -> Result<Sandbox, SandboxError> {
         let ttl = self.validate_timeout(req.timeout.unwrap_or(300))?;
         let auto_resume = check_lifecycle(&req)?;
+        refuse_unsupported_fields(&req)?;
         for key in req.env_vars.iter().flat_map(|m| m.keys()) {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(SandboxError::BadEnvName(key.clone()));
@@ -1443,6 +1444,37 @@ pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
 /// Whether a create's lifecycle asks for auto-resume, refused where E2B refuses it:
 /// waking needs a pause to wake from, and a filesystem-only pause has no processes to
 /// wake (E2B's rule, kept although Kiln's pause keeps memory).
+/// Create fields of E2B's that Kiln does not serve: refused with what to do instead,
+/// rather than dropped (the caller would believe it got them).
+fn refuse_unsupported_fields(req: &NewSandbox) -> Result<(), SandboxError> {
+    let refusals = [
+        (
+            &req.mcp,
+            "mcp",
+            "there is no MCP gateway template; run MCP servers in the sandbox yourself, \
+             or use `kiln mcp` (docs/mcp.md)",
+        ),
+        (
+            &req.iam,
+            "iam",
+            "there are no workload identity tokens; pass credentials with `network.rules` \
+             and secrets (docs/network.md)",
+        ),
+        (
+            &req.volume_mounts,
+            "volumeMounts",
+            "there are no volumes yet (docs/compatibility.md); keep data in a paused \
+             sandbox or outside",
+        ),
+    ];
+    for (value, field, why) in refusals {
+        if crate::egress::given(value) {
+            return Err(SandboxError::Unsupported { field, why });
+        }
+    }
+    Ok(())
+}
+
 fn check_lifecycle(req: &NewSandbox) -> Result<bool, SandboxError> {
     let auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
     if !auto_resume {
