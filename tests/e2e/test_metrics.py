@@ -21,7 +21,7 @@ import httpx
 import pytest
 from e2b import CommandExitException
 
-from helpers import wait_until
+from helpers import stop_process, wait_until
 
 PROMETHEUS = "/usr/bin/prometheus"
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -248,9 +248,4 @@ def test_real_prometheus_scrapes_kiln(server_url, new_sandbox, tmp_path):
         for r in rules:
             assert r["health"] == "ok", f"{r['name']}: {r['health']} {r.get('lastError')}"
     finally:
-        prom.terminate()
-        try:
-            prom.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait()
+        stop_process(prom, 15)

@@ -21,7 +21,7 @@ import pytest
 from e2b import NotFoundException, Sandbox
 
 from conftest import kiln_bin
-from helpers import free_port, probe, probe_exit, wait_until
+from helpers import free_port, probe, probe_exit, stop_process, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -104,11 +104,7 @@ def surf(model: FakeModel) -> Iterator[str]:
             pytest.skip("the server does not serve the desktop template")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 60)
 
 
 def finished(surf: str, sid: str, within: float = 600) -> Dict:

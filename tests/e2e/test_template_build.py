@@ -21,7 +21,7 @@ import httpx
 import pytest
 from e2b import BuildException, Template, wait_for_file
 
-from helpers import free_port, probe
+from helpers import free_port, probe, stop_process
 
 
 def delete_template(name: str) -> None:
@@ -335,8 +335,7 @@ def registry(tmp_path_factory):
         RegistryClient(addr).image("kiln-test/busybox", "1", [first, second], config)
         yield addr
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_process(proc, 30)
         log.close()
 
 
