@@ -1441,9 +1441,6 @@ pub(crate) fn detail_of(rec: &SandboxRecord) -> SandboxDetail {
     }
 }
 
-/// Whether a create's lifecycle asks for auto-resume, refused where E2B refuses it:
-/// waking needs a pause to wake from, and a filesystem-only pause has no processes to
-/// wake (E2B's rule, kept although Kiln's pause keeps memory).
 /// Create fields of E2B's that Kiln does not serve: refused with what to do instead,
 /// rather than dropped (the caller would believe it got them).
 fn refuse_unsupported_fields(req: &NewSandbox) -> Result<(), SandboxError> {
@@ -1475,6 +1472,9 @@ fn refuse_unsupported_fields(req: &NewSandbox) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Whether a create's lifecycle asks for auto-resume, refused where E2B refuses it:
+/// waking needs a pause to wake from, and a filesystem-only pause has no processes to
+/// wake (E2B's rule, kept although Kiln's pause keeps memory).
 fn check_lifecycle(req: &NewSandbox) -> Result<bool, SandboxError> {
     let auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
     if !auto_resume {
