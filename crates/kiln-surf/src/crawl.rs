@@ -184,15 +184,7 @@ async fn visit(cdp: &mut kiln_client::Cdp, url: &str, depth: u32, with_text: boo
                     .collect();
                 page.content = Some(text);
             }
-            page.links = v["links"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
+            page.links = same_origin_links(url, &v["links"]);
         }
         Err(e) => page.error = Some(e.to_string()),
     }
@@ -203,6 +195,29 @@ async fn visit(cdp: &mut kiln_client::Cdp, url: &str, depth: u32, with_text: boo
         }
     }
     page
+}
+
+/// The links EXTRACT reported that are http(s) and of `url`'s origin, at most 200. The
+/// page's own scripts run beside EXTRACT and can change what it returns, so the host
+/// checks again: a `javascript:` link would otherwise become a link on Surf's page.
+fn same_origin_links(url: &str, reported: &Value) -> Vec<String> {
+    let Ok(base) = reqwest::Url::parse(url) else {
+        return Vec::new();
+    };
+    let mut links: Vec<String> = Vec::new();
+    for link in reported.as_array().into_iter().flatten() {
+        let Some(parsed) = link.as_str().and_then(|l| reqwest::Url::parse(l).ok()) else {
+            continue;
+        };
+        let web = matches!(parsed.scheme(), "http" | "https");
+        if web && parsed.origin() == base.origin() && !links.contains(&parsed.to_string()) {
+            links.push(parsed.to_string());
+        }
+        if links.len() == 200 {
+            break;
+        }
+    }
+    links
 }
 
 /// Xvfb and XFCE, as e2b-desktop's create starts them, unless a display is up.
@@ -261,4 +276,29 @@ async fn bring_up_chromium(t: &Target<'_>) -> Result<(), String> {
         .await?;
     t.until(&answers, Duration::from_secs(180), "Chromium's DevTools")
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_web_links_of_the_pages_origin_are_kept() {
+        let reported = serde_json::json!([
+            "http://a.test/x",
+            "javascript:alert(1)",
+            "http://b.test/y",
+            "https://a.test/z",
+            "http://a.test/x",
+            42,
+            "data:text/html,hi",
+            "http://a.test:8080/p",
+            "http://a.test/q?r=1"
+        ]);
+        assert_eq!(
+            same_origin_links("http://a.test/", &reported),
+            ["http://a.test/x", "http://a.test/q?r=1"]
+        );
+        assert!(same_origin_links("not a url", &reported).is_empty());
+    }
 }
